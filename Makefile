@@ -1,0 +1,42 @@
+# stargz-store: make deps | test | demo | bench | lint
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := podman runc docker-registry skopeo fuse3 libfuse3-3 iproute2 busybox-static curl ca-certificates python3-venv uidmap
+PYTEST_ARGS ?=
+
+.PHONY: deps apt-deps py-deps test demo bench lint clean
+
+deps: apt-deps py-deps
+
+# Installs only what is missing, so a second run is quick and offline-safe.
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+py-deps: $(VENV)/.installed
+
+test: deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m stargz_store.demo
+
+bench: deps
+	$(PY) -m benchmarks
+
+lint: py-deps
+	$(PY) -m compileall -q stargz_store tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Lazy-pulling Additional Layer Store for Podman and CRI-O."""
