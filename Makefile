@@ -30,7 +30,7 @@ test: deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: deps
-	$(PY) -m stargz_store.demo
+	$(PY) contrib/demo.py $(DEMO_ARGS)
 
 bench: deps
 	$(PY) -m benchmarks

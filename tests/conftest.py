@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.registry"]
+pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.store", "tests.fixtures.registry_auth", "tests.fixtures.fault_proxy"]
 
 TESTDATA = Path(__file__).parent / "data"
 

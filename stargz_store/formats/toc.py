@@ -95,8 +95,7 @@ class TocEntry:
 
     def chunk_index_for_offset(self, offset: int) -> int:
         """Index of the chunk holding file byte `offset` (which must be in `[0, size)`)."""
-        starts = [c.file_offset for c in self.chunks]
-        return bisect.bisect_right(starts, offset) - 1
+        return bisect.bisect_right(self.chunks, offset, key=_chunk_file_offset) - 1
 
     def chunks_for_range(self, offset: int, length: int) -> tuple[Chunk, ...]:
         """The chunks that hold file bytes `[offset, offset+length)`, clipped to the file."""
@@ -106,6 +105,10 @@ class TocEntry:
         first = self.chunk_index_for_offset(offset)
         last = self.chunk_index_for_offset(end - 1)
         return self.chunks[first : last + 1]
+
+
+def _chunk_file_offset(c: Chunk) -> int:
+    return c.file_offset
 
 
 def normalize_name(raw: str, *, what: str = "entry") -> str:
@@ -295,7 +298,7 @@ def build_toc(raw_entries: Iterable[Mapping[str, Any]], *, data_end: int) -> Toc
         last = p
 
     # Every offset that starts a piece of data, to bound each piece's compressed extent.
-    starts = sorted({_int(piece, "offset") for p in order for piece in p.pieces if _int(piece, "offset") > 0})
+    starts = sorted({_int(piece, "offset") for p in order for piece in p.pieces if _int(piece, "offset") >= 0})
     for off in starts[-1:]:
         if off >= data_end:
             raise OutOfBoundsError(f"data offset {off} is at or beyond the TOC at {data_end}")
@@ -426,9 +429,10 @@ def _build_chunks(p: _Pending, extent_end, data_end: int) -> tuple[Chunk, ...]:
             csize = size - file_offset  # the last piece runs to the end of the file
         offset = _int(piece, "offset")
         inner = _int(piece, "innerOffset")
-        if offset <= 0 or offset >= data_end:
+        # Offset 0 is legal: with innerOffset packing the first payload can share the first member.
+        if offset < 0 or offset >= data_end:
             raise OutOfBoundsError(
-                f"file {p.name!r} piece at {file_offset}: blob offset {offset} outside data area [1, {data_end})"
+                f"file {p.name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
             )
         if inner < 0:
             raise OutOfBoundsError(f"file {p.name!r}: negative innerOffset {inner}")

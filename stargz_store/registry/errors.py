@@ -73,3 +73,7 @@ def redact_url(url: str) -> str:
     if parts.hostname and ":" in parts.hostname:
         netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class RangeNotSatisfiableError(RegistryError):
+    """HTTP 416: the requested range lies beyond the end of the blob."""

@@ -1,0 +1,132 @@
+"""Turning run results into the table (stdout, README), the JSON file and the stacked bar chart."""
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Go stargz-store 0.12.0 on similar images, 100 Mbit/s / 20 ms, median of 3 (issue 6): total seconds.
+GO_REFERENCE = {
+    ("python", "legacy"): 29.96, ("python", "estargz-noopt"): 12.50, ("python", "estargz"): 5.23,
+    ("python", "warm"): 0.35,
+    ("toolchain", "legacy"): 16.64, ("toolchain", "estargz-noopt"): 4.16, ("toolchain", "estargz"): 2.86,
+    ("toolchain", "warm"): 0.13,
+    ("bigdata", "legacy"): 45.61, ("bigdata", "estargz-noopt"): 0.75, ("bigdata", "estargz"): 0.75,
+    ("bigdata", "warm"): 0.10,
+}
+
+
+@dataclass
+class Summary:
+    link: str
+    image: str
+    mode: str
+    runs: int
+    failed: int
+    pull: float
+    create: float
+    run: float
+    total: float
+    total_min: float
+    total_max: float
+    mb_first_output: float
+    mb_total: float
+    daemon_cpu_s: float | None
+    daemon_rss_mb: float | None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(results: list[dict]) -> list[Summary]:
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["link"], r["image"], r["mode"]), []).append(r)
+    summaries = []
+    for (link, image, mode), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        totals = [r["total_s"] for r in ok]
+        cpu = [r["daemon_cpu_s"] for r in ok if r["daemon_cpu_s"] is not None]
+        rss = [r["daemon_peak_rss_bytes"] for r in ok if r["daemon_peak_rss_bytes"] is not None]
+        summaries.append(Summary(
+            link, image, mode, len(rs), len(rs) - len(ok),
+            _median([r["pull_s"] for r in ok]), _median([r["create_s"] for r in ok]),
+            _median([r["run_s"] for r in ok]), _median(totals),
+            min(totals) if totals else float("nan"), max(totals) if totals else float("nan"),
+            _median([r["link_bytes_first_output"] / 1e6 for r in ok]),
+            _median([r["registry_bytes"] / 1e6 for r in ok]),
+            _median(cpu) if cpu else None, _median(rss) / 1e6 if rss else None,
+        ))
+    return summaries
+
+
+def table(summaries: list[Summary], shaped_label: str) -> str:
+    """A Markdown table; the Go column only for the shaped link the reference was taken on."""
+    header = ("| link | image | mode | pull s | create s | run s | total s (min–max) | vs legacy "
+              "| MB @1st output | MB total | store CPU s | store RSS MB | Go 0.12.0 total s |")
+    columns = header.count("|") - 1
+    lines = [header, "|" + "|".join(["---"] * columns) + "|"]
+    legacy = {(s.link, s.image): s.total for s in summaries if s.mode == "legacy"}
+    for s in summaries:
+        if s.runs == s.failed:
+            lines.append(f"| {s.link} | {s.image} | {s.mode} | failed ({s.failed}/{s.runs}) |" + " |" * (columns - 4))
+            continue
+        base = legacy.get((s.link, s.image))
+        speedup = f"{base / s.total:.1f}x" if base and s.mode != "legacy" and s.total > 0 else ""
+        go = GO_REFERENCE.get((s.image, s.mode)) if s.link == shaped_label else None
+        failed = f" ({s.failed} failed)" if s.failed else ""
+        lines.append(
+            f"| {s.link} | {s.image} | {s.mode}{failed} | {s.pull:.2f} | {s.create:.2f} | {s.run:.2f} "
+            f"| **{s.total:.2f}** ({s.total_min:.2f}–{s.total_max:.2f}) | {speedup} "
+            f"| {s.mb_first_output:.1f} | {s.mb_total:.1f} "
+            f"| {'' if s.daemon_cpu_s is None else f'{s.daemon_cpu_s:.2f}'} "
+            f"| {'' if s.daemon_rss_mb is None else f'{s.daemon_rss_mb:.0f}'} "
+            f"| {'' if go is None else f'{go:.2f}'} |")
+    return "\n".join(lines)
+
+
+def chart(summaries: list[Summary], out: Path, title: str) -> bool:
+    """Stacked pull/create/run bars per image and mode (one panel per link); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install '.[bench]'): no chart written")
+        return False
+    links = list(dict.fromkeys(s.link for s in summaries))
+    fig, axes = plt.subplots(1, len(links), figsize=(7 * len(links), 4.8), squeeze=False)
+    colours = {"pull": "#4c72b0", "create": "#dd8452", "run": "#55a868"}
+    for ax, link in zip(axes[0], links):
+        rows = [s for s in summaries if s.link == link and s.runs > s.failed]
+        labels = [f"{s.image}\n{s.mode}" for s in rows]
+        x = range(len(rows))
+        bottom = [0.0] * len(rows)
+        for part in ("pull", "create", "run"):
+            values = [getattr(s, part) for s in rows]
+            ax.bar(x, values, bottom=bottom, color=colours[part], label=part)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        err_low = [s.total - s.total_min for s in rows]
+        err_high = [s.total_max - s.total for s in rows]
+        ax.errorbar(x, bottom, yerr=[err_low, err_high], fmt="none", ecolor="black", capsize=3, linewidth=1)
+        for xi, total in zip(x, bottom):
+            ax.text(xi, total, f"{total:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("seconds (median; bars: min–max of total)")
+        ax.set_title(link, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True

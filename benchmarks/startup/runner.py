@@ -1,0 +1,157 @@
+"""One measured start of one image in one mode, HelloBench style: pull, create, run to first output.
+
+Before every run the state is cold: no containers or images in podman, the
+store stopped with its root wiped (restarted for lazy modes), page cache
+dropped. `warm` pulls its image untimed first and so measures create + run only.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import podman
+from .link import Link
+from .registry import Registry
+from .store import Store, store_config
+
+log = logging.getLogger(__name__)
+
+MODES = ("legacy", "estargz-noopt", "estargz", "warm")
+LAZY_MODES = ("estargz-noopt", "estargz")
+RUN_TIMEOUT = 600.0
+
+
+def repo_tag(image: str, mode: str) -> tuple[str, str]:
+    """Where each variant lives in the registry; `warm` runs the legacy image."""
+    return f"bench/{image}", "legacy" if mode == "warm" else mode
+
+
+@dataclass
+class RunResult:
+    image: str
+    mode: str
+    link: str
+    run: int
+    ok: bool = False
+    error: str = ""
+    pull_s: float = 0.0
+    create_s: float = 0.0
+    run_s: float = 0.0  # start to first output line
+    total_s: float = 0.0
+    exit_s: float = 0.0  # start to workload exit
+    link_bytes_first_output: int = 0  # IP bytes from the registry side until first output
+    link_bytes_exit: int = 0
+    registry_bytes_first_output: int = 0  # HTTP body bytes of requests completed before first output
+    registry_bytes: int = 0  # HTTP body bytes the registry logged during the run (pull..exit)
+    registry_blob_gets: int = 0
+    daemon_cpu_s: float | None = None
+    daemon_peak_rss_bytes: int | None = None
+    first_line: str = ""
+    store_stats: dict | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:  # not fatal: the figures are then warmer than they should be
+        log.warning("cannot drop the page cache: %s", e)
+
+
+@dataclass
+class Environment:
+    """The long-lived parts a run uses."""
+
+    link: Link
+    registry: Registry
+    plain_env: dict[str, str]
+    lazy_env: dict[str, str]
+    store: Store
+    link_name: str
+
+
+def _first_output(cid: str, env: dict[str, str], marker: str, stderr_path: Path,
+                  at_first: Callable[[], None]) -> tuple[float, float, str]:
+    """Start the container attached; (seconds to first stdout line, seconds to exit, that line).
+
+    `at_first` runs the moment the first line arrives (to read the byte counters then).
+    """
+    with open(stderr_path, "ab") as err:
+        start = time.monotonic()
+        proc = subprocess.Popen(["podman", "start", "--attach", cid], env=env, stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        try:
+            line = proc.stdout.readline()
+            first = time.monotonic() - start
+            at_first()
+            proc.stdout.read()
+            rc = proc.wait(RUN_TIMEOUT)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finished = time.monotonic() - start
+    text = line.decode(errors="replace").strip()
+    if rc != 0:
+        raise RuntimeError(f"workload exited with {rc}; first line {text!r}; see {stderr_path}")
+    if marker not in text:
+        raise RuntimeError(f"first output line {text!r} lacks {marker!r}; see {stderr_path}")
+    return first, finished, text
+
+
+def measure(envs: Environment, image: str, mode: str, run: int, marker: str, log_dir: Path) -> RunResult:
+    result = RunResult(image, mode, envs.link_name, run)
+    lazy = mode in LAZY_MODES
+    env = envs.lazy_env if lazy else envs.plain_env
+    repo, tag = repo_tag(image, mode)
+    ref = f"{envs.registry.host}/{repo}:{tag}"
+    try:
+        podman.reset(envs.plain_env)
+        podman.reset(envs.lazy_env)
+        envs.store.wipe()
+        if mode == "warm":
+            podman.podman("pull", "-q", "--tls-verify=false", ref, env=env)
+        drop_caches()
+        if lazy:
+            envs.store.start(store_config(envs.registry.host, noprefetch=(mode == "estargz-noopt")))
+        envs.link.check_alive()
+        rx0 = envs.link.received_bytes()
+        mark = envs.registry.log_mark()
+
+        t0 = time.monotonic()
+        if mode != "warm":
+            podman.podman("pull", "-q", "--tls-verify=false", ref, env=env)
+        t1 = time.monotonic()
+        cid = podman.podman("create", "--network=none", ref, env=env).stdout.strip().splitlines()[-1]
+        t2 = time.monotonic()
+        at_first: dict[str, int] = {}
+
+        def read_counters() -> None:
+            at_first["rx"] = envs.link.received_bytes()
+            at_first["log"] = envs.registry.log_mark()
+
+        first, finished, line = _first_output(cid, env, marker, log_dir / "workload.stderr", read_counters)
+        result.link_bytes_exit = envs.link.received_bytes() - rx0
+        result.link_bytes_first_output = at_first["rx"] - rx0
+        result.registry_bytes_first_output = envs.registry.fetched_between(mark, at_first["log"])[0]
+        result.pull_s, result.create_s, result.run_s = t1 - t0, t2 - t1, first
+        result.total_s = result.pull_s + result.create_s + result.run_s
+        result.exit_s = finished
+        result.first_line = line
+        result.registry_bytes, result.registry_blob_gets = envs.registry.fetched_between(mark)
+        if lazy:
+            usage = envs.store.usage()
+            result.daemon_cpu_s, result.daemon_peak_rss_bytes = usage.cpu_seconds, usage.peak_rss_bytes
+            result.store_stats = envs.store.stats()
+        result.ok = True
+    except Exception as e:  # one failed run must not lose the others' figures
+        log.error("%s/%s run %d failed: %s", image, mode, run, e)
+        result.error = str(e)[-2000:]
+    return result

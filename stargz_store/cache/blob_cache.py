@@ -1,0 +1,49 @@
+"""Raw compressed blob bytes, kept in fixed-size aligned blocks per blob digest (for the ALS `blob`).
+
+Podman reads a layer's `blob` file whole and sequentially (to copy or push the layer), and checks
+its digest itself; a block of a blob cannot be authenticated on its own, so these blocks are a
+transport cache, not a verified one: they hold what the registry sent for `[i*B, (i+1)*B)` of the
+blob named by its digest. Layout: `<root>/<hex[0:2]>/<hex>/<B>-<i>`; the block size is in the
+name so a changed block size never mixes with old blocks. Writes are atomic (temp + rename).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .files import atomic_write, digest_hex, unlink_quietly
+
+log = logging.getLogger(__name__)
+
+
+class BlobRangeCache:
+    def __init__(self, root: Path, *, fsync: bool = False) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+
+    def _path(self, blob_digest: str, block_size: int, index: int) -> Path:
+        hexd = digest_hex(blob_digest)
+        return self.root / hexd[:2] / hexd / f"{block_size}-{index}"
+
+    def get(self, blob_digest: str, block_size: int, index: int, expected_len: int) -> bytes | None:
+        """Block `index` of the blob, or None (also when a stored block has the wrong length)."""
+        path = self._path(blob_digest, block_size, index)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("blob cache: cannot read %s: %s", path, e)
+            return None
+        if len(data) != expected_len:
+            log.warning("blob cache: discarding %s: %d bytes, expected %d", path, len(data), expected_len)
+            unlink_quietly(path)
+            return None
+        return data
+
+    def contains(self, blob_digest: str, block_size: int, index: int) -> bool:
+        return self._path(blob_digest, block_size, index).exists()
+
+    def put(self, blob_digest: str, block_size: int, index: int, data: bytes | memoryview) -> None:
+        atomic_write(self._path(blob_digest, block_size, index), data, fsync=self.fsync)

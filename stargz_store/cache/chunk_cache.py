@@ -1,0 +1,183 @@
+"""Content-addressed cache of verified, uncompressed chunks: on disk, plus a memory LRU of hot ones.
+
+Keyed by the chunk's sha256 digest, so every layer and image that holds the same bytes shares one
+entry, and an entry can never hold the bytes of another chunk. Layout under `root`:
+
+    chunks/<hex[0:2]>/<hex>          one file per chunk, its exact uncompressed bytes
+    chunks/<hex[0:2]>/.<hex>.*.tmp   a write in progress (same directory, so the rename is atomic)
+    blobs/...                        raw blob ranges (`BlobRangeCache`, see blob_cache.py)
+
+Trust model (decided here, documented once): `put` is only called with bytes the caller has
+verified against the digest (the format's `decompress_chunk` hashes them), and a file appears
+under its final name only by an atomic rename of a complete temp file. So a file named by a digest
+holds that digest's bytes, and `get` does not re-hash by default; re-hashing every warm read would
+cost a sha256 pass per read for protection against disk corruption only. What `get` does check is
+cheap: when the caller passes the expected size, a file of another length (e.g. zero-length after a
+power loss without `fsync`) is treated as a miss and removed. `verify_on_read=True` re-hashes disk
+reads for deployments that want it.
+
+The disk cache is never evicted by this class (as in the Go store); its size is the operator's to
+manage. Memory use is bounded by `memory_bytes`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from .blob_cache import BlobRangeCache
+from .files import atomic_write, digest_hex, unlink_quietly
+
+log = logging.getLogger(__name__)
+
+class MemoryLru:
+    """A byte-bounded LRU of immutable values. Values larger than a quarter of the bound are not
+    kept, so one huge chunk cannot flush every hot small one."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, max_bytes)
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes // 4:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = value
+            self._bytes += len(value)
+            while self._bytes > self.max_bytes and self._items:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= len(evicted)
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ChunkCache:
+    """Verified uncompressed chunks by digest; thread-safe; shared by all layers of a daemon.
+
+    `fsync=True` makes `put` durable before it returns (slower; off by default like the Go
+    store's `sync_add`): without it a crash can at worst leave a short file, which `get(size=...)`
+    detects.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        memory_bytes: int = 64 << 20,
+        verify_on_read: bool = False,
+        fsync: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.chunk_dir = self.root / "chunks"
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        self.verify_on_read = verify_on_read
+        self.fsync = fsync
+        self.memory = MemoryLru(memory_bytes)
+        self._blob_cache: BlobRangeCache | None = None
+        self._blob_cache_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "puts": 0, "bad_files": 0}
+
+    @property
+    def blob_cache(self) -> BlobRangeCache:
+        """Raw blob ranges for the ALS `blob` file, under `<root>/blobs`."""
+        with self._blob_cache_lock:
+            if self._blob_cache is None:
+                self._blob_cache = BlobRangeCache(self.root / "blobs", fsync=self.fsync)
+            return self._blob_cache
+
+    def path_for(self, digest: str) -> Path:
+        hexd = digest_hex(digest)
+        return self.chunk_dir / hexd[:2] / hexd
+
+    def get(self, digest: str, size: int | None = None, *, keep_in_memory: bool = True) -> bytes | None:
+        """The chunk's bytes, or None. `size`, when known, rejects a truncated file."""
+        data = self.memory.get(digest)
+        if data is not None:
+            self._count("memory_hits")
+            return data
+        path = self.path_for(digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            self._count("misses")
+            return None
+        except OSError as e:
+            log.warning("chunk cache: cannot read %s: %s", path, e)
+            self._count("misses")
+            return None
+        if (size is not None and len(data) != size) or (self.verify_on_read and not _matches(digest, data)):
+            log.warning("chunk cache: discarding corrupt entry %s (%d bytes)", path.name, len(data))
+            self._count("bad_files")
+            self._count("misses")
+            unlink_quietly(path)
+            return None
+        self._count("disk_hits")
+        if keep_in_memory:
+            self.memory.put(digest, data)
+        return data
+
+    def contains(self, digest: str) -> bool:
+        return self.memory.get(digest) is not None or self.path_for(digest).exists()
+
+    def put(self, digest: str, data: bytes, *, keep_in_memory: bool = True) -> None:
+        """Store bytes the caller has verified against `digest`. Idempotent; concurrent puts of the
+        same digest are harmless (same bytes, last rename wins)."""
+        path = self.path_for(digest)
+        if keep_in_memory:
+            self.memory.put(digest, bytes(data))
+        if path.exists():
+            return
+        atomic_write(path, data, fsync=self.fsync)
+        self._count("puts")
+
+    def discard(self, digest: str) -> None:
+        """Forget a chunk (memory and disk); used when an entry is found to be bad."""
+        self.memory.discard(digest)
+        unlink_quietly(self.path_for(digest))
+
+    def stats(self) -> dict[str, int]:
+        with self._stats_lock:
+            out = dict(self._stats)
+        out["memory_entries"] = len(self.memory)
+        out["memory_bytes"] = self.memory.size_bytes
+        return out
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self._stats[key] += 1
+
+
+def _matches(digest: str, data: bytes) -> bool:
+    return hashlib.sha256(data).hexdigest() == digest_hex(digest)

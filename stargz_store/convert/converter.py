@@ -1,0 +1,314 @@
+"""Converting an image: every layer to eStargz or zstd:chunked, a new config and an OCI manifest.
+
+Order of writes (the invariant a reader relies on): each converted layer blob is stored as soon
+as it is built, then the config, then per-platform manifests, and the tagged manifest or index
+last, so no tag ever names content that is missing.
+
+Layers convert concurrently on a pool of `jobs` threads (download, build, upload of different
+layers overlap; the writers' deflate and hashing release the GIL). Identical source layers
+(within one image or across platforms) are converted once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..formats.layer_toc import (
+    ANNOTATION_TOC_DIGEST,
+    ANNOTATION_UNCOMPRESSED_SIZE,
+    ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
+    ANNOTATION_ZSTD_MANIFEST_POSITION,
+    ANNOTATION_ZSTD_OLD_MANIFEST_CHECKSUM,
+    ANNOTATION_ZSTD_OLD_MANIFEST_POSITION,
+    ANNOTATION_ZSTD_TARSPLIT_POSITION,
+    FORMAT_ESTARGZ,
+    BuildResult,
+)
+from .errors import ImageNotFoundError, UnsupportedImageError
+from .layer_build import LayerBuildOptions, build_layer
+from .media_types import (
+    DOCKER_SCHEMA1,
+    IMAGE_MANIFESTS,
+    INDEXES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    TAR_LAYERS,
+)
+from .platform import Platform, describe_platform, host_platform, is_attestation, select_descriptor
+from .stores import ImageDestination, ImageSource, RawManifest, sha256_digest
+
+log = logging.getLogger(__name__)
+
+# Annotations a source layer may carry from an earlier conversion; they describe the old blob.
+_STALE_LAYER_ANNOTATIONS = frozenset({
+    ANNOTATION_TOC_DIGEST,
+    ANNOTATION_UNCOMPRESSED_SIZE,
+    ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
+    ANNOTATION_ZSTD_MANIFEST_POSITION,
+    ANNOTATION_ZSTD_TARSPLIT_POSITION,
+    ANNOTATION_ZSTD_OLD_MANIFEST_CHECKSUM,
+    ANNOTATION_ZSTD_OLD_MANIFEST_POSITION,
+    "io.github.containers.zstd-chunked.tarsplit-checksum",
+})
+_MAX_NESTING = 4
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    format: str = FORMAT_ESTARGZ
+    prioritized: tuple[str, ...] = ()
+    chunk_size: int | None = None
+    compression_level: int | None = None
+    platform: Platform | None = None  # None: the host's platform
+    all_platforms: bool = False
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step, for a progress display: `kind` is "start" or "done" of a layer, or "manifest"."""
+
+    kind: str
+    digest: str
+    size: int = 0
+    result: BuildResult | None = None
+    seconds: float = 0.0
+    done: int = 0
+    total: int = 0
+
+
+@dataclass
+class ConvertResult:
+    """The tagged manifest (or index) written, and each converted layer by source digest."""
+
+    manifest: RawManifest
+    layers: dict[str, BuildResult]
+    platforms: list[str]
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class Converter:
+    """One conversion of `source` into `destination`; `run()` once."""
+
+    def __init__(self, source: ImageSource, destination: ImageDestination, options: ConvertOptions,
+                 progress: ProgressCallback | None = None) -> None:
+        self.source = source
+        self.destination = destination
+        self.options = options
+        self._progress = progress or (lambda event: None)
+        self._lock = threading.Lock()
+        self._layers: dict[str, Future[BuildResult]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._tmpdir: Path | None = None
+        self._total = 0
+        self._done = 0
+        self._platforms: list[str] = []
+
+    def run(self) -> ConvertResult:
+        root = self.source.root()
+        self.destination.prepare()
+        parent = self.destination.tmpdir_parent()
+        with tempfile.TemporaryDirectory(prefix=".stargz-convert-", dir=parent) as tmp, \
+                ThreadPoolExecutor(max_workers=max(1, self.options.jobs), thread_name_prefix="convert") as pool:
+            self._tmpdir = Path(tmp)
+            self._pool = pool
+            try:
+                result = self._convert_root(root)
+            except BaseException:
+                for fut in self._layers.values():
+                    fut.cancel()
+                raise
+            self.destination.put_manifest(result, root=True)
+        log.info("wrote %s to %s", result.digest, self.destination.describe())
+        return ConvertResult(result, {d: f.result() for d, f in self._layers.items()}, self._platforms)
+
+    # -- manifests -----------------------------------------------------------------------------
+    def _convert_root(self, root: RawManifest) -> RawManifest:
+        if root.media_type in INDEXES:
+            if self.options.all_platforms:
+                return self._convert_index(root, 0)
+            wanted = self.options.platform or host_platform()
+            chosen = self._select(root, wanted, 0)
+            self._platforms.append(describe_platform(chosen))
+            return self._convert_manifest(self.source.manifest(chosen["digest"]))
+        if self.options.platform is not None:
+            log.info("%s is a single-platform image; --platform is not used", self.source.describe())
+        return self._convert_manifest(root)
+
+    def _select(self, index: RawManifest, wanted: Platform, depth: int) -> dict:
+        data = _load(index)
+        entries = [m for m in data.get("manifests") or [] if isinstance(m, dict) and not is_attestation(m)]
+        chosen = select_descriptor({"manifests": entries}, wanted)
+        if chosen is None:
+            available = ", ".join(describe_platform(m) for m in entries) or "none"
+            raise ImageNotFoundError(
+                f"{self.source.describe()}: no image for platform {wanted} (available: {available})")
+        if chosen.get("mediaType") in INDEXES:
+            if depth >= _MAX_NESTING:
+                raise UnsupportedImageError(f"{self.source.describe()}: indexes nested too deeply")
+            return self._select(self.source.manifest(chosen["digest"]), wanted, depth + 1)
+        return chosen
+
+    def _convert_index(self, index: RawManifest, depth: int) -> RawManifest:
+        """Every platform of the index, each manifest stored before the new index that names it."""
+        data = _load(index)
+        entries: list[dict] = []
+        for desc in data.get("manifests") or []:
+            if not isinstance(desc, dict) or is_attestation(desc):
+                log.info("skipping %s (attestation, not an image)", desc.get("digest") if isinstance(desc, dict) else desc)
+                continue
+            child = self.source.manifest(desc["digest"])
+            if child.media_type in INDEXES:
+                if depth >= _MAX_NESTING:
+                    raise UnsupportedImageError(f"{self.source.describe()}: indexes nested too deeply")
+                converted = self._convert_index(child, depth + 1)
+            else:
+                converted = self._convert_manifest(child)
+                self._platforms.append(describe_platform(desc))
+            self.destination.put_manifest(converted, root=False)
+            new_desc = {"mediaType": converted.media_type, "digest": converted.digest, "size": len(converted.raw)}
+            for key in ("platform", "annotations"):
+                if key in desc:
+                    new_desc[key] = desc[key]
+            entries.append(new_desc)
+        if not entries:
+            raise UnsupportedImageError(f"{self.source.describe()}: the index lists no images")
+        new_index: dict = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        if data.get("annotations"):
+            new_index["annotations"] = data["annotations"]
+        raw = _dump(new_index)
+        return RawManifest(raw, OCI_INDEX, sha256_digest(raw))
+
+    def _convert_manifest(self, manifest: RawManifest) -> RawManifest:
+        if manifest.media_type in DOCKER_SCHEMA1:
+            raise UnsupportedImageError(
+                f"{self.source.describe()}: Docker schema 1 images have no config to rewrite; convert them to schema 2 first")
+        if manifest.media_type not in IMAGE_MANIFESTS:
+            raise UnsupportedImageError(
+                f"{self.source.describe()}: unsupported manifest media type {manifest.media_type!r}")
+        data = _load(manifest)
+        config_desc = data.get("config") or {}
+        layers = data.get("layers")
+        if not isinstance(layers, list) or "digest" not in config_desc:
+            raise UnsupportedImageError(f"{self.source.describe()}: manifest {manifest.digest} has no config or layers")
+        for desc in layers:
+            if desc.get("mediaType") not in TAR_LAYERS:
+                raise UnsupportedImageError(
+                    f"{self.source.describe()}: layer {desc.get('digest')} has media type {desc.get('mediaType')!r}, "
+                    "which is not a layer tar")
+        config_raw = self.source.blob_bytes(config_desc["digest"])
+        try:
+            config = json.loads(config_raw)
+        except ValueError as exc:
+            raise UnsupportedImageError(f"{self.source.describe()}: config is not JSON: {exc}") from None
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+            raise UnsupportedImageError(
+                f"{self.source.describe()}: config lists {len(diff_ids or [])} diff_ids for {len(layers)} layers")
+
+        futures = [self._layer_future(desc, len(layers)) for desc in layers]
+        results = [f.result() for f in futures]
+
+        config["rootfs"] = {"type": "layers", "diff_ids": [r.diff_id for r in results]}
+        new_config_raw = _dump(config)
+        new_config_digest = sha256_digest(new_config_raw)
+        self.destination.put_blob_bytes(new_config_digest, new_config_raw)
+
+        new_layers = []
+        for desc, result in zip(layers, results):
+            annotations = {k: v for k, v in (desc.get("annotations") or {}).items()
+                           if k not in _STALE_LAYER_ANNOTATIONS}
+            annotations.update(result.annotations)
+            annotations.setdefault(ANNOTATION_UNCOMPRESSED_SIZE, str(result.diff_size))
+            new_layers.append({"mediaType": result.media_type, "digest": result.digest, "size": result.size,
+                               "annotations": annotations})
+        new_manifest: dict = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": new_config_digest, "size": len(new_config_raw)},
+            "layers": new_layers,
+        }
+        if data.get("annotations"):
+            new_manifest["annotations"] = data["annotations"]
+        raw = _dump(new_manifest)
+        self._progress(ProgressEvent("manifest", sha256_digest(raw), len(raw)))
+        return RawManifest(raw, OCI_MANIFEST, sha256_digest(raw))
+
+    # -- layers --------------------------------------------------------------------------------
+    def _layer_future(self, desc: dict, layers_in_image: int) -> Future[BuildResult]:
+        digest = desc["digest"]
+        with self._lock:
+            fut = self._layers.get(digest)
+            if fut is None:
+                assert self._pool is not None
+                self._total += 1
+                workers = max(1, (os.cpu_count() or 1) // max(1, min(self.options.jobs, layers_in_image)))
+                fut = self._pool.submit(self._convert_layer, digest, int(desc.get("size") or 0), workers)
+                self._layers[digest] = fut
+            return fut
+
+    def _convert_layer(self, digest: str, size: int, writer_workers: int) -> BuildResult:
+        assert self._tmpdir is not None
+        started = time.monotonic()
+        self._progress(ProgressEvent("start", digest, size, done=self._done, total=self._total))
+        layer_dir = Path(tempfile.mkdtemp(prefix="layer-", dir=self._tmpdir))
+        try:
+            src_path = self.source.blob_file(digest, size, layer_dir)
+            out_path = layer_dir / "converted"
+            options = LayerBuildOptions(
+                format=self.options.format,
+                prioritized=self.options.prioritized,
+                chunk_size=self.options.chunk_size,
+                compression_level=self.options.compression_level,
+                writer_workers=writer_workers,
+            )
+            result = build_layer(str(src_path), digest, str(out_path), options)
+            if src_path.parent == layer_dir:
+                src_path.unlink()  # a downloaded copy: free the space before uploading
+            self.destination.put_blob_file(result.digest, out_path)
+        finally:
+            for leftover in layer_dir.iterdir():
+                leftover.unlink()
+            layer_dir.rmdir()
+        with self._lock:
+            self._done += 1
+            done, total = self._done, self._total
+        elapsed = time.monotonic() - started
+        log.info("converted layer %s -> %s (%d -> %d bytes, %.1fs)", digest, result.digest, size, result.size, elapsed)
+        self._progress(ProgressEvent("done", digest, size, result, elapsed, done, total))
+        return result
+
+
+def _load(manifest: RawManifest) -> dict:
+    try:
+        data = json.loads(manifest.raw)
+    except ValueError as exc:
+        raise UnsupportedImageError(f"manifest {manifest.digest} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UnsupportedImageError(f"manifest {manifest.digest} is not a JSON object")
+    return data
+
+
+def _dump(obj: dict) -> bytes:
+    """Compact JSON, as Go's encoder writes it; non-ASCII kept as UTF-8."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def convert_image(source: ImageSource, destination: ImageDestination, options: ConvertOptions,
+                  progress: ProgressCallback | None = None) -> ConvertResult:
+    """Convert the image `source` names and store it under `destination`'s tag."""
+    return Converter(source, destination, options, progress).run()
+
+
+__all__ = ["ConvertOptions", "ConvertResult", "Converter", "ProgressEvent", "convert_image"]

@@ -1,0 +1,483 @@
+"""Reading zstd:chunked layers, both flavours (`zstd-chunked.md`).
+
+(A) containers/storage zstd:chunked (podman/buildah `--compression-format zstd:chunked`): the TOC
+    is authenticated by the sha256 of its *compressed* bytes (`manifest-checksum`), which is also
+    the layer's TOC digest / ALS key. Footers of every generation are understood (40, 56, 64
+    bytes, §2.4), but the `manifest-position` annotation is preferred: it is covered by the
+    manifest digest and saves the footer round trip.
+(B) stargz-snapshotter's "zstdchunked" (`ctr-remote --zstdchunked`): an eStargz TOC in a skippable
+    frame with the 40-byte footer; authenticated by the sha256 of the *uncompressed* JSON
+    (`containerd.io/snapshot/stargz/toc.digest`), exactly as gzip eStargz.
+
+Both describe files with the same TOC vocabulary, so both build the same `Toc` and read chunks the
+same way: each chunk is one or more zstd frames at `[blob_offset, blob_end)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import zstandard
+
+from .errors import (
+    BadFooterError,
+    DigestMismatchError,
+    FormatError,
+    InvalidTocError,
+    NotLazyFormatError,
+    OutOfBoundsError,
+    TocTooLargeError,
+)
+from .layer_toc import (
+    ANNOTATION_TOC_DIGEST,
+    ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
+    ANNOTATION_ZSTD_MANIFEST_POSITION,
+    ANNOTATION_ZSTD_OLD_MANIFEST_CHECKSUM,
+    ANNOTATION_ZSTD_OLD_MANIFEST_POSITION,
+    ANNOTATION_ZSTD_TARSPLIT_POSITION,
+    COMPRESSION_ZSTD,
+    FORMAT_ZSTD_CHUNKED,
+    ParsedToc,
+    ReadAt,
+)
+from .toc import Chunk, Toc, build_toc
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPE_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DEFAULT_MAX_TOC_SIZE = 150 << 20  # containers/storage `maxTocSize`
+DEFAULT_TAIL_SIZE = 512 << 10
+
+SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
+SKIPPABLE_HEADER_SIZE = 8
+FOOTER_MAGIC = b"GNUlInUx"  # containers/storage >= v1.50, at [56:64] of the 64-byte footer
+LEGACY_FOOTER_MAGIC = b"GnUlInUx"  # older writers and stargz-snapshotter, at [32:40]
+FOOTER_SIZE = 64
+FOOTER_SIZE_V1_47 = 56
+LEGACY_FOOTER_SIZE = 40
+MANIFEST_TYPE_CRFS = 1
+# The whole footer frame of the current layout: what a reader without annotations must fetch.
+MIN_TAIL = SKIPPABLE_HEADER_SIZE + FOOTER_SIZE
+
+FLAVOUR_CONTAINERS = "containers-storage"
+FLAVOUR_STARGZ = "stargz-snapshotter"
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class UnauthenticatedTocError(NotLazyFormatError):
+    """No trusted digest is known for the TOC, so nothing in the blob can be trusted.
+
+    containers/image does not lazily pull such a layer either (`GetTOCDigest` finds nothing).
+    """
+
+
+class NoZstdChunkedFooterError(NotLazyFormatError, BadFooterError):
+    """The blob's tail holds no zstd:chunked footer magic: a plain layer, or a damaged one."""
+
+
+class InvalidAnnotationError(FormatError):
+    """A zstd:chunked position annotation is malformed."""
+
+
+class TarSplitUnavailableError(FormatError):
+    """The tar-split stream cannot be used: absent, or not authenticated by the TOC."""
+
+
+def skippable_frame_header(size: int) -> bytes:
+    return SKIPPABLE_MAGIC + size.to_bytes(4, "little")
+
+
+def skippable_frame(payload: bytes) -> bytes:
+    return skippable_frame_header(len(payload)) + payload
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
+    data = read_at(offset, length)
+    if len(data) != length:
+        raise OutOfBoundsError(f"short read: wanted {length} bytes at {offset}, got {len(data)}")
+    return data
+
+
+@dataclass(frozen=True)
+class ZstdChunkedFooter:
+    """What a footer of any generation says. `size` is the payload size: 40, 56 or 64."""
+
+    toc_offset: int
+    toc_size: int
+    toc_uncompressed_size: int
+    manifest_type: int
+    size: int
+    tar_split_offset: int = 0
+    tar_split_size: int = 0
+    tar_split_uncompressed_size: int = 0
+
+
+def _u64s(data: bytes) -> list[int]:
+    return [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)]
+
+
+def parse_footer(tail: bytes) -> ZstdChunkedFooter:
+    """Parse the footer at the end of `tail` (the last bytes of the blob, at least 48 of them).
+
+    Generations (`zstd-chunked.md` §2.4): 64 bytes with `GNUlInUx` at the end (current); 40 bytes
+    with `GnUlInUx` at the end (containers/storage <= v1.46 and stargz-snapshotter); 56 bytes
+    with `GnUlInUx` at [32:40] and 16 zero bytes (v1.47-v1.49). Each must sit in a skippable frame
+    of the matching length.
+    """
+    if tail.endswith(FOOTER_MAGIC):
+        size = FOOTER_SIZE
+    elif tail.endswith(LEGACY_FOOTER_MAGIC):
+        size = LEGACY_FOOTER_SIZE
+    elif tail.endswith(bytes(16)) and tail[-24:-16] == LEGACY_FOOTER_MAGIC:
+        size = FOOTER_SIZE_V1_47
+    else:
+        raise NoZstdChunkedFooterError(f"no zstd:chunked footer magic at the end of the blob (last bytes {tail[-8:].hex()})")
+    if len(tail) < size + SKIPPABLE_HEADER_SIZE:
+        raise BadFooterError(f"{size}-byte footer, but only {len(tail)} tail bytes available")
+    header = tail[-size - SKIPPABLE_HEADER_SIZE : -size]
+    if header != skippable_frame_header(size):
+        raise BadFooterError(f"{size}-byte footer is not in a skippable frame of that size (header {header.hex()})")
+    fields = _u64s(tail[-size:])
+    if fields[3] != MANIFEST_TYPE_CRFS:
+        raise BadFooterError(f"unsupported zstd:chunked manifest type {fields[3]}")
+    if size == FOOTER_SIZE:
+        return ZstdChunkedFooter(fields[0], fields[1], fields[2], fields[3], size, fields[4], fields[5], fields[6])
+    return ZstdChunkedFooter(fields[0], fields[1], fields[2], fields[3], size)
+
+
+def parse_position(value: str, *, fields: int) -> tuple[int, ...]:
+    """`offset:length:uncompressedLength[:type]` as decimal integers (`zstd-chunked.md` §2.5)."""
+    parts = value.split(":")
+    if len(parts) != fields or not all(p.isdigit() for p in parts):
+        raise InvalidAnnotationError(f"zstd:chunked position {value!r} is not {fields} ':'-separated integers")
+    return tuple(int(p) for p in parts)
+
+
+def manifest_position(annotations: Mapping[str, str]) -> tuple[int, int, int] | None:
+    """`(toc_offset, compressed_size, uncompressed_size)` from the new or old annotation name."""
+    value = annotations.get(ANNOTATION_ZSTD_MANIFEST_POSITION) or annotations.get(ANNOTATION_ZSTD_OLD_MANIFEST_POSITION)
+    if not value:
+        return None
+    offset, size, usize, mtype = parse_position(value, fields=4)
+    if mtype != MANIFEST_TYPE_CRFS:
+        raise InvalidAnnotationError(f"unsupported zstd:chunked manifest type {mtype} in {value!r}")
+    return offset, size, usize
+
+
+@dataclass(frozen=True)
+class ZstdChunkedToc(ParsedToc):
+    """A parsed zstd:chunked TOC, with where its tar-split lives (flavour A, v1.47+ writers).
+
+    `tar_split_digest` comes from the authenticated TOC (`tarSplitDigest`); without it any
+    tar-split in the blob is unauthenticated and `read_tar_split` refuses it.
+    """
+
+    flavour: str = FLAVOUR_CONTAINERS
+    toc_compressed_size: int = 0
+    tar_split_digest: str = ""
+    tar_split_offset: int = 0
+    tar_split_size: int = 0
+    tar_split_uncompressed_size: int = 0
+
+
+@dataclass(frozen=True)
+class _TocBytes:
+    compressed: bytes
+    toc_offset: int
+    uncompressed_size: int
+    footer: ZstdChunkedFooter | None
+
+
+def _check_sizes(compressed: int, uncompressed: int, max_toc_size: int) -> None:
+    if compressed > max_toc_size or uncompressed > max_toc_size:
+        raise TocTooLargeError(
+            f"zstd:chunked TOC is {compressed} bytes compressed / {uncompressed} uncompressed, over the cap of {max_toc_size}"
+        )
+
+
+def _fetch_toc(
+    read_at: ReadAt,
+    blob_size: int,
+    position: tuple[int, int, int] | None,
+    *,
+    max_toc_size: int,
+    tail_size: int,
+) -> _TocBytes:
+    """The compressed TOC bytes: from the position annotation (one exact read), else via the footer.
+
+    Without a position, one tail read of `tail_size` bytes usually holds the footer and the TOC;
+    a second read happens only when the TOC starts before that window.
+    """
+    footer: ZstdChunkedFooter | None = None
+    window_start = blob_size
+    window = b""
+    if position is not None:
+        toc_offset, size, usize = position
+    else:
+        if blob_size < SKIPPABLE_HEADER_SIZE + LEGACY_FOOTER_SIZE:
+            raise NoZstdChunkedFooterError(f"blob of {blob_size} bytes is too small for a zstd:chunked footer")
+        length = min(blob_size, max(tail_size, MIN_TAIL))
+        window_start = blob_size - length
+        window = _read_exact(read_at, window_start, length)
+        footer = parse_footer(window)
+        toc_offset, size, usize = footer.toc_offset, footer.toc_size, footer.toc_uncompressed_size
+    _check_sizes(size, usize, max_toc_size)
+    frame_start = toc_offset - SKIPPABLE_HEADER_SIZE
+    data_limit = blob_size - (SKIPPABLE_HEADER_SIZE + footer.size if footer else 0)
+    if frame_start < 0 or toc_offset + size > data_limit or size <= 0:
+        raise OutOfBoundsError(f"zstd:chunked TOC at {toc_offset} (+{size}) is outside the blob of {blob_size} bytes")
+    if frame_start >= window_start:
+        frame = window[frame_start - window_start : toc_offset + size - window_start]
+    else:
+        if footer is not None:
+            log.debug("zstd:chunked TOC at %d is before the %d-byte tail window; second read", toc_offset, len(window))
+        frame = _read_exact(read_at, frame_start, size + SKIPPABLE_HEADER_SIZE)
+    if frame[:SKIPPABLE_HEADER_SIZE] != skippable_frame_header(size):
+        raise BadFooterError(
+            f"no skippable frame of {size} bytes before the zstd:chunked TOC at {toc_offset} (found {frame[:8].hex()})"
+        )
+    return _TocBytes(frame[SKIPPABLE_HEADER_SIZE:], toc_offset, usize, footer)
+
+
+def _decompress_bounded(data: bytes, limit: int, what: str) -> bytes:
+    """Decompress zstd `data` (frames may lack a content size), refusing more than `limit` bytes."""
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as r:
+            out = _read_up_to(r, limit + 1)
+    except zstandard.ZstdError as e:
+        raise InvalidTocError(f"{what} is not valid zstd: {e}") from None
+    if len(out) > limit:
+        raise TocTooLargeError(f"{what} decompresses to more than the cap of {limit} bytes")
+    return out
+
+
+def _read_up_to(reader: Any, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        b = reader.read(n)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+    return b"".join(parts)
+
+
+def _parse_toc_document(toc_json: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(toc_json)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidTocError(f"zstd:chunked TOC is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidTocError("zstd:chunked TOC JSON is not an object")
+    entries = doc.get("entries") or []
+    if not isinstance(entries, list):
+        raise InvalidTocError("zstd:chunked TOC 'entries' is not a list")
+    tsd = doc.get("tarSplitDigest") or ""
+    if not isinstance(tsd, str):
+        raise InvalidTocError("zstd:chunked TOC 'tarSplitDigest' is not a string")
+    return doc
+
+
+def _finish(
+    toc_bytes: _TocBytes,
+    toc_json: bytes,
+    toc_digest: str,
+    flavour: str,
+    annotations: Mapping[str, str],
+) -> ZstdChunkedToc:
+    if toc_bytes.uncompressed_size and len(toc_json) != toc_bytes.uncompressed_size:
+        raise InvalidTocError(
+            f"zstd:chunked TOC decompresses to {len(toc_json)} bytes, its position says {toc_bytes.uncompressed_size}"
+        )
+    doc = _parse_toc_document(toc_json)
+    toc: Toc = build_toc(doc.get("entries") or [], data_end=toc_bytes.toc_offset - SKIPPABLE_HEADER_SIZE)
+    ts_offset = ts_size = ts_usize = 0
+    ts_value = annotations.get(ANNOTATION_ZSTD_TARSPLIT_POSITION)
+    if ts_value:
+        ts_offset, ts_size, ts_usize = parse_position(ts_value, fields=3)
+    elif toc_bytes.footer is not None:
+        f = toc_bytes.footer
+        ts_offset, ts_size, ts_usize = f.tar_split_offset, f.tar_split_size, f.tar_split_uncompressed_size
+    return ZstdChunkedToc(
+        toc=toc,
+        toc_digest=toc_digest,
+        format=FORMAT_ZSTD_CHUNKED,
+        compression=COMPRESSION_ZSTD,
+        toc_offset=toc_bytes.toc_offset,
+        decompress_chunk=decompress_chunk,
+        toc_size=len(toc_json),
+        flavour=flavour,
+        toc_compressed_size=len(toc_bytes.compressed),
+        tar_split_digest=doc.get("tarSplitDigest") or "",
+        tar_split_offset=ts_offset,
+        tar_split_size=ts_size,
+        tar_split_uncompressed_size=ts_usize,
+    )
+
+
+def _read_containers(
+    toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int
+) -> ZstdChunkedToc:
+    toc_digest = _sha256(toc_bytes.compressed)
+    if toc_digest != expected_toc_digest:
+        raise DigestMismatchError("zstd:chunked TOC (compressed)", expected_toc_digest, toc_digest)
+    toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC")
+    return _finish(toc_bytes, toc_json, toc_digest, FLAVOUR_CONTAINERS, annotations)
+
+
+def _read_stargz(
+    toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int
+) -> ZstdChunkedToc:
+    toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC")
+    toc_digest = _sha256(toc_json)
+    if toc_digest != expected_toc_digest:
+        raise DigestMismatchError("stargz zstd:chunked TOC (uncompressed)", expected_toc_digest, toc_digest)
+    return _finish(toc_bytes, toc_json, toc_digest, FLAVOUR_STARGZ, annotations)
+
+
+def containers_toc_digest(annotations: Mapping[str, str]) -> str | None:
+    """The manifest checksum (new name, else the old name of containers/storage <= v1.43)."""
+    return annotations.get(ANNOTATION_ZSTD_MANIFEST_CHECKSUM) or annotations.get(ANNOTATION_ZSTD_OLD_MANIFEST_CHECKSUM)
+
+
+def read_toc(
+    read_at: ReadAt,
+    blob_size: int,
+    annotations: Mapping[str, str],
+    *,
+    expected_toc_digest: str | None,
+    max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+    tail_size: int = DEFAULT_TAIL_SIZE,
+) -> ZstdChunkedToc:
+    """Read a containers/storage zstd:chunked TOC (flavour A), authenticated by its compressed bytes.
+
+    `expected_toc_digest` defaults to the `manifest-checksum` annotation; with neither, the TOC
+    cannot be trusted and `UnauthenticatedTocError` is raised. The position comes from the
+    annotation when present, else from the footer.
+    """
+    expected = expected_toc_digest or containers_toc_digest(annotations)
+    if not expected:
+        raise UnauthenticatedTocError("zstd:chunked layer has no manifest-checksum and no TOC digest was given")
+    toc_bytes = _fetch_toc(
+        read_at, blob_size, manifest_position(annotations), max_toc_size=max_toc_size, tail_size=tail_size
+    )
+    return _read_containers(toc_bytes, expected, annotations, max_toc_size)
+
+
+def read_stargz_toc(
+    read_at: ReadAt,
+    blob_size: int,
+    annotations: Mapping[str, str],
+    *,
+    expected_toc_digest: str | None,
+    max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+    tail_size: int = DEFAULT_TAIL_SIZE,
+) -> ZstdChunkedToc:
+    """Read a stargz-snapshotter zstdchunked TOC (flavour B), authenticated by its uncompressed JSON.
+
+    `expected_toc_digest` defaults to the `containerd.io/snapshot/stargz/toc.digest` annotation.
+    """
+    expected = expected_toc_digest or annotations.get(ANNOTATION_TOC_DIGEST)
+    if not expected:
+        raise UnauthenticatedTocError("stargz zstd:chunked layer has no toc.digest and no TOC digest was given")
+    toc_bytes = _fetch_toc(
+        read_at, blob_size, manifest_position(annotations), max_toc_size=max_toc_size, tail_size=tail_size
+    )
+    return _read_stargz(toc_bytes, expected, annotations, max_toc_size)
+
+
+def read_toc_any(
+    read_at: ReadAt,
+    blob_size: int,
+    annotations: Mapping[str, str],
+    *,
+    key_digest: str | None = None,
+    max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
+    tail_size: int = DEFAULT_TAIL_SIZE,
+) -> ZstdChunkedToc:
+    """Read either flavour, deciding as containers/image does (`GetTOCDigest`).
+
+    With `containerd.io/snapshot/stargz/toc.digest` the layer is flavour B; with a
+    manifest-checksum/position annotation (new or old names) flavour A. With no annotation at
+    all, the footer decides: a 56/64-byte footer is A; for a 40-byte footer (written by both) the
+    `key_digest` decides: it matches the compressed TOC (A) or the uncompressed JSON (B).
+    `key_digest` (an ALS lookup key) overrides the annotation digest when given.
+
+    I/O: one exact read of the TOC when a position annotation exists, else one tail read of
+    `tail_size` bytes, plus a second read only if the TOC starts before that window.
+    """
+    stargz_digest = annotations.get(ANNOTATION_TOC_DIGEST)
+    containers_digest = containers_toc_digest(annotations)
+    if stargz_digest and annotations.get(ANNOTATION_ZSTD_MANIFEST_CHECKSUM):
+        raise InvalidAnnotationError("layer has both zstd:chunked and eStargz TOC digests")
+    position = manifest_position(annotations)
+    if stargz_digest or containers_digest or position:
+        toc_bytes = _fetch_toc(read_at, blob_size, position, max_toc_size=max_toc_size, tail_size=tail_size)
+        if stargz_digest:
+            return _read_stargz(toc_bytes, key_digest or stargz_digest, annotations, max_toc_size)
+        expected = key_digest or containers_digest
+        if not expected:
+            raise UnauthenticatedTocError("zstd:chunked layer has a manifest position but no checksum")
+        return _read_containers(toc_bytes, expected, annotations, max_toc_size)
+    if not key_digest:
+        raise UnauthenticatedTocError("zstd:chunked layer without annotations and no TOC digest given")
+    toc_bytes = _fetch_toc(read_at, blob_size, None, max_toc_size=max_toc_size, tail_size=tail_size)
+    assert toc_bytes.footer is not None
+    if toc_bytes.footer.size != LEGACY_FOOTER_SIZE or _sha256(toc_bytes.compressed) == key_digest:
+        return _read_containers(toc_bytes, key_digest, annotations, max_toc_size)
+    return _read_stargz(toc_bytes, key_digest, annotations, max_toc_size)
+
+
+def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
+    """Exactly `chunk.size` verified bytes of the chunk whose zstd frame(s) start `compressed`.
+
+    `compressed` holds the blob bytes `[chunk.blob_offset, chunk.blob_end)` (more is fine: output
+    stops after `inner_offset + size` bytes, which also bounds memory against hostile frames). A
+    `zeros` chunk is synthesised without decompressing anything when its digest agrees, so the
+    caller may pass `b""` for it.
+    """
+    what = f"zstd chunk at blob offset {chunk.blob_offset} (file offset {chunk.file_offset}, {chunk.size} bytes)"
+    if chunk.zeros:
+        payload = bytes(chunk.size)
+        if _sha256(payload) == chunk.digest or not compressed:
+            actual = _sha256(payload)
+            if actual != chunk.digest:
+                raise DigestMismatchError(what, chunk.digest, actual)
+            return payload
+    want = chunk.inner_offset + chunk.size
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed), read_across_frames=True) as r:
+            out = _read_up_to(r, want)
+    except zstandard.ZstdError as e:
+        raise DigestMismatchError(what, chunk.digest, f"undecodable zstd data ({e})") from None
+    payload = out[chunk.inner_offset :] if chunk.inner_offset else out
+    actual = _sha256(payload)
+    if actual != chunk.digest:
+        raise DigestMismatchError(f"{what}, got {len(payload)} bytes", chunk.digest, actual)
+    return payload
+
+
+def read_tar_split(read_at: ReadAt, parsed: ZstdChunkedToc, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> bytes:
+    """The uncompressed tar-split stream, verified against the TOC's `tarSplitDigest`.
+
+    Only needed to re-create the exact uncompressed tar (DiffID, push), never to read files.
+    """
+    if not parsed.tar_split_digest:
+        raise TarSplitUnavailableError("the TOC has no tarSplitDigest: any tar-split in the blob is unauthenticated")
+    if parsed.tar_split_size <= 0 or parsed.tar_split_offset < SKIPPABLE_HEADER_SIZE:
+        raise TarSplitUnavailableError("the TOC names a tar-split digest but its position is unknown")
+    _check_sizes(parsed.tar_split_size, parsed.tar_split_uncompressed_size, max_size)
+    data = _read_exact(read_at, parsed.tar_split_offset, parsed.tar_split_size)
+    actual = _sha256(data)
+    if actual != parsed.tar_split_digest:
+        raise DigestMismatchError("zstd:chunked tar-split", parsed.tar_split_digest, actual)
+    return _decompress_bounded(data, max_size, "zstd:chunked tar-split")

@@ -1,0 +1,44 @@
+"""The attributes the model reports for every node, independent of FUSE's stat layout."""
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+BLOCK_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """stat(2) fields of one node. `mode` includes the file type bits; times are nanoseconds."""
+
+    ino: int
+    mode: int
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+
+    @property
+    def blocks(self) -> int:
+        """512-byte units, rounded up to whole 4 KiB blocks (what stargz-store reports)."""
+        return -(-self.size // BLOCK_SIZE) * (BLOCK_SIZE // 512)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+def dir_attr(ino: int, *, mode: int = 0o500, nlink: int = 2) -> Attr:
+    """A synthetic store directory (`dr-x------`, root), as stargz-store shows its own nodes."""
+    return Attr(ino=ino, mode=stat.S_IFDIR | mode, nlink=nlink)
+
+
+def file_attr(ino: int, size: int, *, mode: int = 0o400) -> Attr:
+    """A synthetic store file (`-r--------`, root): info, blob, manifest, config."""
+    return Attr(ino=ino, mode=stat.S_IFREG | mode, size=size)

@@ -1,0 +1,186 @@
+"""One layer's `diff` directory: the TOC tree as an overlayfs lower directory (estargz.md §10).
+
+The raw TOC holds OCI whiteouts as empty files; overlayfs wants them in its own form:
+- `.wh.NAME` is listed as a 0/0 character device `NAME` (unless a real `NAME` is in the same
+  directory); every `.wh.*` name itself is hidden;
+- `.wh..wh..opq` is hidden and makes its directory report `trusted.overlay.opaque=y` and
+  `user.overlay.opaque=y` (both, so rootful and `userxattr` overlay mounts agree);
+- landmark files at the root are hidden.
+Inode numbers are `ino_base + TocEntry.ino`, so they are stable for the life of the layer number,
+and hardlinks (one shared `TocEntry`) share one inode.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..formats.toc import (
+    BLOCK,
+    CHAR,
+    DIR,
+    FIFO,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    REG,
+    SYMLINK,
+    TOC_TAR_NAME,
+    Toc,
+    TocEntry,
+)
+from .attrs import Attr
+from .errors import EntryNotFound, NoSuchAttribute, NotADirectory
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+OPAQUE_VALUE = b"y"
+HIDDEN_AT_ROOT = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME})
+
+_TYPE_BITS = {
+    DIR: stat.S_IFDIR,
+    REG: stat.S_IFREG,
+    SYMLINK: stat.S_IFLNK,
+    CHAR: stat.S_IFCHR,
+    BLOCK: stat.S_IFBLK,
+    FIFO: stat.S_IFIFO,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DiffNode:
+    """A node of the overlay view: a TOC entry, or the 0/0 char device standing for a whiteout.
+
+    For a whiteout, `entry` is the `.wh.NAME` entry (its inode number and mtime are reused).
+    `path` is the node's normalised path inside the layer (`""` for the root).
+    """
+
+    path: str
+    entry: TocEntry
+    whiteout: bool = False
+
+    @property
+    def is_dir(self) -> bool:
+        return not self.whiteout and self.entry.type == DIR
+
+    @property
+    def is_reg(self) -> bool:
+        return not self.whiteout and self.entry.type == REG
+
+
+class LayerTree:
+    """Read-only overlay view of a `Toc`. Thread-safe; directory listings are built once."""
+
+    def __init__(self, toc: Toc, ino_base: int) -> None:
+        self.toc = toc
+        self.ino_base = ino_base
+        self._listings: dict[str, list[tuple[str, DiffNode]]] = {}
+        self._lock = threading.Lock()
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def lookup(self, path: str) -> DiffNode:
+        """The node at normalised `path` (`"a/b"`, root `""`), honouring hidden names and whiteouts."""
+        if not path:
+            return DiffNode("", self.toc.root)
+        parent, _, base = path.rpartition("/")
+        if _is_hidden_component(path, parent, base):
+            raise EntryNotFound(path)
+        entry = self.toc.lookup(path)
+        if entry is not None:
+            if parent:
+                self._check_parent(parent)
+            return DiffNode(path, entry)
+        parent_entry = self._check_parent(parent) if parent else self.toc.root
+        whiteout = self.toc.children(parent).get(WHITEOUT_PREFIX + base)
+        if whiteout is None or parent_entry is None:
+            raise EntryNotFound(path)
+        return DiffNode(path, whiteout, whiteout=True)
+
+    def _check_parent(self, parent: str) -> TocEntry:
+        """Every ancestor must be a visible directory; a path through a file is ENOTDIR."""
+        components = parent.split("/")
+        if components[0] in HIDDEN_AT_ROOT or any(c.startswith(WHITEOUT_PREFIX) for c in components):
+            raise EntryNotFound(parent)
+        entry = self.toc.lookup(parent)
+        if entry is None:
+            raise EntryNotFound(parent)
+        if entry.type != DIR:
+            raise NotADirectory(parent)
+        return entry
+
+    # -- listing ----------------------------------------------------------------------------
+
+    def listdir(self, path: str) -> list[tuple[str, DiffNode]]:
+        """Visible children of directory `path`, sorted by name (cached: the tree is immutable)."""
+        listing = self._listings.get(path)
+        if listing is not None:
+            return listing
+        node = self.lookup(path)
+        if not node.is_dir:
+            raise NotADirectory(path)
+        children = self.toc.children(path)
+        prefix = f"{path}/" if path else ""
+        out: dict[str, DiffNode] = {}
+        for name, entry in children.items():
+            if not path and name in HIDDEN_AT_ROOT:
+                continue
+            if name.startswith(WHITEOUT_PREFIX):
+                target = name[len(WHITEOUT_PREFIX):]
+                if name == OPAQUE_MARKER or not target or target in children:
+                    continue
+                if target.startswith(WHITEOUT_PREFIX) or (not path and target in HIDDEN_AT_ROOT):
+                    continue
+                out[target] = DiffNode(prefix + target, entry, whiteout=True)
+            else:
+                out[name] = DiffNode(prefix + name, entry)
+        listing = sorted(out.items())
+        with self._lock:
+            self._listings[path] = listing
+        return listing
+
+    # -- attributes -------------------------------------------------------------------------
+
+    def attr(self, node: DiffNode) -> Attr:
+        e = node.entry
+        if node.whiteout:
+            return Attr(ino=self.ino_base + e.ino, mode=stat.S_IFCHR, nlink=1, mtime_ns=e.mtime_ns, rdev=0)
+        size = e.size if e.type == REG else len(e.link_name.encode("utf-8", "surrogateescape")) if e.type == SYMLINK else 0
+        rdev = os.makedev(e.dev_major, e.dev_minor) if e.type in (CHAR, BLOCK) else 0
+        return Attr(
+            ino=self.ino_base + e.ino,
+            mode=_TYPE_BITS[e.type] | (e.mode & 0o7777),
+            nlink=max(e.nlink, 1),
+            uid=e.uid,
+            gid=e.gid,
+            size=size,
+            mtime_ns=e.mtime_ns,
+            rdev=rdev,
+        )
+
+    def xattrs(self, node: DiffNode) -> Mapping[str, bytes]:
+        """Decoded TOC xattrs, plus the opaque markers when the directory holds `.wh..wh..opq`."""
+        if node.whiteout:
+            return {}
+        if node.is_dir and OPAQUE_MARKER in self.toc.children(node.path):
+            merged = dict(node.entry.xattrs)
+            for name in OPAQUE_XATTRS:
+                merged[name] = OPAQUE_VALUE
+            return merged
+        return node.entry.xattrs
+
+    def getxattr(self, node: DiffNode, name: str) -> bytes:
+        value = self.xattrs(node).get(name)
+        if value is None:
+            raise NoSuchAttribute(name)
+        return value
+
+
+def _is_hidden_component(path: str, parent: str, base: str) -> bool:
+    if base.startswith(WHITEOUT_PREFIX):
+        return True
+    if not parent and base in HIDDEN_AT_ROOT:
+        return True
+    return False

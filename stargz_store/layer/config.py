@@ -1,0 +1,34 @@
+"""Tunables of the data path, filled from config.toml by the daemon (see config/config.toml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LayerConfig:
+    """Sizes in bytes, times in seconds.
+
+    `disable_verification` skips nothing that protects against serving the wrong bytes: chunks are
+    addressed by digest and decompressed from their own extent either way; the format's
+    `decompress_chunk` always hashes (it is cheap next to decompression), so the flag only turns
+    off the cache's optional re-hash on read. It is accepted for config compatibility.
+    """
+
+    prefetch_timeout: float = 10.0          # seconds; prefetch before a layer is reported ready
+    prefetch_size: int = 0                  # used when a layer has no landmark
+    no_prefetch: bool = False
+    no_background_fetch: bool = False
+    disable_verification: bool = False
+    max_concurrency: int = 8                # parallel ranged requests per layer
+    fetch_timeout: float = 30.0             # a reader gets LayerReadError after this, never hangs
+    max_toc_size: int = 150 << 20
+    tail_size: int = 512 << 10              # the one ranged request of the blob tail (footer + TOC guess)
+    coalesce_gap: int = 64 << 10            # merge ranges closer than this into one request
+    # Extras beyond the shared contract:
+    max_request_size: int = 16 << 20        # a coalesced request is not grown past this (parallelism)
+    background_batch_size: int = 4 << 20   # compressed bytes per background request
+    background_idle_wait: float = 0.05     # how long background fetch sleeps while reads are in flight
+    blob_block_size: int = 1 << 20         # granularity of the raw-blob cache (ALS `blob` file)
+    blob_readahead: int = 8 << 20          # a `blob` miss also fetches this far ahead (sequential copy)
+    readahead_size: int = 0                # a sequential file read also fetches this many compressed
+                                           # bytes of the file's next chunks (0: only what is read)

@@ -1,0 +1,546 @@
+"""A lazily fetched layer: verified file bytes and raw blob bytes, on demand, through the caches.
+
+Invariants:
+- no byte leaves `read` unless the whole chunk holding it was decompressed from its own compressed
+  extent and hashed to the chunk's digest (by the format's `decompress_chunk`), before it was cached;
+- at most one fetch per chunk (or blob block) is in the air at a time; readers that need one being
+  fetched wait for it, whoever started it (a read, the prefetch or the background fetch);
+- every wait is bounded by `LayerConfig.fetch_timeout`: fetches run on worker threads and readers
+  only wait on their results, so a stalled registry turns into `LayerReadError`, not a hung reader;
+- the background fetch never holds a request while foreground reads are waiting to start one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from ..cache.chunk_cache import ChunkCache
+from ..formats.layer_toc import ParsedToc
+from ..formats.toc import REG, Chunk, TocEntry
+from .config import LayerConfig
+from .errors import LayerReadError
+from .flight import Flight, FlightTable
+from .ranges import Extent, Request, coalesce, split_into_batches
+
+if TYPE_CHECKING:
+    from .resolver import BlobSource
+
+__all__ = ["Layer", "LayerReadError"]
+
+log = logging.getLogger(__name__)
+
+_SEQUENTIAL_TRACKED = 256  # files whose last read end is remembered, for readahead
+_BACKGROUND_MAX_FAILURES = 5
+
+
+class _Counters:
+    """Thread-safe integer counters (a lock per increment is cheap next to any fetch)."""
+
+    def __init__(self, *names: str) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(names, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] += n
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._values[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+class Layer:
+    """One layer blob served lazily. Created by `LayerResolver`; thread-safe.
+
+    `stats()` counts what came from the source (`fetched_bytes`, `requests` = ranges asked for,
+    `fetch_calls` = `read_ranges` calls) and what the cache answered (`cache_hits`).
+    """
+
+    def __init__(
+        self,
+        source: BlobSource,
+        parsed: ParsedToc,
+        descriptor: Mapping,
+        cache: ChunkCache,
+        config: LayerConfig | None = None,
+    ) -> None:
+        self.source = source
+        self.parsed = parsed
+        self.toc = parsed.toc
+        self.descriptor = dict(descriptor)
+        self.blob_digest: str = self.descriptor["digest"]
+        self.blob_size: int = int(self.descriptor.get("size") or source.size)
+        self.cache = cache
+        self.config = config or LayerConfig()
+        self._flights = FlightTable()
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, self.config.max_concurrency),
+            thread_name_prefix=f"fetch-{self.blob_digest[7:19]}",
+        )
+        self._closed = threading.Event()
+        self._foreground = threading.Condition()
+        self._foreground_active = 0
+        self._background_thread: threading.Thread | None = None
+        self._background_done = threading.Event()
+        self.background_state = "not started"
+        self._last_read_end: OrderedDict[int, int] = OrderedDict()
+        self._last_read_lock = threading.Lock()
+        self._counters = _Counters(
+            "fetched_bytes", "requests", "fetch_calls", "fetch_errors", "chunks_fetched",
+            "cache_hits", "cache_misses", "verify_failures", "timeouts",
+            "prefetch_bytes", "background_bytes", "blob_cache_hits",
+        )
+
+    # ---- file data ---------------------------------------------------------------------------
+
+    def read(self, entry: TocEntry, offset: int, size: int) -> bytes:
+        """Bytes `[offset, offset+size)` of regular file `entry`, clipped to its size."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"negative offset {offset} or size {size}")
+        if entry.type != REG:
+            return b""
+        chunks = entry.chunks_for_range(offset, size)
+        if not chunks:
+            return b""
+        self._check_open()
+        deadline = time.monotonic() + self.config.fetch_timeout
+        data, waits = self._start_chunks(chunks)
+        if self.config.readahead_size > 0:
+            self._maybe_read_ahead(entry, offset, size, chunks[-1])
+        if waits:
+            data.update(self._wait(waits, deadline))
+        end = min(entry.size, offset + size)
+        parts: list[bytes | memoryview] = []
+        for c in chunks:
+            d = data[c.digest]
+            lo = max(offset, c.file_offset) - c.file_offset
+            hi = min(end, c.file_offset + c.size) - c.file_offset
+            parts.append(d if (lo == 0 and hi == len(d)) else memoryview(d)[lo:hi])
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def _start_chunks(self, chunks: Iterable[Chunk]) -> tuple[dict[str, bytes], dict[str, Flight]]:
+        """Cached chunks' bytes, and the flights to wait for the rest (started here if needed)."""
+        got: dict[str, bytes] = {}
+        missing: dict[str, Chunk] = {}
+        for c in chunks:
+            if c.digest in got or c.digest in missing:
+                continue
+            d = self.cache.get(c.digest, c.size)
+            if d is None:
+                missing[c.digest] = c
+            else:
+                got[c.digest] = d
+        self._counters.add("cache_hits", len(got))
+        if not missing:
+            return got, {}
+        self._counters.add("cache_misses", len(missing))
+        mine, theirs = self._flights.claim(missing)
+        if mine:
+            self._dispatch([self._chunk_extent(missing[k], keep_in_memory=True) for k in mine], mine)
+        return got, {**mine, **theirs}
+
+    def _chunk_extent(self, chunk: Chunk, *, keep_in_memory: bool) -> Extent:
+        def finish(raw: memoryview) -> bytes:
+            data = self.parsed.decompress_chunk(raw, chunk)
+            if len(data) != chunk.size:
+                raise LayerReadError(
+                    f"chunk {chunk.digest} decompressed to {len(data)} bytes, the TOC says {chunk.size}"
+                )
+            self.cache.put(chunk.digest, data, keep_in_memory=keep_in_memory)
+            self._counters.add("chunks_fetched")
+            return data
+
+        return Extent(
+            key=chunk.digest,
+            start=chunk.blob_offset,
+            end=chunk.blob_end,
+            finish=finish,
+            cached=lambda: self.cache.get(chunk.digest, chunk.size, keep_in_memory=keep_in_memory),
+        )
+
+    def _maybe_read_ahead(self, entry: TocEntry, offset: int, size: int, last: Chunk) -> None:
+        """On a sequential read of a file (it starts where the previous read of the file ended),
+        start fetching the file's next chunks, up to `readahead_size` compressed bytes, without
+        waiting for them."""
+        with self._last_read_lock:
+            sequential = offset == 0 or self._last_read_end.get(entry.ino) == offset
+            self._last_read_end[entry.ino] = offset + size
+            self._last_read_end.move_to_end(entry.ino)
+            while len(self._last_read_end) > _SEQUENTIAL_TRACKED:
+                self._last_read_end.popitem(last=False)
+        if not sequential:
+            return
+        ahead: dict[str, Chunk] = {}
+        budget = self.config.readahead_size
+        for c in entry.chunks[entry.chunk_index_for_offset(last.file_offset) + 1 :]:
+            if budget <= 0:
+                break
+            budget -= c.blob_end - c.blob_offset
+            if c.digest not in ahead and not self.cache.contains(c.digest):
+                ahead[c.digest] = c
+        if ahead:
+            mine, _ = self._flights.claim(ahead)
+            if mine:
+                self._dispatch([self._chunk_extent(ahead[k], keep_in_memory=True) for k in mine], mine)
+
+    # ---- raw blob ----------------------------------------------------------------------------
+
+    def read_blob(self, offset: int, size: int) -> bytes:
+        """Raw compressed bytes `[offset, offset+size)` of the blob (the ALS `blob` file)."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"negative offset {offset} or size {size}")
+        end = min(self.blob_size, offset + size)
+        if offset >= end:
+            return b""
+        self._check_open()
+        deadline = time.monotonic() + self.config.fetch_timeout
+        bsize = self.config.blob_block_size
+        blob_cache = self.cache.blob_cache
+        first, last = offset // bsize, (end - 1) // bsize
+        blocks: dict[int, bytes] = {}
+        missing: list[int] = []
+        for i in range(first, last + 1):
+            d = blob_cache.get(self.blob_digest, bsize, i, self._block_len(i))
+            if d is None:
+                missing.append(i)
+            else:
+                blocks[i] = d
+        self._counters.add("blob_cache_hits", len(blocks))
+        if missing:
+            n_blocks = (self.blob_size + bsize - 1) // bsize
+            ahead = [
+                i
+                for i in range(last + 1, min(n_blocks, last + 1 + self.config.blob_readahead // bsize))
+                if not blob_cache.contains(self.blob_digest, bsize, i)
+            ]
+            keys = {f"blob:{i}": i for i in missing + ahead}
+            mine, theirs = self._flights.claim(keys)
+            if mine:
+                self._dispatch([self._block_extent(keys[k]) for k in mine], mine)
+            needed = {f"blob:{i}" for i in missing}
+            waits = {k: f for k, f in {**mine, **theirs}.items() if k in needed}
+            for key, data in self._wait(waits, deadline).items():
+                blocks[keys[key]] = data
+        out = b"".join(blocks[i] for i in range(first, last + 1))
+        lo = offset - first * bsize
+        return out[lo : lo + (end - offset)]
+
+    def _block_len(self, index: int) -> int:
+        bsize = self.config.blob_block_size
+        return min(bsize, self.blob_size - index * bsize)
+
+    def _block_extent(self, index: int) -> Extent:
+        bsize = self.config.blob_block_size
+        blob_cache = self.cache.blob_cache
+        start = index * bsize
+
+        def finish(raw: memoryview) -> bytes:
+            data = bytes(raw)
+            blob_cache.put(self.blob_digest, bsize, index, data)
+            return data
+
+        return Extent(
+            key=f"blob:{index}",
+            start=start,
+            end=start + self._block_len(index),
+            finish=finish,
+            cached=lambda: blob_cache.get(self.blob_digest, bsize, index, self._block_len(index)),
+        )
+
+    # ---- fetching ----------------------------------------------------------------------------
+
+    def _dispatch(self, extents: list[Extent], flights: dict[str, Flight], *, foreground: bool = True) -> None:
+        """Plan requests for claimed extents and run them on the worker threads."""
+        requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=self.config.max_request_size)
+        for batch in split_into_batches(requests, self.config.max_concurrency):
+            self._submit(batch, flights, foreground=foreground)
+
+    def _submit(self, batch: list[Request], flights: dict[str, Flight], *, foreground: bool) -> None:
+        if foreground:
+            with self._foreground:
+                self._foreground_active += 1
+        try:
+            self._executor.submit(self._run_batch, batch, flights, foreground)
+        except RuntimeError as e:  # executor shut down: the layer is closing
+            if foreground:
+                self._foreground_done()
+            err = LayerReadError(f"layer {self.blob_digest} is closed ({e})")
+            for req in batch:
+                for ext in req.extents:
+                    self._flights.finish(ext.key, flights[ext.key], error=err)
+
+    def _run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool) -> None:
+        """Fetch one batch of requests with one `read_ranges` call and land every flight in it."""
+        all_keys = [ext.key for req in batch for ext in req.extents]
+        try:
+            live = self._drop_cached(batch, flights)
+            if not live:
+                return
+            ranges = [(r.start, r.end - r.start) for r in live]
+            try:
+                self._counters.add("fetch_calls")
+                self._counters.add("requests", len(ranges))
+                bufs = self.source.read_ranges(ranges)
+                if len(bufs) != len(ranges):
+                    raise LayerReadError(f"source returned {len(bufs)} buffers for {len(ranges)} ranges")
+                for (off, length), buf in zip(ranges, bufs):
+                    if len(buf) != length:
+                        raise LayerReadError(f"short read at {off}: {len(buf)} of {length} bytes")
+            except Exception as e:
+                self._counters.add("fetch_errors")
+                log.warning("layer %s: fetching %d range(s) failed: %s", self.blob_digest, len(ranges), e)
+                err = LayerReadError(f"fetching {len(ranges)} range(s) of blob {self.blob_digest} failed: {e}")
+                err.__cause__ = e
+                for req in live:
+                    for ext in req.extents:
+                        self._flights.finish(ext.key, flights[ext.key], error=err)
+                return
+            for req, buf in zip(live, bufs):
+                self._counters.add("fetched_bytes", len(buf))
+                if not foreground:
+                    self._counters.add("background_bytes", len(buf))
+                view = memoryview(buf)
+                for ext in req.extents:
+                    self._land(ext, flights[ext.key], view[ext.start - req.start : ext.end - req.start])
+        except BaseException as e:  # never leave a flight unlanded, whatever happened
+            log.exception("layer %s: fetch worker failed", self.blob_digest)
+            err = LayerReadError(f"internal error fetching blob {self.blob_digest}: {e}")
+            for key in all_keys:
+                self._flights.finish(key, flights[key], error=err)
+            raise
+        finally:
+            err = LayerReadError(f"fetch of blob {self.blob_digest} abandoned")
+            for key in all_keys:
+                self._flights.finish(key, flights[key], error=err)  # no-op for landed flights
+            if foreground:
+                self._foreground_done()
+
+    def _drop_cached(self, batch: list[Request], flights: dict[str, Flight]) -> list[Request]:
+        """Land extents that reached the cache since they were planned (another reader's flight
+        finished between our cache check and our claim); shrink requests to what is left."""
+        live: list[Request] = []
+        for req in batch:
+            remaining = []
+            for ext in req.extents:
+                hit = ext.cached() if ext.cached is not None else None
+                if hit is not None:
+                    self._flights.finish(ext.key, flights[ext.key], result=hit)
+                else:
+                    remaining.append(ext)
+            if len(remaining) == len(req.extents):
+                live.append(req)
+            elif remaining:
+                live.append(Request(min(e.start for e in remaining), max(e.end for e in remaining), remaining))
+        return live
+
+    def _land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:
+        try:
+            value = ext.finish(raw)
+        except Exception as e:
+            self._counters.add("verify_failures")
+            log.error("layer %s: bytes [%d, %d) rejected: %s", self.blob_digest, ext.start, ext.end, e)
+            err = LayerReadError(f"blob {self.blob_digest} bytes [{ext.start}, {ext.end}): {e}")
+            err.__cause__ = e
+            self._flights.finish(ext.key, flight, error=err)
+        else:
+            self._flights.finish(ext.key, flight, result=value)
+
+    def _wait(self, flights: dict[str, Flight], deadline: float) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for key, f in flights.items():
+            if not f.wait(deadline - time.monotonic()):
+                self._counters.add("timeouts")
+                raise LayerReadError(
+                    f"timed out after {self.config.fetch_timeout:g}s waiting for data of blob {self.blob_digest}"
+                )
+            if f.error is not None:
+                raise LayerReadError(str(f.error)) from f.error
+            assert f.result is not None
+            out[key] = f.result
+        return out
+
+    def _foreground_done(self) -> None:
+        with self._foreground:
+            self._foreground_active -= 1
+            self._foreground.notify_all()
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise LayerReadError(f"layer {self.blob_digest} is closed")
+
+    # ---- prefetch and background fetch -----------------------------------------------------
+
+    def prefetch_limit(self) -> int:
+        """End of the prioritized region to prefetch: the landmark's offset, else `prefetch_size`
+        (capped to the data area), 0 when the layer says not to prefetch."""
+        if self.config.no_prefetch or self.toc.has_no_prefetch_landmark:
+            return 0
+        if self.toc.prefetch_landmark_offset is not None:
+            return self.toc.prefetch_landmark_offset
+        return min(self.config.prefetch_size, self.parsed.toc_offset)
+
+    def prefetch(self, timeout: float) -> None:
+        """Fetch the prioritized region in one ranged request, then verify and cache its chunks.
+
+        Waits at most `timeout` seconds; a prefetch that is slower keeps running, and readers of
+        its chunks wait for it rather than fetch again. Failures are logged, not raised: prefetch
+        is an optimisation, a later read fetches on demand.
+        """
+        limit = self.prefetch_limit()
+        if limit <= 0:
+            return
+        chunks: dict[str, Chunk] = {}
+        for e in self.toc.files_in_blob_order():
+            for c in e.chunks:
+                if c.blob_end <= limit:
+                    chunks.setdefault(c.digest, c)
+        missing = {d: c for d, c in chunks.items() if not self.cache.contains(d)}
+        if not missing:
+            log.debug("layer %s: prefetch region already cached", self.blob_digest)
+            return
+        mine, theirs = self._flights.claim(missing)
+        if mine:
+            extents = [self._chunk_extent(missing[k], keep_in_memory=False) for k in mine]
+            if len(missing) == len(chunks):
+                start, end = 0, limit
+            else:
+                start, end = min(e.start for e in extents), max(e.end for e in extents)
+            self._counters.add("prefetch_bytes", end - start)
+            log.debug("layer %s: prefetching [%d, %d)", self.blob_digest, start, end)
+            self._submit([Request(start, end, extents)], mine, foreground=True)
+        deadline = time.monotonic() + timeout
+        try:
+            self._wait({**mine, **theirs}, deadline)
+        except LayerReadError as e:
+            log.warning("layer %s: prefetch incomplete: %s", self.blob_digest, e)
+
+    def start_background_fetch(self) -> None:
+        """Fetch every chunk not yet cached, in blob order, at low priority, on one thread."""
+        if self._background_thread is not None or self._closed.is_set():
+            return
+        self.background_state = "running"
+        self._background_thread = threading.Thread(
+            target=self._background_main, name=f"bgfetch-{self.blob_digest[7:19]}", daemon=True
+        )
+        self._background_thread.start()
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """True once the background fetch has ended (complete, failed or stopped)."""
+        return self._background_done.wait(timeout)
+
+    def _background_main(self) -> None:
+        try:
+            _lower_thread_priority()
+            state = self._background_loop()
+        except Exception:
+            log.exception("layer %s: background fetch failed", self.blob_digest)
+            state = "failed"
+        self.background_state = state
+        log.debug("layer %s: background fetch %s", self.blob_digest, state)
+        self._background_done.set()
+
+    def _background_loop(self) -> str:
+        seen: set[str] = set()
+        batch: dict[str, Chunk] = {}
+        batch_bytes = 0
+        for entry in self.toc.files_in_blob_order():
+            for c in entry.chunks:
+                if self._closed.is_set():
+                    return "stopped"
+                if c.digest in seen:
+                    continue
+                seen.add(c.digest)
+                if self.cache.contains(c.digest):
+                    continue
+                batch[c.digest] = c
+                batch_bytes += c.blob_end - c.blob_offset
+                if batch_bytes >= self.config.background_batch_size:
+                    if not self._background_batch(batch):
+                        return "stopped" if self._closed.is_set() else "failed"
+                    batch, batch_bytes = {}, 0
+        if batch and not self._background_batch(batch):
+            return "stopped" if self._closed.is_set() else "failed"
+        return "done"
+
+    def _background_batch(self, batch: dict[str, Chunk]) -> bool:
+        """Fetch one batch, retrying with backoff; False when stopped or given up."""
+        failures = 0
+        while True:
+            if not self._yield_to_foreground():
+                return False
+            mine, _ = self._flights.claim(batch)  # chunks someone else is fetching are theirs
+            if not mine:
+                return True
+            extents = [self._chunk_extent(batch[k], keep_in_memory=False) for k in mine]
+            requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=self.config.max_request_size)
+            self._run_batch(requests, mine, False)
+            failed = {k: batch[k] for k, f in mine.items() if f.error is not None}
+            if not failed:
+                return True
+            failures += 1
+            if failures >= _BACKGROUND_MAX_FAILURES:
+                log.warning("layer %s: background fetch gives up after %d failures", self.blob_digest, failures)
+                return False
+            batch = failed
+            if self._closed.wait(min(30.0, 0.5 * 2**failures)):
+                return False
+
+    def _yield_to_foreground(self) -> bool:
+        """Wait while on-demand fetches are in flight; False if the layer closed meanwhile."""
+        with self._foreground:
+            while self._foreground_active > 0 and not self._closed.is_set():
+                self._foreground.wait(self.config.background_idle_wait)
+        return not self._closed.is_set()
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+
+    def fetched_bytes(self) -> int:
+        return self._counters.get("fetched_bytes")
+
+    def stats(self) -> dict:
+        out: dict = self._counters.snapshot()
+        out["background_state"] = self.background_state
+        out["in_flight"] = len(self._flights)
+        return out
+
+    def close(self) -> None:
+        """Stop background work and fail pending waits; the on-disk cache stays."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._foreground:
+            self._foreground.notify_all()
+        self._flights.fail_all(LayerReadError(f"layer {self.blob_digest} is closed"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._background_thread is not None and self._background_thread is not threading.current_thread():
+            self._background_thread.join(timeout=5.0)
+        if self._background_thread is None:
+            self._background_done.set()
+        close_source = getattr(self.source, "close", None)
+        if callable(close_source):
+            close_source()
+
+    def __enter__(self) -> Layer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lower_thread_priority() -> None:
+    """Background fetch decompresses and hashes: let on-demand work have the CPU first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass

@@ -1,0 +1,107 @@
+"""`--record-in`: the record file format, and prioritized files ending up first in every layer."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from stargz_store.convert.errors import RecordFileError
+from stargz_store.convert.record import parse_record, read_record_file
+from stargz_store.formats.detect import read_layer_toc
+
+from tests.convert.layer_compare import assert_layer_matches_source, read_converted_layer, run_convert, uncompressed
+from tests.fixtures.images import read_oci_image
+
+
+def test_parse_record_keeps_file_order_and_drops_duplicates():
+    text = (
+        '{"path": "usr/bin/bash", "manifestDigest": "sha256:00", "layerIndex": 0}\n'
+        '{"path":"/etc/passwd"} {"path": "./usr/bin/bash"}\n'
+        '\n   {"path": "../lib/x.so",\n "layerIndex": 1}\n'
+        '{"path": "etc/passwd"}'
+    )
+    assert parse_record(text) == ["usr/bin/bash", "etc/passwd", "lib/x.so"]
+
+
+def test_parse_record_empty_file_means_no_prioritized_files():
+    assert parse_record("  \n\n") == []
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"path": "a"}\n{"path": ', "invalid JSON at line 2"),
+    ('["a"]', 'line 1: expected an object with a string "path"'),
+    ('{"path": "a"}\n{"name": "b"}', 'line 2: expected an object with a string "path"'),
+    ('{"path": 3}', 'string "path"'),
+])
+def test_parse_record_rejects_bad_input_saying_where(text, words):
+    with pytest.raises(RecordFileError) as info:
+        parse_record(text, "rec.json")
+    assert "rec.json" in str(info.value)
+    assert words in str(info.value)
+
+
+def test_read_record_file_missing(tmp_path):
+    with pytest.raises(RecordFileError, match="cannot read record file"):
+        read_record_file(tmp_path / "nope.json")
+
+
+def _stream_names(blob: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(uncompressed(blob)), mode="r:") as tf:
+        return [m.name.rstrip("/").removeprefix("./") for m in tf]
+
+
+def test_record_in_puts_listed_files_first_in_every_layer(source_image, source_tars, tmp_path):
+    record = tmp_path / "record.json"
+    record.write_text(
+        '{"path": "etc/motd"}\n'
+        '{"path": "/data/text.txt"}\n'
+        '{"path": "./bin/busybox"} {"path": "data/text.txt"}\n'
+        '{"path": "does/not/exist"}\n'
+    )
+    out = tmp_path / "out"
+    proc = run_convert("--record-in", str(record), source_image.ref, f"oci:{out}:r")
+    assert proc.returncode == 0, proc.stderr
+    image = read_oci_image(out, "r")
+    base, upper = (image.blob(d["digest"]) for d in image.layers)
+
+    # Each layer gets the listed paths it holds (parents first), then the landmark, then the rest.
+    base_names = _stream_names(base)
+    landmark = base_names.index(".prefetch.landmark")
+    assert base_names[:landmark] == ["data", "data/text.txt", "bin", "bin/busybox"]
+    upper_names = _stream_names(upper)
+    landmark = upper_names.index(".prefetch.landmark")
+    assert upper_names[:landmark] == ["etc", "etc/motd"]
+    for names in (base_names, upper_names):
+        assert ".no.prefetch.landmark" not in names
+        assert names[-1] == "stargz.index.json"
+
+    # The TOC agrees: prefetching [0, landmark offset) covers exactly the prioritized payloads.
+    desc = image.layers[0]
+    parsed = read_layer_toc(lambda o, n: base[o:o + n], len(base), desc)
+    landmark_offset = parsed.toc.lookup(".prefetch.landmark").chunks[0].blob_offset
+    before = [e.name for e in parsed.toc.files_in_blob_order() if e.chunks[0].blob_offset < landmark_offset]
+    assert before == ["data/text.txt", "bin/busybox"]
+
+    # Reordering changes nothing about the content.
+    for d, source_tar in zip(image.layers, source_tars):
+        assert_layer_matches_source(read_converted_layer(image.blob(d["digest"]), d), source_tar)
+
+
+def test_record_in_with_only_unknown_paths_still_marks_prefetch(source_image, tmp_path):
+    record = tmp_path / "record.json"
+    record.write_text('{"path": "nowhere"}\n')
+    out = tmp_path / "out"
+    assert run_convert("--record-in", str(record), source_image.ref, f"oci:{out}:r").returncode == 0
+    image = read_oci_image(out, "r")
+    for d in image.layers:
+        assert _stream_names(image.blob(d["digest"]))[0] == ".prefetch.landmark"
+
+
+def test_bad_record_file_is_a_clear_error(source_image, tmp_path):
+    record = tmp_path / "record.json"
+    record.write_text('{"path": "a"}\n{oops}\n')
+    proc = run_convert("--record-in", str(record), source_image.ref, f"oci:{tmp_path / 'out'}:r")
+    assert proc.returncode == 1
+    assert "record.json" in proc.stderr and "line 2" in proc.stderr
+    assert "Traceback" not in proc.stderr

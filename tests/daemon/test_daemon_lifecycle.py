@@ -1,0 +1,139 @@
+"""Daemon start/stop, restarts, a dead registry and a lying network, with real processes."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures.fault_proxy import FaultProxy
+from tests.fixtures.store import REPO_ROOT, is_mounted
+
+from .conftest import FAST_CONFIG, push_reference
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def expected_sha(image, rel: str) -> str:
+    return image.expected["source_layers"][0]["overlay_diff"][rel]["sha256"]
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stargz_store.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO_ROOT))
+
+
+def test_sigterm_unmounts_and_exits_zero(store_daemon_factory):
+    store = store_daemon_factory(FAST_CONFIG)
+    assert is_mounted(store.mountpoint)
+    assert store.stop() == 0
+    assert not is_mounted(store.mountpoint)
+
+
+def test_second_daemon_on_the_same_root_is_refused(store_daemon_factory, tmp_path):
+    first = store_daemon_factory(FAST_CONFIG)
+    other_mnt = tmp_path / "other-mnt"
+    result = run_cli("--root", str(first.root), "--config", str(first.config_path), str(other_mnt))
+    assert result.returncode == 2
+    assert "already using root" in result.stderr
+    assert not is_mounted(other_mnt)
+    assert first.running and is_mounted(first.mountpoint)
+
+
+def test_bad_config_is_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("noprefetch = [unterminated\n")
+    for config in (bad, tmp_path / "missing.toml"):
+        result = run_cli("--root", str(tmp_path / "root"), "--config", str(config), str(tmp_path / "mnt"))
+        assert result.returncode == 2, result.stderr
+        assert str(config) in result.stderr
+
+
+def test_stale_mount_of_a_crashed_daemon_is_cleaned_up(store_daemon_factory):
+    store = store_daemon_factory(FAST_CONFIG)
+    store.kill()  # SIGKILL: the FUSE mount stays behind, dead
+    assert is_mounted(store.mountpoint)
+    with pytest.raises(OSError) as info:
+        os.listdir(store.mountpoint)
+    assert info.value.errno == errno.ENOTCONN
+    store.start()
+    os.stat(store.mountpoint)
+    assert store.stop() == 0
+
+
+def test_registry_gone_after_resolve(store_daemon_factory, private_registry, testdata):
+    image = push_reference(testdata, private_registry.host, "tricky-esgz")
+    store = store_daemon_factory(FAST_CONFIG)
+    diff = store.layer_dir(image.ref, image.layers[0]["digest"]) / "diff"
+    assert sha256_of(diff / "files/hello.txt") == expected_sha(image, "files/hello.txt")
+    private_registry.stop()
+    # Already fetched: served from the cache (drop the kernel's page cache first, it would hide us).
+    subprocess.run(["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches"], check=False)
+    assert sha256_of(diff / "files/hello.txt") == expected_sha(image, "files/hello.txt")
+    # Metadata is all in memory: listing and stat still work.
+    assert "random.bin" in os.listdir(diff / "files")
+    assert os.stat(diff / "files/random.bin").st_size == 16789561
+    # Never fetched: EIO (within the configured fetch timeout), not a hang, not garbage.
+    with pytest.raises(OSError) as info:
+        (diff / "files/random.bin").read_bytes()
+    assert info.value.errno == errno.EIO
+    assert store.running
+
+
+def test_restart_on_the_same_root_reads_from_the_disk_cache(store_daemon_factory, private_registry, testdata):
+    image = push_reference(testdata, private_registry.host, "tricky-zstdchunked")
+    store = store_daemon_factory(FAST_CONFIG)
+    diff = store.layer_dir(image.ref, image.layers[0]["digest"]) / "diff"
+    names = ["files/hello.txt", "files/chunk-plus1.bin", "hard/h1"]
+    for rel in names:
+        assert sha256_of(diff / rel) == expected_sha(image, rel)
+    assert store.stop() == 0
+
+    store.start()
+    os.stat(diff)  # resolving again (TOC) may talk to the registry; reading must not
+    before = private_registry.blob_get_count()
+    manifest_gets = _manifest_get_count(private_registry)
+    for rel in names:
+        assert sha256_of(diff / rel) == expected_sha(image, rel)
+    assert private_registry.blob_get_count() == before
+    assert _manifest_get_count(private_registry) == manifest_gets
+    assert store.stats()["pool"]["image_loads_from_disk"] == 1  # manifest and config came from <root>/pool
+
+
+def _manifest_get_count(registry) -> int:
+    return sum(1 for line in registry.log_path.read_text(errors="replace").splitlines()
+               if '"GET /v2/' in line and "/manifests/" in line)
+
+
+def test_corrupted_bytes_give_eio_and_never_reach_the_cache(store_daemon_factory, private_registry, testdata):
+    proxy = FaultProxy(private_registry.host).start()
+    try:
+        image = push_reference(testdata, private_registry.host, "multilayer-esgz", repo="flip/ml")
+        ref = image.ref.replace(private_registry.host, proxy.host)
+        store = store_daemon_factory(FAST_CONFIG)
+        diff = store.layer_dir(ref, image.layers[0]["digest"]) / "diff"
+        os.stat(diff)  # resolve (manifest, config, TOCs) through an honest proxy
+        proxy.mode_path_contains = "/blobs/"
+        proxy.mode = "flip_bytes"
+        rel = "etc/config.txt"
+        with pytest.raises(OSError) as info:
+            (diff / rel).read_bytes()
+        assert info.value.errno == errno.EIO
+        proxy.mode = "pass"
+        time.sleep(0.1)
+        assert sha256_of(diff / rel) == expected_sha(image, rel)
+        # and what is now in the disk cache is right: a restart serves it without the network
+        assert store.stop() == 0
+        store.start()
+        os.stat(diff)
+        proxy.mode = "flip_bytes"
+        subprocess.run(["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches"], check=False)
+        assert sha256_of(diff / rel) == expected_sha(image, rel)
+    finally:
+        proxy.stop()

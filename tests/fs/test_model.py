@@ -1,0 +1,266 @@
+"""The whole ALS tree through `StoreModel` + the real `ImagePool` and layers, without FUSE or network.
+
+Reference images come from tests/data OCI layouts (made by tools we did not write); the expected
+trees are tests/data/expected-*.json `overlay_diff`.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import stat
+
+import pytest
+
+from stargz_store.daemon.pool import ImagePool, PoolConfig
+from stargz_store.fs.errors import (
+    EntryNotFound,
+    InvalidName,
+    IsADirectory,
+    NoSuchAttribute,
+    NotASymlink,
+    ReadOnly,
+)
+from stargz_store.fs.model import StoreModel
+
+from .layout_source import LayoutClient, LayoutResolver, blob_file
+from .overlay_check import compare_overlay, snapshot_model
+
+HOST = "127.0.0.1:5999"
+IMAGES = {
+    "tricky-esgz": ("tricky", "esgz"),
+    "tricky-zstdchunked": ("tricky", "zstdchunked"),
+    "multilayer-esgz": ("multilayer", "esgz"),
+    "multilayer-zstdchunked": ("multilayer", "zstdchunked"),
+    "podman-zstdchunked": ("podman-zstdchunked", None),
+    "multilayer-orig": ("multilayer", "orig"),
+}
+
+
+def b64(ref: str) -> str:
+    return base64.b64encode(ref.encode()).decode()
+
+
+def layout_tag(layout) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+
+
+@pytest.fixture
+def store(testdata, tmp_path):
+    client = LayoutClient({name: testdata / name for name in IMAGES})
+    resolver = LayoutResolver(client, tmp_path / "cache")
+    pool = ImagePool(client, resolver, PoolConfig(negative_ttl=60, release_grace=3600), metadata_dir=tmp_path / "pool")
+    model = StoreModel(pool)
+    yield model, pool, client, resolver
+    pool.close()
+
+
+def ref_of(testdata, name: str) -> str:
+    return f"{HOST}/{name}:{layout_tag(testdata / name)}"
+
+
+def manifest_of(testdata, name: str) -> dict:
+    layout = testdata / name
+    index = json.loads((layout / "index.json").read_text())
+    return json.loads(blob_file(layout, index["manifests"][0]["digest"]).read_text())
+
+
+def config_of(testdata, name: str) -> dict:
+    layout = testdata / name
+    return json.loads(blob_file(layout, manifest_of(testdata, name)["config"]["digest"]).read_text())
+
+
+def read_all(model: StoreModel, path: str) -> bytes:
+    fh = model.open(path)
+    try:
+        out = bytearray()
+        while True:
+            piece = model.read(fh, len(out), 1 << 20)
+            if not piece:
+                return bytes(out)
+            out += piece
+    finally:
+        model.release(fh)
+
+
+@pytest.mark.parametrize("name", ["tricky-esgz", "tricky-zstdchunked", "multilayer-esgz", "multilayer-zstdchunked", "podman-zstdchunked"])
+def test_diff_matches_expected_tree(store, testdata, name):
+    model, *_ = store
+    expected = json.loads((testdata / f"expected-{IMAGES[name][0]}.json").read_text())
+    ref = ref_of(testdata, name)
+    layers = manifest_of(testdata, name)["layers"]
+    assert len(layers) == len(expected["source_layers"])
+    for desc, want in zip(layers, expected["source_layers"]):
+        snap = snapshot_model(model, f"/{b64(ref)}/{desc['digest']}/diff")
+        problems = compare_overlay(snap, want)
+        assert not problems, f"layer {want['index']}: {len(problems)} differences:\n" + "\n".join(problems[:30])
+
+
+@pytest.mark.parametrize("name", ["multilayer-esgz", "podman-zstdchunked", "tricky-zstdchunked"])
+def test_info_for_both_keys_and_blob(store, testdata, name):
+    model, *_ = store
+    ref = ref_of(testdata, name)
+    manifest, config = manifest_of(testdata, name), config_of(testdata, name)
+    for i, desc in enumerate(manifest["layers"]):
+        blob_key = desc["digest"]
+        base = f"/{b64(ref)}/{blob_key}"
+        old = json.loads(read_all(model, f"{base}/info"))
+        assert read_all(model, f"{base}/info").endswith(b"}\n")
+        assert old["compressed-diff-digest"] == blob_key
+        assert old["diff-digest"] == config["rootfs"]["diff_ids"][i]
+        assert old["compressed-size"] == desc["size"]
+        want_compression = 4 if "zstd" in desc["mediaType"] else 2
+        assert old["compression"] == want_compression
+        annotations = desc.get("annotations") or {}
+        size = annotations.get("io.containers.estargz.uncompressed-size")
+        assert old["diff-size"] == (int(size) if size else -1)
+        assert isinstance(old["uidset"], list) and isinstance(old["gidset"], list)
+        assert "toc-digest" not in old
+
+        # podman 4.3's zstd:chunked only has the old annotation name; its value is still the TOC digest
+        toc_key = (annotations.get("containerd.io/snapshot/stargz/toc.digest")
+                   or annotations.get("io.github.containers.zstd-chunked.manifest-checksum")
+                   or annotations["io.containers.zstd-chunked.manifest-checksum"])
+        new = json.loads(read_all(model, f"/{b64(ref)}/{toc_key}/info"))
+        assert new["toc-digest"] == toc_key
+        assert new["flags"] == {"expected-layer-diffid": config["rootfs"]["diff_ids"][i]}
+        assert "diff-digest" not in new and "compressed-diff-digest" not in new
+        assert new["compressed-size"] == desc["size"] and new["compression"] == want_compression
+
+        # Both keys show the same tree (same inode numbers: one layer behind both).
+        a, b = model.getattr(f"{base}/diff"), model.getattr(f"/{b64(ref)}/{toc_key}/diff")
+        assert a == b and stat.S_ISDIR(a.mode)
+
+        blob = read_all(model, f"{base}/blob")
+        assert model.getattr(f"{base}/blob").size == desc["size"] == len(blob)
+        assert "sha256:" + hashlib.sha256(blob).hexdigest() == blob_key
+
+
+def test_tricky_uidset(store, testdata):
+    model, *_ = store
+    ref = ref_of(testdata, "tricky-esgz")
+    desc = manifest_of(testdata, "tricky-esgz")["layers"][0]
+    info = json.loads(read_all(model, f"/{b64(ref)}/{desc['digest']}/info"))
+    expected = json.loads((testdata / "expected-tricky.json").read_text())["source_layers"][0]["entries"]
+    assert set(info["uidset"]) >= {e["uid"] for e in expected.values()}
+    assert 3000000 in info["uidset"]
+
+
+def test_plain_layer_and_unknown_names_are_enoent(store, testdata):
+    model, pool, client, _ = store
+    ref = ref_of(testdata, "multilayer-orig")
+    desc = manifest_of(testdata, "multilayer-orig")["layers"][0]
+    with pytest.raises(EntryNotFound):
+        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+    with pytest.raises(EntryNotFound):
+        model.getattr(f"/{b64(ref)}/{desc['digest']}/info")
+    esgz = ref_of(testdata, "multilayer-esgz")
+    with pytest.raises(EntryNotFound):
+        model.getattr(f"/{b64(esgz)}/sha256:{'0' * 64}/diff")
+    with pytest.raises(EntryNotFound):
+        model.getattr(f"/{b64(HOST + '/nosuchrepo:1')}/sha256:{'0' * 64}/diff")
+    good = manifest_of(testdata, "multilayer-esgz")["layers"][0]["digest"]
+    with pytest.raises(EntryNotFound):
+        model.getattr(f"/{b64(esgz)}/{good}/other")
+    with pytest.raises(EntryNotFound):
+        model.getattr(f"/{b64(esgz)}/{good}/use")
+
+
+def test_invalid_names_are_einval(store):
+    model, *_ = store
+    for path in ("/not-base64!", "/" + b64("UPPER/Case::bad"), "/" + b64("http://x/y:1"),
+                 f"/{b64(HOST + '/repo:1')}/not-a-digest", f"/{b64(HOST + '/repo:1')}/sha256:abc/diff"):
+        with pytest.raises(InvalidName):
+            model.getattr(path)
+
+
+def test_negative_answers_are_cached(store, testdata):
+    model, pool, client, resolver = store
+    path = f"/{b64(HOST + '/nosuchrepo:1')}/sha256:{'0' * 64}/diff"
+    for _ in range(5):
+        with pytest.raises(EntryNotFound):
+            model.getattr(path)
+    assert client.manifest_calls == 1
+    ref = ref_of(testdata, "multilayer-orig")
+    desc = manifest_of(testdata, "multilayer-orig")["layers"][1]
+    for _ in range(5):
+        with pytest.raises(EntryNotFound):
+            model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+    # one image resolution (all three layers opened once, in parallel), no retries
+    assert client.manifest_calls == 2 and resolver.opened == 3
+    assert pool.stats()["pool"]["negative_hits"] >= 8
+
+
+def test_image_resolved_once_with_all_layers(store, testdata):
+    model, pool, client, resolver = store
+    ref = ref_of(testdata, "multilayer-esgz")
+    layers = manifest_of(testdata, "multilayer-esgz")["layers"]
+    model.getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff")
+    for desc in layers:
+        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+    assert client.manifest_calls == 1 and resolver.opened == len(layers)
+    listing = [n for n, _ in model.readdir(f"/{b64(ref)}")]
+    assert "manifest" in listing and "config" in listing and layers[1]["digest"] in listing
+    assert json.loads(read_all(model, f"/{b64(ref)}/manifest")) == manifest_of(testdata, "multilayer-esgz")
+    assert json.loads(read_all(model, f"/{b64(ref)}/config")) == config_of(testdata, "multilayer-esgz")
+    assert [n for n, _ in model.readdir("/")] == [b64(ref)]
+    assert [n for n, _ in model.readdir(f"/{b64(ref)}/{layers[0]['digest']}")] == ["blob", "diff", "info"]
+
+
+def test_use_and_release_notifications(store, testdata):
+    model, pool, *_ = store
+    ref = ref_of(testdata, "multilayer-esgz")
+    key = manifest_of(testdata, "multilayer-esgz")["layers"][0]["digest"]
+    layer_dir = f"/{b64(ref)}/{key}"
+    # use works without any resolution, and answers ENOENT
+    with pytest.raises(EntryNotFound):
+        model.create(f"{layer_dir}/use")
+    with pytest.raises(EntryNotFound):
+        model.create(f"{layer_dir}/use")
+    assert pool.stats()["refcounts"] == {f"{ref} {key}": 2}
+    for _ in range(3):  # releases beyond the count (e.g. after a restart) are tolerated
+        with pytest.raises(EntryNotFound):
+            model.rmdir(layer_dir)
+    st = pool.stats()
+    assert st["refcounts"] == {} and st["pool"]["untracked_releases"] == 1
+    with pytest.raises(ReadOnly):
+        model.create(f"{layer_dir}/diff/newfile")
+    with pytest.raises(ReadOnly):
+        model.rmdir(f"{layer_dir}/diff/etc")
+    with pytest.raises(ReadOnly):
+        model.open(f"{layer_dir}/info", 1)  # O_WRONLY
+
+
+def test_unused_layers_are_closed_and_reopened(store, testdata):
+    model, pool, client, resolver = store
+    ref = ref_of(testdata, "multilayer-esgz")
+    layers = manifest_of(testdata, "multilayer-esgz")["layers"]
+    used, unused = layers[0]["digest"], layers[1]["digest"]
+    model.getattr(f"/{b64(ref)}/{unused}/diff")
+    with pytest.raises(EntryNotFound):
+        model.create(f"/{b64(ref)}/{used}/use")
+    before = model.getattr(f"/{b64(ref)}/{unused}/diff/etc")
+    fh = model.open(f"/{b64(ref)}/{layers[2]['digest']}/blob")  # an open handle pins its layer
+    pool.config.release_grace = 0
+    closed = pool.reap()
+    assert closed == 1  # only the unused, unpinned one
+    assert pool.stats()["pool"]["open_layers"] == 2
+    model.release(fh)
+    after = model.getattr(f"/{b64(ref)}/{unused}/diff/etc")  # reopened on demand, same inode
+    assert after == before and resolver.opened == len(layers) + 1
+    assert client.manifest_calls == 1
+
+
+def test_other_model_errors(store, testdata):
+    model, *_ = store
+    ref = ref_of(testdata, "tricky-esgz")
+    key = manifest_of(testdata, "tricky-esgz")["layers"][0]["digest"]
+    diff = f"/{b64(ref)}/{key}/diff"
+    with pytest.raises(IsADirectory):
+        model.open(diff)
+    with pytest.raises(NotASymlink):
+        model.readlink(f"{diff}/files")
+    with pytest.raises(NoSuchAttribute):
+        model.getxattr(f"{diff}/files", "user.nothing")
+    assert model.statfs()["f_bsize"] == 4096

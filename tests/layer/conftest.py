@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from stargz_store.cache import ChunkCache
+from stargz_store.layer import LayerConfig, LayerResolver
+
+from .helpers import BuiltLayer, build_layer, sample_files
+
+
+@pytest.fixture(scope="module")
+def sample_layer(tmp_path_factory) -> BuiltLayer:
+    """One eStargz blob with prioritized files, 64 KiB chunks; shared read-only by a module."""
+    d = tmp_path_factory.mktemp("blob")
+    return build_layer(d / "layer.blob", sample_files(), prioritized=("etc/hello.txt", "usr/lib/lib.so"))
+
+
+@pytest.fixture
+def cache(tmp_path) -> ChunkCache:
+    return ChunkCache(tmp_path / "cache")
+
+
+def lazy_config(**kw) -> LayerConfig:
+    """No prefetch, no background fetch: only what a test reads is fetched."""
+    base = dict(no_prefetch=True, no_background_fetch=True, fetch_timeout=10.0)
+    base.update(kw)
+    return LayerConfig(**base)
+
+
+@pytest.fixture
+def open_layer(cache):
+    """open_layer(built, source=None, config=None, cache=None) -> (layer, source); closes them after."""
+    opened = []
+
+    def _open(built: BuiltLayer, *, source=None, config: LayerConfig | None = None, cache_=None):
+        src = source or built.source()
+        resolver = LayerResolver(None, cache_ or cache, config or lazy_config())
+        layer = resolver.open_layer_from_source(src, built.descriptor)
+        opened.append(layer)
+        return layer, src
+
+    yield _open
+    for layer in opened:
+        layer.close()

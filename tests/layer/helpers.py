@@ -1,0 +1,102 @@
+"""Test blobs made by our eStargz writer, and sources that misbehave the ways a registry can."""
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from stargz_store.formats.estargz import build_estargz
+from stargz_store.formats.layer_toc import BuildResult
+from stargz_store.layer import FileBlobSource
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        dirs = sorted({n.rsplit("/", 1)[0] for n in files if "/" in n})
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o755
+            tf.addfile(ti)
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mode = 0o644
+            ti.mtime = 1_600_000_000
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@dataclass
+class BuiltLayer:
+    path: Path
+    result: BuildResult
+    files: dict[str, bytes]
+
+    @property
+    def descriptor(self) -> dict:
+        return {
+            "mediaType": self.result.media_type,
+            "digest": self.result.digest,
+            "size": self.result.size,
+            "annotations": dict(self.result.annotations),
+        }
+
+    def source(self) -> FileBlobSource:
+        return FileBlobSource(self.path)
+
+
+def build_layer(
+    path: Path, files: dict[str, bytes], *, prioritized: tuple[str, ...] = (), chunk_size: int = 64 << 10
+) -> BuiltLayer:
+    with open(path, "wb") as dst:
+        result = build_estargz(io.BytesIO(make_tar(files)), dst, prioritized=list(prioritized), chunk_size=chunk_size)
+    return BuiltLayer(path, result, files)
+
+
+def sample_files(seed: int = 1) -> dict[str, bytes]:
+    """Random (incompressible) and text files, several of them multi-chunk at 64 KiB chunks."""
+    rnd = random.Random(seed)
+    return {
+        "etc/hello.txt": b"hello world\n" * 300,
+        "bin/app": rnd.randbytes(700_000),
+        "usr/share/doc/text": b"".join(f"line {i} of some text\n".encode() for i in range(40_000)),
+        "usr/lib/lib.so": rnd.randbytes(250_000),
+        "small": b"s",
+        "empty": b"",
+    }
+
+
+class FaultySource(FileBlobSource):
+    """A local blob source that can fail like a network: raise, stall, or flip a byte.
+
+    `stall` blocks each read until `release` is set (or forever), to exercise timeouts.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fail_with: BaseException | None = None
+        self.flip_bytes = False
+        self.stall = False
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.delay = 0.0
+
+    def read_ranges(self, ranges):
+        self.entered.set()
+        if self.stall:
+            self.release.wait()
+        if self.delay:
+            self.release.wait(self.delay)
+        if self.fail_with is not None:
+            with self._lock:
+                self.calls += 1
+            raise self.fail_with
+        out = super().read_ranges(ranges)
+        if self.flip_bytes:
+            out = [bytes(b[: len(b) // 2]) + bytes([b[len(b) // 2] ^ 0xFF]) + bytes(b[len(b) // 2 + 1 :]) for b in out]
+        return out

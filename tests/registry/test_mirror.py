@@ -1,0 +1,69 @@
+"""A second docker-registry in pull-through proxy mode, configured as a mirror of the first."""
+from __future__ import annotations
+
+import pytest
+
+from stargz_store.registry import RegistryClient, RegistryConfig, parse_reference
+from stargz_store.registry.client import sha256_digest
+from stargz_store.registry.config import HostConfig, MirrorConfig
+from tests.fixtures.registry import Registry, need_registry_binary
+
+from .imagetools import push_image, random_blob
+
+
+@pytest.fixture
+def mirror(private_registry, tmp_path):
+    need_registry_binary()
+    reg = Registry(tmp_path / "mirror", extra_config=f"proxy:\n  remoteurl: {private_registry.url}\n")
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+def mirror_log_lines(mirror: Registry, needle: str) -> list[str]:
+    return [line for line in mirror.log_path.read_text().splitlines() if '"GET /v2/' in line and needle in line]
+
+
+def test_pull_through_mirror_then_origin(private_registry, mirror):
+    origin = private_registry
+    ref = parse_reference(f"{origin.host}/mirrored/app:v1")
+    layer = random_blob(100_000)
+    layer_digest = sha256_digest(layer)
+    with RegistryClient() as direct:
+        digest, _ = push_image(direct, ref, [layer])
+
+    config = RegistryConfig(max_retries=1, min_wait=0.01, mirrors={origin.host: [mirror.host]})
+    with RegistryClient(config) as client:
+        assert client.get_manifest(ref).digest == digest
+        assert client.read_blob_range(ref, layer_digest, 10, 100) == layer[10:110]
+        assert client.read_blob_ranges(ref, layer_digest, [(0, 5), (90_000, 5)]) == [layer[:5], layer[90_000:90_005]]
+        assert client.get_blob(ref, layer_digest) == layer
+    manifest_gets = mirror_log_lines(mirror, "/manifests/v1")
+    assert manifest_gets and all(f"ns={origin.host}" in line for line in manifest_gets)
+    # The first ranged GET is answered 200 with the whole blob (the proxy is still caching it): the
+    # client must skip to the offset itself. Three reads, three GETs, none to the origin by the client.
+    blob_gets = mirror_log_lines(mirror, f"/blobs/{layer_digest}")
+    assert len(blob_gets) == 3 and all(f"ns={origin.host}" in line for line in blob_gets)
+
+    mirror.stop()
+    before = origin.blob_get_count(layer_digest)
+    with RegistryClient(config) as client:
+        assert client.get_manifest(ref).digest == digest
+        assert client.read_blob_range(ref, layer_digest, 10, 100) == layer[10:110]
+    assert origin.blob_get_count(layer_digest) == before + 1
+
+
+def test_mirror_list_order_and_rich_host_config(private_registry, mirror):
+    """`hosts` mirrors (with headers) come after the plain `mirrors` list; a dead first mirror is skipped."""
+    origin = private_registry
+    ref = parse_reference(f"{origin.host}/mirrored/order:v1")
+    with RegistryClient() as direct:
+        digest, _ = push_image(direct, ref, [random_blob(10)])
+    config = RegistryConfig(
+        max_retries=0,
+        mirrors={origin.host: ["127.0.0.1:1"]},
+        hosts={origin.host: HostConfig(mirrors=[MirrorConfig(host=mirror.host, headers={"X-Test": "yes"})])},
+    )
+    with RegistryClient(config) as client:
+        assert client.get_manifest(ref).digest == digest
+    assert mirror_log_lines(mirror, "/manifests/v1")
