@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("The lazy container started after fetching only what it read; the rest stays in the registry"
               + (" until the store's background fetch brings it in." if args.background_fetch else "."))
+        print("The registry here is on this machine, so even the full download is quick; over a real network the")
+        print("full pull's time grows with the image while the lazy start depends only on what the app reads.")
         return 0
     except DemoError as e:
         print(f"demo failed: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from . import leftovers
 from .images import TAG, BuiltImage
 from .registry import Registry
 from .rootfs import NICE
@@ -44,13 +45,22 @@ def converter_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _run(cmd: list[str], what: str) -> float:
+def _run(cmd: list[str], what: str, token: str) -> float:
+    """Run a push niced; recorded under `token` (its destination) so a crashed run's sweep stops it."""
     start = time.monotonic()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([*NICE, *cmd], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
-    if result.returncode:
-        raise FillError(f"{what} failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-2000:]}")
+    proc = subprocess.Popen([*NICE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO_ROOT, env=env, preexec_fn=leftovers.die_with_parent())
+    leftovers.record_pid(proc.pid, token)  # nice execs the command: the pid is the pusher itself
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode:
+        raise FillError(f"{what} failed ({proc.returncode}): {output.strip()[-2000:]}")
     return time.monotonic() - start
 
 
@@ -60,11 +70,11 @@ def push_variant(image: BuiltImage, mode: str, registry: Registry) -> float:
     src, dst = f"oci:{image.layout}:{TAG}", f"docker://{registry.host}/{repo}:{tag}"
     if mode == "legacy":
         return _run(["skopeo", "copy", "--insecure-policy", "-q", "--dest-tls-verify=false", src, dst],
-                    f"skopeo copy {image.name}")
+                    f"skopeo copy {image.name}", dst)
     cmd = [sys.executable, "-m", "stargz_store.cli", "convert", "--format", "estargz"]
     if mode == "estargz":
         cmd += ["--record-in", str(image.record)]
-    return _run([*cmd, src, dst], f"convert {image.name} ({mode})")
+    return _run([*cmd, src, dst], f"convert {image.name} ({mode})", dst)
 
 
 def push_probe(registry: Registry) -> str:

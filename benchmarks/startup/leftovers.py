@@ -7,6 +7,7 @@ their path under the benchmark's run directory, never by name alone.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -78,3 +79,16 @@ def unmount_all_under(root: Path) -> None:
         result = subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, text=True)
         if result.returncode:
             log.warning("could not unmount %s: %s", mount_point, result.stderr.strip())
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn must not dlopen
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM):
+    """A `preexec_fn` making the child get `signum` when the benchmark dies, even by SIGKILL."""
+
+    def set_death_signal() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signum)
+
+    return set_death_signal

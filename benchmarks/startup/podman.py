@@ -56,7 +56,8 @@ def podman(*args: str, env: dict[str, str], timeout: float = DEFAULT_TIMEOUT,
            check: bool = True) -> subprocess.CompletedProcess[str]:
     if "CONTAINERS_STORAGE_CONF" not in env:
         raise ValueError("env must come from podman_env(): the machine's own podman storage is never touched")
-    proc = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=leftovers.die_with_parent())
     if check and proc.returncode != 0:
         raise PodmanError(f"podman {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-3000:]}")
     return proc

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from . import leftovers
 
-REGISTRY_TOKEN = "docker-registry serve"
 # 10.213.77.1 - - [28/Nov/2026:05:42:44 +0000] "GET /v2/r/blobs/sha256:... HTTP/1.1" 206 100 "" "ua"
 _ACCESS_RE = re.compile(r'"(GET|HEAD) (/v2/\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
 
@@ -63,8 +62,8 @@ class Registry:
         )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([*self.netns_prefix, "docker-registry", "serve", str(config)],
-                                         stdout=log, stderr=log)
-        leftovers.record_pid(self.proc.pid, REGISTRY_TOKEN)
+                                         stdout=log, stderr=log, preexec_fn=leftovers.die_with_parent())
+        leftovers.record_pid(self.proc.pid, str(config))  # its own config path: no other registry has it
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

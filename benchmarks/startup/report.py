@@ -67,8 +67,8 @@ def summarize(results: list[dict]) -> list[Summary]:
     return summaries
 
 
-def table(summaries: list[Summary], shaped_label: str) -> str:
-    """A Markdown table; the Go column only for the shaped link the reference was taken on."""
+def table(summaries: list[Summary], reference_link: str) -> str:
+    """A Markdown table; the Go column only for the link (kind) the reference was taken on."""
     header = ("| link | image | mode | pull s | create s | run s | total s (min–max) | vs legacy "
               "| MB @1st output | MB total | store CPU s | store RSS MB | Go 0.12.0 total s |")
     columns = header.count("|") - 1
@@ -80,7 +80,7 @@ def table(summaries: list[Summary], shaped_label: str) -> str:
             continue
         base = legacy.get((s.link, s.image))
         speedup = f"{base / s.total:.1f}x" if base and s.mode != "legacy" and s.total > 0 else ""
-        go = GO_REFERENCE.get((s.image, s.mode)) if s.link == shaped_label else None
+        go = GO_REFERENCE.get((s.image, s.mode)) if s.link == reference_link else None
         failed = f" ({s.failed} failed)" if s.failed else ""
         lines.append(
             f"| {s.link} | {s.image} | {s.mode}{failed} | {s.pull:.2f} | {s.create:.2f} | {s.run:.2f} "

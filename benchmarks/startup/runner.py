@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import podman
+from . import leftovers, podman
 from .link import Link
 from .registry import Registry
 from .store import Store, store_config
@@ -85,7 +85,8 @@ def _first_output(cid: str, env: dict[str, str], marker: str, stderr_path: Path,
     """
     with open(stderr_path, "ab") as err:
         start = time.monotonic()
-        proc = subprocess.Popen(["podman", "start", "--attach", cid], env=env, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(["podman", "start", "--attach", cid], env=env, stdout=subprocess.PIPE, stderr=err,
+                                preexec_fn=leftovers.die_with_parent())
         assert proc.stdout is not None
         try:
             line = proc.stdout.readline()

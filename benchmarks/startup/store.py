@@ -75,8 +75,8 @@ class Store:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", STORE_TOKEN, "--root", str(self.root), "--config", str(self.config_path),
                  "--log-level", "info", str(self.mountpoint)],
-                stdout=log, stderr=log, cwd=REPO_ROOT, env=env)
-        leftovers.record_pid(self.proc.pid, STORE_TOKEN)
+                stdout=log, stderr=log, cwd=REPO_ROOT, env=env, preexec_fn=leftovers.die_with_parent())
+        leftovers.record_pid(self.proc.pid, str(self.mountpoint))  # our mountpoint: never a test's daemon
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

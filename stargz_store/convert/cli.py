@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authfile", metavar="FILE", help="credentials file (default: the usual containers/docker auth files)")
     p.add_argument("--jobs", "-j", metavar="N", type=int, default=os.cpu_count() or 1,
                    help="layers converted at once (default: number of CPUs)")
+    p.add_argument("--executor", choices=("process", "thread"), default="process",
+                   help="build layers in worker processes (default) or threads")
     p.add_argument("--verbose", "-v", action="count", default=0, help="log more (repeat for debug)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
@@ -155,6 +157,7 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
         platform=platform,
         all_platforms=args.all_platforms,
         jobs=args.jobs,
+        executor=args.executor,
     )
 
 

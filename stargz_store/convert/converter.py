@@ -16,7 +16,8 @@ import os
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ from ..formats.layer_toc import (
     BuildResult,
 )
 from .errors import ImageNotFoundError, UnsupportedImageError
-from .layer_build import LayerBuildOptions, build_layer
+from .layer_build import LayerBuildOptions, build_layer, unsupported_options
 from .media_types import (
     DOCKER_SCHEMA1,
     IMAGE_MANIFESTS,
@@ -71,6 +72,8 @@ class ConvertOptions:
     platform: Platform | None = None  # None: the host's platform
     all_platforms: bool = False
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # "process": build layers in worker processes (parallel tar parsing, no GIL); "thread": in-process.
+    executor: str = "process"
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,15 @@ class Converter:
         self._lock = threading.Lock()
         self._layers: dict[str, Future[BuildResult]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._build_pool: ProcessPoolExecutor | None = None
         self._tmpdir: Path | None = None
         self._total = 0
         self._done = 0
         self._platforms: list[str] = []
 
     def run(self) -> ConvertResult:
+        for flag in unsupported_options(self._layer_options(1)):
+            log.warning("the %s format does not support %s; it is ignored", self.options.format, flag)
         root = self.source.root()
         self.destination.prepare()
         parent = self.destination.tmpdir_parent()
@@ -129,6 +135,9 @@ class Converter:
                 for fut in self._layers.values():
                     fut.cancel()
                 raise
+            finally:
+                if self._build_pool is not None:
+                    self._build_pool.shutdown(wait=True, cancel_futures=True)
             self.destination.put_manifest(result, root=True)
         log.info("wrote %s to %s", result.digest, self.destination.describe())
         return ConvertResult(result, {d: f.result() for d, f in self._layers.items()}, self._platforms)
@@ -246,6 +255,21 @@ class Converter:
         return RawManifest(raw, OCI_MANIFEST, sha256_digest(raw))
 
     # -- layers --------------------------------------------------------------------------------
+    def _process_pool(self) -> ProcessPoolExecutor | None:
+        """Worker processes for the writers, started on first use when layers build side by side.
+
+        Tar parsing and TOC building are pure Python, so layers only truly overlap in separate
+        processes. `forkserver` rather than `fork`: this process has HTTP and pool threads whose
+        locks a forked child could inherit held.
+        """
+        if self.options.executor != "process" or self.options.jobs < 2:
+            return None
+        with self._lock:
+            if self._build_pool is None:
+                context = multiprocessing.get_context("forkserver")
+                self._build_pool = ProcessPoolExecutor(max_workers=self.options.jobs, mp_context=context)
+            return self._build_pool
+
     def _layer_future(self, desc: dict, layers_in_image: int) -> Future[BuildResult]:
         digest = desc["digest"]
         with self._lock:
@@ -253,12 +277,22 @@ class Converter:
             if fut is None:
                 assert self._pool is not None
                 self._total += 1
-                workers = max(1, (os.cpu_count() or 1) // max(1, min(self.options.jobs, layers_in_image)))
-                fut = self._pool.submit(self._convert_layer, digest, int(desc.get("size") or 0), workers)
+                parallel = min(self.options.jobs, layers_in_image)
+                workers = max(1, (os.cpu_count() or 1) // max(1, parallel))
+                fut = self._pool.submit(self._convert_layer, digest, int(desc.get("size") or 0), workers, parallel > 1)
                 self._layers[digest] = fut
             return fut
 
-    def _convert_layer(self, digest: str, size: int, writer_workers: int) -> BuildResult:
+    def _layer_options(self, writer_workers: int) -> LayerBuildOptions:
+        return LayerBuildOptions(
+            format=self.options.format,
+            prioritized=self.options.prioritized,
+            chunk_size=self.options.chunk_size,
+            compression_level=self.options.compression_level,
+            writer_workers=writer_workers,
+        )
+
+    def _convert_layer(self, digest: str, size: int, writer_workers: int, parallel: bool) -> BuildResult:
         assert self._tmpdir is not None
         started = time.monotonic()
         self._progress(ProgressEvent("start", digest, size, done=self._done, total=self._total))
@@ -266,14 +300,12 @@ class Converter:
         try:
             src_path = self.source.blob_file(digest, size, layer_dir)
             out_path = layer_dir / "converted"
-            options = LayerBuildOptions(
-                format=self.options.format,
-                prioritized=self.options.prioritized,
-                chunk_size=self.options.chunk_size,
-                compression_level=self.options.compression_level,
-                writer_workers=writer_workers,
-            )
-            result = build_layer(str(src_path), digest, str(out_path), options)
+            options = self._layer_options(writer_workers)
+            build_pool = self._process_pool() if parallel else None
+            if build_pool is not None:
+                result = build_pool.submit(build_layer, str(src_path), digest, str(out_path), options).result()
+            else:
+                result = build_layer(str(src_path), digest, str(out_path), options)
             if src_path.parent == layer_dir:
                 src_path.unlink()  # a downloaded copy: free the space before uploading
             self.destination.put_blob_file(result.digest, out_path)

@@ -92,11 +92,16 @@ def _writer_kwargs(writer: Callable[..., BuildResult], options: LayerBuildOption
     if options.compression_level is not None:
         wanted["compression_level"] = options.compression_level
     accepted = inspect.signature(writer).parameters
-    kwargs = {k: v for k, v in wanted.items() if k in accepted}
-    flags = {"prioritized": "--record-in", "chunk_size": "--chunk-size", "compression_level": "--compression-level"}
-    for dropped in sorted(set(wanted) - set(kwargs) - {"workers", "tmpdir"}):
-        log.warning("the %s writer does not support %s; ignored", options.format, flags[dropped])
-    return kwargs
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def unsupported_options(options: LayerBuildOptions) -> list[str]:
+    """The command-line flags set in `options` that the chosen writer has no parameter for."""
+    accepted = inspect.signature(_writer(options.format)).parameters
+    flags = {"prioritized": ("--record-in", bool(options.prioritized)),
+             "chunk_size": ("--chunk-size", options.chunk_size is not None),
+             "compression_level": ("--compression-level", options.compression_level is not None)}
+    return [flag for name, (flag, given) in flags.items() if given and name not in accepted]
 
 
 def build_layer(src_path: str, expected_digest: str, dst_path: str, options: LayerBuildOptions) -> BuildResult:

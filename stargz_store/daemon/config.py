@@ -43,7 +43,7 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
     "resolver": ({"request_timeout_sec", "host", "connect_timeout_sec", "auth_file", "ca_file"}, set()),
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
-         "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout"},
+         "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb"},
         set(),
     ),
 }
@@ -118,6 +118,7 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
         entry_timeout=float(_num(fuse, "entry_timeout", cfg.mount.entry_timeout)),
         negative_timeout=float(_num(store, "negative_timeout", cfg.mount.negative_timeout)),
         kernel_cache=_bool(store, "kernel_cache", cfg.mount.kernel_cache),
+        read_ahead_kb=_int(store, "read_ahead_kb", cfg.mount.read_ahead_kb, minimum=0),
         debug=_bool(doc, "debug", False),
     )
     cfg.memory_cache_bytes = _int(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20, minimum=0) << 20

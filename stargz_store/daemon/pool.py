@@ -11,7 +11,10 @@ What must hold (additional-layer-store.md §4, §8, §9):
   `release_grace` seconds is closed (memory freed, disk cache kept) and transparently reopened on
   the next access, since containers/storage may come back to a linked `diff` at any time;
 - manifest and config are kept under `<root>/pool/` so a restarted daemon re-serves the layers
-  containers/storage already linked, even for a tag that has moved since (as stargz-store does).
+  containers/storage already linked, even for a tag that has moved since (as stargz-store does);
+- a key the known manifest lacks makes us re-read a tag's manifest (at most once per
+  `negative_ttl`): the layers of the new manifest are added, the old ones stay served, because
+  containers made from the old image still use their `diff` paths.
 
 Errors leave this module as `fs.errors` types only; the FUSE adapter turns them into errno.
 """
@@ -84,6 +87,7 @@ class _Image:
         self.slots: dict[str, _Slot] = {}
         self.by_toc: dict[str, str] = {}
         self.last_access = time.monotonic()
+        self.checked_at = 0.0 if from_disk else time.monotonic()
 
     def files(self) -> ImageFiles:
         keys = list(self.slots) + list(self.by_toc)
@@ -248,24 +252,56 @@ class ImagePool:
         self._save_to_disk(ref, manifest, config_raw)
         return _Image(ref, manifest, config_raw, from_disk=False)
 
-    def _index_layers(self, key: str, image: _Image) -> None:
+    def _index_layers(self, key: str, image: _Image, manifest: Manifest | None = None, config_raw: bytes | None = None) -> list[_Slot]:
+        """Add slots for the layers of `manifest` (default: the image's own); returns the new ones."""
+        manifest = manifest or image.manifest
+        config_raw = image.config_raw if config_raw is None else config_raw
         try:
-            config = json.loads(image.config_raw)
+            config = json.loads(config_raw)
             diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
         except (ValueError, AttributeError) as e:
             raise UnsupportedManifestError(f"config of {key} is not valid JSON: {e}") from None
-        layers = image.manifest.layers
+        layers = manifest.layers
         consistent = len(diff_ids) == len(layers)
         if not consistent:
             log.warning("%s: %d layers but %d diff_ids; DiffIDs will not be reported", key, len(layers), len(diff_ids))
+        added = []
         for i, descriptor in enumerate(layers):
             digest = descriptor.get("digest")
             if not isinstance(digest, str) or digest in image.slots:
                 continue
             slot = _Slot(i, descriptor, diff_ids[i] if consistent else None, self._layer_number(key, digest))
             image.slots[digest] = slot
+            added.append(slot)
             if slot.toc_annotation:
                 image.by_toc.setdefault(slot.toc_annotation, digest)
+        return added
+
+    def _refresh(self, key: str, image: _Image) -> bool:
+        """Re-read a tag's manifest; add the layers of a new one. True when something was added."""
+        if image.ref.digest is not None:
+            return False  # pinned: the manifest cannot change
+        with self._lock:
+            if time.monotonic() - image.checked_at < self.config.negative_ttl:
+                return False
+            image.checked_at = time.monotonic()
+        try:
+            manifest = self.client.get_manifest(image.ref, self.config.platform)
+            if manifest.digest == image.manifest.digest:
+                return False
+            config_raw = self.client.get_blob(image.ref, manifest.config["digest"])
+            with self._lock:
+                self._counters["image_resolves"] += 1
+                added = self._index_layers(key, image, manifest, config_raw)
+                image.manifest, image.config_raw = manifest, config_raw
+        except Exception as e:
+            log.info("re-checking %s: %s", key, _as_fs_error(e, "refresh"))
+            return False
+        self._save_to_disk(image.ref, manifest, config_raw)
+        log.info("%s now points to manifest %s (%d new layers)", key, manifest.digest, len(added))
+        for slot in added:
+            self._submit_open(image, slot)
+        return bool(added)
 
     def _layer_number(self, ref: str, blob_digest: str) -> int:
         with self._lock:
@@ -278,6 +314,14 @@ class ImagePool:
     # -- layers -------------------------------------------------------------------------------
 
     def _slot_for(self, image: _Image, key: str, deadline: float) -> _Slot:
+        try:
+            return self._find_slot(image, key, deadline)
+        except EntryNotFound:
+            if not self._refresh(str(image.ref), image):
+                raise
+        return self._find_slot(image, key, deadline)
+
+    def _find_slot(self, image: _Image, key: str, deadline: float) -> _Slot:
         slot = image.slots.get(key)
         if slot is None:
             blob = image.by_toc.get(key)
@@ -286,7 +330,7 @@ class ImagePool:
         if slot is not None:
             return slot
         # A TOC digest that no annotation announced: wait for the layers and compare computed ones.
-        for candidate in image.slots.values():
+        for candidate in list(image.slots.values()):
             if candidate.future is not None and candidate.served is None:
                 try:
                     candidate.future.result(max(0.0, deadline - time.monotonic()))

@@ -95,7 +95,7 @@ def _extract_toc_json(member: bytes, max_toc_size: int) -> bytes:
     return data
 
 
-def parse_toc_json(toc_json: bytes, *, data_end: int):
+def parse_toc_json(toc_json: bytes, *, data_end: int) -> Toc:
     """Decode the TOC JSON and build the validated tree (`toc.build_toc`)."""
     try:
         doc = json.loads(toc_json)

@@ -13,9 +13,20 @@ import logging
 import tarfile
 from typing import BinaryIO, Iterator
 
+import zlib
+
 import zstandard
 
+from .errors import FormatError
+
 log = logging.getLogger(__name__)
+
+# What a corrupt or truncated input layer raises while it is decompressed and parsed.
+INPUT_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+
+
+class InputTarError(FormatError):
+    """The input layer is not a readable (optionally gzip/zstd compressed) tar stream."""
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -100,5 +111,10 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfil
     is not seekable. PAX headers (long names, xattrs, big ids) are merged into the `TarInfo`.
     """
     with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
-        for info in tar:
+        while True:
+            info = tar.next()
+            if info is None:
+                return
             yield info, tar
+            # A stream-mode TarFile still remembers every member; the caller keeps what it needs.
+            tar.members.clear()

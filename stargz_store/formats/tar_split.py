@@ -385,8 +385,9 @@ class TarSplitPacker:
     """Writes tar-split entries as NDJSON lines (tar-split `NewJSONPacker`) to `write`.
 
     tar-split's own packer refuses a path named twice (`ErrDuplicatePath`); we keep both, since
-    the tar must be reproducible byte for byte, and warn: Go's tar-split unpacker will refuse the
-    stream, so containers/storage cannot partially pull such a layer (ordinary pulls still work).
+    the tar must be reproducible byte for byte, and flag it (`has_duplicates`): Go's tar-split
+    unpacker will refuse the stream, so containers/storage cannot partially pull such a layer
+    (ordinary pulls still work).
     """
 
     def __init__(self, write: Callable[[bytes], object]) -> None:
@@ -405,9 +406,8 @@ class TarSplitPacker:
 
     def add_file(self, name: str, size: int, crc: bytes | None) -> None:
         clean = posixpath.normpath(name)
-        if clean in self._seen and not self.has_duplicates:
+        if clean in self._seen:
             self.has_duplicates = True
-            log.warning("tar names %r twice: Go tar-split readers refuse duplicate paths", name)
         self._seen.add(clean)
         entry: dict = {"type": FILE_TYPE, **_name_fields(name)}
         if size:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import bisect
 import calendar
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ _TIME_RE = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)  # layers repeat a handful of mtimes across thousands of entries
 def parse_time_ns(text: str) -> int:
     """RFC 3339 (as Go writes `time.Time`) to nanoseconds since the epoch; "" is 0.
 
@@ -170,6 +172,8 @@ def format_time(mtime_ns: int) -> str:
 
 def _int(raw: Mapping[str, Any], key: str) -> int:
     v = raw.get(key, 0)
+    if type(v) is int:  # the common case first: this runs ~15 times per entry
+        return v
     if v is None:
         return 0
     if isinstance(v, bool) or not isinstance(v, int):
@@ -179,6 +183,8 @@ def _int(raw: Mapping[str, Any], key: str) -> int:
 
 def _str(raw: Mapping[str, Any], key: str) -> str:
     v = raw.get(key, "")
+    if type(v) is str:
+        return v
     if v is None:
         return ""
     if not isinstance(v, str):

@@ -45,28 +45,27 @@ from .layer_toc import (
     ReadAt,
 )
 from .toc import Chunk, Toc, build_toc
+from .zstd_chunked_footer import (
+    FOOTER_SIZE,
+    LEGACY_FOOTER_SIZE,
+    MANIFEST_TYPE_CRFS,
+    MEDIA_TYPE_LAYER_ZSTD,
+    MIN_TAIL,
+    SKIPPABLE_HEADER_SIZE,
+    NoZstdChunkedFooterError,
+    ZstdChunkedFooter,
+    parse_footer,
+    skippable_frame,
+    skippable_frame_header,
+)
 
 log = logging.getLogger(__name__)
 
-MEDIA_TYPE_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 DEFAULT_MAX_TOC_SIZE = 150 << 20  # containers/storage `maxTocSize`
 DEFAULT_TAIL_SIZE = 512 << 10
 
-SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
-SKIPPABLE_HEADER_SIZE = 8
-FOOTER_MAGIC = b"GNUlInUx"  # containers/storage >= v1.50, at [56:64] of the 64-byte footer
-LEGACY_FOOTER_MAGIC = b"GnUlInUx"  # older writers and stargz-snapshotter, at [32:40]
-FOOTER_SIZE = 64
-FOOTER_SIZE_V1_47 = 56
-LEGACY_FOOTER_SIZE = 40
-MANIFEST_TYPE_CRFS = 1
-# The whole footer frame of the current layout: what a reader without annotations must fetch.
-MIN_TAIL = SKIPPABLE_HEADER_SIZE + FOOTER_SIZE
-
 FLAVOUR_CONTAINERS = "containers-storage"
 FLAVOUR_STARGZ = "stargz-snapshotter"
-
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class UnauthenticatedTocError(NotLazyFormatError):
@@ -76,24 +75,12 @@ class UnauthenticatedTocError(NotLazyFormatError):
     """
 
 
-class NoZstdChunkedFooterError(NotLazyFormatError, BadFooterError):
-    """The blob's tail holds no zstd:chunked footer magic: a plain layer, or a damaged one."""
-
-
 class InvalidAnnotationError(FormatError):
     """A zstd:chunked position annotation is malformed."""
 
 
 class TarSplitUnavailableError(FormatError):
     """The tar-split stream cannot be used: absent, or not authenticated by the TOC."""
-
-
-def skippable_frame_header(size: int) -> bytes:
-    return SKIPPABLE_MAGIC + size.to_bytes(4, "little")
-
-
-def skippable_frame(payload: bytes) -> bytes:
-    return skippable_frame_header(len(payload)) + payload
 
 
 def _sha256(data: bytes) -> str:
@@ -105,53 +92,6 @@ def _read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
     if len(data) != length:
         raise OutOfBoundsError(f"short read: wanted {length} bytes at {offset}, got {len(data)}")
     return data
-
-
-@dataclass(frozen=True)
-class ZstdChunkedFooter:
-    """What a footer of any generation says. `size` is the payload size: 40, 56 or 64."""
-
-    toc_offset: int
-    toc_size: int
-    toc_uncompressed_size: int
-    manifest_type: int
-    size: int
-    tar_split_offset: int = 0
-    tar_split_size: int = 0
-    tar_split_uncompressed_size: int = 0
-
-
-def _u64s(data: bytes) -> list[int]:
-    return [int.from_bytes(data[i : i + 8], "little") for i in range(0, len(data), 8)]
-
-
-def parse_footer(tail: bytes) -> ZstdChunkedFooter:
-    """Parse the footer at the end of `tail` (the last bytes of the blob, at least 48 of them).
-
-    Generations (`zstd-chunked.md` §2.4): 64 bytes with `GNUlInUx` at the end (current); 40 bytes
-    with `GnUlInUx` at the end (containers/storage <= v1.46 and stargz-snapshotter); 56 bytes
-    with `GnUlInUx` at [32:40] and 16 zero bytes (v1.47-v1.49). Each must sit in a skippable frame
-    of the matching length.
-    """
-    if tail.endswith(FOOTER_MAGIC):
-        size = FOOTER_SIZE
-    elif tail.endswith(LEGACY_FOOTER_MAGIC):
-        size = LEGACY_FOOTER_SIZE
-    elif tail.endswith(bytes(16)) and tail[-24:-16] == LEGACY_FOOTER_MAGIC:
-        size = FOOTER_SIZE_V1_47
-    else:
-        raise NoZstdChunkedFooterError(f"no zstd:chunked footer magic at the end of the blob (last bytes {tail[-8:].hex()})")
-    if len(tail) < size + SKIPPABLE_HEADER_SIZE:
-        raise BadFooterError(f"{size}-byte footer, but only {len(tail)} tail bytes available")
-    header = tail[-size - SKIPPABLE_HEADER_SIZE : -size]
-    if header != skippable_frame_header(size):
-        raise BadFooterError(f"{size}-byte footer is not in a skippable frame of that size (header {header.hex()})")
-    fields = _u64s(tail[-size:])
-    if fields[3] != MANIFEST_TYPE_CRFS:
-        raise BadFooterError(f"unsupported zstd:chunked manifest type {fields[3]}")
-    if size == FOOTER_SIZE:
-        return ZstdChunkedFooter(fields[0], fields[1], fields[2], fields[3], size, fields[4], fields[5], fields[6])
-    return ZstdChunkedFooter(fields[0], fields[1], fields[2], fields[3], size)
 
 
 def parse_position(value: str, *, fields: int) -> tuple[int, ...]:
@@ -481,3 +421,28 @@ def read_tar_split(read_at: ReadAt, parsed: ZstdChunkedToc, *, max_size: int = D
     if actual != parsed.tar_split_digest:
         raise DigestMismatchError("zstd:chunked tar-split", parsed.tar_split_digest, actual)
     return _decompress_bounded(data, max_size, "zstd:chunked tar-split")
+
+
+from .zstd_chunked_writer import build_zstd_chunked  # noqa: E402  (re-export for `convert`)
+
+__all__ = [
+    "DEFAULT_MAX_TOC_SIZE",
+    "FOOTER_SIZE",
+    "LEGACY_FOOTER_SIZE",
+    "MEDIA_TYPE_LAYER_ZSTD",
+    "NoZstdChunkedFooterError",
+    "skippable_frame",
+    "DEFAULT_TAIL_SIZE",
+    "FLAVOUR_CONTAINERS",
+    "FLAVOUR_STARGZ",
+    "ZstdChunkedFooter",
+    "ZstdChunkedToc",
+    "build_zstd_chunked",
+    "decompress_chunk",
+    "manifest_position",
+    "parse_footer",
+    "read_stargz_toc",
+    "read_tar_split",
+    "read_toc",
+    "read_toc_any",
+]

@@ -5,10 +5,10 @@ for byte, so the DiffID is the input's. Only the framing carries information: a 
 each file payload, after each chunk, and metadata follows in three skippable frames (TOC,
 tar-split, 64-byte footer).
 
-Chunking: a run of >= 1 KiB of zeros is a `zeros` chunk (as containers/storage does); other data
-is cut into fixed-size chunks (default 64 KiB). containers/storage cuts data chunks with a
-rolling checksum for cross-image chunk reuse; a byte-wise rolling hash in pure Python would
-run at a few MB/s, and readers depend only on the chunk fields, never on where cuts fall.
+Chunking is containers/storage's by default: a run of >= 1 KiB of zeros is a `zeros` chunk, other
+data is cut by its 64-byte rolling checksum (~64 KiB average, `zstd_rollsum`), so the same file
+gives the same chunks (and chunk digests) as podman, and chunk reuse works across both. The
+checksum costs about as much CPU as the compression; a fixed `chunk_size` skips it.
 
 Memory stays bounded: the input is streamed; only the TOC entries and the compressed tar-split
 (spooled to a temp file past 16 MiB) are kept until the end.
@@ -16,6 +16,7 @@ Memory stays bounded: the input is streamed; only the TOC entries and the compre
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import logging
@@ -38,23 +39,27 @@ from .layer_toc import (
 from .tar_input import open_tar_stream
 from .tar_split import FileEntry, Segment, TarHeader, TarSplitPacker, split_tar
 from .toc import normalize_name
-from .zstd_chunked import (
-    FOOTER_MAGIC,
+from .zstd_chunked_footer import (
     MANIFEST_TYPE_CRFS,
     MEDIA_TYPE_LAYER_ZSTD,
+    build_footer,
     skippable_frame_header,
 )
+from .zstd_rollsum import WINDOW, split_points
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 64 << 10
 DEFAULT_COMPRESSION_LEVEL = 3
 HOLE_THRESHOLD = 1 << 10  # containers/storage `holesThreshold`
-MAX_ZERO_CHUNK = 4 << 20  # a longer run of zeros is cut, so no chunk decompresses to gigabytes
+# containers/storage has no caps; ours keep every chunk's decompression small. Random data
+# reaches the data cap with probability e^-64, so real chunks match containers/storage's.
+MAX_ZERO_CHUNK = 4 << 20
+MAX_DATA_CHUNK = 4 << 20
 
 _ZERO_RUN = bytes(HOLE_THRESHOLD)
 _NON_ZERO = re.compile(rb"[^\x00]")
 _READ_SIZE = 1 << 20
+_ROLLSUM_BLOCK = 256 << 10
 
 
 def _sha256(data: bytes) -> str:
@@ -120,38 +125,53 @@ def toc_entry_for(header: TarHeader) -> dict[str, Any]:
 
 
 def iter_payload_chunks(
-    read: Callable[[int], bytes], size: int, chunk_size: int
+    read: Callable[[int], bytes], size: int, chunk_size: int | None = None
 ) -> Iterator[tuple[bytes, bool]]:
-    """Cut a payload into `(bytes, is_zeros)` chunks: zero runs >= 1 KiB, else `chunk_size` pieces."""
-    buf = bytearray()
-    remaining = size
-    window = max(chunk_size + HOLE_THRESHOLD, _READ_SIZE)
+    """Cut a file's payload into `(bytes, is_zeros)` chunks, reading it forward once.
 
-    def fill(target: int) -> None:
-        nonlocal remaining
-        while len(buf) < target and remaining:
+    A run of >= 1 KiB of zeros is one `zeros` chunk (at most `MAX_ZERO_CHUNK`). Other data is cut
+    where containers/storage's rolling checksum says (`chunk_size` None; at most
+    `MAX_DATA_CHUNK` per chunk), or every `chunk_size` bytes.
+    """
+    max_data = MAX_DATA_CHUNK if chunk_size is None else chunk_size
+    window = max(max_data, MAX_ZERO_CHUNK) + HOLE_THRESHOLD
+    buf = bytearray()
+    buf_start = 0  # file offset of buf[0]
+    remaining = size
+    cuts: collections.deque[int] = collections.deque()  # file offsets where a rollsum chunk ends
+    context = b""
+
+    def fill() -> None:
+        nonlocal remaining, context
+        while len(buf) < window and remaining:
             data = read(min(remaining, _READ_SIZE))
             remaining -= len(data)
+            if chunk_size is None:
+                for start in range(0, len(data), _ROLLSUM_BLOCK):  # bounds the big-integer temporaries
+                    piece = data[start : start + _ROLLSUM_BLOCK]
+                    base = buf_start + len(buf) + start
+                    cuts.extend(base + i + 1 for i in split_points(piece, context))
+                    context = (context + piece)[-(WINDOW - 1) :]
             buf.extend(data)
 
     while True:
-        fill(window)
+        fill()
         if not buf:
             return
-        hole = buf.find(_ZERO_RUN, 0, chunk_size + HOLE_THRESHOLD - 1)
+        while cuts and cuts[0] <= buf_start:
+            cuts.popleft()
+        cut = min(max_data, len(buf), cuts[0] - buf_start if cuts else max_data)
+        hole = buf.find(_ZERO_RUN, 0, cut + HOLE_THRESHOLD - 1)
         if hole == 0:
-            while True:
-                m = _NON_ZERO.search(buf, 0, MAX_ZERO_CHUNK)
-                run = m.start() if m else min(len(buf), MAX_ZERO_CHUNK)
-                if m or run >= MAX_ZERO_CHUNK or not remaining:
-                    break
-                fill(len(buf) + _READ_SIZE)
-            yield bytes(run), True
-            del buf[:run]
-            continue
-        end = min(chunk_size if hole < 0 else hole, len(buf))
-        yield bytes(buf[:end]), False
-        del buf[:end]
+            m = _NON_ZERO.search(buf, 0, MAX_ZERO_CHUNK)
+            cut = m.start() if m else min(len(buf), MAX_ZERO_CHUNK)
+            yield bytes(cut), True
+        else:
+            if 0 < hole < cut:
+                cut = hole
+            yield bytes(buf[:cut]), False
+        del buf[:cut]
+        buf_start += cut
 
 
 class _Output:
@@ -227,7 +247,7 @@ class _Chunk:
     zeros: bool
 
 
-def _write_payload(out: _Output, entry: FileEntry, chunk_size: int) -> tuple[list[dict[str, Any]], dict[str, Any], bytes]:
+def _write_payload(out: _Output, entry: FileEntry, chunk_size: int | None) -> tuple[list[dict[str, Any]], dict[str, Any], bytes]:
     """Frame one regular file's payload; its extra TOC entries, main-entry fields, and CRC-64."""
     header = entry.header
     whole = hashlib.sha256()
@@ -272,8 +292,8 @@ def _write_payload(out: _Output, entry: FileEntry, chunk_size: int) -> tuple[lis
 class _SpooledZstd:
     """zstd-compresses what is written to it into a temp file spooled in memory up to 16 MiB."""
 
-    def __init__(self, level: int) -> None:
-        self.file = tempfile.SpooledTemporaryFile(max_size=16 << 20)
+    def __init__(self, level: int, tmpdir: str | None) -> None:
+        self.file = tempfile.SpooledTemporaryFile(max_size=16 << 20, dir=tmpdir)
         self._writer = zstandard.ZstdCompressor(level=level).stream_writer(self.file, closefd=False)
         self.uncompressed_size = 0
 
@@ -282,39 +302,19 @@ class _SpooledZstd:
         self._writer.write(data)
 
     def finish(self) -> int:
-        self._writer.flush(zstandard.FLUSH_FRAME)
+        """End the frame; the compressed size."""
         self._writer.close()
         return self.file.tell()
 
 
-def build_zstd_chunked(
+def _write_entries(
     src: BinaryIO,
-    dst: BinaryIO,
-    *,
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
-    chunk_size: int | None = None,
-) -> BuildResult:
-    """Convert a layer tar (plain, gzip or zstd) into a zstd:chunked blob written to `dst`.
-
-    `dst` only needs `write`. Entry names must stay inside the layer root
-    (`EntryEscapesRootError`); a name given twice keeps both in the tar stream and tar-split, and
-    only the later one in the TOC, as extraction would. The result's `toc_digest` is the manifest checksum (sha256 of the
-    compressed TOC), the layer's TOC digest for containers/image; `diff_id` is the sha256 of the
-    input tar, which the blob decompresses back to exactly.
-    """
-    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
-    if chunk_size < 1:
-        raise ValueError(f"chunk size must be positive, got {chunk_size}")
-    out = _Output(dst, compression_level)
-    diff_hash = hashlib.sha256()
-    diff_size = 0
-
-    def on_data(data: bytes) -> None:
-        nonlocal diff_size
-        diff_hash.update(data)
-        diff_size += len(data)
-
-    tar_split = _SpooledZstd(compression_level)
+    out: _Output,
+    tar_split: _SpooledZstd,
+    chunk_size: int | None,
+    on_data: Callable[[bytes], None],
+) -> list[dict[str, Any]]:
+    """Re-frame the tar into `out` and the tar-split stream; the TOC entries, later duplicates winning."""
     packer = TarSplitPacker(tar_split.write)
     groups: list[tuple[str, list[dict[str, Any]]]] = []
     last_index: dict[str, int] = {}
@@ -334,33 +334,64 @@ def build_zstd_chunked(
             crc = Crc64().digest()  # tar-split checksums what Go read: nothing, for header-only types
         name = normalize_name(header.name)
         if name in last_index:
-            log.warning("tar names %r twice: the TOC keeps the later entry", header.name)
+            log.warning(
+                "tar names %r twice: the TOC keeps the later entry; containers/storage will not "
+                "partially pull this layer (its tar-split reader refuses duplicate paths)",
+                header.name,
+            )
         last_index[name] = len(groups)
         groups.append((name, [main, *extra]))
         packer.add_file(header.name, header.size, crc)
     out.close_frame()
-    entries = [e for i, (name, group) in enumerate(groups) if last_index[name] == i for e in group]
+    return [e for i, (name, group) in enumerate(groups) if last_index[name] == i for e in group]
 
-    tar_split_size = tar_split.finish()
-    tar_split_digest = _file_sha256(tar_split.file)
-    toc = {"version": 1, "entries": entries, "tarSplitDigest": tar_split_digest}
-    toc_json = json.dumps(toc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    toc_compressed = zstandard.ZstdCompressor(level=compression_level).compress(toc_json)
-    toc_offset = out.write_skippable(toc_compressed)
-    tar_split_offset = out.write_skippable_file(tar_split.file, tar_split_size)
-    tar_split.file.close()
-    footer = b"".join(
-        v.to_bytes(8, "little")
-        for v in (
-            toc_offset,
-            len(toc_compressed),
-            len(toc_json),
-            MANIFEST_TYPE_CRFS,
-            tar_split_offset,
-            tar_split_size,
-            tar_split.uncompressed_size,
-        )
-    ) + FOOTER_MAGIC
+
+def build_zstd_chunked(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    chunk_size: int | None = None,
+    tmpdir: str | None = None,
+) -> BuildResult:
+    """Convert a layer tar (plain, gzip or zstd) into a zstd:chunked blob written to `dst`.
+
+    `dst` only needs `write`. The result's `toc_digest` is the manifest checksum (sha256 of the
+    compressed TOC), the layer's TOC digest for containers/image; `diff_id` is the sha256 of the
+    input tar, which the blob decompresses back to exactly.
+
+    `chunk_size` None cuts data chunks as containers/storage does (content-defined); a number
+    cuts every `chunk_size` bytes instead (faster, but chunks then differ from podman's).
+    `tmpdir` holds the tar-split stream once it outgrows memory. Entry names must stay inside the layer root (`EntryEscapesRootError`); a name given twice
+    keeps both in the tar stream and tar-split, and only the later one in the TOC, as
+    extraction would.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    out = _Output(dst, compression_level)
+    diff_hash = hashlib.sha256()
+    diff_size = 0
+
+    def on_data(data: bytes) -> None:
+        nonlocal diff_size
+        diff_hash.update(data)
+        diff_size += len(data)
+
+    tar_split = _SpooledZstd(compression_level, tmpdir)
+    try:
+        entries = _write_entries(src, out, tar_split, chunk_size, on_data)
+        tar_split_size = tar_split.finish()
+        tar_split_digest = _file_sha256(tar_split.file)
+        toc = {"version": 1, "entries": entries, "tarSplitDigest": tar_split_digest}
+        toc_json = json.dumps(toc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        toc_compressed = zstandard.ZstdCompressor(level=compression_level).compress(toc_json)
+        toc_offset = out.write_skippable(toc_compressed)
+        tar_split_offset = out.write_skippable_file(tar_split.file, tar_split_size)
+    finally:
+        tar_split.file.close()
+    footer = build_footer(
+        toc_offset, len(toc_compressed), len(toc_json), tar_split_offset, tar_split_size, tar_split.uncompressed_size
+    )
     out.write_skippable(footer)
     toc_digest = _sha256(toc_compressed)
     annotations = {
@@ -369,7 +400,7 @@ def build_zstd_chunked(
         ANNOTATION_ZSTD_TARSPLIT_POSITION: f"{tar_split_offset}:{tar_split_size}:{tar_split.uncompressed_size}",
         ANNOTATION_UNCOMPRESSED_SIZE: str(diff_size),
     }
-    log.debug("zstd:chunked blob: %d bytes, %d TOC entries, diff %d bytes", out.offset, len(entries), diff_size)
+    log.debug("zstd:chunked blob: %d bytes, %d TOC entries, diff %d bytes", out.offset, len(toc["entries"]), diff_size)
     return BuildResult(
         digest=out.digest,
         size=out.offset,

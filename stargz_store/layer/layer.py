@@ -137,6 +137,8 @@ class Layer:
             if c.digest in got or c.digest in missing:
                 continue
             d = self.cache.get(c.digest, c.size)
+            if d is None and c.zeros:
+                d = self._synthesize_zeros(c)
             if d is None:
                 missing[c.digest] = c
             else:
@@ -149,6 +151,13 @@ class Layer:
         if mine:
             self._dispatch([self._chunk_extent(missing[k], keep_in_memory=True) for k in mine], mine)
         return got, {**mine, **theirs}
+
+    def _synthesize_zeros(self, chunk: Chunk) -> bytes | None:
+        """A zstd:chunked hole needs no fetch: the codec makes and verifies it from nothing."""
+        try:
+            return self.parsed.decompress_chunk(b"", chunk)
+        except Exception:  # the codec wants the real frame after all: fetch it
+            return None
 
     def _chunk_extent(self, chunk: Chunk, *, keep_in_memory: bool) -> Extent:
         def finish(raw: memoryview) -> bytes:
@@ -383,8 +392,9 @@ class Layer:
 
     def prefetch_limit(self) -> int:
         """End of the prioritized region to prefetch: the landmark's offset, else `prefetch_size`
-        (capped to the data area), 0 when the layer says not to prefetch."""
-        if self.config.no_prefetch or self.toc.has_no_prefetch_landmark:
+        (capped to the data area), 0 when the layer says not to prefetch. (`no_prefetch` is the
+        resolver's decision: it then never calls `prefetch`.)"""
+        if self.toc.has_no_prefetch_landmark:
             return 0
         if self.toc.prefetch_landmark_offset is not None:
             return self.toc.prefetch_landmark_offset

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import requests
+import urllib3
 
 from .credentials import Credentials, CredentialStore
-from .errors import AuthError, RegistryTimeoutError, ServerError, UnreachableError, redact_url
+from .errors import AuthError, RegistryError, RegistryTimeoutError, ServerError, UnreachableError, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,15 @@ MAX_TOKEN_RESPONSE = 1 << 20
 MIN_TOKEN_LIFETIME = 60.0
 TOKEN_EXPIRY_MARGIN = 5.0
 CLIENT_ID = "stargz-store-python"
+
+
+class TransientError(Exception):
+    """A failure worth retrying; `final` is what the caller gets when retries run out."""
+
+    def __init__(self, final: RegistryError, retry_after: float | None = None) -> None:
+        super().__init__(str(final))
+        self.final = final
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -137,8 +147,10 @@ class Authorizer:
         credentials: CredentialStore,
         timeout: Callable[[], tuple[float, float]],
         verify: Callable[[str], bool | str],
+        retry: Callable[[Callable[[], _Token], str], _Token],
     ) -> None:
         self._session = session
+        self._retry = retry
         self._credentials = credentials
         self._timeout = timeout
         self._verify = verify
@@ -211,37 +223,53 @@ class Authorizer:
         realm = challenge.realm
         if not realm.startswith(("https://", "http://")):
             raise AuthError(f"{host} sent a Bearer challenge without a usable realm")
+        return self._retry(lambda: self._fetch_token_once(host, challenge, scopes, creds),
+                           f"token for {host} from {redact_url(realm)}")
+
+    def _fetch_token_once(self, host: str, challenge: Challenge, scopes: tuple[str, ...],
+                          creds: Credentials | None) -> _Token:
+        realm = challenge.realm
         service = challenge.params.get("service")
         where = redact_url(realm)
+        kwargs = dict(timeout=self._timeout(), verify=self._verify(realm), allow_redirects=True, stream=True)
         try:
+            resp = None
             if creds is not None and creds.identity_token:
+                # An identity token is an OAuth2 refresh token: only the POST form flow accepts it.
                 form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
                         "client_id": CLIENT_ID, "scope": " ".join(scopes)}
                 if service:
                     form["service"] = service
-                resp = self._session.post(realm, data=form, timeout=self._timeout(), verify=self._verify(realm),
-                                          allow_redirects=True, stream=True)
-            else:
+                resp = self._session.post(realm, data=form, **kwargs)
+                if resp.status_code in (404, 405):
+                    resp.close()
+                    resp = None  # no OAuth2 endpoint: fall back to the GET flow below
+            if resp is None:
                 params: list[tuple[str, str]] = [("scope", s) for s in scopes]
                 if service:
                     params.insert(0, ("service", service))
                 auth = None
-                if creds is not None and creds.username:
+                if creds is not None and creds.username and creds.password:
                     params.append(("account", creds.username))
                     auth = (creds.username, creds.password)
-                resp = self._session.get(realm, params=params, auth=auth, timeout=self._timeout(),
-                                         verify=self._verify(realm), allow_redirects=True, stream=True)
+                resp = self._session.get(realm, params=params, auth=auth, **kwargs)
         except requests.exceptions.Timeout:
-            raise RegistryTimeoutError(f"token server {where} timed out") from None
+            raise TransientError(RegistryTimeoutError(f"token server {where} timed out")) from None
         except requests.exceptions.RequestException as exc:
-            raise UnreachableError(f"token server {where} unreachable: {type(exc).__name__}") from None
+            raise TransientError(UnreachableError(f"token server {where} unreachable: {type(exc).__name__}")) from None
         with resp:
             if resp.status_code in (401, 403):
                 who = "the configured credentials" if creds else "anonymous access"
                 raise AuthError(f"token server {where} refused {who} for {host} (HTTP {resp.status_code})")
+            if resp.status_code == 429 or resp.status_code >= 500:
+                raise TransientError(ServerError(f"token server {where} answered HTTP {resp.status_code}",
+                                                 resp.status_code))
             if resp.status_code != 200:
                 raise ServerError(f"token server {where} answered HTTP {resp.status_code}", resp.status_code)
-            body = resp.raw.read(MAX_TOKEN_RESPONSE + 1, decode_content=True)
+            try:
+                body = resp.raw.read(MAX_TOKEN_RESPONSE + 1, decode_content=True)
+            except (urllib3.exceptions.HTTPError, OSError):
+                raise TransientError(UnreachableError(f"token server {where}: connection broken")) from None
         if len(body) > MAX_TOKEN_RESPONSE:
             raise AuthError(f"token server {where} sent a response over {MAX_TOKEN_RESPONSE} bytes")
         try:
@@ -252,7 +280,7 @@ class Authorizer:
             raise AuthError(f"token server {where} sent an invalid token response") from None
         if not value or not isinstance(value, str):
             raise AuthError(f"token server {where} sent no token")
+        # Expiry is measured from receipt on our monotonic clock: immune to clock skew with the server.
         lifetime = max(lifetime, MIN_TOKEN_LIFETIME)
         log.debug("got a token for %s scopes %s valid %.0fs", host, scopes, lifetime)
         return _Token(value, time.monotonic() + lifetime - TOKEN_EXPIRY_MARGIN)
-

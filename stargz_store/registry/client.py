@@ -6,21 +6,19 @@ which the layer reader verifies per chunk against the TOC.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
-import urllib3
 
+from .blob_stream import BlobStream
 from .config import Endpoint, HostConfig, MirrorConfig, RegistryConfig, endpoints_for
 from .credentials import CredentialStore
 from .errors import (
@@ -36,105 +34,44 @@ from .errors import (
     ShortReadError,
     UnreachableError,
     UnsupportedManifestError,
-    redact_url,
 )
-from .multipart import (
-    MultipartError,
-    boundary_of,
-    merge_regions,
-    parse_byteranges,
-    parse_content_range,
-    range_header,
-    slice_from_parts,
+from .manifest import (
+    IMAGE_MANIFEST_TYPES,
+    INDEX_TYPES,
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_SIZE,
+    MEDIA_TYPE_DOCKER_LIST,
+    MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_DOCKER_SCHEMA1,
+    MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED,
+    MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST,
+    Manifest,
+    parse_json,
+    sha256_digest,
+    sniff_media_type,
 )
+from .multipart import merge_regions, parse_content_range, range_header, slice_from_parts
 from .platforms import Platform, parse_platform, select_descriptor
 from .reference import Reference, check_digest
-from .transport import Target, Transport, TransientError, check_status
+from .responses import READ_CHUNK, check_same_digest, consume_multi_range, consume_single_range, read_limited, url_host
+from .transport import Target, Transport, check_status
 
 __all__ = [
-    "RegistryClient", "RegistryConfig", "HostConfig", "MirrorConfig", "Manifest",
-    "MEDIA_TYPE_OCI_MANIFEST", "MEDIA_TYPE_OCI_INDEX", "MEDIA_TYPE_DOCKER_MANIFEST", "MEDIA_TYPE_DOCKER_LIST",
+    "RegistryClient", "RegistryConfig", "HostConfig", "MirrorConfig", "Manifest", "sha256_digest",
+    "sniff_media_type", "MEDIA_TYPE_OCI_MANIFEST", "MEDIA_TYPE_OCI_INDEX", "MEDIA_TYPE_DOCKER_MANIFEST",
+    "MEDIA_TYPE_DOCKER_LIST", "MEDIA_TYPE_DOCKER_SCHEMA1", "MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED",
+    "IMAGE_MANIFEST_TYPES", "INDEX_TYPES",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_TYPE_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MEDIA_TYPE_DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
-MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-IMAGE_MANIFEST_TYPES = frozenset({MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST})
-INDEX_TYPES = frozenset({MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST})
-MANIFEST_ACCEPT = ", ".join([
-    MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX,
-    MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED, MEDIA_TYPE_DOCKER_SCHEMA1,
-])
-MAX_MANIFEST_SIZE = 4 << 20
 MAX_NESTED_INDEX = 4
 MAX_RANGES_PER_REQUEST = 64
-_READ_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """An image manifest (never an index); `digest` is sha256 of exactly `raw`."""
-
-    digest: str
-    media_type: str
-    raw: bytes = field(repr=False)
-    data: dict = field(repr=False)
-    layers: list[dict] = field(repr=False)
-    config: dict
-
-    def __hash__(self) -> int:
-        return hash(self.digest)
-
-    @classmethod
-    def from_raw(cls, raw: bytes, media_type: str, digest: str) -> Manifest:
-        data = _parse_json(raw, "manifest")
-        if media_type not in IMAGE_MANIFEST_TYPES:
-            raise UnsupportedManifestError(f"manifest {digest} has unsupported media type {media_type!r}")
-        layers, config = data.get("layers"), data.get("config")
-        if not isinstance(layers, list) or not isinstance(config, dict) or not config.get("digest"):
-            raise UnsupportedManifestError(f"manifest {digest} lacks a valid 'layers' list or 'config' descriptor")
-        return cls(digest=digest, media_type=media_type, raw=raw, data=data, layers=layers, config=config)
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _parse_json(raw: bytes, what: str) -> dict:
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise UnsupportedManifestError(f"{what} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise UnsupportedManifestError(f"{what} is not a JSON object")
-    return doc
-
-
-def sniff_media_type(raw: bytes, content_type: str | None) -> str:
-    """The Content-Type without parameters, else guessed from the JSON (registry.md §4.1)."""
-    kind = (content_type or "").split(";", 1)[0].strip().lower()
-    if kind and kind not in ("application/json", "text/plain", "application/octet-stream"):
-        return kind
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        return kind or "application/octet-stream"
-    if isinstance(doc, dict):
-        if doc.get("mediaType"):
-            return str(doc["mediaType"])
-        if doc.get("schemaVersion") == 1:
-            return MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED if "signatures" in doc else MEDIA_TYPE_DOCKER_SCHEMA1
-        if "manifests" in doc:
-            return MEDIA_TYPE_OCI_INDEX
-        if "layers" in doc:
-            return MEDIA_TYPE_OCI_MANIFEST
-    return kind or "application/octet-stream"
+MAX_BLOB_LOCATIONS = 4096
+MIRROR_COOLDOWN = 30.0  # seconds a failing mirror is skipped
+_UPLOAD_RETRYABLE = (UnreachableError, RegistryTimeoutError, ShortReadError, ServerError, RangeNotSatisfiableError)
 
 
 @dataclass
@@ -146,12 +83,6 @@ class _BlobLocation:
     resolved_at: float = 0.0
 
 
-def _hasher_for(digest: str):
-    algorithm = digest.split(":", 1)[0]
-    if algorithm not in ("sha256", "sha512", "sha384"):
-        raise InvalidReferenceError(f"unsupported digest algorithm in {digest!r}")
-    return hashlib.new(algorithm)
-
 
 class RegistryClient:
     """Thread-safe client; create one per process and share it (it owns the connection pool)."""
@@ -161,6 +92,8 @@ class RegistryClient:
         self.transport = Transport(self.config, credentials)
         self._locations: dict[tuple[str, str, str], _BlobLocation] = {}
         self._single_range_hosts: set[str] = set()
+        self._endpoint_cache: dict[tuple[str, bool], list[Endpoint]] = {}
+        self._mirror_down_until: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -175,7 +108,27 @@ class RegistryClient:
     # ---- endpoints -------------------------------------------------------------------------
 
     def _endpoints(self, ref: Reference, pull: bool = True) -> list[Endpoint]:
-        return endpoints_for(self.config, ref.registry, pull=pull)
+        """A fresh list (callers reorder it); the config is fixed for the client's lifetime."""
+        key = (ref.registry, pull)
+        cached = self._endpoint_cache.get(key)
+        if cached is None:
+            cached = self._endpoint_cache[key] = endpoints_for(self.config, ref.registry, pull=pull)
+        return list(cached)
+
+    def _live_endpoints(self, ref: Reference) -> list[Endpoint]:
+        """Pull endpoints without the mirrors that failed recently (the origin always stays)."""
+        now = time.monotonic()
+        return [e for e in self._endpoints(ref) if not e.is_mirror or self._mirror_down_until.get(e.host, 0) <= now]
+
+    def _mirror_failed(self, endpoint: Endpoint, exc: RegistryError, what: str) -> None:
+        """A mirror that cannot be reached (or keeps failing) is skipped for a while, so a dead mirror
+        costs one round of retries per cool-down instead of one per read."""
+        if isinstance(exc, (UnreachableError, RegistryTimeoutError, ServerError)):
+            self._mirror_down_until[endpoint.host] = time.monotonic() + MIRROR_COOLDOWN
+            log.warning("%s via mirror %s failed (%s); skipping it for %.0fs", what, endpoint.host, exc,
+                        MIRROR_COOLDOWN)
+        else:
+            log.info("%s via mirror %s failed (%s); trying the next endpoint", what, endpoint.host, exc)
 
     def _target(self, endpoint: Endpoint, path: str) -> Target:
         if endpoint.is_mirror:
@@ -185,16 +138,16 @@ class RegistryClient:
     def _pull(self, ref: Reference, path: str, method: str, consume: Callable[[requests.Response], T],
               what: str, headers: dict[str, str] | None = None) -> tuple[T, Endpoint]:
         """Try mirrors then the origin; a mirror's failure is logged and the next endpoint tried."""
-        endpoints = self._endpoints(ref)
+        endpoints = self._live_endpoints(ref)
         for i, endpoint in enumerate(endpoints):
             try:
                 result = self.transport.call(self._target(endpoint, path), method, consume,
                                              repository=ref.repository, headers=headers, what=what)
                 return result, endpoint
             except RegistryError as exc:
-                if i == len(endpoints) - 1 or isinstance(exc, (DigestMismatchError, InvalidReferenceError)):
+                if i == len(endpoints) - 1 or isinstance(exc, InvalidReferenceError):
                     raise
-                log.warning("%s via mirror %s failed (%s); trying the next endpoint", what, endpoint.host, exc)
+                self._mirror_failed(endpoint, exc, what)
         raise AssertionError("endpoint list is never empty")
 
     # ---- manifests -------------------------------------------------------------------------
@@ -206,14 +159,13 @@ class RegistryClient:
 
         def consume(resp: requests.Response) -> tuple[bytes, str]:
             check_status(resp, what)
-            raw = _read_limited(resp, MAX_MANIFEST_SIZE, what)
+            raw = read_limited(resp, MAX_MANIFEST_SIZE, what)
+            if ref.digest:
+                check_same_digest(ref.digest, raw, what)  # inside: a bad mirror falls back to the origin
             return raw, resp.headers.get("Content-Type", "")
 
         (raw, content_type), _ = self._pull(ref, path, "GET", consume, what, {"Accept": MANIFEST_ACCEPT})
-        digest = sha256_digest(raw)
-        if ref.digest:
-            _check_same_digest(ref.digest, raw, what)
-            digest = ref.digest
+        digest = ref.digest or sha256_digest(raw)
         return raw, sniff_media_type(raw, content_type), digest
 
     def head_manifest(self, ref: Reference) -> tuple[str, str, int]:
@@ -247,7 +199,7 @@ class RegistryClient:
                     f"{ref} is a Docker schema 1 image, which has no config; convert it with a newer tool")
             if media_type not in INDEX_TYPES:
                 return Manifest.from_raw(raw, media_type, digest)
-            index = _parse_json(raw, f"index {digest}")
+            index = parse_json(raw, f"index {digest}")
             chosen = select_descriptor(index, wanted)
             if chosen is None or not chosen.get("digest"):
                 available = sorted({
@@ -263,7 +215,7 @@ class RegistryClient:
 
     def get_config(self, ref: Reference, manifest: Manifest) -> dict:
         """The image config JSON of `manifest`, sha256 verified."""
-        return _parse_json(self.get_blob(ref, manifest.config["digest"]), f"config {manifest.config['digest']}")
+        return parse_json(self.get_blob(ref, manifest.config["digest"]), f"config {manifest.config['digest']}")
 
     # ---- blobs: whole ---------------------------------------------------------------------
 
@@ -276,7 +228,7 @@ class RegistryClient:
         """A streaming reader of the whole blob. It resumes with a Range request when the connection
         breaks and raises DigestMismatchError at EOF when the content is not `digest`."""
         check_digest(digest)
-        return io.BufferedReader(_BlobStream(self, ref, digest), buffer_size=_READ_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(BlobStream(self, ref, digest), buffer_size=READ_CHUNK)  # type: ignore[return-value]
 
     def blob_size(self, ref: Reference, digest: str) -> int:
         """Size from HEAD; some storage backends refuse HEAD, then a 1-byte ranged GET tells the total."""
@@ -336,7 +288,7 @@ class RegistryClient:
         what = f"blob {digest} range {offset}+{length}"
 
         def consume(resp: requests.Response) -> bytes:
-            return _consume_single_range(resp, offset, length, what)
+            return consume_single_range(resp, offset, length, what)
 
         return self._ranged_get(ref, digest, f"bytes={offset}-{offset + length - 1}", consume, what)
 
@@ -380,9 +332,9 @@ class RegistryClient:
             if resp.status_code == 200:
                 refused.append(200)
                 wanted = sum(length for _, length in regions)
-                if max(off + length for off, length in regions) > 2 * wanted + _READ_CHUNK:
+                if max(off + length for off, length in regions) > 2 * wanted + READ_CHUNK:
                     return []  # whole blob coming (e.g. object storage): do not download it for this
-            return _consume_multi_range(resp, regions, what)
+            return consume_multi_range(resp, regions, what)
 
         parts = self._ranged_get(ref, digest, range_header(regions), consume, what)
         if refused and refused[-1] != 416:
@@ -409,13 +361,16 @@ class RegistryClient:
             try:
                 return self.transport.call(Target(None, url=loc.redirect_url), "GET", consume,
                                            headers=headers, what=what, follow_redirects=False)
-            except (AuthError, NotFoundError, ServerError) as exc:
-                log.info("%s: redirect target refused (%s); resolving again", what, type(exc).__name__)
+            except (AuthError, NotFoundError, ServerError, UnreachableError, RegistryTimeoutError) as exc:
+                log.info("%s: redirect target failed (%s); resolving again", what, type(exc).__name__)
                 with self._lock:
                     self._locations.pop(key, None)
                 loc = None
         path = f"/v2/{ref.repository}/blobs/{digest}"
-        endpoints = [loc.endpoint] if loc else self._endpoints(ref)
+        endpoints = self._live_endpoints(ref)
+        if loc and loc.endpoint in endpoints:
+            endpoints.remove(loc.endpoint)
+            endpoints.insert(0, loc.endpoint)  # the endpoint that served this blob last, then the rest
         for i, endpoint in enumerate(endpoints):
             final_url: list[str] = []
 
@@ -427,16 +382,18 @@ class RegistryClient:
             try:
                 result = self.transport.call(self._target(endpoint, path), "GET", consume_and_note,
                                              repository=ref.repository, headers=headers, what=what)
-            except (RangeNotSatisfiableError, ShortReadError, DigestMismatchError):
+            except RangeNotSatisfiableError:
                 raise
             except RegistryError as exc:
                 if i == len(endpoints) - 1:
                     raise
-                log.warning("%s via mirror %s failed (%s); trying the next endpoint", what, endpoint.host, exc)
+                self._mirror_failed(endpoint, exc, what)
                 continue
-            redirect = final_url[0] if final_url and _host(final_url[0]) != endpoint.host else None
+            redirect = final_url[0] if final_url and url_host(final_url[0]) != endpoint.host else None
             with self._lock:
                 self._locations[key] = _BlobLocation(endpoint, redirect, time.monotonic())
+                while len(self._locations) > MAX_BLOB_LOCATIONS:
+                    self._locations.pop(next(iter(self._locations)))
             return result
         raise AssertionError("endpoint list is never empty")
 
@@ -482,7 +439,7 @@ class RegistryClient:
         path = parts.path + ("?" + parts.query if parts.query else "")
         if extra_query:
             path += ("&" if parts.query else "?") + extra_query
-        if _host(url) == endpoint.host:
+        if url_host(url) == endpoint.host:
             return Target(endpoint, path)
         return Target(None, url=url + (("&" if parts.query else "?") + extra_query if extra_query else ""))
 
@@ -517,39 +474,55 @@ class RegistryClient:
 
     def _push_chunked(self, ref: Reference, endpoint: Endpoint, digest: str,
                       opener: Callable[[], BinaryIO], size: int) -> None:
+        """PATCH chunks; after a failed chunk, ask the registry how far it got and go on from there.
+        When the session itself is lost (docker-registry cancels an upload resumed with a stale
+        state token), start a new session from byte 0, a bounded number of times."""
         what = f"push blob {digest} to {ref.name}"
-        location = self._start_upload(ref, endpoint, what)
-        chunk = max(1, self.config.push_chunk_size)
-        offset = 0
         failures = 0
         with opener() as f:
-            while offset < size:
-                n = min(chunk, size - offset)
-                f.seek(offset)
-                piece = f.read(n)
-
-                def consume(resp: requests.Response) -> str:
-                    check_status(resp, what, ok=(202, 204))
-                    return urljoin(resp.url, resp.headers.get("Location") or location)
-
+            while True:
+                location = self._start_upload(ref, endpoint, what)
                 try:
-                    location = self.transport.call(
-                        self._upload_target(endpoint, location), "PATCH", consume,
-                        repository=ref.repository, actions=("pull", "push"),
-                        headers={"Content-Type": "application/octet-stream",
-                                 "Content-Range": f"{offset}-{offset + n - 1}", "Content-Length": str(n)},
-                        body=piece, what=what, retries=0)
-                    offset += n
-                except (UnreachableError, RegistryTimeoutError, ShortReadError, ServerError, RangeNotSatisfiableError):
+                    location, failures = self._patch_chunks(ref, endpoint, f, size, location, failures, what)
+                    self.transport.call(self._upload_target(endpoint, location, f"digest={digest}"), "PUT",
+                                        lambda resp: check_status(resp, what, ok=(201, 204)),
+                                        repository=ref.repository, actions=("pull", "push"),
+                                        headers={"Content-Length": "0"}, body=b"", what=what)
+                    return
+                except (_UPLOAD_RETRYABLE + (NotFoundError,)) as exc:
                     failures += 1
                     if failures > self.config.max_retries:
                         raise
-                    offset, location = self._upload_status(ref, endpoint, location, what)
-                    log.info("%s: chunk failed; resuming at byte %d", what, offset)
-        self.transport.call(self._upload_target(endpoint, location, f"digest={digest}"), "PUT",
-                            lambda resp: check_status(resp, what, ok=(201, 204)),
-                            repository=ref.repository, actions=("pull", "push"),
-                            headers={"Content-Length": "0"}, body=b"", what=what)
+                    log.info("%s: upload session lost (%s); starting a new one", what, type(exc).__name__)
+
+    def _patch_chunks(self, ref: Reference, endpoint: Endpoint, f: BinaryIO, size: int, location: str,
+                      failures: int, what: str) -> tuple[str, int]:
+        chunk = max(1, self.config.push_chunk_size)
+        offset = 0
+
+        def consume(resp: requests.Response) -> str:
+            check_status(resp, what, ok=(202, 204))
+            return urljoin(resp.url, resp.headers.get("Location") or location)
+
+        while offset < size:
+            n = min(chunk, size - offset)
+            f.seek(offset)
+            piece = f.read(n)
+            try:
+                location = self.transport.call(
+                    self._upload_target(endpoint, location), "PATCH", consume,
+                    repository=ref.repository, actions=("pull", "push"),
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Range": f"{offset}-{offset + n - 1}", "Content-Length": str(n)},
+                    body=piece, what=what, retries=0)
+                offset += n
+            except _UPLOAD_RETRYABLE:
+                failures += 1
+                if failures > self.config.max_retries:
+                    raise
+                offset, location = self._upload_status(ref, endpoint, location, what)
+                log.info("%s: chunk failed; resuming at byte %d", what, offset)
+        return location, failures
 
     def _upload_status(self, ref: Reference, endpoint: Endpoint, location: str, what: str) -> tuple[int, str]:
         """Bytes the registry holds for an upload (its `Range: 0-N` header) and the session URL."""
@@ -557,9 +530,10 @@ class RegistryClient:
             check_status(resp, what, ok=(204,))
             rng = resp.headers.get("Range", "")
             nxt = urljoin(resp.url, resp.headers.get("Location") or location)
-            if "-" in rng:
-                return int(rng.rsplit("-", 1)[1]) + 1, nxt
-            return 0, nxt
+            first, _, last = rng.strip().partition("-")
+            if not (first.isdigit() and last.isdigit()) or rng.strip() == "0-0":
+                return 0, nxt  # docker-registry reports an empty upload as "0-0"
+            return int(last) + 1, nxt
 
         return self.transport.call(self._upload_target(endpoint, location), "GET", consume,
                                    repository=ref.repository, actions=("pull", "push"), what=what)
@@ -585,202 +559,3 @@ class RegistryClient:
         return digest
 
 
-# ---- response helpers ---------------------------------------------------------------------
-
-def _host(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.netloc.rsplit("@", 1)[-1]
-
-
-def _check_same_digest(expected: str, raw: bytes, what: str) -> None:
-    h = _hasher_for(expected)
-    h.update(raw)
-    actual = f"{expected.split(':', 1)[0]}:{h.hexdigest()}"
-    if actual != expected:
-        raise DigestMismatchError(f"{what}: content hashes to {actual}")
-
-
-def _read_limited(resp: requests.Response, limit: int, what: str) -> bytes:
-    length = resp.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > limit:
-        raise UnsupportedManifestError(f"{what}: {length} bytes exceeds the {limit}-byte limit")
-    data = _read_exact_body(resp, limit + 1)
-    if len(data) > limit:
-        raise UnsupportedManifestError(f"{what}: larger than the {limit}-byte limit")
-    return data
-
-
-def _read_exact_body(resp: requests.Response, limit: int) -> bytes:
-    """Read the body (up to `limit`); a connection cut short surfaces as a transient error."""
-    try:
-        return resp.raw.read(limit, decode_content=True)
-    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError, OSError) as exc:
-        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-            raise TransientError(RegistryTimeoutError(f"reading {redact(resp)} timed out")) from None
-        raise TransientError(ShortReadError(f"connection broken while reading {redact(resp)}")) from None
-    except urllib3.exceptions.HTTPError as exc:
-        raise TransientError(ShortReadError(f"reading {redact(resp)} failed ({type(exc).__name__})")) from None
-
-
-def redact(resp: requests.Response) -> str:
-    return redact_url(resp.url)
-
-
-def _consume_single_range(resp: requests.Response, offset: int, length: int, what: str) -> bytes:
-    check_status(resp, what, ok=(200, 206))
-    if resp.status_code == 206:
-        cr = parse_content_range(resp.headers.get("Content-Range"))
-        if cr is None or cr.first != offset:
-            raise TransientError(ShortReadError(f"{what}: server answered a different range "
-                                                f"({resp.headers.get('Content-Range')!r})"))
-        if cr.length < length:
-            if cr.total is not None and cr.total < offset + length:
-                raise RangeNotSatisfiableError(f"{what}: beyond the end of the {cr.total}-byte blob")
-            raise TransientError(ShortReadError(f"{what}: server sent only {cr.length} bytes"))
-        data = _read_exact_body(resp, length)
-        if len(data) < length:
-            raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
-        return data
-    # 200: the server ignored Range; skip to the offset in the stream and stop after the range.
-    skipped = 0
-    while skipped < offset:
-        got = _read_exact_body(resp, min(_READ_CHUNK, offset - skipped))
-        if not got:
-            raise RangeNotSatisfiableError(f"{what}: blob ends at byte {skipped}")
-        skipped += len(got)
-    data = _read_exact_body(resp, length)
-    if len(data) < length:
-        total = resp.headers.get("Content-Length")
-        if total and total.isdigit() and int(total) < offset + length:
-            raise RangeNotSatisfiableError(f"{what}: beyond the end of the {total}-byte blob")
-        raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
-    return data
-
-
-def _consume_multi_range(resp: requests.Response, regions: list[tuple[int, int]], what: str) -> list[tuple[int, bytes]]:
-    check_status(resp, what, ok=(200, 206))
-    if resp.status_code == 200:
-        end = max(off + length for off, length in regions)
-        parts: list[tuple[int, bytes]] = []
-        data = _read_exact_body(resp, end)
-        if len(data) < end:
-            raise TransientError(ShortReadError(f"{what}: body ended at byte {len(data)}"))
-        for off, length in regions:
-            parts.append((off, data[off:off + length]))
-        return parts
-    boundary = boundary_of(resp.headers.get("Content-Type", ""))
-    if boundary is None:
-        cr = parse_content_range(resp.headers.get("Content-Range"))
-        if cr is None:
-            raise TransientError(ShortReadError(f"{what}: 206 without Content-Range"))
-        data = _read_exact_body(resp, cr.length)
-        if len(data) != cr.length:
-            raise TransientError(ShortReadError(f"{what}: got {len(data)} of {cr.length} bytes"))
-        return [(cr.first, data)]
-    expected = resp.headers.get("Content-Length")
-    limit = int(expected) if expected and expected.isdigit() else sum(l for _, l in regions) + 4096 * len(regions) + 65536
-    body = _read_exact_body(resp, limit)
-    if expected and expected.isdigit() and len(body) != int(expected):
-        raise TransientError(ShortReadError(f"{what}: got {len(body)} of {expected} multipart bytes"))
-    try:
-        return parse_byteranges(body, boundary)
-    except MultipartError as exc:
-        raise TransientError(ShortReadError(f"{what}: bad multipart body ({exc})")) from None
-
-
-class _BlobStream(io.RawIOBase):
-    """Whole-blob reader that resumes after a broken connection and verifies the digest at EOF."""
-
-    def __init__(self, client: RegistryClient, ref: Reference, digest: str) -> None:
-        super().__init__()
-        self._client = client
-        self._ref = ref
-        self._digest = digest
-        self._hasher = _hasher_for(digest)
-        self._pos = 0
-        self._size: int | None = None
-        self._resp: requests.Response | None = None
-        self._done = False
-        self._failures = 0
-        self._what = f"blob {digest} in {ref.name}"
-
-    def readable(self) -> bool:
-        return True
-
-    def _open(self) -> None:
-        what = self._what
-        pos = self._pos
-        headers = {"Accept-Encoding": "identity"}
-        if pos:
-            headers["Range"] = f"bytes={pos}-"
-
-        def consume(resp: requests.Response) -> requests.Response:
-            check_status(resp, what, ok=(200, 206))
-            if resp.status_code == 206:
-                cr = parse_content_range(resp.headers.get("Content-Range"))
-                if cr is None or cr.first != pos:
-                    raise TransientError(ShortReadError(f"{what}: resumed at the wrong offset"))
-                self._size = cr.total if cr.total is not None else self._size
-            else:
-                length = resp.headers.get("Content-Length")
-                if length and length.isdigit():
-                    self._size = int(length)
-                if pos:
-                    self._skip(resp, pos)
-            return resp
-
-        self._resp, _ = self._client._pull(self._ref, f"/v2/{self._ref.repository}/blobs/{self._digest}", "GET",
-                                           consume, what, headers)
-
-    def _skip(self, resp: requests.Response, n: int) -> None:
-        while n > 0:
-            got = _read_exact_body(resp, min(n, _READ_CHUNK))
-            if not got:
-                raise TransientError(ShortReadError(f"{self._what}: ended while skipping to the resume offset"))
-            n -= len(got)
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        if self._done or len(buffer) == 0:
-            return 0
-        while True:
-            try:
-                if self._resp is None:
-                    self._open()
-                assert self._resp is not None
-                n = self._resp.raw.readinto(buffer)
-                if n == 0 and self._size is not None and self._pos < self._size:
-                    raise urllib3.exceptions.ProtocolError("body ended early")
-            except (urllib3.exceptions.HTTPError, OSError, requests.exceptions.RequestException) as exc:
-                self._drop_response()
-                self._failures += 1
-                if self._failures > self._client.config.max_retries:
-                    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-                        raise RegistryTimeoutError(f"{self._what}: read timed out at byte {self._pos}") from None
-                    raise ShortReadError(f"{self._what}: connection broken at byte {self._pos}") from None
-                log.info("%s: connection broken at byte %d; resuming", self._what, self._pos)
-                time.sleep(min(self._client.config.max_wait, self._client.config.min_wait * 2 ** self._failures))
-                continue
-            if n == 0:
-                return self._finish()
-            self._hasher.update(memoryview(buffer)[:n])
-            self._pos += n
-            return n
-
-    def _finish(self) -> int:
-        self._drop_response()
-        if self._size is not None and self._pos != self._size:
-            raise ShortReadError(f"{self._what}: got {self._pos} of {self._size} bytes")
-        actual = f"{self._digest.split(':', 1)[0]}:{self._hasher.hexdigest()}"
-        if actual != self._digest:
-            raise DigestMismatchError(f"{self._what}: content hashes to {actual}")
-        self._done = True
-        return 0
-
-    def _drop_response(self) -> None:
-        if self._resp is not None:
-            self._resp.close()
-            self._resp = None
-
-    def close(self) -> None:
-        self._drop_response()
-        super().close()

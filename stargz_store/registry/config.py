@@ -6,10 +6,13 @@ marked insecure may use plain HTTP; everything else is HTTPS with verification.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .reference import DOCKER_HUB, normalize_registry
+
+log = logging.getLogger(__name__)
 
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 
@@ -33,6 +36,8 @@ class HostConfig:
     ca_bundle: str | None = None  # PEM file to verify this host's TLS certificate with
     headers: dict[str, str] = field(default_factory=dict)
     tls: bool | None = None  # force https (True) or http (False); None = automatic
+    username: str | None = None  # credentials from config.toml win over auth files
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -62,7 +67,8 @@ class RegistryConfig:
     def from_toml(cls, doc: Mapping[str, Any]) -> RegistryConfig:
         """Build from a parsed config.toml: `[resolver]` (hosts, mirrors) and `[blob]` (retries, ranges).
 
-        Extension keys under `[resolver.host."H"]`: `insecure`, `ca_file`, `header`; `[resolver]`
+        Extension keys under `[resolver.host."H"]`: `insecure`, `ca_file`, `header`, `username`,
+        `password`; `[resolver]`
         also accepts `auth_file`, `connect_timeout_sec`, `ca_file`.
         """
         resolver = doc.get("resolver") or {}
@@ -91,6 +97,8 @@ class RegistryConfig:
                 insecure=bool(table.get("insecure", False)),
                 ca_bundle=table.get("ca_file") or None,
                 headers=_headers(table.get("header")),
+                username=table.get("username") or None,
+                password=table.get("password") or None,
             )
             for m in table.get("mirrors") or []:
                 t = m.get("request_timeout_sec", 0) or 0
@@ -160,8 +168,12 @@ def endpoints_for(config: RegistryConfig, registry: str, *, pull: bool = True) -
     if pull:
         mirrors = [MirrorConfig(host=h) for h in config.mirrors.get(registry, [])] + list(host_cfg.mirrors)
         for m in mirrors:
-            if "/" in m.host:
-                continue  # path-style mirrors are rejected for blobs upstream too
+            if m.host.startswith(("http://", "https://")):
+                scheme, _, rest = m.host.partition("://")
+                m = MirrorConfig(rest.rstrip("/"), m.insecure or scheme == "http", m.request_timeout, m.headers)
+            if "/" in m.host or not m.host:
+                log.warning("ignoring mirror %r of %s: expected host[:port]", m.host, registry)
+                continue
             host = DOCKER_HUB_ENDPOINT if normalize_registry(m.host) == DOCKER_HUB else m.host
             m_cfg = config.host_config(m.host)
             insecure = m.insecure or config.is_insecure(m.host)

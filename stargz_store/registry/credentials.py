@@ -91,8 +91,10 @@ class CredentialStore:
     when a registry rejected what we sent, so an updated auth file is picked up without a restart.
     """
 
-    def __init__(self, auth_file: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, auth_file: str | None = None, env: dict[str, str] | None = None,
+                 configured: dict[str, Credentials] | None = None) -> None:
         self._env = dict(os.environ) if env is None else env
+        self._configured = {_normalize_key(k): v for k, v in (configured or {}).items()}
         explicit = auth_file or self._env.get("REGISTRY_AUTH_FILE")
         self.files = [Path(explicit)] if explicit else default_auth_files(self._env)
         self._cache: dict[tuple[str, str], Credentials | None] = {}
@@ -109,6 +111,8 @@ class CredentialStore:
 
     def _lookup(self, host: str, repository: str) -> Credentials | None:
         host = _normalize_key(host)
+        if host in self._configured:
+            return self._configured[host]
         for path in self.files:
             doc = self._load(path)
             if doc is None:

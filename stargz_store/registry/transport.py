@@ -12,7 +12,6 @@ import email.utils
 import json
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
@@ -22,9 +21,9 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from .auth import Authorizer
+from .auth import Authorizer, TransientError
 from .config import Endpoint, RegistryConfig
-from .credentials import CredentialStore
+from .credentials import Credentials, CredentialStore
 from .errors import (
     AuthError,
     NotFoundError,
@@ -46,18 +45,6 @@ MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
 _HTTPS_ONLY_MARKER = b"HTTP request to an HTTPS server"
 _NOT_FOUND_CODES = {"BLOB_UNKNOWN", "MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UPLOAD_UNKNOWN"}
-
-
-class TransientError(Exception):
-    """Raised by a `consume` function (or internally) for a failure worth retrying.
-
-    `final` is what the caller gets when retries run out; `retry_after` is the server's hint in seconds.
-    """
-
-    def __init__(self, final: RegistryError, retry_after: float | None = None) -> None:
-        super().__init__(str(final))
-        self.final = final
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -133,10 +120,11 @@ class Transport:
             "User-Agent": config.user_agent,
             "Docker-Distribution-API-Version": "registry/2.0",
         })
-        self.credentials = credentials or CredentialStore(config.auth_file)
-        self.auth = Authorizer(self.session, self.credentials, self.timeout, self._verify_for_url)
-        self._schemes: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self.credentials = credentials or CredentialStore(config.auth_file, configured={
+            host: Credentials(cfg.username, cfg.password or "")
+            for host, cfg in config.hosts.items() if cfg.username})
+        self.auth = Authorizer(self.session, self.credentials, self.timeout, self._verify_for_url, self.retrying)
+        self._schemes: dict[str, str] = {}  # scheme learned per endpoint host (automatic mode)
         insecure = set(config.insecure_hosts) | {h for h, c in config.hosts.items() if c.insecure}
         if insecure:
             # Verification is off only where configured; say so once instead of urllib3 per request.
@@ -152,10 +140,6 @@ class Transport:
 
     def _verify_for_url(self, url: str) -> bool | str:
         return self.config.ca_bundle or True
-
-    def base_url(self, endpoint: Endpoint) -> str:
-        scheme = self._schemes.get(endpoint.host) or endpoint.default_scheme()
-        return f"{scheme}://{endpoint.host}"
 
     def call(
         self,
@@ -181,10 +165,14 @@ class Transport:
             resp: requests.Response | None = None
             try:
                 resp = self._send(target, method, repository, actions, headers, params, body, follow_redirects)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s %s -> HTTP %d", method, redact_url(resp.url), resp.status_code)
                 if resp.status_code == 401 and target.endpoint is not None and not getattr(resp, "redirected", False):
                     auth_failures += 1
                     if auth_failures > 2:
                         check_status(resp, what)  # raises AuthError
+                    if not resp.headers.get("WWW-Authenticate") and not self.auth.known_challenge(target.endpoint.host):
+                        self._ping_for_challenge(target.endpoint, resp, repository, actions)
                     self.auth.handle_unauthorized(target.endpoint.host, resp, repository, actions)
                     release(resp)
                     continue
@@ -215,6 +203,33 @@ class Transport:
                 if resp is not None:
                     resp.close()
                 raise
+
+    def _ping_for_challenge(self, endpoint: Endpoint, resp: requests.Response, repository: str,
+                            actions: tuple[str, ...]) -> None:
+        """Some registries answer 401 without a challenge except on `GET /v2/` (containers/image pings
+        first for this reason): learn the challenge there."""
+        base = resp.url.split("/v2/", 1)[0]
+        try:
+            ping = self.session.get(f"{base}/v2/", headers=dict(endpoint.headers), stream=True,
+                                    timeout=self.timeout(endpoint), verify=endpoint.verify, allow_redirects=False)
+        except requests.exceptions.RequestException:
+            return
+        try:
+            if ping.status_code == 401 and ping.headers.get("WWW-Authenticate"):
+                self.auth.handle_unauthorized(endpoint.host, ping, repository, actions)
+        finally:
+            release(ping)
+
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        """Run `fn` until it stops raising TransientError, under the same bounds as `call`."""
+        deadline = time.monotonic() + self.config.max_retry_time
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except TransientError as exc:
+                attempt += 1
+                self._backoff(exc, attempt, self.config.max_retries, deadline, what)
 
     def _backoff(self, exc: TransientError, attempt: int, max_retries: int, deadline: float, what: str) -> None:
         remaining = deadline - time.monotonic()

@@ -14,7 +14,7 @@ def base_layer() -> LayerBuilder:
     layer = LayerBuilder()
     layer.add_busybox()
     layer.add_file("hello.txt", b"hello from the source image\n")
-    layer.add_file("data/random.bin", random_bytes((9 << 20) + 123, seed=7))  # several 4 MiB chunks
+    layer.add_file("big/random.bin", random_bytes((9 << 20) + 123, seed=7))  # several 4 MiB chunks
     layer.add_file("data/text.txt", text_bytes(300_000, seed=3))
     layer.add_file("data/empty", b"")
     layer.add_hardlink("data/text-link.txt", "data/text.txt")

@@ -200,7 +200,7 @@ def test_chunk_size_and_level_are_applied(source_image, tmp_path):
     image = read_oci_image(small, "s")
     blob = image.blob(image.layers[0]["digest"])
     parsed = read_layer_toc(lambda o, n: blob[o:o + n], len(blob), image.layers[0])
-    random_file = parsed.toc.lookup("data/random.bin")
+    random_file = parsed.toc.lookup("big/random.bin")
     assert random_file is not None
     assert len(random_file.chunks) == 10  # 9 MiB + 123 B in 1 MiB pieces
     assert all(c.size == 1 << 20 for c in random_file.chunks[:-1])

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
 
-from tests.fixtures.podman import need_podman, podman, podman_cleanup, podman_env
-from tests.fixtures.store import StoreDaemon
+from tests.fixtures.podman import need_podman, podman_cleanup, podman_env
 
 from .app_images import (
     APP_CMD,
@@ -30,7 +28,8 @@ from .app_images import (
     multilayer_layers,
     push_plain,
 )
-from .recording_proxy import RecordingProxy, Request
+from .lazy_podman import LazyPodman, short_podman_dir
+from .recording_proxy import RecordingProxy
 
 # Background fetch off: what a test measures is then only what the container read.
 LAZY_CONFIG = "no_background_fetch = true\n"
@@ -73,63 +72,24 @@ def proxy(registry) -> Iterator[RecordingProxy]:
     p.stop()
 
 
-@dataclass
-class LazyPodman:
-    """A podman whose storage.conf names the store's mountpoint in `additionallayerstores`.
-
-    Image references go through `proxy.host`, so every byte podman or the store fetches is recorded.
-    """
-
-    proxy: RecordingProxy
-    store: StoreDaemon
-    env: dict[str, str]
-    graphroot: Path
-    marks: list[int] = field(default_factory=list)
-
-    def ref(self, image: PushedImage) -> str:
-        return image.ref(self.proxy.host)
-
-    def podman(self, *args: str, timeout: float = 300, check: bool = True):
-        return podman(*args, env=self.env, timeout=timeout, check=check)
-
-    def pull(self, image: PushedImage) -> str:
-        return self.podman("pull", "--tls-verify=false", self.ref(image)).stdout
-
-    def run(self, image: PushedImage, *cmd: str) -> str:
-        return self.podman("run", "--rm", "--net=none", "--pull=never", self.ref(image), *cmd).stdout
-
-    def requests(self) -> list[Request]:
-        return self.proxy.requests()
-
-    def store_layer_links(self) -> dict[str, str]:
-        """overlay layer id -> target of its `diff` symlink, for layers containers/storage took from an ALS."""
-        links = {}
-        overlay = self.graphroot / "overlay"
-        if overlay.is_dir():
-            for layer_dir in overlay.iterdir():
-                diff = layer_dir / "diff"
-                if diff.is_symlink():
-                    links[layer_dir.name] = os.readlink(diff)
-        return links
-
-
-def _lazy_podman(factory, proxy, tmp_path, config: str) -> Iterator[LazyPodman]:
+def _lazy_podman(factory, proxy, config: str) -> Iterator[LazyPodman]:
     store = factory(config)
-    env = podman_env(tmp_path / "podman", additional_layer_store=str(store.mountpoint))
-    lazy = LazyPodman(proxy=proxy, store=store, env=env, graphroot=tmp_path / "podman" / "graph")
-    try:
-        yield lazy
-    finally:
-        podman_cleanup(env)  # releases reach the store while it is still mounted
+    with short_podman_dir() as pod_dir:
+        env = podman_env(pod_dir, additional_layer_store=str(store.mountpoint))
+        lazy = LazyPodman(proxy=proxy, store=store, env=env, graphroot=pod_dir / "graph")
+        try:
+            yield lazy
+        finally:
+            podman_cleanup(env)  # releases reach the store while it is still mounted
 
 
 @pytest.fixture
-def lazy_podman(e2e_images, proxy, store_daemon_factory, tmp_path) -> Iterator[LazyPodman]:
+def lazy_podman(e2e_images, proxy, store_daemon_factory) -> Iterator[LazyPodman]:
     """Store with background fetch off + podman using it."""
-    yield from _lazy_podman(store_daemon_factory, proxy, tmp_path, LAZY_CONFIG)
+    yield from _lazy_podman(store_daemon_factory, proxy, LAZY_CONFIG)
 
 
 @pytest.fixture
-def background_podman(e2e_images, proxy, store_daemon_factory, tmp_path) -> Iterator[LazyPodman]:
+def background_podman(e2e_images, proxy, store_daemon_factory) -> Iterator[LazyPodman]:
     """Store with background fetch on + podman using it."""
-    yield from _lazy_podman(store_daemon_factory, proxy, tmp_path, BACKGROUND_CONFIG)
+    yield from _lazy_podman(store_daemon_factory, proxy, BACKGROUND_CONFIG)

@@ -67,7 +67,8 @@ class RecordingProxy:
     def __init__(self, upstream_host: str) -> None:
         self.upstream_host = upstream_host
         self._log: list[Request] = []
-        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="recording-proxy", daemon=True)
@@ -84,13 +85,25 @@ class RecordingProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def requests(self) -> list[Request]:
-        with self._lock:
+    def requests(self, settle_timeout: float = 10.0) -> list[Request]:
+        """Everything recorded so far, once requests being answered right now are recorded too.
+
+        A client can have its last byte before the handler has written its record down; waiting
+        for in-flight requests closes that gap, so a count taken after a container exits is complete.
+        """
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=settle_timeout)
             return list(self._log)
 
+    def _begin(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
     def _record(self, request: Request) -> None:
-        with self._lock:
+        with self._idle:
             self._log.append(request)
+            self._in_flight -= 1
+            self._idle.notify_all()
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -108,6 +121,21 @@ class RecordingProxy:
                 self._forward(send_body=True)
 
             def _forward(self, send_body: bool) -> None:
+                """Relay one request and record it exactly once, also when relaying fails."""
+                proxy._begin()
+                status, sent, total = 0, 0, None
+                try:
+                    status, sent, total = self._relay(send_body)
+                finally:
+                    try:
+                        ranges = parse_range_header(self.headers.get("Range"), total)
+                    except ValueError:
+                        ranges = ((-1, -1),)  # unparseable: recorded so a test sees it, never silently whole-blob
+                    proxy._record(Request(self.command, self.path, status, sent, self.headers.get("User-Agent", ""),
+                                          ranges))
+
+            def _relay(self, send_body: bool) -> tuple[int, int, int | None]:
+                """Returns status, body bytes sent, and the blob size from Content-Range (if any)."""
                 upstream = http.client.HTTPConnection(proxy.upstream_host, timeout=60)
                 # Header by header: clients repeat `Accept`, and a dict would keep only the last one.
                 upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
@@ -138,10 +166,7 @@ class RecordingProxy:
                     self.close_connection = True  # the client went away; still record what it got
                 finally:
                     upstream.close()
-                    total = _total_size(resp.getheader("Content-Range"))
-                    proxy._record(Request(self.command, self.path, resp.status, sent,
-                                          self.headers.get("User-Agent", ""),
-                                          parse_range_header(self.headers.get("Range"), total)))
+                return resp.status, sent, _total_size(resp.getheader("Content-Range"))
 
         return Handler
 

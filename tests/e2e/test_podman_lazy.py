@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
-
 import pytest
 
 from tests.fixtures.images import decompress_layer, sha256_digest
@@ -24,6 +22,7 @@ from .app_images import (
     fetch_blob,
     fetch_image,
 )
+from .lazy_podman import short_podman_dir
 from .recording_proxy import Request, merge_ranges, overlapping_pairs
 
 pytestmark = [pytest.mark.root, pytest.mark.podman, pytest.mark.slow]
@@ -165,7 +164,7 @@ def test_rmi_releases_the_layers_in_the_store(lazy_podman, e2e_images):
     assert _layer_refs(after, ref, digest) < held
 
 
-def test_push_of_a_lazily_pulled_image(lazy_podman, e2e_images, registry, tmp_path):
+def test_push_of_a_lazily_pulled_image(lazy_podman, e2e_images, registry):
     image = e2e_images.app_esgz
     lazy_podman.pull(image)
     target = f"{registry.host}/e2e/pushed:copy"
@@ -177,10 +176,11 @@ def test_push_of_a_lazily_pulled_image(lazy_podman, e2e_images, registry, tmp_pa
     for layer, diff_id in zip(pushed.layers, pushed.diff_ids):
         blob = fetch_blob(registry.host, "e2e/pushed", layer["digest"])
         assert sha256_digest(decompress_layer(blob)) == diff_id, "the pushed layer is not the image's content"
-    plain_env = podman_env(tmp_path / "plain-podman")
-    try:
-        podman("pull", "--tls-verify=false", target, env=plain_env)
-        out = podman("run", "--rm", "--net=none", "--pull=never", target, env=plain_env).stdout
-        assert out == APP_OUTPUT
-    finally:
-        podman_cleanup(plain_env)
+    with short_podman_dir() as pod_dir:
+        plain_env = podman_env(pod_dir)
+        try:
+            podman("pull", "--tls-verify=false", target, env=plain_env)
+            out = podman("run", "--rm", "--net=none", "--pull=never", target, env=plain_env).stdout
+            assert out == APP_OUTPUT
+        finally:
+            podman_cleanup(plain_env)

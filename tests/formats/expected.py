@@ -32,7 +32,6 @@ from stargz_store.formats.layer_toc import ANNOTATION_TOC_DIGEST, ParsedToc, Rea
 from stargz_store.formats.toc import (
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
-    REG,
     TOC_TAR_NAME,
     normalize_name,
 )

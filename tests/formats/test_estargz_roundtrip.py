@@ -19,6 +19,7 @@ from stargz_store.formats.errors import EntryEscapesRootError, MissingHardlinkTa
 from stargz_store.formats.estargz import EStargzReader, build_estargz, read_file, read_toc
 from stargz_store.formats.estargz_writer import MEDIA_TYPE_LAYER_GZIP, UnsupportedTarEntryError
 from stargz_store.formats.layer_toc import ANNOTATION_TOC_DIGEST, ANNOTATION_UNCOMPRESSED_SIZE
+from stargz_store.formats.tar_input import InputTarError
 from stargz_store.formats.toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 
 from .expected import SYNTHETIC_NAMES, assert_layer_matches, expected_layer_from_tar, tree_snapshot
@@ -306,3 +307,82 @@ def test_reader_object(converted):
         reader.read("nope")
     with pytest.raises(IsADirectoryError):
         reader.read("dir")
+
+
+@pytest.mark.parametrize("damage", ["truncate-payload", "garbage-gzip", "truncate-gzip"])
+def test_corrupt_input_raises_input_tar_error(damage):
+    tar = small_tar()
+    data = {
+        "truncate-payload": tar[:1700],
+        "garbage-gzip": b"\x1f\x8b\x08\x00" + b"\xff" * 200,
+        "truncate-gzip": gzip.compress(tar)[:300],
+    }[damage]
+    with pytest.raises(InputTarError):
+        convert(data)
+
+
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_sparse_input_files_become_plain_files(tmp_path, tar_format):
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse = src / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"data in the middle")
+    tar_path = tmp_path / "in.tar"
+    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", str(tar_path), "-C", str(src), "sparse"], check=True)
+    result, blob = convert(tar_path.read_bytes())
+    reader = EStargzReader(BytesReadAt(blob), len(blob), expected_toc_digest=result.toc_digest)
+    assert reader.read("sparse") == sparse.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "out.tgz").write_bytes(blob)
+    subprocess.run(["tar", "-xzf", str(tmp_path / "out.tgz"), "-C", str(out)], check=True)
+    assert (out / "sparse").read_bytes() == sparse.read_bytes()
+
+
+def test_fast_toc_encoder_matches_json_dumps(converted):
+    result, blob = converted
+    entries = raw_toc(blob, read_toc(BytesReadAt(blob), len(blob), expected_toc_digest=None).toc_offset)["entries"]
+    entries.append({"name": 'quote"back\\slash\ttab\x01ctl', "type": "reg", "xattrs": {}})
+    for doc_entries in (entries, []):
+        expected = json.dumps({"version": 1, "entries": doc_entries}, indent="\t", ensure_ascii=False).encode()
+        assert estargz_writer.encode_toc_json(doc_entries) == expected
+
+
+def test_fast_tar_header_matches_tarfile(all_types):
+    import tarfile as tf
+
+    fast_count = 0
+    with tf.open(fileobj=io.BytesIO(all_types + small_tar()), mode="r:", encoding="utf-8", errors="surrogateescape") as tar:
+        infos = tar.getmembers()
+    extra = tf.TarInfo("big-mode")
+    extra.mode, extra.uid, extra.mtime = 0o107777, 8**7 - 1, 8**11 - 1
+    for info in infos + [extra]:
+        fast = estargz_writer.fast_ustar_header(info)
+        if fast is not None:
+            fast_count += 1
+            assert fast == info.tobuf(tf.PAX_FORMAT, "utf-8", "surrogateescape"), info.name
+    assert fast_count > 20
+
+
+def test_writer_refuses_entry_under_a_file():
+    t = TarBuilder()
+    t.file("a", b"file")
+    t.file("a/b", b"under a file")
+    with pytest.raises(UnsupportedTarEntryError):
+        convert(t.getvalue())
+
+
+def test_non_utf8_name_is_kept_in_tar_and_replaced_in_toc(tmp_path):
+    """Go's JSON turns invalid UTF-8 into U+FFFD; the tar stream keeps the raw bytes."""
+    t = TarBuilder()
+    raw_name = b"bad\xffname".decode("utf-8", "surrogateescape")
+    t.file(raw_name, b"payload")
+    result, blob = convert(t.getvalue())
+    reader = EStargzReader(BytesReadAt(blob), len(blob), expected_toc_digest=result.toc_digest)
+    assert reader.read("bad\ufffdname") == b"payload"
+    (tmp_path / "out.tgz").write_bytes(blob)
+    subprocess.run(["tar", "-xzf", str(tmp_path / "out.tgz"), "-C", str(tmp_path)], check=True, stderr=subprocess.DEVNULL)
+    assert (tmp_path / b"bad\xffname".decode("utf-8", "surrogateescape")).read_bytes() == b"payload"

@@ -134,10 +134,11 @@ def _assert_round_trip(tar_bytes: bytes, blob: bytes, result) -> zstd_chunked.Zs
     return parsed
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "all-types"])
-def test_round_trip(case):
+@pytest.mark.parametrize("chunk_size", [None, CHUNK], ids=["rollsum", "fixed"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip(case, chunk_size):
     tar_bytes = CASES[case]()
-    blob, result = _build(tar_bytes, chunk_size=CHUNK)
+    blob, result = _build(tar_bytes, chunk_size=chunk_size)
     _assert_round_trip(tar_bytes, blob, result)
 
 

@@ -74,7 +74,7 @@ def sample_files(seed: int = 1) -> dict[str, bytes]:
 class FaultySource(FileBlobSource):
     """A local blob source that can fail like a network: raise, stall, or flip a byte.
 
-    `stall` blocks each read until `release` is set (or forever), to exercise timeouts.
+    `stall` blocks each read until `release` is set (at most a minute), to exercise timeouts.
     """
 
     def __init__(self, path: Path) -> None:
@@ -89,7 +89,7 @@ class FaultySource(FileBlobSource):
     def read_ranges(self, ranges):
         self.entered.set()
         if self.stall:
-            self.release.wait()
+            self.release.wait(60)  # bounded, so a broken test fails instead of hanging the suite
         if self.delay:
             self.release.wait(self.delay)
         if self.fail_with is not None:
@@ -100,3 +100,7 @@ class FaultySource(FileBlobSource):
         if self.flip_bytes:
             out = [bytes(b[: len(b) // 2]) + bytes([b[len(b) // 2] ^ 0xFF]) + bytes(b[len(b) // 2 + 1 :]) for b in out]
         return out
+
+    def reset_counters(self) -> None:
+        super().reset_counters()
+        self.entered.clear()

@@ -88,9 +88,9 @@ def test_far_apart_chunks_are_separate_ranges_of_one_call(sample_layer, open_lay
 
 def test_concurrent_readers_of_one_chunk_share_one_fetch(sample_layer, tmp_path, open_layer):
     src = FaultySource(sample_layer.path)
-    src.stall = True
     layer, _ = open_layer(sample_layer, source=src)
     src.reset_counters()
+    src.stall = True
     entry = layer.toc.lookup("usr/share/doc/text")
     chunk = entry.chunks[2]
     expected = sample_layer.files["usr/share/doc/text"][chunk.file_offset : chunk.file_offset + 1000]
@@ -229,6 +229,7 @@ def test_background_fetch_completes_then_everything_reads_without_requests(sampl
 def test_background_fetch_stops_on_close(sample_layer, open_layer):
     src = FaultySource(sample_layer.path)
     layer, _ = open_layer(sample_layer, source=src)
+    src.reset_counters()
     src.delay = 0.05
     layer.start_background_fetch()
     wait_until(lambda: src.entered.is_set())

@@ -94,6 +94,17 @@ def test_basic_wrong_or_missing_credentials(tls_basic_registry, tmp_path, caplog
             client.get_manifest(ref)
 
 
+def test_credentials_from_the_config_file(tls_basic_registry, tmp_path):
+    """`[resolver.host."H"] username/password` in config.toml, over an auth file with wrong ones."""
+    reg = tls_basic_registry
+    config = RegistryConfig.from_toml({"resolver": {"auth_file": write_auth_file(tmp_path / "a.json", {reg.host: ("alice", "wrong")}),
+                                                    "host": {reg.host: {"ca_file": str(reg.ca_cert), "username": "bob",
+                                                                        "password": reg.users["bob"]}}}})
+    assert "builder" not in repr(config)
+    with RegistryClient(config) as client:
+        assert client.blob_exists(parse_reference(f"{reg.host}/tls/cfg:v1"), sha256_digest(b"x")) is False
+
+
 # ---- Bearer tokens ------------------------------------------------------------------------
 
 @pytest.fixture
@@ -222,3 +233,59 @@ def test_credential_helper(token_registry, tmp_path, monkeypatch, key):
         assert client.get_manifest(ref).digest == digest
     assert (tmp_path / "bin" / "docker-credential-testhelper.calls").read_text().split() [0] == host
     assert helper.exists()
+
+
+def test_identity_token_uses_the_oauth2_post_flow(token_registry, alice_auth, tmp_path):
+    ref = parse_reference(f"{token_registry.host}/private/oauth:v1")
+    with RegistryClient(quick(auth_file=alice_auth)) as client:
+        digest, _ = push_image(client, ref, [random_blob(100)])
+    issuer = token_registry.issuer
+    issuer.refresh_tokens["REFRESH-123"] = "alice"
+    auth = tmp_path / "identity.json"
+    auth.write_text(json.dumps({"auths": {token_registry.host: {
+        "auth": base64.b64encode(b"<token>:").decode(), "identitytoken": "REFRESH-123"}}}))
+    before = len(issuer.requests)
+    with RegistryClient(quick(auth_file=str(auth))) as client:
+        assert client.get_manifest(ref).digest == digest
+    [request] = issuer.requests[before:]
+    assert request["oauth"] and request["user"] == "alice"
+    assert request["scopes"] == ["repository:private/oauth:pull"]
+
+
+def test_token_server_hiccup_is_retried(token_registry, alice_auth):
+    """The token endpoint answering 503 once (behind a FaultProxy) must not fail the pull."""
+    from tests.fixtures.fault_proxy import FaultProxy
+
+    issuer = token_registry.issuer
+    ref = parse_reference(f"{token_registry.host}/private/hiccup:v1")
+    with RegistryClient(quick(auth_file=alice_auth)) as client:
+        digest, _ = push_image(client, ref, [random_blob(100)])
+    token_proxy = FaultProxy(issuer.realm.split("/")[2]).start()
+    front = FaultProxy(token_registry.host).start()
+    try:
+        challenge = f'Bearer realm="{token_proxy.url}/token",service="{issuer.service}"'
+        front.add_rule("status", status=401, headers={"WWW-Authenticate": challenge}, path_contains="/manifests/")
+        token_proxy.add_rule("status", status=503, path_contains="/token")
+        auth = write_auth_file(token_registry.registry.workdir / "front.json",
+                               {front.host: ("alice", token_registry.users["alice"])})
+        with RegistryClient(quick(auth_file=auth)) as client:
+            assert client.get_manifest(parse_reference(f"{front.host}/private/hiccup:v1")).digest == digest
+        assert len(token_proxy.requests_to("/token")) == 2
+    finally:
+        token_proxy.stop()
+        front.stop()
+
+
+def test_401_without_challenge_learns_it_from_the_ping_endpoint(token_registry, alice_auth):
+    from tests.fixtures.fault_proxy import FaultProxy
+
+    ref0 = parse_reference(f"{token_registry.host}/private/ping:v1")
+    with RegistryClient(quick(auth_file=alice_auth)) as client:
+        digest, _ = push_image(client, ref0, [random_blob(10)])
+    with FaultProxy(token_registry.host) as proxy:
+        proxy.add_rule("status", status=401, path_contains="/manifests/")  # no WWW-Authenticate
+        auth = write_auth_file(token_registry.registry.workdir / "ping.json",
+                               {proxy.host: ("alice", token_registry.users["alice"])})
+        with RegistryClient(quick(auth_file=auth)) as client:
+            assert client.get_manifest(parse_reference(f"{proxy.host}/private/ping:v1")).digest == digest
+        assert [p for m, p, _ in proxy.seen if m == "GET"][:2] == ["/v2/private/ping/manifests/v1", "/v2/"]

@@ -66,4 +66,6 @@ def test_mirror_list_order_and_rich_host_config(private_registry, mirror):
     )
     with RegistryClient(config) as client:
         assert client.get_manifest(ref).digest == digest
-    assert mirror_log_lines(mirror, "/manifests/v1")
+        assert client.get_manifest(ref).digest == digest
+        assert list(client._mirror_down_until) == ["127.0.0.1:1"], "the dead mirror is skipped for a while"
+    assert len(mirror_log_lines(mirror, "/manifests/v1")) == 2

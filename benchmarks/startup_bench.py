@@ -1,0 +1,246 @@
+"""Container start time, lazy against full pull, on a shaped link (HelloBench method; issue 6).
+
+    python -m benchmarks startup                      # 5 runs, 100 Mbit/s, 20 ms RTT
+    python -m benchmarks startup --runs 1 --images bigdata --modes legacy,estargz
+    python -m benchmarks.startup_bench --link both --rate-mbit 50 --rtt-ms 40
+
+For each image (python, toolchain, bigdata) and mode (legacy, estargz-noopt,
+estargz, warm) it measures pull, create and run-to-first-output seconds, the
+bytes that came from the registry, and the store's CPU seconds and peak RSS.
+The registry runs in a network namespace behind a user-space link emulator
+(benchmarks/startup/linkemu.py); everything it sets up is removed at the end,
+on failure and on SIGINT/SIGTERM, and a crashed run's leftovers are swept at the
+next start. Needs root, podman, runc, skopeo, docker-registry, strace, and
+Debian package lists (the images are built from .debs, cached in --cache-dir).
+Results: a Markdown table on stdout and in benchmarks/results/startup-*.md,
+the raw runs in startup-*.json, the chart in startup-*.png (needs matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.startup import images as images_mod
+from benchmarks.startup import leftovers, link as link_mod, podman, report, runner
+from benchmarks.startup.fill import PROBE_REPO, fill
+from benchmarks.startup.registry import Registry, free_port
+from benchmarks.startup.store import Store
+
+log = logging.getLogger("benchmarks.startup")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path("/var/tmp/stargz-bench")
+DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results"
+REGISTRY_PORT = 5000
+REQUIRED_TOOLS = ("podman", "runc", "skopeo", "docker-registry", "strace", "ip", "unshare", "apt-get",
+                  "dpkg-deb", "gzip", "conmon")
+
+
+class Cleanup:
+    """Undo steps, run once, newest first: from `finally`, from atexit and after SIGTERM/SIGHUP."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], None]]] = []
+
+    def push(self, what: str, step: Callable[[], None]) -> None:
+        self.steps.append((what, step))
+
+    def run(self) -> None:
+        while self.steps:
+            what, step = self.steps.pop()
+            try:
+                step()
+            except Exception as e:  # keep undoing the rest
+                log.warning("cleanup: %s failed: %s", what, e)
+
+
+def _raise_exit(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise SystemExit(128 + signum)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks startup", description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=5, help="measured runs per image and mode (default 5)")
+    p.add_argument("--images", default=",".join(images_mod.RECIPES), help="comma-separated (default: all)")
+    p.add_argument("--modes", default=",".join(runner.MODES), help="comma-separated (default: all)")
+    p.add_argument("--link", choices=("shaped", "unshaped", "both"), default="shaped")
+    p.add_argument("--rate-mbit", type=float, default=100.0, help="shaped link rate per direction (default 100)")
+    p.add_argument("--rtt-ms", type=float, default=20.0, help="shaped link round-trip time (default 20)")
+    p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"built images, .debs, registry (default {DEFAULT_CACHE})")
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.images = [i for i in args.images.split(",") if i]
+    args.modes = [m for m in args.modes.split(",") if m]
+    for name in args.images:
+        if name not in images_mod.RECIPES:
+            p.error(f"unknown image {name!r}; known: {', '.join(images_mod.RECIPES)}")
+    for mode in args.modes:
+        if mode not in runner.MODES:
+            p.error(f"unknown mode {mode!r}; known: {', '.join(runner.MODES)}")
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
+
+
+def machine_description() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    try:
+        debian = Path("/etc/debian_version").read_text().strip()
+    except OSError:
+        debian = "?"
+    podman_version = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(int(mem) / 1048576, 1),
+            "kernel": platform.release(), "debian": debian, "podman": podman_version,
+            "python": platform.python_version()}
+
+
+def sweep(run_dir: Path) -> None:
+    """Whatever a crashed run left: processes, the namespace, podman's and the store's mounts, the run dir."""
+    link_mod.remove_leftovers()
+    if run_dir.exists():
+        for sub in ("podman-plain", "podman-lazy"):
+            if (run_dir / sub / "storage.conf").exists():
+                podman.cleanup(podman.podman_env(run_dir / sub))
+        leftovers.unmount_all_under(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_link(kind: str, args: argparse.Namespace, built: list[images_mod.BuiltImage], probe: str,
+             run_dir: Path, cleanup: Cleanup) -> tuple[list[dict], dict]:
+    """All runs over one link; returns (run results, link description)."""
+    spec = link_mod.LinkSpec(shaped=(kind == "shaped"), rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, mtu=args.mtu)
+    link = link_mod.Link(spec, run_dir)
+    link.up()
+    cleanup.push("link down", link.down)
+    registry = Registry(args.cache_dir / "registry", run_dir, link_mod.REGISTRY_ADDRESS, REGISTRY_PORT,
+                        link_mod.Link.netns_command())
+    registry.start()
+    cleanup.push("registry stop", registry.stop)
+    measured = link_mod.measure(link_mod.REGISTRY_ADDRESS, REGISTRY_PORT,
+                                f"http://{registry.host}/v2/{PROBE_REPO}/blobs/{probe}")
+    label = spec.describe()
+    print(f"link: {label}; {measured.describe()}", flush=True)
+    plain_env = podman.podman_env(run_dir / "podman-plain")
+    store = Store(run_dir / "store")
+    lazy_env = podman.podman_env(run_dir / "podman-lazy", additional_layer_store=store.mountpoint)
+    cleanup.push("podman cleanup", lambda: (podman.cleanup(plain_env), podman.cleanup(lazy_env)))
+    cleanup.push("store stop", store.stop)
+    envs = runner.Environment(link, registry, plain_env, lazy_env, store, kind)
+    results = []
+    markers = {b.name: b.marker for b in built}
+    for run in range(1, args.runs + 1):
+        for image in args.images:
+            for mode in args.modes:
+                r = runner.measure(envs, image, mode, run, markers[image], run_dir)
+                status = "ok" if r.ok else f"FAILED: {r.error[:300]}"
+                print(f"  [{kind}] {image:9} {mode:13} run {run}: pull {r.pull_s:6.2f}  create {r.create_s:5.2f}  "
+                      f"run {r.run_s:5.2f}  total {r.total_s:6.2f} s  "
+                      f"{r.link_bytes_first_output / 1e6:7.1f} MB @1st output  {status}", flush=True)
+                results.append(r.to_json())
+    store.stop()
+    podman.cleanup(plain_env)
+    podman.cleanup(lazy_env)
+    registry.stop()
+    link.down()
+    return results, {"kind": kind, "label": label, "spec": spec.__dict__, "measured": measured.__dict__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("the startup benchmark needs root (network namespace, FUSE, podman storage, drop_caches)")
+        return 1
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)} (run `make deps`)")
+        return 1
+    run_dir = args.cache_dir / "run"
+    cleanup = Cleanup()
+    atexit.register(cleanup.run)
+    previous = {sig: signal.signal(sig, _raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        sweep(run_dir)
+        cleanup.push("sweep", lambda: sweep(run_dir))
+        run_dir.mkdir(parents=True)
+        built = []
+        for name in args.images:
+            image = images_mod.build(images_mod.RECIPES[name], args.cache_dir)
+            print(f"image {name}: {image.uncompressed_bytes / 1e6:.0f} MB uncompressed, "
+                  f"{image.compressed_bytes / 1e6:.0f} MB gzip, {len(image.layers)} layers, "
+                  f"{image.record_paths} recorded paths", flush=True)
+            built.append(image)
+        loopback = Registry(args.cache_dir / "registry", run_dir, "127.0.0.1", free_port())
+        loopback.start()
+        cleanup.push("loopback registry stop", loopback.stop)
+        filled = fill(built, loopback, args.cache_dir / "registry-state.json")
+        loopback.stop()
+        kinds = ["shaped", "unshaped"] if args.link == "both" else [args.link]
+        all_results, links = [], []
+        for kind in kinds:
+            results, described = run_link(kind, args, built, filled["probe"], run_dir, cleanup)
+            all_results += results
+            links.append(described)
+        return write_results(args, started, built, filled, links, all_results)
+    finally:
+        cleanup.run()
+        leftovers.PID_FILE.unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def write_results(args, started: str, built, filled: dict, links: list[dict], results: list[dict]) -> int:
+    summaries = report.summarize(results)
+    # the Go reference was taken at 100 Mbit/s, 20 ms only
+    reference_link = "shaped" if (args.rate_mbit, args.rtt_ms) == (100, 20) else ""
+    machine = machine_description()
+    table = report.table(summaries, reference_link)
+    link_lines = "\n".join(f"- link: {l['label']}; measured RTT {l['measured']['rtt_ms_median']:.1f} ms, "
+                           f"throughput {l['measured']['throughput_mbit']:.1f} Mbit/s" for l in links)
+    image_lines = "\n".join(
+        f"- {b.name}: {b.uncompressed_bytes / 1e6:.0f} MB uncompressed, {b.compressed_bytes / 1e6:.0f} MB gzip "
+        f"({len(b.layers)} layers), workload `{' '.join(images_mod.RECIPES[b.name].cmd)[:90]}`" for b in built)
+    header = (f"Startup benchmark {started}: median of {args.runs} run(s) per cell; "
+              f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
+              f"kernel {machine['kernel']}, Debian {machine['debian']}, {machine['podman']}.")
+    text = f"{header}\n\n{link_lines}\n{image_lines}\n\n{table}\n"
+    print("\n" + text, flush=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = started.replace(":", "").replace("-", "")
+    doc = {"started": started, "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
+           "links": links, "images": [b.to_json() for b in built], "registry": filled,
+           "summary": [s.to_json() for s in summaries], "runs": results}
+    for name in (f"startup-{stamp}", "startup-latest"):
+        (args.results_dir / f"{name}.json").write_text(json.dumps(doc, indent=1))
+        (args.results_dir / f"{name}.md").write_text(text)
+    png = args.results_dir / f"startup-{stamp}.png"
+    title = "; ".join(l["label"] for l in links) + f" — median of {args.runs}"
+    if report.chart(summaries, png, title):
+        shutil.copyfile(png, args.results_dir / "startup-latest.png")
+        print(f"chart: {png}")
+    print(f"results: {args.results_dir / f'startup-{stamp}.json'}")
+    return 1 if any(not r["ok"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Reading registry responses: bounded bodies, exact single ranges, multi-range answers.
+
+Consumers raise `TransientError` for anything a retry may fix (a body cut short, a server that
+answered another range), so `Transport.call` retries them under its bounds.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+import urllib3
+
+from .auth import TransientError
+from .errors import (
+    DigestMismatchError,
+    InvalidReferenceError,
+    RangeNotSatisfiableError,
+    RegistryTimeoutError,
+    ShortReadError,
+    UnsupportedManifestError,
+    redact_url,
+)
+from .multipart import MultipartError, boundary_of, parse_byteranges, parse_content_range
+from .transport import check_status
+
+READ_CHUNK = 1 << 20
+
+
+def hasher_for(digest: str) -> Any:
+    """A hashlib object for the digest's algorithm (sha256, sha384 or sha512)."""
+    algorithm = digest.split(":", 1)[0]
+    if algorithm not in ("sha256", "sha512", "sha384"):
+        raise InvalidReferenceError(f"unsupported digest algorithm in {digest!r}")
+    return hashlib.new(algorithm)
+
+
+def url_host(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc.rsplit("@", 1)[-1]
+
+
+def check_same_digest(expected: str, raw: bytes, what: str) -> None:
+    h = hasher_for(expected)
+    h.update(raw)
+    actual = f"{expected.split(':', 1)[0]}:{h.hexdigest()}"
+    if actual != expected:
+        raise DigestMismatchError(f"{what}: content hashes to {actual}")
+
+
+def read_limited(resp: requests.Response, limit: int, what: str) -> bytes:
+    length = resp.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > limit:
+        raise UnsupportedManifestError(f"{what}: {length} bytes exceeds the {limit}-byte limit")
+    data = read_exact_body(resp, limit + 1)
+    if len(data) > limit:
+        raise UnsupportedManifestError(f"{what}: larger than the {limit}-byte limit")
+    return data
+
+
+def read_exact_body(resp: requests.Response, limit: int) -> bytes:
+    """Read the body (up to `limit`); a connection cut short surfaces as a transient error."""
+    try:
+        # Decoding only when the server encoded: urllib3's decoder path costs extra copies.
+        return resp.raw.read(limit, decode_content="Content-Encoding" in resp.headers)
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError, OSError) as exc:
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+            raise TransientError(RegistryTimeoutError(f"reading {redact(resp)} timed out")) from None
+        raise TransientError(ShortReadError(f"connection broken while reading {redact(resp)}")) from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise TransientError(ShortReadError(f"reading {redact(resp)} failed ({type(exc).__name__})")) from None
+
+
+def redact(resp: requests.Response) -> str:
+    return redact_url(resp.url)
+
+
+def consume_single_range(resp: requests.Response, offset: int, length: int, what: str) -> bytes:
+    check_status(resp, what, ok=(200, 206))
+    if resp.status_code == 206:
+        cr = parse_content_range(resp.headers.get("Content-Range"))
+        if cr is None or cr.first != offset:
+            raise TransientError(ShortReadError(f"{what}: server answered a different range "
+                                                f"({resp.headers.get('Content-Range')!r})"))
+        if cr.length < length:
+            if cr.total is not None and cr.total < offset + length:
+                raise RangeNotSatisfiableError(f"{what}: beyond the end of the {cr.total}-byte blob")
+            raise TransientError(ShortReadError(f"{what}: server sent only {cr.length} bytes"))
+        data = read_exact_body(resp, length)
+        if len(data) < length:
+            raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
+        return data
+    # 200: the server ignored Range; skip to the offset in the stream and stop after the range.
+    skipped = 0
+    while skipped < offset:
+        got = read_exact_body(resp, min(READ_CHUNK, offset - skipped))
+        if not got:
+            raise RangeNotSatisfiableError(f"{what}: blob ends at byte {skipped}")
+        skipped += len(got)
+    data = read_exact_body(resp, length)
+    if len(data) < length:
+        total = resp.headers.get("Content-Length")
+        if total and total.isdigit() and int(total) < offset + length:
+            raise RangeNotSatisfiableError(f"{what}: beyond the end of the {total}-byte blob")
+        raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
+    return data
+
+
+def consume_multi_range(resp: requests.Response, regions: list[tuple[int, int]], what: str) -> list[tuple[int, bytes]]:
+    check_status(resp, what, ok=(200, 206))
+    if resp.status_code == 200:
+        end = max(off + length for off, length in regions)
+        parts: list[tuple[int, bytes]] = []
+        data = read_exact_body(resp, end)
+        if len(data) < end:
+            raise TransientError(ShortReadError(f"{what}: body ended at byte {len(data)}"))
+        for off, length in regions:
+            parts.append((off, data[off:off + length]))
+        return parts
+    boundary = boundary_of(resp.headers.get("Content-Type", ""))
+    if boundary is None:
+        cr = parse_content_range(resp.headers.get("Content-Range"))
+        if cr is None:
+            raise TransientError(ShortReadError(f"{what}: 206 without Content-Range"))
+        data = read_exact_body(resp, cr.length)
+        if len(data) != cr.length:
+            raise TransientError(ShortReadError(f"{what}: got {len(data)} of {cr.length} bytes"))
+        return [(cr.first, data)]
+    expected = resp.headers.get("Content-Length")
+    limit = int(expected) if expected and expected.isdigit() else sum(l for _, l in regions) + 4096 * len(regions) + 65536
+    body = read_exact_body(resp, limit)
+    if expected and expected.isdigit() and len(body) != int(expected):
+        raise TransientError(ShortReadError(f"{what}: got {len(body)} of {expected} multipart bytes"))
+    try:
+        return parse_byteranges(body, boundary)
+    except MultipartError as exc:
+        raise TransientError(ShortReadError(f"{what}: bad multipart body ({exc})")) from None
+
