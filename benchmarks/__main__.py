@@ -14,7 +14,8 @@ import time
 BENCHMARKS = {
     "convert": ("benchmarks.convert_bench", "converter throughput vs gzip -6 (issue: foundation)"),
     "registry": ("benchmarks.registry_bench", "ranged-read throughput and latency (issue: registry)"),
-    "layer": ("benchmarks.layer_bench", "store data path: lookup, RSS, cold/warm reads (issue: store)"),
+    "layer": ("benchmarks.layer_bench", "layer data path: cold and warm reads through the chunk cache"),
+    "store": ("benchmarks.store_bench", "mounted store: first lookup, RSS, cold/warm reads vs local disk (issue: store)"),
     "startup": ("benchmarks.startup_bench", "container start time, lazy vs full pull (issue: benchmark)"),
 }
 

@@ -107,22 +107,32 @@ def chart(summaries: list[Summary], out: Path, title: str) -> bool:
     colours = {"pull": "#4c72b0", "create": "#dd8452", "run": "#55a868"}
     for ax, link in zip(axes[0], links):
         rows = [s for s in summaries if s.link == link and s.runs > s.failed]
-        labels = [f"{s.image}\n{s.mode}" for s in rows]
-        x = range(len(rows))
+        # one group of bars per image, a gap between groups, like the reference figure
+        x, groups, position, previous = [], {}, 0.0, None
+        for s in rows:
+            if previous is not None and s.image != previous:
+                position += 0.8
+            x.append(position)
+            groups.setdefault(s.image, []).append(position)
+            previous = s.image
+            position += 1.0
         bottom = [0.0] * len(rows)
         for part in ("pull", "create", "run"):
             values = [getattr(s, part) for s in rows]
-            ax.bar(x, values, bottom=bottom, color=colours[part], label=part)
+            ax.bar(x, values, bottom=bottom, color=colours[part], label=part, width=0.8)
             bottom = [b + v for b, v in zip(bottom, values)]
-        err_low = [s.total - s.total_min for s in rows]
-        err_high = [s.total_max - s.total for s in rows]
+        err_low = [max(0.0, s.total - s.total_min) for s in rows]
+        err_high = [max(0.0, s.total_max - s.total) for s in rows]
         ax.errorbar(x, bottom, yerr=[err_low, err_high], fmt="none", ecolor="black", capsize=3, linewidth=1)
         for xi, total in zip(x, bottom):
             ax.text(xi, total, f"{total:.1f}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("seconds (median; bars: min–max of total)")
-        ax.set_title(link, fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels([s.mode for s in rows], rotation=45, ha="right", fontsize=7)
+        for image, positions in groups.items():
+            ax.text(sum(positions) / len(positions), 1.01, image, ha="center", va="bottom", fontsize=9,
+                    fontweight="bold", transform=ax.get_xaxis_transform())
+        ax.set_ylabel("seconds (median; whiskers: min–max of total)")
+        ax.set_title(link, fontsize=9, pad=18)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

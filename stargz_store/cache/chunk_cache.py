@@ -49,8 +49,12 @@ class MemoryLru:
                 self._items.move_to_end(key)
             return value
 
+    def accepts(self, size: int) -> bool:
+        """Whether a value of `size` bytes would be kept at all."""
+        return size <= self.max_bytes // 4
+
     def put(self, key: str, value: bytes) -> None:
-        if len(value) > self.max_bytes // 4:
+        if not self.accepts(len(value)):
             return
         with self._lock:
             old = self._items.pop(key, None)

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="SRC/DST: oci:DIR[:TAG] (OCI image layout) or docker://HOST[:PORT]/REPO:TAG (registry; "
         "plain HTTP for loopback hosts and with --insecure, HTTPS otherwise; credentials from the usual auth files).",
     )
-    p.add_argument("--format", choices=sorted(_FORMATS), default="estargz", help="layer format (default: estargz)")
+    p.add_argument("--format", choices=sorted(_FORMATS), default="estargz", metavar="{estargz,zstd-chunked}",
+                   help="layer format (default: estargz)")
     p.add_argument("--record-in", metavar="FILE",
                    help='JSON-lines file of paths to prioritize ({"path": "..."} per line, as nerdctl writes it)')
     p.add_argument("--chunk-size", metavar="BYTES", type=parse_size,

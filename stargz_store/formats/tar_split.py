@@ -20,6 +20,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .crc64 import Crc64
 from .errors import FormatError
+from .tar_input import InputTarError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ SEGMENT_TYPE = 2
 FILE_TYPE = 1
 
 
-class TarFormatError(FormatError):
+class TarFormatError(InputTarError):
     """The input is not a tar stream we can re-frame faithfully (corrupt header, sparse file...)."""
 
 

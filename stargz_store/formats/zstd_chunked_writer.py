@@ -36,7 +36,7 @@ from .layer_toc import (
     ANNOTATION_ZSTD_TARSPLIT_POSITION,
     BuildResult,
 )
-from .tar_input import open_tar_stream
+from .tar_input import INPUT_ERRORS, InputTarError, open_tar_stream
 from .tar_split import FileEntry, Segment, TarHeader, TarSplitPacker, split_tar
 from .toc import normalize_name
 from .zstd_chunked_footer import (
@@ -379,7 +379,10 @@ def build_zstd_chunked(
 
     tar_split = _SpooledZstd(compression_level, tmpdir)
     try:
-        entries = _write_entries(src, out, tar_split, chunk_size, on_data)
+        try:
+            entries = _write_entries(src, out, tar_split, chunk_size, on_data)
+        except INPUT_ERRORS as e:
+            raise InputTarError(f"input layer is not a valid tar stream: {e}") from e
         tar_split_size = tar_split.finish()
         tar_split_digest = _file_sha256(tar_split.file)
         toc = {"version": 1, "entries": entries, "tarSplitDigest": tar_split_digest}

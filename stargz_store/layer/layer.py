@@ -92,12 +92,12 @@ class Layer:
         self._background_thread: threading.Thread | None = None
         self._background_done = threading.Event()
         self.background_state = "not started"
-        self._last_read_end: OrderedDict[int, int] = OrderedDict()
+        self._last_read_end: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> (next offset, read ahead up to chunk)
         self._last_read_lock = threading.Lock()
         self._counters = _Counters(
             "fetched_bytes", "requests", "fetch_calls", "fetch_errors", "chunks_fetched",
             "cache_hits", "cache_misses", "verify_failures", "timeouts",
-            "prefetch_bytes", "background_bytes", "blob_cache_hits",
+            "prefetch_bytes", "background_bytes", "blob_cache_hits", "cache_write_errors",
         )
 
     # ---- file data ---------------------------------------------------------------------------
@@ -155,20 +155,37 @@ class Layer:
     def _synthesize_zeros(self, chunk: Chunk) -> bytes | None:
         """A zstd:chunked hole needs no fetch: the codec makes and verifies it from nothing."""
         try:
-            return self.parsed.decompress_chunk(b"", chunk)
+            data = self.parsed.decompress_chunk(b"", chunk)
         except Exception:  # the codec wants the real frame after all: fetch it
             return None
+        self.cache.memory.put(chunk.digest, data)
+        return data
 
     def _chunk_extent(self, chunk: Chunk, *, keep_in_memory: bool) -> Extent:
+        # When the memory LRU will hold the chunk, waiters are woken before the disk write (a
+        # reader arriving meanwhile finds it in memory); otherwise the disk write comes first, so
+        # there is never a moment where a landed chunk is in neither place.
+        write_later = keep_in_memory and self.cache.memory.accepts(chunk.size)
+
         def finish(raw: memoryview) -> bytes:
             data = self.parsed.decompress_chunk(raw, chunk)
             if len(data) != chunk.size:
                 raise LayerReadError(
                     f"chunk {chunk.digest} decompressed to {len(data)} bytes, the TOC says {chunk.size}"
                 )
-            self.cache.put(chunk.digest, data, keep_in_memory=keep_in_memory)
             self._counters.add("chunks_fetched")
+            if write_later:
+                self.cache.memory.put(chunk.digest, data)
+            else:
+                persist(data)
             return data
+
+        def persist(data: bytes) -> None:
+            try:
+                self.cache.put(chunk.digest, data, keep_in_memory=False)  # memory: done in finish
+            except OSError as e:  # a full or broken cache disk must not fail a verified read
+                self._counters.add("cache_write_errors")
+                log.warning("layer %s: cannot cache chunk %s: %s", self.blob_digest, chunk.digest, e)
 
         return Extent(
             key=chunk.digest,
@@ -176,32 +193,42 @@ class Layer:
             end=chunk.blob_end,
             finish=finish,
             cached=lambda: self.cache.get(chunk.digest, chunk.size, keep_in_memory=keep_in_memory),
+            persist=persist if write_later else None,
         )
 
     def _maybe_read_ahead(self, entry: TocEntry, offset: int, size: int, last: Chunk) -> None:
         """On a sequential read of a file (it starts where the previous read of the file ended),
-        start fetching the file's next chunks, up to `readahead_size` compressed bytes, without
-        waiting for them."""
+        start fetching the file's next chunks, up to `readahead_size` compressed bytes past the
+        read, without waiting for them. Each chunk is considered once per sequential run, so a
+        read inside an already covered window costs no lookups."""
+        last_index = entry.chunk_index_for_offset(last.file_offset)
+        chunks = entry.chunks
+        window_end = last_index
+        budget = self.config.readahead_size
+        while window_end + 1 < len(chunks) and budget > 0:
+            window_end += 1
+            budget -= chunks[window_end].blob_end - chunks[window_end].blob_offset
         with self._last_read_lock:
-            sequential = offset == 0 or self._last_read_end.get(entry.ino) == offset
-            self._last_read_end[entry.ino] = offset + size
+            next_offset, ahead_until = self._last_read_end.get(entry.ino, (-1, -1))
+            sequential = offset == 0 or offset == next_offset
+            if not sequential:
+                ahead_until = -1
+            first = max(last_index, ahead_until) + 1
+            self._last_read_end[entry.ino] = (offset + size, max(ahead_until, window_end) if sequential else -1)
             self._last_read_end.move_to_end(entry.ino)
             while len(self._last_read_end) > _SEQUENTIAL_TRACKED:
                 self._last_read_end.popitem(last=False)
-        if not sequential:
+        if not sequential or first > window_end:
             return
         ahead: dict[str, Chunk] = {}
-        budget = self.config.readahead_size
-        for c in entry.chunks[entry.chunk_index_for_offset(last.file_offset) + 1 :]:
-            if budget <= 0:
-                break
-            budget -= c.blob_end - c.blob_offset
-            if c.digest not in ahead and not self.cache.contains(c.digest):
+        for c in chunks[first : window_end + 1]:
+            if c.digest not in ahead and not c.zeros and not self.cache.contains(c.digest):
                 ahead[c.digest] = c
         if ahead:
             mine, _ = self._flights.claim(ahead)
-            if mine:
-                self._dispatch([self._chunk_extent(ahead[k], keep_in_memory=True) for k in mine], mine)
+            if mine:  # one request per chunk: they land one by one, in parallel, as the reader needs them
+                extents = [self._chunk_extent(ahead[k], keep_in_memory=True) for k in mine]
+                self._dispatch(extents, mine, max_request_size=0)
 
     # ---- raw blob ----------------------------------------------------------------------------
 
@@ -269,9 +296,17 @@ class Layer:
 
     # ---- fetching ----------------------------------------------------------------------------
 
-    def _dispatch(self, extents: list[Extent], flights: dict[str, Flight], *, foreground: bool = True) -> None:
+    def _dispatch(
+        self,
+        extents: list[Extent],
+        flights: dict[str, Flight],
+        *,
+        foreground: bool = True,
+        max_request_size: int | None = None,
+    ) -> None:
         """Plan requests for claimed extents and run them on the worker threads."""
-        requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=self.config.max_request_size)
+        max_size = self.config.max_request_size if max_request_size is None else max_request_size
+        requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=max_size)
         for batch in split_into_batches(requests, self.config.max_concurrency):
             self._submit(batch, flights, foreground=foreground)
 
@@ -364,6 +399,8 @@ class Layer:
             self._flights.finish(ext.key, flight, error=err)
         else:
             self._flights.finish(ext.key, flight, result=value)
+            if ext.persist is not None:
+                ext.persist(value)
 
     def _wait(self, flights: dict[str, Flight], deadline: float) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -471,7 +508,7 @@ class Layer:
                 if c.digest in seen:
                     continue
                 seen.add(c.digest)
-                if self.cache.contains(c.digest):
+                if self.cache.contains(c.digest) or (c.zeros and self._synthesize_zeros(c) is not None):
                     continue
                 batch[c.digest] = c
                 batch_bytes += c.blob_end - c.blob_offset
@@ -524,10 +561,27 @@ class Layer:
         out["in_flight"] = len(self._flights)
         return out
 
-    def close(self) -> None:
-        """Stop background work and fail pending waits; the on-disk cache stays."""
+    def drain(self, timeout: float) -> bool:
+        """Wait until no on-demand or prefetch fetch is running (their cache writes included);
+        True if that happened within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._foreground:
+            while self._foreground_active > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._foreground.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop background work and fail pending waits; the on-disk cache stays.
+
+        Fetches already running get up to `timeout` seconds to finish writing what they fetched
+        to the cache (a stalled network fetch is not waited for beyond that).
+        """
         if self._closed.is_set():
             return
+        self.drain(timeout)
         self._closed.set()
         with self._foreground:
             self._foreground.notify_all()

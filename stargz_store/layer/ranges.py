@@ -11,7 +11,8 @@ class Extent:
 
     `finish` turns the raw bytes into the value cached and handed to waiters (for a chunk: decompress
     and verify); it raises to fail just this piece. `cached` looks the value up again just before
-    the request is sent, in case another fetch stored it meanwhile.
+    the request is sent, in case another fetch stored it meanwhile; `persist`, if set, runs after
+    the waiters have been woken (slow work that they need not wait for, like a disk write).
     """
 
     key: str
@@ -19,6 +20,7 @@ class Extent:
     end: int
     finish: Callable[[memoryview], bytes]
     cached: Callable[[], bytes | None] | None = None
+    persist: Callable[[bytes], None] | None = None
 
 
 @dataclass

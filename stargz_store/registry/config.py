@@ -87,6 +87,8 @@ class RegistryConfig:
             cfg.min_wait = blob["min_wait_msec"] / 1000.0
         if blob.get("max_wait_msec"):
             cfg.max_wait = blob["max_wait_msec"] / 1000.0
+        if isinstance(blob.get("fetching_timeout_sec"), (int, float)) and blob["fetching_timeout_sec"] > 0:
+            cfg.max_retry_time = float(blob["fetching_timeout_sec"])  # retries never outlast a fetch's budget
         if blob.get("valid_interval"):
             cfg.redirect_valid_interval = float(blob["valid_interval"])
         if blob.get("check_always"):

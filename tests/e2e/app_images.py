@@ -86,9 +86,9 @@ def multilayer_layers() -> list[bytes]:
     return [lower.gzip(), upper.gzip()]
 
 
-def convert_and_push(src_layout: Path, tag: str, dest: str) -> None:
-    """`stargz-store convert oci:LAYOUT:TAG docker://DEST`, the command a user runs."""
-    cmd = [sys.executable, "-m", "stargz_store.cli", "convert", f"oci:{src_layout}:{tag}", f"docker://{dest}"]
+def convert_and_push(src_layout: Path, tag: str, dest: str, *options: str) -> None:
+    """`stargz-store convert [OPTIONS] oci:LAYOUT:TAG docker://DEST`, the command a user runs."""
+    cmd = [sys.executable, "-m", "stargz_store.cli", "convert", *options, f"oci:{src_layout}:{tag}", f"docker://{dest}"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "REGISTRY_AUTH_FILE": os.devnull}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:

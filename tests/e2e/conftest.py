@@ -41,6 +41,7 @@ class E2EImages:
     """The images every e2e test can pull, each already in the session registry."""
 
     app_esgz: PushedImage
+    app_zstd: PushedImage
     app_plain: PushedImage
     multi_esgz: PushedImage
 
@@ -55,11 +56,13 @@ def e2e_images(registry, tmp_path_factory) -> E2EImages:
     app_src = build_source(work / "app", [app_layer().gzip()], APP_CMD)
     multi_src = build_source(work / "multi", multilayer_layers(), {"Cmd": ["/bin/sh"]})
     convert_and_push(app_src, "src", f"{registry.host}/e2e/app:esgz")
+    convert_and_push(app_src, "src", f"{registry.host}/e2e/app:zstdchunked", "--format", "zstd-chunked")
     convert_and_push(multi_src, "src", f"{registry.host}/e2e/multi:esgz")
     plain = push_plain(app_src, "src", registry.host, "e2e/app")
     shutil.rmtree(work, ignore_errors=True)
     return E2EImages(
         app_esgz=fetch_image(registry.host, "e2e/app", "esgz"),
+        app_zstd=fetch_image(registry.host, "e2e/app", "zstdchunked"),
         app_plain=plain,
         multi_esgz=fetch_image(registry.host, "e2e/multi", "esgz"),
     )

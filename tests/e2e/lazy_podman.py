@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class LazyPodman:
     def ref(self, image: PushedImage) -> str:
         return image.ref(self.proxy.host)
 
-    def podman(self, *args: str, timeout: float = 300, check: bool = True):
+    def podman(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         return podman(*args, env=self.env, timeout=timeout, check=check)
 
     def pull(self, image: PushedImage) -> str:

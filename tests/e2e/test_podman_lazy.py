@@ -1,4 +1,4 @@
-"""Podman pulls and runs eStargz images through the store, lazily; everything else still works.
+"""Podman pulls and runs eStargz and zstd:chunked images through the store, lazily; everything else still works.
 
 Each test gets a fresh store and a fresh podman storage, so what the proxy records is caused by
 that test alone.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+
 import pytest
 
 from tests.fixtures.images import decompress_layer, sha256_digest
@@ -76,6 +77,20 @@ def test_run_starts_after_fetching_a_small_part_of_the_image(lazy_podman, e2e_im
     assert fetched > 0
 
 
+def test_zstd_chunked_image_runs_lazily(lazy_podman, e2e_images):
+    image = e2e_images.app_zstd
+    lazy_podman.pull(image)
+    digests = {layer["digest"] for layer in image.layers}
+    assert len(lazy_podman.store_layer_links()) == len(image.layers)
+    assert podman_layer_gets(lazy_podman.requests(), digests) == []
+
+    assert lazy_podman.run(image) == APP_OUTPUT
+
+    fetched = sum(r.bytes_sent for r in lazy_podman.requests())
+    assert fetched < LAZY_FRACTION * image.compressed_size, (
+        f"{fetched} bytes fetched to run the app, image is {image.compressed_size} bytes compressed")
+
+
 def test_background_fetch_brings_in_the_whole_layer(background_podman, e2e_images):
     image = e2e_images.app_esgz
     background_podman.pull(image)
@@ -129,6 +144,18 @@ def test_two_containers_at_once_fetch_no_chunk_twice(lazy_podman, e2e_images):
         fetched_any = fetched_any or bool(ranges)
         assert overlapping_pairs(ranges) == [], f"bytes of {layer['digest']} fetched twice: {sorted(ranges)}"
     assert fetched_any, "the containers read files, so the store must have fetched some chunks"
+
+
+def test_pulled_image_still_runs_after_the_store_restarts(lazy_podman, e2e_images):
+    """containers/storage keeps its symlinks into the store; a new daemon must re-resolve them from scratch."""
+    image = e2e_images.multi_esgz
+    lazy_podman.pull(image)
+    assert lazy_podman.run(image, "/bin/sh", "-c", MERGED_SCRIPT) == MERGED_EXPECTED
+
+    assert lazy_podman.store.stop() == 0
+    lazy_podman.store.start()
+
+    assert lazy_podman.run(image, "/bin/sh", "-c", MERGED_SCRIPT) == MERGED_EXPECTED
 
 
 def test_plain_gzip_image_falls_back_to_a_normal_pull(lazy_podman, e2e_images):

@@ -275,3 +275,19 @@ def test_tiny_or_plain_blobs_are_not_lazy():
         z.read_toc_any(_reader(plain), len(plain), {}, key_digest=key)
     with pytest.raises(NotLazyFormatError):
         z.read_toc_any(_reader(b"tiny"), 4, {}, key_digest=key)
+
+
+def test_decompress_chunk_skips_inner_offset_and_crosses_frames():
+    """stargz-snapshotter may pack pieces into one frame (`innerOffset`); a piece may also span frames."""
+    header, payload, rest = b"h" * 700, bytes(range(256)) * 40, b"trailing tar bytes"
+    one_frame = zstandard.ZstdCompressor().compress(header + payload + rest)
+    chunk = z.Chunk(
+        file_offset=0, size=len(payload), blob_offset=0, blob_end=len(one_frame), inner_offset=len(header), digest=_sha(payload)
+    )
+    assert z.decompress_chunk(one_frame, chunk) == payload
+    # Streaming encoders omit the content size; split over two frames the piece still reads whole.
+    cctx = zstandard.ZstdCompressor(write_content_size=False)
+    two_frames = cctx.compress(header + payload[:5000]) + cctx.compress(payload[5000:] + rest)
+    assert z.decompress_chunk(two_frames, chunk) == payload
+    with pytest.raises(DigestMismatchError):
+        z.decompress_chunk(two_frames[: len(two_frames) // 2], chunk)  # truncated extent

@@ -26,6 +26,7 @@ from stargz_store.formats.layer_toc import (
     ANNOTATION_ZSTD_MANIFEST_POSITION,
     ANNOTATION_ZSTD_TARSPLIT_POSITION,
 )
+from stargz_store.formats.tar_input import InputTarError
 from stargz_store.formats.tar_split import TarSplitError, assemble_tar, parse_tar_split
 from stargz_store.formats.toc import normalize_name
 from stargz_store.formats.zstd_chunked_writer import MAX_ZERO_CHUNK, build_zstd_chunked, go_time
@@ -269,18 +270,22 @@ class _NonSeekable(io.RawIOBase):
         return len(data)
 
 
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
 def test_large_layer_is_streamed_in_bounded_memory():
-    size = 48 << 20
-    out = io.BytesIO()
-    sink = type("Sink", (), {"write": lambda self, d: out.write(b"") or len(d)})()  # discard output
+    """A 32 MiB file from a forward-only source converts with well under 32 MiB allocated."""
+    size = 32 << 20
     tracemalloc.start()
     try:
-        result = build_zstd_chunked(io.BufferedReader(_NonSeekable(size)), sink)
+        result = build_zstd_chunked(io.BufferedReader(_NonSeekable(size)), _Discard())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert result.diff_size > size
-    assert peak < 24 << 20, f"peak {peak} bytes for a {size}-byte file"
+    assert peak < 20 << 20, f"peak {peak} bytes for a {size}-byte file"
 
 
 def test_go_time_formatting():
@@ -288,3 +293,21 @@ def test_go_time_formatting():
     assert go_time(1_600_000_000_500_000_000) == "2020-09-13T12:26:40.5Z"
     assert go_time(-1_500_000_000) == "1969-12-31T23:59:58.5Z"
     assert go_time(1_000_000_000_000 * 1_000_000_000) is None  # year > 9999 cannot be marshalled
+
+
+def _flip(data: bytes, start: int, count: int) -> bytes:
+    return data[:start] + bytes(b ^ 0x55 for b in data[start : start + count]) + data[start + count :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda tar: gzip.compress(tar)[:-100],  # truncated gzip
+        lambda tar: _flip(zstandard.ZstdCompressor(write_checksum=True).compress(tar), 100, 20),  # corrupt zstd
+        lambda tar: tar[:600],  # plain tar cut inside a payload
+    ],
+    ids=["gzip", "zstd", "plain"],
+)
+def test_damaged_input_raises_input_tar_error(damage):
+    with pytest.raises(InputTarError):
+        _build(damage(small_tar()))

@@ -104,3 +104,12 @@ class FaultySource(FileBlobSource):
     def reset_counters(self) -> None:
         super().reset_counters()
         self.entered.clear()
+
+
+def build_zstd_layer(path: Path, files: dict[str, bytes]) -> BuiltLayer:
+    """A containers/storage-style zstd:chunked blob (content-defined chunks, zero holes)."""
+    from stargz_store.formats.zstd_chunked_writer import build_zstd_chunked
+
+    with open(path, "wb") as dst:
+        result = build_zstd_chunked(io.BytesIO(make_tar(files)), dst)
+    return BuiltLayer(path, result, files)

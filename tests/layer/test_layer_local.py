@@ -268,7 +268,10 @@ def test_layers_sharing_a_chunk_share_the_cache_entry(tmp_path, cache, open_laye
     src_b.reset_counters()
     assert layer_b.read(entry_b, 0, entry_b.size) == shared
     assert src_b.calls == 0
+    assert layer_a.drain(30)  # the disk write follows the read's return
     assert all(cache.path_for(c.digest).exists() for c in entry_a.chunks)
+    fresh = ChunkCache(cache.root)  # nothing in memory: the entries on disk are the shared ones
+    assert all(fresh.get(c.digest, c.size) is not None for c in entry_b.chunks)
 
 
 def test_read_blob_is_byte_exact_and_cached(sample_layer, open_layer):

@@ -108,12 +108,12 @@ def test_open_blob_resumes_after_a_reset(fault_proxy, blob):
 def test_stalled_body_times_out_then_retries(fault_proxy, blob):
     data, digest, name = blob
     ref = parse_reference(f"{fault_proxy.host}/{name}")
-    fault_proxy.add_rule("stall_body", stall=3, path_contains="/blobs/", method="GET")
-    with client_for(read_timeout=0.5) as client:
+    fault_proxy.add_rule("stall_body", stall=5, path_contains="/blobs/", method="GET")
+    with client_for(read_timeout=1.5) as client:
         assert client.read_blob_range(ref, digest, 0, 100_000) == data[:100_000]
-        fault_proxy.add_rule("stall_body", stall=3, times=-1, path_contains="/blobs/", method="GET")
-        with pytest.raises(RegistryTimeoutError):
-            client_for(read_timeout=0.5, max_retries=1).read_blob_range(ref, digest, 0, 100_000)
+        fault_proxy.add_rule("stall_body", stall=5, times=-1, path_contains="/blobs/", method="GET")
+    with client_for(read_timeout=1.5, max_retries=1) as client, pytest.raises(RegistryTimeoutError):
+        client.read_blob_range(ref, digest, 0, 100_000)
 
 
 def test_flipped_bytes_are_caught_by_digest_checks(fault_proxy, blob, registry):

@@ -109,3 +109,17 @@ def test_redact_url_and_retry_after():
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after("garbage") is None
     assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") < 1
+
+
+def test_documented_config_example_parses():
+    import tomllib
+
+    import stargz_store.registry as registry_pkg
+
+    example = "\n".join(line[4:] for line in registry_pkg.__doc__.splitlines() if line.startswith("    "))
+    cfg = RegistryConfig.from_toml(tomllib.loads(example))
+    private = cfg.hosts["registry.example.com:5000"]
+    assert (private.username, private.ca_bundle, private.headers) == ("builder", "/etc/registry-ca.pem",
+                                                                     {"X-Team": "storage"})
+    assert [e.host for e in endpoints_for(cfg, "docker.io")] == ["mirror.example.com:5000", "registry-1.docker.io"]
+    assert (cfg.auth_file, cfg.max_retry_time, cfg.redirect_valid_interval) == ("/run/containers/0/auth.json", 30.0, 60.0)
