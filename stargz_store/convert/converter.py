@@ -175,18 +175,24 @@ class Converter:
     def _convert_index(self, index: RawManifest, depth: int) -> RawManifest:
         """Every platform of the index, each manifest stored before the new index that names it."""
         data = _load(index)
-        entries: list[dict] = []
+        children: list[tuple[dict, RawManifest]] = []
         for desc in data.get("manifests") or []:
             if not isinstance(desc, dict) or is_attestation(desc):
                 log.info("skipping %s (attestation, not an image)", desc.get("digest") if isinstance(desc, dict) else desc)
                 continue
-            child = self.source.manifest(desc["digest"])
+            children.append((desc, self.source.manifest(desc["digest"])))
+        # Every platform's layers are queued before any is awaited, so they convert side by side.
+        in_flight = sum(_layer_count(child) for _, child in children if child.media_type not in INDEXES)
+        pending = {child.digest: self._start_manifest(child, in_flight)
+                   for _, child in children if child.media_type not in INDEXES}
+        entries: list[dict] = []
+        for desc, child in children:
             if child.media_type in INDEXES:
                 if depth >= _MAX_NESTING:
                     raise UnsupportedImageError(f"{self.source.describe()}: indexes nested too deeply")
                 converted = self._convert_index(child, depth + 1)
             else:
-                converted = self._convert_manifest(child)
+                converted = self._finish_manifest(pending[child.digest])
                 self._platforms.append(describe_platform(desc))
             self.destination.put_manifest(converted, root=False)
             new_desc = {"mediaType": converted.media_type, "digest": converted.digest, "size": len(converted.raw)}
@@ -203,6 +209,10 @@ class Converter:
         return RawManifest(raw, OCI_INDEX, sha256_digest(raw))
 
     def _convert_manifest(self, manifest: RawManifest) -> RawManifest:
+        return self._finish_manifest(self._start_manifest(manifest, _layer_count(manifest)))
+
+    def _start_manifest(self, manifest: RawManifest, layers_in_flight: int) -> _PendingImage:
+        """Validate the manifest, read its config, and start converting its layers."""
         if manifest.media_type in DOCKER_SCHEMA1:
             raise UnsupportedImageError(
                 f"{self.source.describe()}: Docker schema 1 images have no config to rewrite; convert them to schema 2 first")
@@ -228,17 +238,20 @@ class Converter:
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
             raise UnsupportedImageError(
                 f"{self.source.describe()}: config lists {len(diff_ids or [])} diff_ids for {len(layers)} layers")
+        futures = [self._layer_future(desc, layers_in_flight) for desc in layers]
+        return _PendingImage(data, config, layers, futures)
 
-        futures = [self._layer_future(desc, len(layers)) for desc in layers]
-        results = [f.result() for f in futures]
-
+    def _finish_manifest(self, pending: _PendingImage) -> RawManifest:
+        """Wait for the layers, then store the new config; return the new manifest (not yet stored)."""
+        results = [f.result() for f in pending.futures]
+        config = dict(pending.config)
         config["rootfs"] = {"type": "layers", "diff_ids": [r.diff_id for r in results]}
         new_config_raw = _dump(config)
         new_config_digest = sha256_digest(new_config_raw)
         self.destination.put_blob_bytes(new_config_digest, new_config_raw)
 
         new_layers = []
-        for desc, result in zip(layers, results):
+        for desc, result in zip(pending.layers, results):
             annotations = {k: v for k, v in (desc.get("annotations") or {}).items()
                            if k not in _STALE_LAYER_ANNOTATIONS}
             annotations.update(result.annotations)
@@ -251,11 +264,12 @@ class Converter:
             "config": {"mediaType": OCI_CONFIG, "digest": new_config_digest, "size": len(new_config_raw)},
             "layers": new_layers,
         }
-        if data.get("annotations"):
-            new_manifest["annotations"] = data["annotations"]
+        if pending.data.get("annotations"):
+            new_manifest["annotations"] = pending.data["annotations"]
         raw = _dump(new_manifest)
-        self._progress(ProgressEvent("manifest", sha256_digest(raw), len(raw)))
-        return RawManifest(raw, OCI_MANIFEST, sha256_digest(raw))
+        digest = sha256_digest(raw)
+        self._progress(ProgressEvent("manifest", digest, len(raw)))
+        return RawManifest(raw, OCI_MANIFEST, digest)
 
     # -- layers --------------------------------------------------------------------------------
     def _process_pool(self) -> ProcessPoolExecutor | None:
@@ -273,14 +287,14 @@ class Converter:
                 self._build_pool = ProcessPoolExecutor(max_workers=self.options.jobs, mp_context=context)
             return self._build_pool
 
-    def _layer_future(self, desc: dict, layers_in_image: int) -> Future[BuildResult]:
+    def _layer_future(self, desc: dict, layers_in_flight: int) -> Future[BuildResult]:
         digest = desc["digest"]
         with self._lock:
             fut = self._layers.get(digest)
             if fut is None:
                 assert self._pool is not None
                 self._total += 1
-                parallel = min(self.options.jobs, layers_in_image)
+                parallel = min(self.options.jobs, layers_in_flight)
                 workers = max(1, (os.cpu_count() or 1) // max(1, parallel))
                 fut = self._pool.submit(self._convert_layer, digest, int(desc.get("size") or 0), workers, parallel > 1)
                 self._layers[digest] = fut
@@ -323,6 +337,24 @@ class Converter:
         log.info("converted layer %s -> %s (%d -> %d bytes, %.1fs)", digest, result.digest, size, result.size, elapsed)
         self._progress(ProgressEvent("done", digest, size, result, elapsed, done, total))
         return result
+
+
+@dataclass
+class _PendingImage:
+    """An image manifest whose layers are converting: what `_finish_manifest` needs to write it."""
+
+    data: dict
+    config: dict
+    layers: list[dict]
+    futures: list[Future[BuildResult]]
+
+
+def _layer_count(manifest: RawManifest) -> int:
+    try:
+        layers = json.loads(manifest.raw).get("layers")
+    except (ValueError, AttributeError):
+        return 0
+    return len(layers) if isinstance(layers, list) else 0
 
 
 def _load(manifest: RawManifest) -> dict:
