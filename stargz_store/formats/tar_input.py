@@ -99,9 +99,49 @@ def open_tar_stream(src: BinaryIO) -> BinaryIO:
     if kind == COMPRESSION_GZIP:
         return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)  # type: ignore[arg-type]
     if kind == COMPRESSION_ZSTD:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdFrames(raw), buffer_size=1 << 20)
     return raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Every frame of a zstd stream, decompressed in order; a stream cut inside a frame is an error.
+
+    `zstandard`'s stream reader ends quietly at a truncated frame, which would turn a cut-off
+    layer into a shorter one. Feeding a frame decoder small input blocks keeps the output of
+    one step bounded while letting us see whether the last frame was complete.
+    """
+
+    _INPUT_BLOCK = 4096
+
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = self._dctx.decompressobj()
+        self._frame_started = False
+        self._pending = b""
+        self._out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        while not self._out:
+            data = self._pending or self._src.read(self._INPUT_BLOCK)
+            self._pending = b""
+            if not data:
+                if self._frame_started:
+                    raise InputTarError("zstd input is truncated: the last frame is incomplete")
+                return 0
+            self._frame_started = True
+            self._out = self._frame.decompress(data)
+            if self._frame.eof:
+                self._pending = self._frame.unused_data
+                self._frame = self._dctx.decompressobj()
+                self._frame_started = False
+        n = min(len(buf), len(self._out))
+        buf[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
 
 
 def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:

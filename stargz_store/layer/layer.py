@@ -233,7 +233,12 @@ class Layer:
     # ---- raw blob ----------------------------------------------------------------------------
 
     def read_blob(self, offset: int, size: int) -> bytes:
-        """Raw compressed bytes `[offset, offset+size)` of the blob (the ALS `blob` file)."""
+        """Raw compressed bytes `[offset, offset+size)` of the blob (the ALS `blob` file).
+
+        Served in `blob_block_size` blocks through the blob cache; a read also starts fetching the
+        `blob_readahead` bytes after it (one request per block, in parallel), since the `blob`
+        file is read whole and sequentially when it is read at all.
+        """
         if offset < 0 or size < 0:
             raise ValueError(f"negative offset {offset} or size {size}")
         end = min(self.blob_size, offset + size)
@@ -242,35 +247,58 @@ class Layer:
         self._check_open()
         deadline = time.monotonic() + self.config.fetch_timeout
         bsize = self.config.blob_block_size
-        blob_cache = self.cache.blob_cache
         first, last = offset // bsize, (end - 1) // bsize
         blocks: dict[int, bytes] = {}
-        missing: list[int] = []
+        missing: dict[str, int] = {}
         for i in range(first, last + 1):
-            d = blob_cache.get(self.blob_digest, bsize, i, self._block_len(i))
+            d = self._cached_block(i)
             if d is None:
-                missing.append(i)
+                missing[self._block_key(i)] = i
             else:
                 blocks[i] = d
         self._counters.add("blob_cache_hits", len(blocks))
+        waits: dict[str, Flight] = {}
         if missing:
-            n_blocks = (self.blob_size + bsize - 1) // bsize
-            ahead = [
-                i
-                for i in range(last + 1, min(n_blocks, last + 1 + self.config.blob_readahead // bsize))
-                if not blob_cache.contains(self.blob_digest, bsize, i)
-            ]
-            keys = {f"blob:{i}": i for i in missing + ahead}
-            mine, theirs = self._flights.claim(keys)
+            mine, theirs = self._flights.claim(missing)
             if mine:
-                self._dispatch([self._block_extent(keys[k]) for k in mine], mine)
-            needed = {f"blob:{i}" for i in missing}
-            waits = {k: f for k, f in {**mine, **theirs}.items() if k in needed}
-            for key, data in self._wait(waits, deadline).items():
-                blocks[keys[key]] = data
+                self._dispatch([self._block_extent(missing[k]) for k in mine], mine)
+            waits = {**mine, **theirs}
+        self._blob_read_ahead(last)
+        for key, data in self._wait(waits, deadline).items():
+            blocks[missing[key]] = data
         out = b"".join(blocks[i] for i in range(first, last + 1))
         lo = offset - first * bsize
         return out[lo : lo + (end - offset)]
+
+    def _blob_read_ahead(self, last: int) -> None:
+        bsize = self.config.blob_block_size
+        n_blocks = (self.blob_size + bsize - 1) // bsize
+        stop = min(n_blocks, last + 1 + self.config.blob_readahead // bsize)
+        ahead = {
+            self._block_key(i): i
+            for i in range(last + 1, stop)
+            if not self._flights.in_flight(self._block_key(i))
+            and self.cache.memory.get(self._block_key(i)) is None
+            and not self.cache.blob_cache.contains(self.blob_digest, bsize, i)
+        }
+        if ahead:
+            mine, _ = self._flights.claim(ahead)
+            if mine:
+                self._dispatch([self._block_extent(ahead[k]) for k in mine], mine, max_request_size=0)
+
+    def _block_key(self, index: int) -> str:
+        return f"blob/{self.blob_digest}/{self.config.blob_block_size}/{index}"
+
+    def _cached_block(self, index: int) -> bytes | None:
+        key = self._block_key(index)
+        data = self.cache.memory.get(key)
+        if data is None:
+            data = self.cache.blob_cache.get(
+                self.blob_digest, self.config.blob_block_size, index, self._block_len(index)
+            )
+            if data is not None:
+                self.cache.memory.put(key, data)
+        return data
 
     def _block_len(self, index: int) -> int:
         bsize = self.config.blob_block_size
@@ -278,21 +306,21 @@ class Layer:
 
     def _block_extent(self, index: int) -> Extent:
         bsize = self.config.blob_block_size
-        blob_cache = self.cache.blob_cache
         start = index * bsize
+        key = self._block_key(index)
 
         def finish(raw: memoryview) -> bytes:
             data = bytes(raw)
-            blob_cache.put(self.blob_digest, bsize, index, data)
+            try:
+                self.cache.blob_cache.put(self.blob_digest, bsize, index, data)
+            except OSError as e:
+                self._counters.add("cache_write_errors")
+                log.warning("layer %s: cannot cache blob block %d: %s", self.blob_digest, index, e)
+            self.cache.memory.put(key, data)
             return data
 
-        return Extent(
-            key=f"blob:{index}",
-            start=start,
-            end=start + self._block_len(index),
-            finish=finish,
-            cached=lambda: blob_cache.get(self.blob_digest, bsize, index, self._block_len(index)),
-        )
+        return Extent(key=key, start=start, end=start + self._block_len(index), finish=finish,
+                      cached=lambda: self._cached_block(index))
 
     # ---- fetching ----------------------------------------------------------------------------
 

@@ -1,0 +1,212 @@
+"""The benchmark's own parts that can be checked without timing: trace parsing, path resolution,
+queue arithmetic of the link emulator, access-log counting, summaries, and that the link leaves
+nothing behind. Run: .venv/bin/python -m pytest -q benchmarks/startup/tests
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from benchmarks.startup import link as link_mod
+from benchmarks.startup import record, report, rootfs
+from benchmarks.startup.linkemu import Direction
+from benchmarks.startup.registry import Registry
+
+STRACE = """\
+100 openat(AT_FDCWD, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3
+100 chroot("/var/tmp/x/rootfs") = 0
+100 execve("/usr/bin/python3", ["python3", "-c", "..."], 0x7ffc /* 1 var */) = 0
+100 openat(AT_FDCWD, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such file or directory)
+100 openat(AT_FDCWD, "/lib/libc.so.6", O_RDONLY|O_CLOEXEC) = 3
+101 openat(AT_FDCWD, "/usr/lib/a b.py", O_RDONLY <unfinished ...>
+100 openat(AT_FDCWD, "/usr/lib/missing", O_RDONLY <unfinished ...>
+101 <... openat resumed>) = 4
+100 <... openat resumed>) = -1 ENOENT (No such file or directory)
+101 open("/proc/self/maps", O_RDONLY) = 5
+"""
+
+
+def test_traced_paths_keeps_successful_opens_after_chroot_in_order():
+    assert record.traced_paths(STRACE) == ["/usr/bin/python3", "/lib/libc.so.6", "/usr/lib/a b.py", "/proc/self/maps"]
+
+
+def _tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "usr/lib/x86_64").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/lib/x86_64/libz.so.1.2").write_text("z")
+    (root / "usr/lib/x86_64/libz.so.1").symlink_to("libz.so.1.2")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "usr/bin/py").symlink_to("/usr/bin/py3")
+    (root / "usr/bin/py3").write_text("p")
+    return root
+
+
+def test_resolve_in_root_follows_relative_absolute_and_directory_links(tmp_path):
+    root = _tree(tmp_path)
+    assert rootfs.resolve_in_root(root, "/lib/x86_64/libz.so.1") == [
+        "lib", "usr/lib/x86_64/libz.so.1", "usr/lib/x86_64/libz.so.1.2"]
+    assert rootfs.resolve_in_root(root, "/usr/bin/py") == ["usr/bin/py", "usr/bin/py3"]
+    assert rootfs.resolve_in_root(root, "/usr/bin/../bin/py3") == ["usr/bin/py3"]
+    assert rootfs.resolve_in_root(root, "/nope") == []
+
+
+def test_resolve_in_root_stops_on_symlink_loops(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").symlink_to("b")
+    (root / "b").symlink_to("a")
+    assert len(rootfs.resolve_in_root(root, "/a")) <= 41
+
+
+def test_build_record_filters_to_image_paths_and_adds_the_interpreter(tmp_path):
+    root = _tree(tmp_path)
+    host_binary = Path(shutil.which("true") or "/bin/true").resolve()
+    interp = rootfs.elf_interpreter(host_binary)
+    assert interp and interp.startswith("/")
+    (root / "usr/bin/tool").write_bytes(host_binary.read_bytes())
+    (root / interp.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    (root / interp.lstrip("/")).write_text("ld")
+    trace = ('1 chroot("/r") = 0\n1 execve("/usr/bin/tool", ["tool"], 0x1) = 0\n'
+             '1 openat(AT_FDCWD, "/lib/x86_64/libz.so.1", O_RDONLY) = 3\n'
+             '1 openat(AT_FDCWD, "/tmp/created-by-workload", O_WRONLY|O_CREAT, 0644) = 4\n'
+             '1 openat(AT_FDCWD, "/usr/bin/tool", O_RDONLY) = 5\n')
+    image_paths = set(rootfs.snapshot(root)) - {"usr/lib/x86_64/libz.so.1"}
+    got = record.build_record(trace, root, image_paths)
+    assert got == ["usr/bin/tool", interp.lstrip("/"), "lib", "usr/lib/x86_64/libz.so.1.2"]
+
+
+def test_changed_paths_lists_new_and_modified_entries_with_their_parents(tmp_path):
+    root = _tree(tmp_path)
+    before = rootfs.snapshot(root)
+    (root / "usr/lib/x86_64/new").mkdir()
+    (root / "usr/lib/x86_64/new/f").write_text("f")
+    (root / "usr/bin/py3").write_text("changed size")
+    changed = rootfs.changed_paths(before, rootfs.snapshot(root))
+    assert changed == sorted(changed)
+    assert {"usr", "usr/lib", "usr/lib/x86_64", "usr/lib/x86_64/new", "usr/lib/x86_64/new/f",
+            "usr/bin", "usr/bin/py3"} <= set(changed)
+    assert "usr/lib/x86_64/libz.so.1.2" not in changed
+
+
+def test_direction_serialises_at_the_rate_then_adds_the_delay():
+    d = Direction(0, 1, rate_bytes_per_s=1000.0, one_way_delay_s=0.5, queue_bytes=10_000)
+    d.enqueue(b"x" * 100, now=10.0)  # leaves the queue at 10.1, arrives 10.6
+    d.enqueue(b"y" * 100, now=10.0)  # waits for the first: leaves 10.2, arrives 10.7
+    d.enqueue(b"z" * 100, now=20.0)  # idle link again: leaves 20.1, arrives 20.6
+    assert [round(t, 6) for t, _ in d.in_flight] == [10.6, 10.7, 20.6]
+
+
+def test_direction_drops_beyond_the_queue_limit_and_unlimited_rate_only_delays():
+    d = Direction(0, 1, rate_bytes_per_s=1000.0, one_way_delay_s=0.0, queue_bytes=250)
+    for _ in range(4):
+        d.enqueue(b"x" * 100, now=0.0)
+    assert len(d.in_flight) == 2 and d.dropped_packets == 2
+    free = Direction(0, 1, rate_bytes_per_s=0.0, one_way_delay_s=0.01, queue_bytes=1)
+    for _ in range(5):
+        free.enqueue(b"x" * 1500, now=1.0)
+    assert [t for t, _ in free.in_flight] == [1.01] * 5 and free.dropped_packets == 0
+
+
+def test_direction_delivers_due_packets_in_order_through_the_fds():
+    r, w = os.pipe()
+    try:
+        d = Direction(-1, w, rate_bytes_per_s=0.0, one_way_delay_s=1.0, queue_bytes=0)
+        d.enqueue(b"first", now=0.0)
+        d.enqueue(b"second", now=0.5)
+        d.deliver_due(now=1.2)
+        assert os.read(r, 100) == b"first" and len(d.in_flight) == 1 and d.next_due() == 1.5
+        d.deliver_due(now=1.5)
+        assert os.read(r, 100) == b"second" and d.forwarded_packets == 2 and d.forwarded_bytes == 11
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_registry_counts_get_bytes_between_marks(tmp_path):
+    reg = Registry(tmp_path / "data", tmp_path, "127.0.0.1", 1)
+    reg.log_path.write_text(
+        '10.0.0.1 - - [d] "GET /v2/r/manifests/t HTTP/1.1" 200 500 "" "ua"\n'
+        'time="x" level=error msg="noise"\n')
+    mark = reg.log_mark()
+    with open(reg.log_path, "a") as f:
+        f.write('10.0.0.1 - - [d] "GET /v2/r/blobs/sha256:aa HTTP/1.1" 206 1000 "" "ua"\n'
+                '10.0.0.1 - - [d] "HEAD /v2/r/blobs/sha256:aa HTTP/1.1" 200 0 "" "ua"\n')
+    middle = reg.log_mark()
+    with open(reg.log_path, "a") as f:
+        f.write('10.0.0.1 - - [d] "GET /v2/r/blobs/sha256:bb HTTP/1.1" 200 42 "" "ua"\n')
+    assert reg.fetched_between(0) == (1542, 2)
+    assert reg.fetched_between(mark, middle) == (1000, 1)
+    assert reg.fetched_between(middle) == (42, 1)
+
+
+def _run(image: str, mode: str, total: float, ok: bool = True, **extra) -> dict:
+    base = {"link": "shaped", "image": image, "mode": mode, "ok": ok, "pull_s": total - 0.3, "create_s": 0.1,
+            "run_s": 0.2, "total_s": total, "link_bytes_first_output": 2_000_000, "registry_bytes": 3_000_000,
+            "daemon_cpu_s": None, "daemon_peak_rss_bytes": None}
+    base.update(extra)
+    return base
+
+
+def test_summary_takes_medians_of_successful_runs_and_the_table_shows_failures():
+    runs = [_run("python", "legacy", t) for t in (30.0, 10.0, 20.0)]
+    runs += [_run("python", "estargz", t, daemon_cpu_s=1.0, daemon_peak_rss_bytes=80_000_000) for t in (5.0, 4.0)]
+    runs += [_run("python", "estargz", 0.0, ok=False), _run("python", "warm", 0.0, ok=False)]
+    summaries = {s.mode: s for s in report.summarize(runs)}
+    legacy, lazy = summaries["legacy"], summaries["estargz"]
+    assert (legacy.total, legacy.total_min, legacy.total_max) == (20.0, 10.0, 30.0)
+    assert (lazy.total, lazy.failed, lazy.runs, lazy.daemon_rss_mb) == (4.5, 1, 3, 80.0)
+    text = report.table(list(summaries.values()), "shaped")
+    assert "4.4x" in text and "5.23" in text and "failed (1/1)" in text
+    header, rule, *rows = text.splitlines()
+    assert all(row.count("|") == header.count("|") for row in rows + [rule])
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+
+
+@needs_root
+@pytest.mark.parametrize("shaped", [True, False])
+def test_link_carries_tcp_into_the_namespace_and_leaves_nothing_behind(tmp_path, shaped):
+    link = link_mod.Link(link_mod.LinkSpec(shaped=shaped, rate_mbit=50, rtt_ms=4), tmp_path)
+    link.up()
+    server = None
+    try:
+        server = subprocess.Popen(link_mod.Link.netns_command(
+            sys.executable, "-c",
+            "import socket; s = socket.create_server(('%s', 8077)); c, _ = s.accept(); c.sendall(c.recv(5) * 1000)"
+            % link_mod.REGISTRY_ADDRESS))
+        rx_before = link.received_bytes()
+        for _ in range(100):
+            try:
+                conn = socket.create_connection((link_mod.REGISTRY_ADDRESS, 8077), timeout=5)
+                break
+            except OSError:
+                threading.Event().wait(0.05)
+        else:
+            pytest.fail("server in the namespace never answered")
+        with conn:
+            conn.sendall(b"hello")
+            got = b""
+            while len(got) < 5000:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        assert got == b"hello" * 1000
+        assert link.received_bytes() - rx_before > 5000  # payload plus headers, counted on our side
+        link.check_alive()
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        link.down()
+    assert not link_mod.netns_exists()
+    assert not Path(f"/sys/class/net/{link_mod.HOST_IF}").exists()
