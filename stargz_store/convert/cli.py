@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(levelname)s %(name)s: %(message)s",
+        format=f"{PROG}: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
     try:

@@ -122,17 +122,18 @@ class OciLayoutDestination:
     def __init__(self, location: OciLocation) -> None:
         self.location = location
         self.layout = location.path
-        self.layout.mkdir(parents=True, exist_ok=True)
-        (self.layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        layout_file = self.layout / "oci-layout"
-        if not layout_file.exists():
-            layout_file.write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
 
     def describe(self) -> str:
         return str(self.location)
 
     def prepare(self) -> None:
-        pass
+        """Create the layout (or check an existing one) once the source is known to exist."""
+        if self.layout.exists() and not self.layout.is_dir():
+            raise UnsupportedImageError(f"{self.describe()}: {self.layout} exists and is not a directory")
+        (self.layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        layout_file = self.layout / "oci-layout"
+        if not layout_file.exists():
+            self._atomic_write(layout_file, json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
 
     def tmpdir_parent(self) -> Path | None:
         return self.layout  # same filesystem as blobs/: converted layers are renamed, not copied

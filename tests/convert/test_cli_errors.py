@@ -92,6 +92,7 @@ def test_directory_that_is_not_a_layout(tmp_path):
 def test_missing_tag_lists_the_tags(source_image, tmp_path):
     proc = run_convert(f"oci:{source_image.layout}:nope", f"oci:{tmp_path / 'out'}:x")
     assert_clear_failure(proc, 1, "no image tagged 'nope'", "tags: v1")
+    assert not (tmp_path / "out").exists()  # nothing is created for a source that does not exist
 
 
 def test_missing_platform_lists_the_platforms(tmp_path):
