@@ -34,6 +34,7 @@ from typing import Callable
 from benchmarks.startup import images as images_mod
 from benchmarks.startup import leftovers, link as link_mod, podman, report, runner
 from benchmarks.startup.fill import PROBE_REPO, fill
+from benchmarks.startup.needed import manifest_from_storage, needed_bytes
 from benchmarks.startup.registry import Registry, free_port
 from benchmarks.startup.store import Store
 
@@ -112,6 +113,21 @@ def machine_description() -> dict:
             "python": platform.python_version()}
 
 
+def needed_for(built: list[images_mod.BuiltImage], registry_data: Path) -> dict[str, int | None]:
+    """Per lazy variant, the compressed bytes its workload cannot avoid fetching (see needed.py)."""
+    needed: dict[str, int | None] = {}
+    for image in built:
+        for mode in runner.LAZY_MODES:
+            repo, tag = runner.repo_tag(image.name, mode)
+            try:
+                manifest = manifest_from_storage(registry_data, repo, tag)
+                needed[f"{image.name}:{mode}"] = needed_bytes(registry_data, manifest, image.record)
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("cannot size what %s:%s needs: %s", image.name, mode, e)
+                needed[f"{image.name}:{mode}"] = None
+    return needed
+
+
 def sweep(run_dir: Path) -> None:
     """Whatever a crashed run left: processes, the namespace, podman's and the store's mounts, the run dir."""
     link_mod.remove_leftovers()
@@ -174,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing tools: {', '.join(missing)} (run `make deps`)")
         return 1
+    try:
+        with leftovers.exclusive():
+            return run_all(args)
+    except leftovers.BenchmarkBusy as e:
+        print(e)
+        return 1
+
+
+def run_all(args: argparse.Namespace) -> int:
     run_dir = args.cache_dir / "run"
     cleanup = Cleanup()
     atexit.register(cleanup.run)
@@ -195,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         cleanup.push("loopback registry stop", loopback.stop)
         filled = fill(built, loopback, args.cache_dir / "registry-state.json")
         loopback.stop()
+        filled["needed_bytes"] = needed_for(built, args.cache_dir / "registry")
         kinds = ["shaped", "unshaped"] if args.link == "both" else [args.link]
         all_results, links = [], []
         for kind in kinds:
@@ -210,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(args, started: str, built, filled: dict, links: list[dict], results: list[dict]) -> int:
-    summaries = report.summarize(results)
+    summaries = report.summarize(results, filled.get("needed_bytes"))
     # the Go reference was taken at 100 Mbit/s, 20 ms only
     reference_link = "shaped" if (args.rate_mbit, args.rtt_ms) == (100, 20) else ""
     machine = machine_description()

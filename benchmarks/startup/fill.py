@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,36 +46,40 @@ def converter_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _run(cmd: list[str], what: str, token: str) -> float:
-    """Run a push niced; recorded under `token` (its destination) so a crashed run's sweep stops it."""
+def _run(cmd: list[str], what: str, token: str, log_path: Path) -> float:
+    """Run a push niced, in its own process group, output to `log_path` (a pipe could be held open by
+    helper processes of the pusher). Recorded under `token` (its destination) for a crashed run's sweep."""
     start = time.monotonic()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([*NICE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO_ROOT, env=env, preexec_fn=leftovers.die_with_parent())
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([*NICE, *cmd], stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                start_new_session=True, preexec_fn=leftovers.die_with_parent())
     leftovers.record_pid(proc.pid, token)  # nice execs the command: the pid is the pusher itself
     try:
-        output, _ = proc.communicate()
+        proc.wait()
     except BaseException:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the pusher and any helpers it forked
         proc.wait()
         raise
     if proc.returncode:
+        output = log_path.read_text(errors="replace")
         raise FillError(f"{what} failed ({proc.returncode}): {output.strip()[-2000:]}")
     return time.monotonic() - start
 
 
-def push_variant(image: BuiltImage, mode: str, registry: Registry) -> float:
+def push_variant(image: BuiltImage, mode: str, registry: Registry, log_dir: Path) -> float:
     """Push one variant; returns the seconds it took (conversion time for the eStargz ones)."""
     repo, tag = repo_tag(image.name, mode)
     src, dst = f"oci:{image.layout}:{TAG}", f"docker://{registry.host}/{repo}:{tag}"
     if mode == "legacy":
         return _run(["skopeo", "copy", "--insecure-policy", "-q", "--dest-tls-verify=false", src, dst],
-                    f"skopeo copy {image.name}", dst)
+                    f"skopeo copy {image.name}", dst, log_dir / f"push-{image.name}-{mode}.log")
     cmd = [sys.executable, "-m", "stargz_store.cli", "convert", "--format", "estargz"]
     if mode == "estargz":
         cmd += ["--record-in", str(image.record)]
-    return _run([*cmd, src, dst], f"convert {image.name} ({mode})", dst)
+    return _run([*cmd, src, dst], f"convert {image.name} ({mode})", dst, log_dir / f"push-{image.name}-{mode}.log")
 
 
 def push_probe(registry: Registry) -> str:
@@ -106,7 +111,7 @@ def fill(images: list[BuiltImage], registry: Registry, state_path: Path) -> dict
             if state.get("pushed", {}).get(name) == want and registry.has_manifest(repo, tag):
                 continue
             log.warning("pushing %s", name)
-            timings[name] = push_variant(image, mode, registry)
+            timings[name] = push_variant(image, mode, registry, registry.work_dir)
             state.setdefault("pushed", {})[name] = want
             state["timings"] = timings
             state_path.write_text(json.dumps(state, indent=1))

@@ -92,3 +92,30 @@ def die_with_parent(signum: int = signal.SIGTERM):
         _LIBC.prctl(PR_SET_PDEATHSIG, signum)
 
     return set_death_signal
+
+
+class BenchmarkBusy(RuntimeError):
+    """Another startup benchmark (or a link test) holds the namespace, the pid file and the run directory."""
+
+
+LOCK_FILE = STATE_DIR / "lock"
+
+
+class exclusive:
+    """Hold the benchmark lock: one user of the namespace and pid file at a time, or the sweep of
+    one would tear down the other's link and processes. Released when the holder exits, even by SIGKILL."""
+
+    def __enter__(self) -> "exclusive":
+        import fcntl
+
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise BenchmarkBusy(f"another startup benchmark is running (lock {LOCK_FILE} is held)") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)

@@ -36,16 +36,23 @@ class Summary:
     mb_total: float
     daemon_cpu_s: float | None
     daemon_rss_mb: float | None
+    mb_needed: float | None = None  # compressed chunks of the files the workload reads, plus TOCs
+
+    @property
+    def fetch_ratio(self) -> float | None:
+        return self.mb_first_output / self.mb_needed if self.mb_needed else None
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return dict(self.__dict__, fetch_ratio=self.fetch_ratio)
 
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def summarize(results: list[dict]) -> list[Summary]:
+def summarize(results: list[dict], needed_bytes: dict[str, int | None] | None = None) -> list[Summary]:
+    """Per (link, image, mode); `needed_bytes` by "image:mode" (see needed.py) adds the fetch ratio."""
+    needed_bytes = needed_bytes or {}
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["link"], r["image"], r["mode"]), []).append(r)
@@ -63,6 +70,7 @@ def summarize(results: list[dict]) -> list[Summary]:
             _median([r["link_bytes_first_output"] / 1e6 for r in ok]),
             _median([r["registry_bytes"] / 1e6 for r in ok]),
             _median(cpu) if cpu else None, _median(rss) / 1e6 if rss else None,
+            (needed_bytes.get(f"{image}:{mode}") or 0) / 1e6 or None,
         ))
     return summaries
 
@@ -70,7 +78,8 @@ def summarize(results: list[dict]) -> list[Summary]:
 def table(summaries: list[Summary], reference_link: str) -> str:
     """A Markdown table; the Go column only for the link (kind) the reference was taken on."""
     header = ("| link | image | mode | pull s | create s | run s | total s (min–max) | vs legacy "
-              "| MB @1st output | MB total | store CPU s | store RSS MB | Go 0.12.0 total s |")
+              "| MB @1st output | MB needed | fetched/needed | MB total | store CPU s | store RSS MB "
+              "| Go 0.12.0 total s |")
     columns = header.count("|") - 1
     lines = [header, "|" + "|".join(["---"] * columns) + "|"]
     legacy = {(s.link, s.image): s.total for s in summaries if s.mode == "legacy"}
@@ -85,7 +94,8 @@ def table(summaries: list[Summary], reference_link: str) -> str:
         lines.append(
             f"| {s.link} | {s.image} | {s.mode}{failed} | {s.pull:.2f} | {s.create:.2f} | {s.run:.2f} "
             f"| **{s.total:.2f}** ({s.total_min:.2f}–{s.total_max:.2f}) | {speedup} "
-            f"| {s.mb_first_output:.1f} | {s.mb_total:.1f} "
+            f"| {s.mb_first_output:.1f} | {'' if s.mb_needed is None else f'{s.mb_needed:.1f}'} "
+            f"| {'' if s.fetch_ratio is None else f'{s.fetch_ratio:.2f}x'} | {s.mb_total:.1f} "
             f"| {'' if s.daemon_cpu_s is None else f'{s.daemon_cpu_s:.2f}'} "
             f"| {'' if s.daemon_rss_mb is None else f'{s.daemon_rss_mb:.0f}'} "
             f"| {'' if go is None else f'{go:.2f}'} |")

@@ -5,6 +5,10 @@ its digest itself; a block of a blob cannot be authenticated on its own, so thes
 transport cache, not a verified one: they hold what the registry sent for `[i*B, (i+1)*B)` of the
 blob named by its digest. Layout: `<root>/<hex[0:2]>/<hex>/<B>-<i>`; the block size is in the
 name so a changed block size never mixes with old blocks. Writes are atomic (temp + rename).
+
+Arbitrary ranges (`get_range`/`put_range`, files `range-<offset>-<length>`) keep the bytes a TOC
+was read from, so a restarted store can re-open a layer without the registry; those bytes are
+re-authenticated against the TOC digest on every use, so keeping them is as safe as fetching them.
 """
 from __future__ import annotations
 
@@ -41,6 +45,30 @@ class BlobRangeCache:
             unlink_quietly(path)
             return None
         return data
+
+    def _range_path(self, blob_digest: str, offset: int, length: int) -> Path:
+        hexd = digest_hex(blob_digest)
+        return self.root / hexd[:2] / hexd / f"range-{offset}-{length}"
+
+    def get_range(self, blob_digest: str, offset: int, length: int) -> bytes | None:
+        path = self._range_path(blob_digest, offset, length)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("blob cache: cannot read %s: %s", path, e)
+            return None
+        if len(data) != length:
+            unlink_quietly(path)
+            return None
+        return data
+
+    def put_range(self, blob_digest: str, offset: int, data: bytes) -> None:
+        atomic_write(self._range_path(blob_digest, offset, len(data)), data, fsync=self.fsync)
+
+    def discard_range(self, blob_digest: str, offset: int, length: int) -> None:
+        unlink_quietly(self._range_path(blob_digest, offset, length))
 
     def contains(self, blob_digest: str, block_size: int, index: int) -> bool:
         return self._path(blob_digest, block_size, index).exists()

@@ -66,6 +66,11 @@ class MemoryLru:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= len(evicted)
 
+    def __contains__(self, key: str) -> bool:
+        """Membership without refreshing the entry's recency."""
+        with self._lock:
+            return key in self._items
+
     def discard(self, key: str) -> None:
         with self._lock:
             old = self._items.pop(key, None)
@@ -153,7 +158,7 @@ class ChunkCache:
         return data
 
     def contains(self, digest: str) -> bool:
-        return self.memory.get(digest) is not None or self.path_for(digest).exists()
+        return digest in self.memory or self.path_for(digest).exists()
 
     def put(self, digest: str, data: bytes, *, keep_in_memory: bool = True) -> None:
         """Store bytes the caller has verified against `digest`. Idempotent; concurrent puts of the
@@ -170,6 +175,18 @@ class ChunkCache:
         """Forget a chunk (memory and disk); used when an entry is found to be bad."""
         self.memory.discard(digest)
         unlink_quietly(self.path_for(digest))
+
+    def sweep_temp_files(self) -> int:
+        """Remove temp files a crash left mid-write (never visible under a digest name); returns
+        how many. Safe while the cache is in use only for temp files older than a write takes,
+        so call it at startup, before serving."""
+        removed = 0
+        for tmp in self.chunk_dir.glob("*/.*.tmp"):
+            unlink_quietly(tmp)
+            removed += 1
+        if removed:
+            log.info("chunk cache: removed %d temp files left by an earlier run", removed)
+        return removed
 
     def stats(self) -> dict[str, int]:
         with self._stats_lock:

@@ -222,5 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         message, code = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), EXIT_FAILURE
     except KeyboardInterrupt:
         message, code = "interrupted", EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: still one line for the user, the traceback with -vv
+        log.debug("unexpected failure", exc_info=True)
+        message, code = f"internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", EXIT_FAILURE
     sys.stderr.write(f"{PROG}: error: {message}\n")
     return code

@@ -112,12 +112,14 @@ def build_layer(src_path: str, expected_digest: str, dst_path: str, options: Lay
         src = _HashingReader(raw)
         try:
             result = writer(src, dst, **kwargs)
-        except _BAD_INPUT as exc:
+        except Exception as exc:
             actual = src.finish()
             if actual != expected_digest:
                 raise BlobDigestMismatchError(
                     f"layer {expected_digest}: content is {actual}, the source is corrupt") from None
-            raise UnsupportedImageError(f"layer {expected_digest} is not a valid layer tar: {exc}") from None
+            if isinstance(exc, _BAD_INPUT):
+                raise UnsupportedImageError(f"layer {expected_digest} is not a valid layer tar: {exc}") from None
+            raise
         actual = src.finish()
     if actual != expected_digest:
         raise BlobDigestMismatchError(f"layer {expected_digest}: content is {actual}, the source is corrupt")

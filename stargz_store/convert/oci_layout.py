@@ -6,6 +6,7 @@ stray blobs, never a tag naming missing content.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -163,7 +164,19 @@ class OciLayoutDestination:
             self._tag(manifest)
 
     def _tag(self, manifest: RawManifest) -> None:
-        """Point the tag at `manifest` in index.json (an untagged destination replaces untagged entries)."""
+        """Point the tag at `manifest` in index.json (an untagged destination replaces untagged entries).
+
+        The read-modify-write holds an flock on the layout directory, so two conversions into the
+        same layout never drop each other's tag.
+        """
+        fd = os.open(self.layout, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._tag_locked(manifest)
+        finally:
+            os.close(fd)
+
+    def _tag_locked(self, manifest: RawManifest) -> None:
         index_path = self.layout / "index.json"
         try:
             index = json.loads(index_path.read_bytes())

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -113,7 +114,8 @@ def build_store(cfg: StoreConfig, root: Path):
     cache = ChunkCache(root / "cache", memory_bytes=cfg.memory_cache_bytes)
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
-    return pool, StoreModel(pool)
+    (root / "pool").mkdir(exist_ok=True)
+    return pool, StoreModel(pool, pool_target=str(root / "pool"))
 
 
 def write_stats(pool, root: Path) -> None:
@@ -130,6 +132,26 @@ def _stats_thread(pool, root: Path) -> None:
             write_stats(pool, root)
         except Exception:
             log.exception("writing stats failed")
+
+
+def _ready(mountpoint: Path) -> None:
+    log.info("stargz-store is serving at %s", mountpoint)
+    notify_systemd("READY=1")
+
+
+def notify_systemd(state: str) -> None:
+    """`sd_notify` for `Type=notify` units (as the Go store sends READY=1 once mounted)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd (%s): %s", state, e)
 
 
 def main(argv: list[str]) -> int:
@@ -159,7 +181,7 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=_stats_thread, args=(pool, root), name="stats", daemon=True).start()
     log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
     try:
-        mount(model, str(mountpoint), cfg.mount)
+        mount(model, str(mountpoint), cfg.mount, on_ready=lambda: _ready(mountpoint))
     except RuntimeError as e:
         # fuse_main_real: 1-7 = could not parse/create/mount/daemonize; 8 = the loop ended with an
         # error, which is how libfuse reports leaving it on SIGINT/SIGTERM (already unmounted then).
@@ -170,6 +192,7 @@ def main(argv: list[str]) -> int:
     finally:
         pool.close()
         lock.close()
+    notify_systemd("STOPPING=1")
     log.info("unmounted %s; exiting", mountpoint)
     return EXIT_OK
 

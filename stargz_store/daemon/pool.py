@@ -109,7 +109,7 @@ class ImagePool:
         self.resolver = resolver
         self.config = config or PoolConfig()
         self.metadata_dir = metadata_dir
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when a refresh indexes new layers
         self._refs: dict[str, Reference] = {}
         self._images: dict[str, _Image] = {}
         self._pending: dict[str, Future[_Image]] = {}
@@ -197,6 +197,9 @@ class ImagePool:
     # -- images -------------------------------------------------------------------------------
 
     def _image(self, ref: str, *, wait: bool = True, deadline: float | None = None) -> _Image | None:
+        image = self._images.get(ref)  # the hot path of every read: no lock (a dict read is atomic)
+        if image is not None:
+            return image
         with self._lock:
             image = self._images.get(ref)
             if image is not None:
@@ -205,7 +208,7 @@ class ImagePool:
             if negative is not None:
                 if negative[0] > time.monotonic():
                     self._counters["negative_hits"] += 1
-                    raise negative[1]
+                    raise _fresh(negative[1])
                 del self._negative[ref]
             future = self._pending.get(ref)
             if future is None:
@@ -221,6 +224,8 @@ class ImagePool:
             return future.result(max(0.0, timeout))
         except FutureTimeout:
             raise LayerUnavailable(f"resolving {ref} takes longer than {self.config.resolve_timeout:g} s") from None
+        except FsError as e:
+            raise _fresh(e) from None
 
     def _resolve_image(self, key: str, ref: Reference) -> _Image:
         try:
@@ -356,11 +361,11 @@ class ImagePool:
             return future.result(max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             raise LayerUnavailable(f"{image.ref}: layer {slot.blob_digest} not ready after {self.config.resolve_timeout:g} s") from None
-        except FsError:
+        except FsError as e:
             if remembered:
                 with self._lock:
                     self._counters["negative_hits"] += 1
-            raise
+            raise _fresh(e) from None
 
     def _open_slot(self, image: _Image, slot: _Slot) -> ServedLayer:
         try:
@@ -419,6 +424,8 @@ class ImagePool:
                 pinned = any(r == key and c > 0 for (r, _), c in self._refcounts.items())
                 if idle and not pinned:
                     del self._images[key]
+            for key in [k for k, (until, _) in self._negative.items() if until <= now]:
+                del self._negative[key]
             self._counters["layers_closed"] += len(to_close)
         for key, slot, served in to_close:
             log.info("%s: releasing memory of unused layer %s", key, slot.blob_digest)
@@ -506,6 +513,11 @@ class ImagePool:
         with self._lock:
             self._counters["image_loads_from_disk"] += 1
         return _Image(ref, manifest, config_raw, from_disk=True)
+
+
+def _fresh(error: FsError) -> FsError:
+    """A new instance of a remembered error, so re-raising it does not grow one traceback forever."""
+    return type(error)(str(error))
 
 
 def _sha256(data: bytes) -> str:

@@ -11,6 +11,12 @@ Invariants once a `Toc` is built:
 - every chunk's compressed extent `[blob_offset, blob_end)` lies inside the blob's data area;
 - hardlink names resolve to their target's entry (same object, same inode);
 - `nlink` is 2 + subdirectories for directories, 1 + hardlinks for the rest.
+
+Size and speed matter here: a resolve parses every layer's TOC before the layer is reported, and
+the model stays in memory while the layer is used (120,000 entries is a realistic image). So
+entries and chunks are named tuples (fast to create, no per-instance dict, immutable), small
+repeated values (types, permission bits, times, digests) are shared objects, `build_toc` makes
+two tight passes over the raw entries, and per-directory child maps are built on first use.
 """
 from __future__ import annotations
 
@@ -18,11 +24,11 @@ import base64
 import bisect
 import calendar
 import functools
+import gc
 import re
 import time
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 from .errors import (
     ChunkCoverageError,
@@ -46,10 +52,14 @@ EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7
 
 _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# The module's own type strings, so every entry shares one object per type.
+_CANONICAL_TYPES = {t: t for t in ENTRY_TYPES}
+# One shared int object per permission value (ints above 256 are otherwise one object per entry).
+_PERMISSIONS = tuple(range(0o10000))
+_new_tuple = tuple.__new__
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(NamedTuple):
     """One independently compressed piece of a regular file.
 
     `blob_offset`/`blob_end` bound the compressed bytes to fetch (a gzip member or zstd frame
@@ -65,13 +75,13 @@ class Chunk:
     zeros: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class TocEntry:
+class TocEntry(NamedTuple):
     """A file, directory or special node of the layer, as the TOC describes it.
 
     `mode` holds only permission bits (0o7777); the file type is `type`. `mtime_ns` is 0 when the
     TOC gives no time. `xattrs` values are decoded bytes. `chunks` is empty for all but
-    non-empty regular files.
+    non-empty regular files. Hardlinks are the same object as their target, so identity (`is`)
+    means "same inode"; compare `ino` rather than `==` to tell nodes apart.
     """
 
     name: str
@@ -84,7 +94,7 @@ class TocEntry:
     link_name: str = ""
     dev_major: int = 0
     dev_minor: int = 0
-    xattrs: Mapping[str, bytes] = field(default_factory=lambda: _NO_XATTRS)
+    xattrs: Mapping[str, bytes] = _NO_XATTRS
     digest: str = ""
     chunks: tuple[Chunk, ...] = ()
     ino: int = 0
@@ -170,9 +180,11 @@ def format_time(mtime_ns: int) -> str:
     return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}Z"
 
 
+# The checked accessors below are the slow path: `build_toc` inlines the common case (the value
+# has the right type) and calls these only to turn None into the zero value or to raise.
 def _int(raw: Mapping[str, Any], key: str) -> int:
     v = raw.get(key, 0)
-    if type(v) is int:  # the common case first: this runs ~15 times per entry
+    if type(v) is int:
         return v
     if v is None:
         return 0
@@ -204,19 +216,19 @@ def _xattrs(raw: Mapping[str, Any]) -> Mapping[str, bytes]:
         raise InvalidTocError(f"entry {raw.get('name')!r}: xattr value is not base64: {e}") from None
 
 
-def _digest(raw: Mapping[str, Any], key: str) -> str:
-    d = _str(raw, key)
-    if d and not _DIGEST_RE.match(d):
-        raise InvalidTocError(f"entry {raw.get('name')!r}: {key} {d!r} is not a sha256 digest")
-    return d
-
-
-@dataclass
-class _Pending:
-    raw: Mapping[str, Any]
-    name: str
-    type: str
-    pieces: list[Mapping[str, Any]]
+def _digest(raw: Mapping[str, Any], key: str, seen: dict[str, str]) -> str:
+    """The validated digest at `key` ("" when absent), shared with earlier equal digests via `seen`."""
+    d = raw.get(key, "")
+    if type(d) is not str:
+        d = _str(raw, key)
+    if not d:
+        return ""
+    shared = seen.get(d)
+    if shared is None:
+        if not _DIGEST_RE.match(d):
+            raise InvalidTocError(f"entry {raw.get('name')!r}: {key} {d!r} is not a sha256 digest")
+        seen[d] = shared = d
+    return shared
 
 
 class Toc:
@@ -225,14 +237,18 @@ class Toc:
     def __init__(
         self,
         entries: dict[str, TocEntry],
-        children: dict[str, dict[str, TocEntry]],
+        children: dict[str, dict[str, TocEntry]] | None,
         order: list[TocEntry],
         *,
         landmark_offset: int | None,
         has_no_prefetch_landmark: bool,
+        child_names: dict[str, list[str]] | None = None,
     ) -> None:
+        """`children` may be given whole, or left None with `child_names` (directory -> full
+        paths of its children, hardlink names included) so each map is built on first use."""
         self._entries = entries
-        self._children = children
+        self._children = children if children is not None else {}
+        self._child_names = child_names if children is None else None
         self._order = order
         self.prefetch_landmark_offset = landmark_offset
         self.has_no_prefetch_landmark = has_no_prefetch_landmark
@@ -249,7 +265,18 @@ class Toc:
 
     def children(self, dir_path: str) -> Mapping[str, TocEntry]:
         """Raw children (whiteouts and landmarks included) by base name."""
-        return self._children.get(dir_path, _NO_CHILDREN)
+        found = self._children.get(dir_path)
+        if found is not None:
+            return found
+        names = self._child_names.get(dir_path) if self._child_names is not None else None
+        if not names:
+            return _NO_CHILDREN
+        # Racing threads may both build the map; they build equal ones and either may win.
+        cut = len(dir_path) + 1 if dir_path else 0
+        entries = self._entries
+        built = {name[cut:]: entries[name] for name in names}
+        self._children[dir_path] = built
+        return built
 
     def entries(self) -> Iterator[tuple[str, TocEntry]]:
         """Every (path, entry) pair; hardlink paths yield their target's entry."""
@@ -276,196 +303,310 @@ def build_toc(raw_entries: Iterable[Mapping[str, Any]], *, data_end: int) -> Toc
     file payload). Chunk extents are derived as the Go reader does (`estargz.md` §6.4): a piece
     extends to the next larger data offset in the blob, or `data_end`; a zstd:chunked `endOffset`
     bounds a file's last piece more tightly.
+
+    Pass 1 checks types and names and groups `chunk` entries with their file; pass 2 builds the
+    entries, checks parents and counts subdirectories; directory link counts, implicit
+    directories and hardlink aliases are settled at the end. `entries()` yields explicit entries
+    in TOC order (an implicit root first), then implicit directories, then hardlink names.
     """
-    pending: dict[str, _Pending] = {}
-    order: list[_Pending] = []
-    last: _Pending | None = None
+    # The cyclic GC would rescan the caller's raw entries (alive and tracked) again and again
+    # while this allocates ~2 objects per entry, doubling the time; nothing here makes cycles.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_toc(raw_entries, data_end)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _build_toc(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
+    # Pass 1: one record (name, type, raw, pieces) per non-chunk entry.
+    records: list[tuple[str, str, Mapping[str, Any], list[Mapping[str, Any]] | None]] = []
+    by_name: dict[str, tuple[str, str, Mapping[str, Any], list[Mapping[str, Any]] | None]] = {}
+    hardlinks: list[tuple[str, str, Mapping[str, Any], Any]] = []
+    offsets: list[int] = []
+    last_pieces: list[Mapping[str, Any]] | None = None
+    types = _CANONICAL_TYPES
     for raw in raw_entries:
         if not isinstance(raw, dict):
             raise InvalidTocError(f"TOC entry is not an object: {raw!r}")
-        etype = raw.get("type")
-        if etype not in ENTRY_TYPES:
-            raise InvalidTocError(f"entry {raw.get('name')!r}: unknown type {etype!r}")
-        if etype == CHUNK:
-            if last is None or last.type != REG:
-                raise InvalidTocError(f"chunk entry {raw.get('name')!r} does not follow a regular file")
-            last.pieces.append(raw)
+        get = raw.get
+        raw_type = get("type")
+        etype = types.get(raw_type) if type(raw_type) is str else None
+        if etype is None:
+            raise InvalidTocError(f"entry {get('name')!r}: unknown type {raw_type!r}")
+        if etype is CHUNK:
+            if last_pieces is None:
+                raise InvalidTocError(f"chunk entry {get('name')!r} does not follow a regular file")
+            last_pieces.append(raw)
+            off = get("offset", 0)
+            if type(off) is not int:
+                off = _int(raw, "offset")
+            if off >= 0:
+                offsets.append(off)
             continue
-        name = normalize_name(_str(raw, "name"))
-        if name in pending:
-            if name == "" and etype == DIR and pending[""].type == DIR:
+        name = get("name", "")
+        if type(name) is str and name and name[0] not in "./" and "//" not in name and "/." not in name:
+            if name[-1] == "/":
+                name = name.rstrip("/")
+        else:
+            name = normalize_name(name if type(name) is str else _str(raw, "name"))
+        if name in by_name:
+            if name == "" and etype is DIR and by_name[""][1] is DIR:
                 continue  # `./` and `/` both name the root; a repeat of the root is harmless
             raise DuplicateEntryError(f"duplicate entry {name!r} in TOC")
-        if name == "" and etype != DIR:
+        if name == "" and etype is not DIR:
             raise InvalidTocError(f"the layer root must be a directory, TOC says {etype!r}")
-        p = _Pending(raw, name, etype, [raw] if etype == REG else [])
-        pending[name] = p
-        order.append(p)
-        last = p
+        if etype is REG:
+            last_pieces = [raw]
+            off = get("offset", 0)
+            if type(off) is not int:
+                off = _int(raw, "offset")
+            if off >= 0:
+                offsets.append(off)
+        else:
+            last_pieces = None
+        rec = (name, etype, raw, last_pieces)
+        by_name[name] = rec
+        records.append(rec)
+        if etype is HARDLINK:
+            hardlinks.append(rec)
 
     # Every offset that starts a piece of data, to bound each piece's compressed extent.
-    starts = sorted({_int(piece, "offset") for p in order for piece in p.pieces if _int(piece, "offset") >= 0})
-    for off in starts[-1:]:
-        if off >= data_end:
-            raise OutOfBoundsError(f"data offset {off} is at or beyond the TOC at {data_end}")
-
-    def extent_end(offset: int, inner: int) -> int:
-        i = bisect.bisect_right(starts, offset)
-        return starts[i] if i < len(starts) else data_end
+    starts = sorted(set(offsets))
+    del offsets
+    if starts and starts[-1] >= data_end:
+        raise OutOfBoundsError(f"data offset {starts[-1]} is at or beyond the TOC at {data_end}")
 
     # Hardlinks: resolve chains to the final non-hardlink target.
-    def resolve(p: _Pending, seen: set[str]) -> _Pending:
-        while p.type == HARDLINK:
-            target = normalize_name(_str(p.raw, "linkName"), what=f"hardlink {p.name!r} target")
-            if target in seen:
-                raise InvalidTocError(f"hardlink loop at {p.name!r}")
-            seen.add(target)
-            t = pending.get(target)
-            if t is None:
-                raise MissingHardlinkTargetError(f"hardlink {p.name!r} points to missing {target!r}")
-            p = t
-        return p
-
     link_count: dict[str, int] = {}
     hardlink_target: dict[str, str] = {}
-    for p in order:
-        if p.type == HARDLINK:
-            t = resolve(p, {p.name})
-            if t.type == DIR:
-                raise InvalidTocError(f"hardlink {p.name!r} points to a directory")
-            hardlink_target[p.name] = t.name
-            link_count[t.name] = link_count.get(t.name, 1) + 1
+    for rec in hardlinks:
+        target = _resolve_hardlink(rec, by_name)
+        hardlink_target[rec[0]] = target
+        link_count[target] = link_count.get(target, 1) + 1
 
-    # Implicit parent directories, and subdirectory counts for nlink.
-    dir_names = {p.name for p in order if p.type == DIR}
-    implicit: list[str] = []
-    if "" not in pending:
-        implicit.append("")
-    for p in order:
-        parent = p.name.rpartition("/")[0] if p.name else None
-        while parent is not None and parent not in pending and parent not in dir_names:
-            dir_names.add(parent)
-            implicit.append(parent)
-            parent = parent.rpartition("/")[0] if parent else None
-        if parent is not None and parent in pending and pending[parent].type != DIR:
-            raise InvalidTocError(f"entry {p.name!r} has a non-directory parent {parent!r}")
-    subdirs: dict[str, int] = {}
-    for d in dir_names:
-        if d:
-            par = d.rpartition("/")[0]
-            subdirs[par] = subdirs.get(par, 0) + 1
-
+    # Pass 2: entries, parent checks, subdirectory counts, child lists.
     entries: dict[str, TocEntry] = {}
     built: list[TocEntry] = []
-    ino = 1
-    for name in implicit:
-        entries[name] = TocEntry(name=name, type=DIR, mode=0o755, nlink=2 + subdirs.get(name, 0), ino=0)
-    if "" in entries:
-        entries[""] = _with_ino(entries[""], ino)
-        ino += 1
-    landmark_offset: int | None = None
-    for p in order:
-        if p.type == HARDLINK:
+    dirs: list[int] = []  # positions in `built` of explicit directories
+    subdirs: dict[str, int] = {}
+    child_names: dict[str, list[str]] = {}
+    implicit: list[str] = []
+    implicit_set: set[str] = set()
+    if "" not in by_name:
+        implicit.append("")
+        implicit_set.add("")
+        entries[""] = _new_tuple(TocEntry, ("", DIR, 0o755, 0, 0, 0, 0, "", 0, 0, _NO_XATTRS, "", (), 1, 2))
+    ino = len(implicit) + 1
+    digests: dict[str, str] = {}
+    perms = _PERMISSIONS
+    link_count_get = link_count.get
+    times: dict[str, int] = {}
+    # A key of `child_names` is a directory whose ancestry has been checked.
+    for rec in records:
+        name, etype, raw, pieces = rec
+        if name:
+            parent = name.rpartition("/")[0]
+            siblings = child_names.get(parent)
+            if siblings is None:
+                _check_parent(name, parent, by_name, implicit, implicit_set, subdirs, child_names)
+                siblings = child_names.setdefault(parent, [])
+            siblings.append(name)
+            if etype is DIR:
+                subdirs[parent] = subdirs.get(parent, 0) + 1
+        if etype is HARDLINK:
             continue
-        raw = p.raw
-        chunks = _build_chunks(p, extent_end, data_end) if p.type == REG else ()
-        nlink = 2 + subdirs.get(p.name, 0) if p.type == DIR else link_count.get(p.name, 1)
-        e = TocEntry(
-            name=p.name,
-            type=p.type,
-            mode=_int(raw, "mode") & 0o7777,
-            uid=_int(raw, "uid"),
-            gid=_int(raw, "gid"),
-            size=_int(raw, "size") if p.type == REG else 0,
-            mtime_ns=parse_time_ns(_str(raw, "modtime")),
-            link_name=_str(raw, "linkName") if p.type == SYMLINK else "",
-            dev_major=_int(raw, "devMajor"),
-            dev_minor=_int(raw, "devMinor"),
-            xattrs=_xattrs(raw),
-            digest=_digest(raw, "digest"),
-            chunks=chunks,
-            ino=ino,
-            nlink=nlink,
+        get = raw.get
+        mode = get("mode", 0)
+        if type(mode) is not int:
+            mode = _int(raw, "mode")
+        uid = get("uid", 0)
+        if type(uid) is not int:
+            uid = _int(raw, "uid")
+        gid = get("gid", 0)
+        if type(gid) is not int:
+            gid = _int(raw, "gid")
+        modtime = get("modtime", "")
+        mtime_ns = times.get(modtime) if type(modtime) is str else None
+        if mtime_ns is None:
+            modtime = _str(raw, "modtime")
+            mtime_ns = times[modtime] = parse_time_ns(modtime)
+        dev_major = get("devMajor", 0)
+        if type(dev_major) is not int:
+            dev_major = _int(raw, "devMajor")
+        dev_minor = get("devMinor", 0)
+        if type(dev_minor) is not int:
+            dev_minor = _int(raw, "devMinor")
+        xattrs = _xattrs(raw) if get("xattrs") else _NO_XATTRS
+        digest = get("digest", "")
+        if digest:
+            shared = digests.get(digest) if type(digest) is str else None
+            digest = shared if shared is not None else _digest(raw, "digest", digests)
+        elif type(digest) is not str:
+            digest = _digest(raw, "digest", digests)
+        size = 0
+        chunks: tuple[Chunk, ...] = ()
+        link_name = ""
+        if etype is REG:
+            size = get("size", 0)
+            if type(size) is not int:
+                size = _int(raw, "size")
+            if size < 0:
+                raise OutOfBoundsError(f"file {name!r} has negative size {size}")
+            if size:
+                chunks = _build_chunks(name, raw, pieces, size, digest, starts, data_end, digests)
+        elif etype is SYMLINK:
+            link_name = get("linkName", "")
+            if type(link_name) is not str:
+                link_name = _str(raw, "linkName")
+        elif etype is DIR:
+            dirs.append(len(built))
+        e = _new_tuple(
+            TocEntry,
+            (
+                name, etype, perms[mode & 0o7777], uid, gid, size, mtime_ns, link_name,
+                dev_major, dev_minor, xattrs, digest, chunks, ino, 2 if etype is DIR else link_count_get(name, 1),
+            ),
         )
         ino += 1
-        entries[p.name] = e
+        entries[name] = e
         built.append(e)
-        if p.name == PREFETCH_LANDMARK and p.type == REG:
-            landmark_offset = _int(raw, "offset")
+
+    # Directory link counts need every subdirectory, implicit ones included.
+    for pos in dirs:
+        e = built[pos]
+        n = subdirs.get(e.name)
+        if n:
+            e = _new_tuple(TocEntry, (*e[:-1], 2 + n))
+            built[pos] = entries[e.name] = e
     for name in implicit:
+        nlink = 2 + subdirs.get(name, 0)
         if name:
-            entries[name] = _with_ino(entries[name], ino)
+            entries[name] = _new_tuple(TocEntry, (name, DIR, 0o755, 0, 0, 0, 0, "", 0, 0, _NO_XATTRS, "", (), ino, nlink))
             ino += 1
+        else:
+            entries[""] = _new_tuple(TocEntry, ("", DIR, 0o755, 0, 0, 0, 0, "", 0, 0, _NO_XATTRS, "", (), 1, nlink))
     for name, target in hardlink_target.items():
         entries[name] = entries[target]
 
-    children: dict[str, dict[str, TocEntry]] = {}
-    for name, e in entries.items():
-        if name == "":
-            continue
-        parent, _, base = name.rpartition("/")
-        children.setdefault(parent, {})[base] = e
+    landmark_offset: int | None = None
+    landmark = by_name.get(PREFETCH_LANDMARK)
+    if landmark is not None and landmark[1] is REG:
+        landmark_offset = _int(landmark[2], "offset")
     return Toc(
         entries,
-        children,
+        None,
         built,
         landmark_offset=landmark_offset,
         has_no_prefetch_landmark=NO_PREFETCH_LANDMARK in entries,
+        child_names=child_names,
     )
 
 
-def _with_ino(e: TocEntry, ino: int) -> TocEntry:
-    return TocEntry(name=e.name, type=e.type, mode=e.mode, nlink=e.nlink, ino=ino)
+def _resolve_hardlink(rec: tuple, by_name: Mapping[str, tuple]) -> str:
+    """The name of the non-hardlink entry a hardlink (chain) ends at."""
+    hardlink = rec[0]
+    seen = {hardlink}
+    while rec[1] is HARDLINK:
+        target = normalize_name(_str(rec[2], "linkName"), what=f"hardlink {rec[0]!r} target")
+        if target in seen:
+            raise InvalidTocError(f"hardlink loop at {rec[0]!r}")
+        seen.add(target)
+        found = by_name.get(target)
+        if found is None:
+            raise MissingHardlinkTargetError(f"hardlink {rec[0]!r} points to missing {target!r}")
+        rec = found
+    if rec[1] is DIR:
+        raise InvalidTocError(f"hardlink {hardlink!r} points to a directory")
+    return rec[0]
 
 
-def _build_chunks(p: _Pending, extent_end, data_end: int) -> tuple[Chunk, ...]:
-    raw = p.raw
-    size = _int(raw, "size")
-    if size < 0:
-        raise OutOfBoundsError(f"file {p.name!r} has negative size {size}")
-    if size == 0:
-        return ()
-    end_offset = _int(raw, "endOffset")
+def _check_parent(
+    name: str,
+    parent: str,
+    by_name: Mapping[str, tuple],
+    implicit: list[str],
+    implicit_set: set[str],
+    subdirs: dict[str, int],
+    child_names: dict[str, list[str]],
+) -> None:
+    """Refuse a non-directory parent; create missing ancestors as implicit directories."""
+    while True:
+        found = by_name.get(parent)
+        if found is not None:
+            if found[1] is not DIR:
+                raise InvalidTocError(f"entry {name!r} has a non-directory parent {parent!r}")
+            return
+        if parent in implicit_set:
+            return
+        implicit.append(parent)
+        implicit_set.add(parent)
+        grandparent = parent.rpartition("/")[0]
+        subdirs[grandparent] = subdirs.get(grandparent, 0) + 1
+        child_names.setdefault(grandparent, []).append(parent)
+        parent = grandparent
+
+
+def _build_chunks(
+    name: str,
+    raw: Mapping[str, Any],
+    pieces: list[Mapping[str, Any]],
+    size: int,
+    digest: str,
+    starts: list[int],
+    data_end: int,
+    digests: dict[str, str],
+) -> tuple[Chunk, ...]:
+    end_offset = raw.get("endOffset", 0)
+    if type(end_offset) is not int:
+        end_offset = _int(raw, "endOffset")
+    last = len(pieces) - 1
+    n_starts = len(starts)
     chunks: list[Chunk] = []
     expected_start = 0
-    for i, piece in enumerate(p.pieces):
-        file_offset = _int(piece, "chunkOffset")
-        csize = _int(piece, "chunkSize")
+    for i, piece in enumerate(pieces):
+        get = piece.get
+        file_offset = get("chunkOffset", 0)
+        if type(file_offset) is not int:
+            file_offset = _int(piece, "chunkOffset")
+        csize = get("chunkSize", 0)
+        if type(csize) is not int:
+            csize = _int(piece, "chunkSize")
         if csize == 0:
             csize = size - file_offset  # the last piece runs to the end of the file
-        offset = _int(piece, "offset")
-        inner = _int(piece, "innerOffset")
+        offset = get("offset", 0)
+        if type(offset) is not int:
+            offset = _int(piece, "offset")
+        inner = get("innerOffset", 0)
+        if type(inner) is not int:
+            inner = _int(piece, "innerOffset")
         # Offset 0 is legal: with innerOffset packing the first payload can share the first member.
         if offset < 0 or offset >= data_end:
             raise OutOfBoundsError(
-                f"file {p.name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
+                f"file {name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
             )
         if inner < 0:
-            raise OutOfBoundsError(f"file {p.name!r}: negative innerOffset {inner}")
+            raise OutOfBoundsError(f"file {name!r}: negative innerOffset {inner}")
         if file_offset != expected_start or csize <= 0:
             raise ChunkCoverageError(
-                f"file {p.name!r}: piece at file offset {file_offset} (size {csize}), expected one at {expected_start}"
+                f"file {name!r}: piece at file offset {file_offset} (size {csize}), expected one at {expected_start}"
             )
-        digest = _digest(piece, "chunkDigest") or (
-            _digest(raw, "digest") if len(p.pieces) == 1 else ""
-        )
-        if not digest:
-            raise InvalidTocError(f"file {p.name!r}: piece at {file_offset} has no chunkDigest")
-        blob_end = extent_end(offset, inner)
-        if i == len(p.pieces) - 1 and end_offset > offset:
-            blob_end = min(blob_end, end_offset) if end_offset <= data_end else blob_end
+        chunk_digest = _digest(piece, "chunkDigest", digests) or (digest if last == 0 else "")
+        if not chunk_digest:
+            raise InvalidTocError(f"file {name!r}: piece at {file_offset} has no chunkDigest")
+        j = bisect.bisect_right(starts, offset)
+        blob_end = starts[j] if j < n_starts else data_end
+        if i == last and offset < end_offset <= data_end:
+            blob_end = min(blob_end, end_offset)
+        chunk_type = get("chunkType", "")
+        if type(chunk_type) is not str:
+            chunk_type = _str(piece, "chunkType")
         chunks.append(
-            Chunk(
-                file_offset=file_offset,
-                size=csize,
-                blob_offset=offset,
-                blob_end=blob_end,
-                inner_offset=inner,
-                digest=digest,
-                zeros=_str(piece, "chunkType") == "zeros",
-            )
+            _new_tuple(Chunk, (file_offset, csize, offset, blob_end, inner, chunk_digest, chunk_type == "zeros"))
         )
         expected_start = file_offset + csize
     if expected_start != size:
-        raise ChunkCoverageError(f"file {p.name!r}: chunks cover {expected_start} of {size} bytes")
+        raise ChunkCoverageError(f"file {name!r}: chunks cover {expected_start} of {size} bytes")
     return tuple(chunks)

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import mfusepy as fuse
 
@@ -119,10 +119,17 @@ class StoreOperations(fuse.Operations):
 
     use_ns = True
 
-    def __init__(self, model: StoreModel, options: MountOptions, mountpoint: str = "") -> None:
+    def __init__(
+        self,
+        model: StoreModel,
+        options: MountOptions,
+        mountpoint: str = "",
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.model = model
         self.options = options
         self.mountpoint = mountpoint
+        self.on_ready = on_ready
 
     def init_with_config(self, conn, config) -> None:
         if config is not None:
@@ -133,10 +140,21 @@ class StoreOperations(fuse.Operations):
             config.use_ino = 1
             config.readdir_ino = 1
         log.info("FUSE session started")
-        if self.options.read_ahead_kb > 0 and self.mountpoint:
-            threading.Thread(
-                target=set_read_ahead, args=(self.mountpoint, self.options.read_ahead_kb), name="readahead", daemon=True
-            ).start()
+        if self.mountpoint:
+            threading.Thread(target=self._after_mount, name="after-mount", daemon=True).start()
+
+    def _after_mount(self) -> None:
+        """Once the kernel lists the mount: raise its readahead, then report readiness."""
+        if wait_for_mount(self.mountpoint) is None:
+            log.warning("mount at %s did not appear in /proc/self/mountinfo", self.mountpoint)
+            return
+        if self.options.read_ahead_kb > 0:
+            set_read_ahead(self.mountpoint, self.options.read_ahead_kb)
+        if self.on_ready is not None:
+            try:
+                self.on_ready()
+            except Exception:
+                log.exception("readiness callback failed")
 
     @_translating
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
@@ -254,13 +272,15 @@ class StoreOperations(fuse.Operations):
         return 0
 
 
-def mount(model: StoreModel, mountpoint: str, options: MountOptions) -> None:
+def mount(
+    model: StoreModel, mountpoint: str, options: MountOptions, on_ready: Callable[[], None] | None = None
+) -> None:
     """Mount and serve in the foreground until SIGINT/SIGTERM or unmount; libfuse unmounts on exit.
 
     libfuse installs its own SIGINT/SIGTERM/SIGHUP handlers (Python's could not run while the
     main thread is inside the C loop), and the multithreaded loop serves requests in parallel.
     """
-    ops = StoreOperations(model, options, mountpoint)
+    ops = StoreOperations(model, options, mountpoint, on_ready)
     kwargs: dict[str, Any] = {
         "foreground": True,
         "allow_other": options.allow_other,
@@ -283,18 +303,23 @@ def mount_device(mountpoint: str) -> str | None:
     return found
 
 
-def set_read_ahead(mountpoint: str, kb: int, wait: float = 5.0) -> None:
-    """Raise the readahead of our mount's backing device once the kernel has set the mount up."""
+def wait_for_mount(mountpoint: str, wait: float = 10.0) -> str | None:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        try:
-            device = mount_device(mountpoint)
-            if device is not None:
-                with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
-                    f.write(str(kb))
-                log.debug("readahead of %s (%s) set to %d KiB", mountpoint, device, kb)
-                return
-        except OSError as e:
-            log.debug("cannot set readahead of %s yet: %s", mountpoint, e)
-        time.sleep(0.05)
-    log.warning("could not raise the readahead of %s; sequential reads stay at the kernel default", mountpoint)
+        device = mount_device(mountpoint)
+        if device is not None:
+            return device
+        time.sleep(0.02)
+    return None
+
+
+def set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Raise the readahead of our mount's backing device (`/sys/class/bdi/<major:minor>`)."""
+    device = mount_device(mountpoint)
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+        log.debug("readahead of %s (%s) set to %d KiB", mountpoint, device, kb)
+    except OSError as e:
+        log.warning("cannot raise the readahead of %s (%s): %s; sequential reads stay at the kernel default",
+                    mountpoint, device, e)

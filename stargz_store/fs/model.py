@@ -3,6 +3,7 @@
 Layout (additional-layer-store.md §2, §9.1)::
 
     /                                  root (lists the references resolved so far)
+    /pool                              symlink to `<root>/pool` (readiness probe of stargz-store scripts)
     /<base64(ref)>/                    EINVAL unless strict base64 of a valid reference
     /<base64(ref)>/manifest, config    the image's manifest and config, for humans
     /<base64(ref)>/<digest>/           EINVAL unless a digest; `rmdir` = release notification
@@ -26,6 +27,7 @@ import itertools
 import logging
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,6 +52,7 @@ from .layer_tree import DiffNode, LayerTree
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
+POOL_LINK = "pool"
 DIFF, INFO, BLOB, USE = "diff", "info", "blob", "use"
 MANIFEST, CONFIG = "manifest", "config"
 LAYER_FILES = (BLOB, DIFF, INFO)
@@ -148,8 +151,9 @@ class _Handle:
 class StoreModel:
     """Answers filesystem questions for the whole mount. Thread-safe."""
 
-    def __init__(self, provider: LayerProvider) -> None:
+    def __init__(self, provider: LayerProvider, *, pool_target: str | None = None) -> None:
         self.provider = provider
+        self.pool_target = pool_target
         self._small_inos: dict[tuple[str, ...], int] = {}
         self._next_small_ino = itertools.count(ROOT_INO + 1)
         self._handles: dict[int, _Handle] = {}
@@ -173,6 +177,10 @@ class StoreModel:
         parts = path.strip("/").split("/", 3) if path not in ("", "/") else []
         if not parts:
             return _Path("root")
+        if parts[0] == POOL_LINK and self.pool_target is not None:
+            if len(parts) > 1:
+                raise NotADirectory(path)
+            return _Path("pool")
         ref = self._decode(parts[0])
         if len(parts) == 1:
             return _Path("ref", ref, parts[0])
@@ -210,6 +218,9 @@ class StoreModel:
         p = self._parse(path)
         if p.kind == "root":
             return dir_attr(ROOT_INO, mode=0o755)
+        if p.kind == "pool":
+            target = (self.pool_target or "").encode()
+            return Attr(ino=self._small_ino(POOL_LINK), mode=stat.S_IFLNK | 0o400, size=len(target))
         if p.kind == "ref":
             self.provider.warm(p.ref)
             return dir_attr(self._small_ino(p.ref))
@@ -233,6 +244,8 @@ class StoreModel:
         p = self._parse(path)
         if p.kind == "root":
             names = [base64.b64encode(r.encode()).decode("ascii") for r in self.provider.known_refs()]
+            if self.pool_target is not None:
+                names.append(POOL_LINK)
             return [(n, None) for n in sorted(set(names))]
         if p.kind == "ref":
             try:
@@ -251,6 +264,8 @@ class StoreModel:
 
     def readlink(self, path: str) -> str:
         p = self._parse(path)
+        if p.kind == "pool":
+            return self.pool_target or ""
         if p.kind != "diff":
             raise NotASymlink(path)
         node = self._diff_node(p)

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 class LayerConfig:
     """Sizes in bytes, times in seconds.
 
-    `disable_verification` skips nothing that protects against serving the wrong bytes: chunks are
-    addressed by digest and decompressed from their own extent either way; the format's
-    `decompress_chunk` always hashes (it is cheap next to decompression), so the flag only turns
-    off the cache's optional re-hash on read. It is accepted for config compatibility.
+    `disable_verification` is accepted for config compatibility and changes nothing: every chunk
+    is hashed against its TOC digest before use (hashing costs little next to decompression, and
+    the Go store at HEAD refuses to run with verification off). Entries read back from the disk
+    cache are trusted, see `ChunkCache`.
+
+    `readahead_size` is off by default so a read fetches only the chunks it covers; the daemon
+    may turn it on (a few MiB roughly doubles cold sequential throughput from a local registry).
     """
 
     prefetch_timeout: float = 10.0          # seconds; prefetch before a layer is reported ready
@@ -28,7 +31,10 @@ class LayerConfig:
     max_request_size: int = 16 << 20        # a coalesced request is not grown past this (parallelism)
     background_batch_size: int = 4 << 20   # compressed bytes per background request
     background_idle_wait: float = 0.05     # how long background fetch sleeps while reads are in flight
+    background_slots: int = 2              # background batches running at once, over all layers
     blob_block_size: int = 1 << 20         # granularity of the raw-blob cache (ALS `blob` file)
     blob_readahead: int = 8 << 20          # a `blob` miss also fetches this far ahead (sequential copy)
+    keep_toc_bytes: bool = True            # keep the bytes a TOC was read from: a restart re-opens
+                                           # layers without the registry (re-verified every time)
     readahead_size: int = 0                # a sequential file read also fetches this many compressed
                                            # bytes of the file's next chunks (0: only what is read)

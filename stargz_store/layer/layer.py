@@ -7,17 +7,22 @@ Invariants:
   fetched wait for it, whoever started it (a read, the prefetch or the background fetch);
 - every wait is bounded by `LayerConfig.fetch_timeout`: fetches run on worker threads and readers
   only wait on their results, so a stalled registry turns into `LayerReadError`, not a hung reader;
-- the background fetch never holds a request while foreground reads are waiting to start one.
+- a background batch starts only when no on-demand or prefetch fetch is in flight on any layer
+  sharing the `FetchScheduler`, so it takes bandwidth only in the gaps.
+
+Chunks are shared by digest across layers (`ChunkCache`); zstd:chunked holes are synthesised, not
+fetched. Raw blob bytes (`read_blob`) go through fixed-size blocks in the blob cache.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from ..cache.chunk_cache import ChunkCache
 from ..formats.layer_toc import ParsedToc
@@ -26,9 +31,8 @@ from .config import LayerConfig
 from .errors import LayerReadError
 from .flight import Flight, FlightTable
 from .ranges import Extent, Request, coalesce, split_into_batches
-
-if TYPE_CHECKING:
-    from .resolver import BlobSource
+from .scheduler import FetchScheduler
+from .sources import BlobSource
 
 __all__ = ["Layer", "LayerReadError"]
 
@@ -72,6 +76,8 @@ class Layer:
         descriptor: Mapping,
         cache: ChunkCache,
         config: LayerConfig | None = None,
+        *,
+        scheduler: FetchScheduler | None = None,
     ) -> None:
         self.source = source
         self.parsed = parsed
@@ -89,11 +95,13 @@ class Layer:
         self._closed = threading.Event()
         self._foreground = threading.Condition()
         self._foreground_active = 0
+        self.scheduler = scheduler or FetchScheduler()
         self._background_thread: threading.Thread | None = None
         self._background_done = threading.Event()
         self.background_state = "not started"
         self._last_read_end: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> (next offset, read ahead up to chunk)
         self._last_read_lock = threading.Lock()
+        self._chunk_starts: OrderedDict[int, list[int]] = OrderedDict()  # ino -> chunk file offsets
         self._counters = _Counters(
             "fetched_bytes", "requests", "fetch_calls", "fetch_errors", "chunks_fetched",
             "cache_hits", "cache_misses", "verify_failures", "timeouts",
@@ -108,14 +116,15 @@ class Layer:
             raise ValueError(f"negative offset {offset} or size {size}")
         if entry.type != REG:
             return b""
-        chunks = entry.chunks_for_range(offset, size)
-        if not chunks:
+        first, last = self._chunk_span(entry, offset, size)
+        if first > last:
             return b""
+        chunks = entry.chunks[first : last + 1]
         self._check_open()
         deadline = time.monotonic() + self.config.fetch_timeout
         data, waits = self._start_chunks(chunks)
         if self.config.readahead_size > 0:
-            self._maybe_read_ahead(entry, offset, size, chunks[-1])
+            self._maybe_read_ahead(entry, offset, size, last)
         if waits:
             data.update(self._wait(waits, deadline))
         end = min(entry.size, offset + size)
@@ -196,12 +205,27 @@ class Layer:
             persist=persist if write_later else None,
         )
 
-    def _maybe_read_ahead(self, entry: TocEntry, offset: int, size: int, last: Chunk) -> None:
+    def _chunk_span(self, entry: TocEntry, offset: int, size: int) -> tuple[int, int]:
+        """Indexes of the first and last chunk holding file bytes `[offset, offset+size)` (first >
+        last when none). Same answer as `TocEntry.chunks_for_range`, with the chunk start offsets
+        of recently read files kept, so a file of thousands of chunks costs a bisect per read."""
+        end = min(entry.size, offset + size)
+        if offset >= end or not entry.chunks:
+            return 1, 0
+        starts = self._chunk_starts.get(entry.ino)
+        if starts is None:
+            starts = [c.file_offset for c in entry.chunks]
+            with self._last_read_lock:
+                self._chunk_starts[entry.ino] = starts
+                while len(self._chunk_starts) > _SEQUENTIAL_TRACKED:
+                    self._chunk_starts.popitem(last=False)
+        return bisect.bisect_right(starts, offset) - 1, bisect.bisect_right(starts, end - 1) - 1
+
+    def _maybe_read_ahead(self, entry: TocEntry, offset: int, size: int, last_index: int) -> None:
         """On a sequential read of a file (it starts where the previous read of the file ended),
         start fetching the file's next chunks, up to `readahead_size` compressed bytes past the
         read, without waiting for them. Each chunk is considered once per sequential run, so a
         read inside an already covered window costs no lookups."""
-        last_index = entry.chunk_index_for_offset(last.file_offset)
         chunks = entry.chunks
         window_end = last_index
         budget = self.config.readahead_size
@@ -342,6 +366,7 @@ class Layer:
         if foreground:
             with self._foreground:
                 self._foreground_active += 1
+            self.scheduler.foreground_started()
         try:
             self._executor.submit(self._run_batch, batch, flights, foreground)
         except RuntimeError as e:  # executor shut down: the layer is closing
@@ -445,6 +470,7 @@ class Layer:
         return out
 
     def _foreground_done(self) -> None:
+        self.scheduler.foreground_finished()
         with self._foreground:
             self._foreground_active -= 1
             self._foreground.notify_all()
@@ -549,17 +575,19 @@ class Layer:
         return "done"
 
     def _background_batch(self, batch: dict[str, Chunk]) -> bool:
-        """Fetch one batch, retrying with backoff; False when stopped or given up."""
+        """Fetch one batch when the scheduler allows, retrying with backoff; False when stopped
+        or given up."""
         failures = 0
         while True:
-            if not self._yield_to_foreground():
-                return False
-            mine, _ = self._flights.claim(batch)  # chunks someone else is fetching are theirs
-            if not mine:
-                return True
-            extents = [self._chunk_extent(batch[k], keep_in_memory=False) for k in mine]
-            requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=self.config.max_request_size)
-            self._run_batch(requests, mine, False)
+            with self.scheduler.background_turn(self._closed, self.config.background_idle_wait) as allowed:
+                if not allowed:
+                    return False
+                mine, _ = self._flights.claim(batch)  # chunks someone else is fetching are theirs
+                if not mine:
+                    return True
+                extents = [self._chunk_extent(batch[k], keep_in_memory=False) for k in mine]
+                requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=self.config.max_request_size)
+                self._run_batch(requests, mine, False)
             failed = {k: batch[k] for k, f in mine.items() if f.error is not None}
             if not failed:
                 return True
@@ -570,13 +598,6 @@ class Layer:
             batch = failed
             if self._closed.wait(min(30.0, 0.5 * 2**failures)):
                 return False
-
-    def _yield_to_foreground(self) -> bool:
-        """Wait while on-demand fetches are in flight; False if the layer closed meanwhile."""
-        with self._foreground:
-            while self._foreground_active > 0 and not self._closed.is_set():
-                self._foreground.wait(self.config.background_idle_wait)
-        return not self._closed.is_set()
 
     # ---- bookkeeping -----------------------------------------------------------------------
 

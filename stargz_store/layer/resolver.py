@@ -3,27 +3,25 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Mapping, Protocol
+from typing import TYPE_CHECKING, Mapping
 
 from ..cache.chunk_cache import ChunkCache
+from ..cache.blob_cache import BlobRangeCache
 from ..formats.detect import read_layer_toc
+from ..formats.errors import FormatError
+from ..formats.layer_toc import ParsedToc
 from .config import LayerConfig
 from .layer import Layer
+from .scheduler import FetchScheduler
+from .sources import BlobSource
 
 if TYPE_CHECKING:
     from ..registry.client import RegistryClient
     from ..registry.reference import Reference
 
+__all__ = ["BlobSource", "LayerResolver", "RegistryBlobSource", "TailCachedReadAt"]
+
 log = logging.getLogger(__name__)
-
-
-class BlobSource(Protocol):
-    """What a Layer reads from. `read_ranges` returns exactly the bytes of each (offset, length)
-    or raises; it may take as long as its own timeouts allow (the Layer bounds the wait)."""
-
-    size: int
-
-    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]: ...
 
 
 class RegistryBlobSource:
@@ -48,28 +46,72 @@ class RegistryBlobSource:
 class TailCachedReadAt:
     """The `read_at` handed to the format readers: the blob's last `tail_size` bytes are fetched
     once, on first use, and serve every read inside them (whichever format is tried); anything
-    else (the head of a TOC larger than the window) is one more ranged request."""
+    else (the head of a TOC larger than the window, an annotated TOC position) is one more
+    ranged request.
 
-    def __init__(self, source: BlobSource, blob_size: int, tail_size: int) -> None:
+    With a `store`, every range is first looked up there (bytes kept from an earlier open of the
+    same blob), and `persist()` keeps what was fetched once the TOC has been verified. Kept bytes
+    are authenticated again by the TOC digest on every open, like fetched ones.
+    """
+
+    def __init__(
+        self,
+        source: BlobSource,
+        blob_size: int,
+        tail_size: int,
+        *,
+        store: BlobRangeCache | None = None,
+        blob_digest: str | None = None,
+        reuse: bool = True,
+    ) -> None:
         self.source = source
+        self.reuse = reuse
         self.blob_size = blob_size
         self.window_start = blob_size - min(blob_size, max(tail_size, 0))
+        self.store = store if blob_digest else None
+        self.blob_digest = blob_digest or ""
         self._tail: bytes | None = None
         self._lock = threading.Lock()
         self.requests = 0
+        self.fetched: list[tuple[int, bytes]] = []
+        self.reused: list[tuple[int, int]] = []
 
     def __call__(self, offset: int, length: int) -> bytes:
         if offset >= self.window_start and offset + length <= self.blob_size and length >= 0:
             with self._lock:
                 if self._tail is None:
-                    self.requests += 1
-                    (self._tail,) = self.source.read_ranges([(self.window_start, self.blob_size - self.window_start)])
+                    self._tail = self._get(self.window_start, self.blob_size - self.window_start)
             rel = offset - self.window_start
             return self._tail[rel : rel + length]
         with self._lock:
-            self.requests += 1
+            return self._get(offset, length)
+
+    def _get(self, offset: int, length: int) -> bytes:
+        if self.store is not None and self.reuse:
+            kept = self.store.get_range(self.blob_digest, offset, length)
+            if kept is not None:
+                self.reused.append((offset, length))
+                return kept
+        self.requests += 1
         (data,) = self.source.read_ranges([(offset, length)])
+        self.fetched.append((offset, data))
         return data
+
+    def persist(self) -> None:
+        """Keep the fetched ranges (call only after the TOC they hold has been verified)."""
+        if self.store is None:
+            return
+        for offset, data in self.fetched:
+            try:
+                self.store.put_range(self.blob_digest, offset, data)
+            except OSError as e:
+                log.warning("cannot keep TOC bytes of %s: %s", self.blob_digest, e)
+
+    def forget_reused(self) -> None:
+        """Drop kept ranges that were used (they did not make a valid TOC)."""
+        if self.store is not None:
+            for offset, length in self.reused:
+                self.store.discard_range(self.blob_digest, offset, length)
 
 
 class LayerResolver:
@@ -80,6 +122,7 @@ class LayerResolver:
         self.client = client
         self.cache = cache
         self.config = config or LayerConfig()
+        self.scheduler = FetchScheduler(background_slots=self.config.background_slots)
 
     def open_layer(self, ref: Reference, descriptor: Mapping, *, key_digest: str | None = None) -> Layer:
         """Raises NotLazyFormatError / FormatError (not servable lazily) or RegistryError."""
@@ -93,15 +136,31 @@ class LayerResolver:
     ) -> Layer:
         cfg = self.config
         size = int(descriptor.get("size") or source.size)
-        read_at = TailCachedReadAt(source, size, cfg.tail_size)
-        parsed = read_layer_toc(
-            read_at, size, descriptor, key_digest=key_digest, max_toc_size=cfg.max_toc_size, tail_size=cfg.tail_size
-        )
+        digest = descriptor.get("digest")
+        store = self.cache.blob_cache if cfg.keep_toc_bytes and isinstance(digest, str) else None
+
+        def parse(read_at: TailCachedReadAt) -> ParsedToc:
+            return read_layer_toc(
+                read_at, size, descriptor, key_digest=key_digest, max_toc_size=cfg.max_toc_size, tail_size=cfg.tail_size
+            )
+
+        read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest)
+        try:
+            parsed = parse(read_at)
+        except FormatError:
+            if not read_at.reused:
+                raise
+            # Kept bytes that no longer verify (a damaged cache): drop them, ask the source.
+            log.warning("layer %s: kept TOC bytes did not verify; fetching them again", digest)
+            read_at.forget_reused()
+            read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, reuse=False)
+            parsed = parse(read_at)
+        read_at.persist()
         log.debug(
-            "layer %s: %s TOC %s, %d entries, %d request(s)",
-            descriptor.get("digest"), parsed.format, parsed.toc_digest, len(parsed.toc), read_at.requests,
+            "layer %s: %s TOC %s, %d entries, %d request(s), %d kept range(s) reused",
+            digest, parsed.format, parsed.toc_digest, len(parsed.toc), read_at.requests, len(read_at.reused),
         )
-        layer = Layer(source, parsed, descriptor, self.cache, cfg)
+        layer = Layer(source, parsed, descriptor, self.cache, cfg, scheduler=self.scheduler)
         if not cfg.no_prefetch:
             layer.prefetch(cfg.prefetch_timeout)
         if not cfg.no_background_fetch:

@@ -1,9 +1,22 @@
-"""Blob sources besides the registry: a local file (converter outputs, tests, benchmarks)."""
+"""Where a Layer's bytes come from: the `BlobSource` protocol, and a local-file source (converter
+outputs, tests, benchmarks). The registry source is `resolver.RegistryBlobSource`."""
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
+
+
+class BlobSource(Protocol):
+    """What a Layer reads from. `read_ranges` returns exactly the bytes of each (offset, length),
+    in order, or raises; it may take as long as its own timeouts allow (the Layer bounds how long
+    a reader waits)."""
+
+    size: int
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]: ...
+
 
 
 class FileBlobSource:
@@ -15,6 +28,8 @@ class FileBlobSource:
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.size = os.fstat(self._fd).st_size
         self._lock = threading.Lock()
+        self._users = 0
+        self._closing = False
         self.calls = 0
         self.requests = 0
         self.bytes_read = 0
@@ -22,19 +37,26 @@ class FileBlobSource:
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         with self._lock:
+            if self._fd < 0:
+                raise OSError(f"blob source {self.path} is closed")
+            self._users += 1  # the fd stays open while a read uses it (a closed fd number can be reused)
             self.calls += 1
             self.requests += len(ranges)
             self.log.extend(ranges)
-        out = []
-        for offset, length in ranges:
-            if offset < 0 or length < 0 or offset + length > self.size:
-                raise ValueError(f"range ({offset}, {length}) outside blob of {self.size} bytes")
-            data = os.pread(self._fd, length, offset)
-            if len(data) != length:
-                raise OSError(f"short read from {self.path}: {len(data)} of {length} bytes at {offset}")
-            out.append(data)
-        with self._lock:
-            self.bytes_read += sum(len(d) for d in out)
+        try:
+            out = []
+            for offset, length in ranges:
+                if offset < 0 or length < 0 or offset + length > self.size:
+                    raise ValueError(f"range ({offset}, {length}) outside blob of {self.size} bytes")
+                data = os.pread(self._fd, length, offset)
+                if len(data) != length:
+                    raise OSError(f"short read from {self.path}: {len(data)} of {length} bytes at {offset}")
+                out.append(data)
+        finally:
+            with self._lock:
+                self._users -= 1
+                self.bytes_read += sum(len(d) for d in out)
+                self._close_if_unused()
         return out
 
     def reset_counters(self) -> None:
@@ -43,6 +65,11 @@ class FileBlobSource:
             self.log.clear()
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+        with self._lock:
+            self._closing = True
+            self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self._closing and self._users == 0 and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -155,3 +155,27 @@ def test_chunk_cache_owns_a_blob_cache_under_its_root(tmp_path):
     cache = ChunkCache(tmp_path)
     assert cache.blob_cache.root == tmp_path / "blobs"
     assert cache.blob_cache is cache.blob_cache
+
+
+def test_sweep_removes_only_temp_files(tmp_path):
+    cache = ChunkCache(tmp_path)
+    data = b"kept" * 10
+    d = digest_of(data)
+    cache.put(d, data)
+    leftover = cache.path_for(d).parent / f".{cache.path_for(d).name}.abc123.tmp"
+    leftover.write_bytes(b"half a chu")
+    assert cache.sweep_temp_files() == 1
+    assert not leftover.exists()
+    assert ChunkCache(tmp_path).get(d) == data
+
+
+def test_contains_does_not_refresh_recency(tmp_path):
+    cache = ChunkCache(tmp_path, memory_bytes=4000)
+    a, b = b"a" * 1000, b"b" * 1000
+    cache.put(digest_of(a), a)
+    for i in range(3):
+        filler = bytes([i]) * 1000
+        cache.put(digest_of(filler), filler)
+    assert cache.contains(digest_of(a))  # on disk; memory order untouched
+    cache.put(digest_of(b), b)  # evicts the least recent: a
+    assert digest_of(a) not in cache.memory

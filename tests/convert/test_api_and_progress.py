@@ -82,3 +82,17 @@ def test_progress_when_stderr_is_a_terminal(source_image, tmp_path):
     assert text.count("converting layer") == 2
     assert "[2/2]" in text
     assert "converted oci:" in text
+
+
+def test_concurrent_conversions_into_one_layout_keep_every_tag(source_image, tmp_path):
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-m", "stargz_store.cli", "convert", "--jobs", "1",
+                               source_image.ref, f"oci:{out}:t{i}"],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+             for i in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    for i in range(4):
+        assert read_oci_image(out, f"t{i}").manifest_digest == read_oci_image(out, "t0").manifest_digest

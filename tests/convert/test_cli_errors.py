@@ -102,3 +102,34 @@ def test_missing_platform_lists_the_platforms(tmp_path):
     write_oci_index(tmp_path / "multi", {"linux/amd64": [layer], "linux/arm64": [layer]}, tag="m")
     proc = run_convert("--platform", "linux/s390x", f"oci:{tmp_path / 'multi'}:m", f"oci:{tmp_path / 'out'}:x")
     assert_clear_failure(proc, 1, "no image for platform linux/s390x", "linux/amd64", "linux/arm64")
+
+
+def test_non_layer_media_type_is_refused(source_image, tmp_path):
+    from tests.fixtures.images import read_oci_image, write_raw_manifest
+    import shutil
+
+    layout = tmp_path / "artifact"
+    shutil.copytree(source_image.layout, layout)
+    manifest = read_oci_image(layout, "v1").manifest
+    manifest["layers"][0]["mediaType"] = "application/vnd.cncf.helm.chart.content.v1.tar+gzip"
+    write_raw_manifest(layout, manifest, tag="chart")
+    proc = run_convert(f"oci:{layout}:chart", f"oci:{tmp_path / 'out'}:x")
+    assert_clear_failure(proc, 1, "helm.chart", "not a layer tar")
+
+
+def test_docker_schema1_is_refused(tmp_path):
+    from tests.fixtures.images import write_raw_manifest
+
+    write_raw_manifest(tmp_path / "old", {"schemaVersion": 1, "name": "x", "tag": "v", "fsLayers": [],
+                                          "mediaType": "application/vnd.docker.distribution.manifest.v1+prettyjws"},
+                       tag="old")
+    proc = run_convert(f"oci:{tmp_path / 'old'}:old", f"oci:{tmp_path / 'out'}:x")
+    assert_clear_failure(proc, 1, "schema 1")
+
+
+def test_layer_that_is_not_a_tar(tmp_path):
+    from tests.fixtures.images import gzip_bytes, random_bytes, write_oci_image
+
+    digest = write_oci_image(tmp_path / "bad", [gzip_bytes(random_bytes(10_000, seed=5))], tag="b").layer_digests[0]
+    proc = run_convert(f"oci:{tmp_path / 'bad'}:b", f"oci:{tmp_path / 'out'}:x")
+    assert_clear_failure(proc, 1, digest, "not a valid layer tar")

@@ -9,7 +9,7 @@ import pytest
 from stargz_store.registry.platforms import host_platform
 
 from tests.convert.layer_compare import read_converted_layer, run_convert
-from tests.fixtures.images import LayerBuilder, read_oci_image, write_oci_index
+from tests.fixtures.images import LayerBuilder, read_oci_image, write_oci_index, write_raw_manifest
 
 PLATFORMS = ["linux/amd64", "linux/arm64"]
 
@@ -71,3 +71,31 @@ def test_all_platforms_writes_an_index(multi_image, tmp_path):
         image = read_oci_image(out, "x", platform=platform)
         assert image.layers[0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
         assert _arch_of(image) == platform
+
+
+def test_all_platforms_skips_attestations(multi_image, tmp_path):
+    """BuildKit attestation manifests (`unknown/unknown`) are not images; they are left out."""
+    layout, images = multi_image
+    attestation = write_raw_manifest(layout, {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": images["linux/amd64"].config_digest, "size": 1},
+        "layers": [{"mediaType": "application/vnd.in-toto+json", "digest": images["linux/amd64"].layer_digests[0],
+                    "size": 1}],
+    }, tag="attestation-only")
+    index = json.loads((layout / "blobs" / "sha256" / _root_digest(layout, "m").split(":")[1]).read_text())
+    index["manifests"].append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": attestation,
+                               "size": 1, "platform": {"os": "unknown", "architecture": "unknown"},
+                               "annotations": {"vnd.docker.reference.type": "attestation-manifest"}})
+    write_raw_manifest(layout, index, tag="with-attestation")
+    out = tmp_path / "out"
+    proc = run_convert("--all-platforms", f"oci:{layout}:with-attestation", f"oci:{out}:x")
+    assert proc.returncode == 0, proc.stderr
+    root = json.loads((out / "blobs" / "sha256" / _root_digest(out, "x").split(":")[1]).read_text())
+    assert [m["platform"]["architecture"] for m in root["manifests"]] == ["amd64", "arm64"]
+
+
+def _root_digest(layout, tag: str) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    return next(m["digest"] for m in index["manifests"]
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)

@@ -40,3 +40,20 @@ def test_plain_podman_runs_the_converted_image(fmt, source_image, registry, podm
     assert out[2] == "hello-gone"  # the whiteout removed it
     assert out[3] == "non-ASCII name"
     assert out[4] == "4755 1000 1001"
+
+
+def test_plain_podman_picks_its_platform_from_a_converted_index(registry, podman_environment, tmp_path):
+    """`--all-platforms` writes an OCI index; podman resolves it to the host's image and runs it."""
+    from stargz_store.registry.platforms import host_platform
+    from tests.fixtures.images import LayerBuilder, write_oci_index
+
+    host = f"linux/{host_platform().architecture}"
+    other = "linux/s390x" if host != "linux/s390x" else "linux/amd64"
+    layers = {p: [LayerBuilder().add_busybox().add_file("platform.txt", f"{p}\n".encode()).gzip()]
+              for p in (other, host)}
+    write_oci_index(tmp_path / "multi", layers, tag="m", config_extra={"Cmd": ["/bin/cat", "/platform.txt"]})
+    ref = f"{registry.host}/x:multi-esgz"
+    proc = run_convert("--all-platforms", f"oci:{tmp_path / 'multi'}:m", f"docker://{ref}")
+    assert proc.returncode == 0, proc.stderr
+    podman("pull", "-q", "--tls-verify=false", ref, env=podman_environment)
+    assert podman("run", "--rm", "--net=none", ref, env=podman_environment).stdout == f"{host}\n"

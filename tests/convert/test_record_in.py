@@ -105,3 +105,25 @@ def test_bad_record_file_is_a_clear_error(source_image, tmp_path):
     assert proc.returncode == 1
     assert "record.json" in proc.stderr and "line 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_record_in_with_dot_slash_tar_moves_the_root_entry_too(tmp_path):
+    """Tars from `tar -C dir .` name entries `./x` and have a root `./`; record paths match them
+    without the prefix, and the root moves first (estargz.md §8.3)."""
+    from tests.fixtures.images import write_oci_image
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in [("./", None), ("./a.txt", b"a"), ("./etc/", None), ("./etc/motd", b"m")]:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE if data is None else tarfile.REGTYPE
+            info.size = len(data or b"")
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    src = write_oci_image(tmp_path / "src", [buf.getvalue()], tag="t")
+    record = tmp_path / "record.json"
+    record.write_text('{"path": "/etc/motd"}')
+    proc = run_convert("--record-in", str(record), src.ref, f"oci:{tmp_path / 'out'}:t")
+    assert proc.returncode == 0, proc.stderr
+    image = read_oci_image(tmp_path / "out", "t")
+    names = _stream_names(image.blob(image.layers[0]["digest"]))
+    assert names == [".", "etc", "etc/motd", ".prefetch.landmark", "a.txt", "stargz.index.json"]

@@ -137,3 +137,26 @@ def test_corrupted_bytes_give_eio_and_never_reach_the_cache(store_daemon_factory
         assert sha256_of(diff / rel) == expected_sha(image, rel)
     finally:
         proxy.stop()
+
+
+def test_sigint_unmounts_and_systemd_is_told_ready(store_daemon_factory, tmp_path):
+    import signal
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(20)
+    os.environ["NOTIFY_SOCKET"] = address
+    try:
+        store = store_daemon_factory(FAST_CONFIG)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        assert sock.recv(100) == b"READY=1"
+        store.proc.send_signal(signal.SIGINT)
+        assert store.proc.wait(20) == 0
+        assert not is_mounted(store.mountpoint)
+        assert sock.recv(100) == b"STOPPING=1"
+    finally:
+        sock.close()

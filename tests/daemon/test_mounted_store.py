@@ -138,3 +138,9 @@ def test_hardlinks_share_one_inode_through_the_mount(shared_store, pushed):
         stats = [os.lstat(diff / p) for p in group]
         assert len({s.st_ino for s in stats}) == 1
         assert all(s.st_nlink == len(group) for s in stats)
+
+
+def test_pool_link_is_the_readiness_probe(shared_store):
+    link = shared_store.mountpoint / "pool"
+    assert os.readlink(link) == str(shared_store.root / "pool")
+    os.listdir(link)  # what the Go store's scripts run to wait for the mount

@@ -304,3 +304,18 @@ def test_moved_tag_adds_new_layers_and_keeps_old_ones(testdata, tmp_path):
         assert old_info["diff-digest"] == config_of(testdata, "multilayer-esgz")["rootfs"]["diff_ids"][0]
     finally:
         pool.close()
+
+
+def test_pool_symlink_for_readiness_probes(testdata, tmp_path):
+    client = LayoutClient({})
+    pool = ImagePool(client, LayoutResolver(client, tmp_path / "cache"))
+    try:
+        model = StoreModel(pool, pool_target="/var/lib/stargz-store/pool")
+        attr = model.getattr("/pool")
+        assert stat.S_ISLNK(attr.mode) and attr.size == len("/var/lib/stargz-store/pool")
+        assert model.readlink("/pool") == "/var/lib/stargz-store/pool"
+        assert [n for n, _ in model.readdir("/")] == ["pool"]
+        with pytest.raises(InvalidName):
+            StoreModel(pool).getattr("/pool")  # without a target it is just an invalid ref name
+    finally:
+        pool.close()

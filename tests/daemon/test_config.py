@@ -1,0 +1,74 @@
+"""config.toml and command line parsing (no mount needed)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from stargz_store.daemon.cli import parse_args
+from stargz_store.daemon.config import DEFAULT_CONFIG_PATH, ConfigError, config_from_toml, load_config
+
+
+def test_shipped_config_file_loads_with_its_documented_defaults(caplog):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "config" / "config.toml"
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(path, explicit=True)
+    assert not [r for r in caplog.records if "unknown config key" in r.getMessage()]
+    defaults = config_from_toml({})
+    assert cfg.layer == defaults.layer
+    assert cfg.pool == defaults.pool
+    assert cfg.mount == defaults.mount
+    assert cfg.memory_cache_bytes == defaults.memory_cache_bytes
+
+
+def test_keys_reach_the_components():
+    cfg = config_from_toml({
+        "noprefetch": True, "no_background_fetch": True, "prefetch_size": 1234, "prefetch_timeout_sec": 3,
+        "resolve_result_entry_ttl_sec": 7, "max_concurrency": 3, "debug": True,
+        "blob": {"fetching_timeout_sec": 4, "max_retries": 1},
+        "resolver": {"request_timeout_sec": 9},
+        "fuse": {"attr_timeout": 5, "entry_timeout": 6},
+        "store": {"negative_cache_ttl_sec": 2, "resolve_timeout_sec": 11, "memory_cache_size_mb": 8,
+                  "platform": "linux/arm64", "read_ahead_kb": 512},
+    })
+    assert cfg.layer.no_prefetch and cfg.layer.no_background_fetch
+    assert (cfg.layer.prefetch_size, cfg.layer.prefetch_timeout, cfg.layer.max_concurrency) == (1234, 3, 3)
+    assert cfg.layer.fetch_timeout == 4 and cfg.registry.max_retries == 1 and cfg.registry.read_timeout == 9
+    assert (cfg.pool.release_grace, cfg.pool.negative_ttl, cfg.pool.resolve_timeout) == (7, 2, 11)
+    assert cfg.pool.platform == "linux/arm64"
+    assert (cfg.mount.attr_timeout, cfg.mount.entry_timeout, cfg.mount.debug) == (5, 6, True)
+    assert cfg.mount.read_ahead_kb == 512 and cfg.memory_cache_bytes == 8 << 20
+
+
+def test_unknown_keys_are_warned_not_fatal(caplog):
+    with caplog.at_level(logging.WARNING):
+        config_from_toml({"metrics_address": "127.0.0.1:8234", "blob": {"chunk_sise": 1}})
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "metrics_address" in messages and "blob.chunk_sise" in messages
+
+
+@pytest.mark.parametrize("doc", [
+    {"noprefetch": "yes"}, {"prefetch_size": -1}, {"blob": {"fetching_timeout_sec": "10"}},
+    {"metadata_store": "sql"}, {"fuse": 3},
+])
+def test_invalid_values_are_refused(doc):
+    with pytest.raises(ConfigError):
+        config_from_toml(doc)
+
+
+def test_missing_default_config_is_fine_but_missing_explicit_one_is_not(tmp_path):
+    from pathlib import Path
+
+    if not Path(DEFAULT_CONFIG_PATH).exists():
+        assert load_config(DEFAULT_CONFIG_PATH, explicit=False) == config_from_toml({})
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "nope.toml", explicit=True)
+
+
+def test_go_style_flags_are_accepted():
+    args = parse_args(["-config=/c.toml", "-root", "/r", "-log-level=debug", "/mnt"])
+    assert (args.config, args.root, args.log_level, args.mountpoint) == ("/c.toml", "/r", "debug", "/mnt")
+    args = parse_args(["--config", "/c.toml", "--log-level", "warn", "/mnt"])
+    assert args.root == "/var/lib/stargz-store" and args.log_level == "warn"
