@@ -171,12 +171,14 @@ def run_link(kind: str, args: argparse.Namespace, built: list[images_mod.BuiltIm
                       f"run {r.run_s:5.2f}  total {r.total_s:6.2f} s  "
                       f"{r.link_bytes_first_output / 1e6:7.1f} MB @1st output  {status}", flush=True)
                 results.append(r.to_json())
+    emulator_cpu = link.emulator_cpu_seconds()
     store.stop()
     podman.cleanup(plain_env)
     podman.cleanup(lazy_env)
     registry.stop()
     link.down()
-    return results, {"kind": kind, "label": label, "spec": spec.__dict__, "measured": measured.__dict__}
+    return results, {"kind": kind, "label": label, "spec": spec.__dict__, "measured": measured.__dict__,
+                     "emulator_cpu_s": emulator_cpu}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,6 +165,14 @@ class Link:
         if Path(f"/sys/class/net/{HOST_IF}").exists():
             _ip("link", "del", HOST_IF, check=False)
 
+    def emulator_cpu_seconds(self) -> float | None:
+        """CPU the user-space link has used so far (it competes with what is measured on a small machine)."""
+        if self.emulator is None or self.emulator.poll() is not None:
+            return None
+        stat = Path(f"/proc/{self.emulator.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def check_alive(self) -> None:
         if self.emulator is not None and self.emulator.poll() is not None:
             raise LinkError(f"link emulator exited with {self.emulator.returncode}; see {self.log_dir / 'linkemu.log'}")

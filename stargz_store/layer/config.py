@@ -29,6 +29,7 @@ class LayerConfig:
     coalesce_gap: int = 64 << 10            # merge ranges closer than this into one request
     # Extras beyond the shared contract:
     max_request_size: int = 16 << 20        # a coalesced request is not grown past this (parallelism)
+    prefetch_request_size: int = 64 << 20   # a larger prioritized region is fetched in pieces of this
     background_batch_size: int = 4 << 20   # compressed bytes per background request
     background_idle_wait: float = 0.05     # how long background fetch sleeps while reads are in flight
     background_slots: int = 2              # background batches running at once, over all layers

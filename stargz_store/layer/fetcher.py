@@ -75,7 +75,9 @@ class Fetcher:
         self.scheduler = scheduler
         self.counters = counters
         self.flights = FlightTable()
-        self._executor = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix=f"fetch-{name[7:19]}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.max_concurrency, thread_name_prefix=f"fetch-{name.rsplit(':', 1)[-1][:12]}"
+        )
         self._active = threading.Condition()
         self._active_batches = 0
 
@@ -106,6 +108,33 @@ class Fetcher:
             self._foreground_done()
             err = LayerReadError(f"{self.name}: closed ({e})")
             for req in batch:
+                for ext in req.extents:
+                    self.flights.finish(ext.key, flights[ext.key], error=err)
+
+    def submit_in_order(self, requests: list[Request], flights: dict[str, Flight]) -> None:
+        """Run requests one after the other on one worker thread (each its own `read_ranges`
+        call), so a very large region never sits in memory whole."""
+        with self._active:
+            self._active_batches += 1
+        self.scheduler.foreground_started()
+
+        def run_all() -> None:
+            try:
+                for req in requests:
+                    self.run_batch([req], flights)
+            finally:
+                err = LayerReadError(f"fetch of {self.name} abandoned")
+                for req in requests:
+                    for ext in req.extents:
+                        self.flights.finish(ext.key, flights[ext.key], error=err)
+                self._foreground_done()
+
+        try:
+            self._executor.submit(run_all)
+        except RuntimeError as e:
+            self._foreground_done()
+            err = LayerReadError(f"{self.name}: closed ({e})")
+            for req in requests:
                 for ext in req.extents:
                     self.flights.finish(ext.key, flights[ext.key], error=err)
 

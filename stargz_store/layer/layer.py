@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping
 
 from ..cache.chunk_cache import ChunkCache
@@ -29,8 +28,9 @@ from ..formats.layer_toc import ParsedToc
 from ..formats.toc import REG, Chunk, TocEntry
 from .config import LayerConfig
 from .errors import LayerReadError
-from .flight import Flight, FlightTable
-from .ranges import Extent, Request, coalesce, split_into_batches
+from .fetcher import FETCH_COUNTERS, Counters, Fetcher
+from .flight import Flight
+from .ranges import Extent, Request, coalesce
 from .scheduler import FetchScheduler
 from .sources import BlobSource
 
@@ -40,26 +40,6 @@ log = logging.getLogger(__name__)
 
 _SEQUENTIAL_TRACKED = 256  # files whose last read end is remembered, for readahead
 _BACKGROUND_MAX_FAILURES = 5
-
-
-class _Counters:
-    """Thread-safe integer counters (a lock per increment is cheap next to any fetch)."""
-
-    def __init__(self, *names: str) -> None:
-        self._lock = threading.Lock()
-        self._values = dict.fromkeys(names, 0)
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._values[name] += n
-
-    def get(self, name: str) -> int:
-        with self._lock:
-            return self._values[name]
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._values)
 
 
 class Layer:
@@ -87,26 +67,28 @@ class Layer:
         self.blob_size: int = int(self.descriptor.get("size") or source.size)
         self.cache = cache
         self.config = config or LayerConfig()
-        self._flights = FlightTable()
-        self._executor = ThreadPoolExecutor(
-            max_workers=max(1, self.config.max_concurrency),
-            thread_name_prefix=f"fetch-{self.blob_digest[7:19]}",
+        self.scheduler = scheduler or FetchScheduler()
+        self._counters = Counters(
+            *FETCH_COUNTERS, "chunks_fetched", "cache_hits", "cache_misses", "prefetch_bytes",
+            "blob_cache_hits", "cache_write_errors",
+        )
+        self._fetcher = Fetcher(
+            source,
+            name=f"blob {self.blob_digest}",
+            max_concurrency=self.config.max_concurrency,
+            coalesce_gap=self.config.coalesce_gap,
+            max_request_size=self.config.max_request_size,
+            scheduler=self.scheduler,
+            counters=self._counters,
         )
         self._closed = threading.Event()
-        self._foreground = threading.Condition()
-        self._foreground_active = 0
-        self.scheduler = scheduler or FetchScheduler()
         self._background_thread: threading.Thread | None = None
         self._background_done = threading.Event()
         self.background_state = "not started"
-        self._last_read_end: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> (next offset, read ahead up to chunk)
+        # ino -> (offset the next sequential read starts at, last chunk index already read ahead)
+        self._last_read_end: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._last_read_lock = threading.Lock()
         self._chunk_starts: OrderedDict[int, list[int]] = OrderedDict()  # ino -> chunk file offsets
-        self._counters = _Counters(
-            "fetched_bytes", "requests", "fetch_calls", "fetch_errors", "chunks_fetched",
-            "cache_hits", "cache_misses", "verify_failures", "timeouts",
-            "prefetch_bytes", "background_bytes", "blob_cache_hits", "cache_write_errors",
-        )
 
     # ---- file data ---------------------------------------------------------------------------
 
@@ -156,9 +138,9 @@ class Layer:
         if not missing:
             return got, {}
         self._counters.add("cache_misses", len(missing))
-        mine, theirs = self._flights.claim(missing)
+        mine, theirs = self._fetcher.claim(missing)
         if mine:
-            self._dispatch([self._chunk_extent(missing[k], keep_in_memory=True) for k in mine], mine)
+            self._fetcher.dispatch([self._chunk_extent(missing[k], keep_in_memory=True) for k in mine], mine)
         return got, {**mine, **theirs}
 
     def _synthesize_zeros(self, chunk: Chunk) -> bytes | None:
@@ -249,10 +231,10 @@ class Layer:
             if c.digest not in ahead and not c.zeros and not self.cache.contains(c.digest):
                 ahead[c.digest] = c
         if ahead:
-            mine, _ = self._flights.claim(ahead)
+            mine, _ = self._fetcher.claim(ahead)
             if mine:  # one request per chunk: they land one by one, in parallel, as the reader needs them
                 extents = [self._chunk_extent(ahead[k], keep_in_memory=True) for k in mine]
-                self._dispatch(extents, mine, max_request_size=0)
+                self._fetcher.dispatch(extents, mine, max_request_size=0)
 
     # ---- raw blob ----------------------------------------------------------------------------
 
@@ -283,9 +265,9 @@ class Layer:
         self._counters.add("blob_cache_hits", len(blocks))
         waits: dict[str, Flight] = {}
         if missing:
-            mine, theirs = self._flights.claim(missing)
+            mine, theirs = self._fetcher.claim(missing)
             if mine:
-                self._dispatch([self._block_extent(missing[k]) for k in mine], mine)
+                self._fetcher.dispatch([self._block_extent(missing[k]) for k in mine], mine)
             waits = {**mine, **theirs}
         self._blob_read_ahead(last)
         for key, data in self._wait(waits, deadline).items():
@@ -301,14 +283,14 @@ class Layer:
         ahead = {
             self._block_key(i): i
             for i in range(last + 1, stop)
-            if not self._flights.in_flight(self._block_key(i))
+            if not self._fetcher.flights.in_flight(self._block_key(i))
             and self.cache.memory.get(self._block_key(i)) is None
             and not self.cache.blob_cache.contains(self.blob_digest, bsize, i)
         }
         if ahead:
-            mine, _ = self._flights.claim(ahead)
+            mine, _ = self._fetcher.claim(ahead)
             if mine:
-                self._dispatch([self._block_extent(ahead[k]) for k in mine], mine, max_request_size=0)
+                self._fetcher.dispatch([self._block_extent(ahead[k]) for k in mine], mine, max_request_size=0)
 
     def _block_key(self, index: int) -> str:
         return f"blob/{self.blob_digest}/{self.config.blob_block_size}/{index}"
@@ -346,134 +328,8 @@ class Layer:
         return Extent(key=key, start=start, end=start + self._block_len(index), finish=finish,
                       cached=lambda: self._cached_block(index))
 
-    # ---- fetching ----------------------------------------------------------------------------
-
-    def _dispatch(
-        self,
-        extents: list[Extent],
-        flights: dict[str, Flight],
-        *,
-        foreground: bool = True,
-        max_request_size: int | None = None,
-    ) -> None:
-        """Plan requests for claimed extents and run them on the worker threads."""
-        max_size = self.config.max_request_size if max_request_size is None else max_request_size
-        requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=max_size)
-        for batch in split_into_batches(requests, self.config.max_concurrency):
-            self._submit(batch, flights, foreground=foreground)
-
-    def _submit(self, batch: list[Request], flights: dict[str, Flight], *, foreground: bool) -> None:
-        if foreground:
-            with self._foreground:
-                self._foreground_active += 1
-            self.scheduler.foreground_started()
-        try:
-            self._executor.submit(self._run_batch, batch, flights, foreground)
-        except RuntimeError as e:  # executor shut down: the layer is closing
-            if foreground:
-                self._foreground_done()
-            err = LayerReadError(f"layer {self.blob_digest} is closed ({e})")
-            for req in batch:
-                for ext in req.extents:
-                    self._flights.finish(ext.key, flights[ext.key], error=err)
-
-    def _run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool) -> None:
-        """Fetch one batch of requests with one `read_ranges` call and land every flight in it."""
-        all_keys = [ext.key for req in batch for ext in req.extents]
-        try:
-            live = self._drop_cached(batch, flights)
-            if not live:
-                return
-            ranges = [(r.start, r.end - r.start) for r in live]
-            try:
-                self._counters.add("fetch_calls")
-                self._counters.add("requests", len(ranges))
-                bufs = self.source.read_ranges(ranges)
-                if len(bufs) != len(ranges):
-                    raise LayerReadError(f"source returned {len(bufs)} buffers for {len(ranges)} ranges")
-                for (off, length), buf in zip(ranges, bufs):
-                    if len(buf) != length:
-                        raise LayerReadError(f"short read at {off}: {len(buf)} of {length} bytes")
-            except Exception as e:
-                self._counters.add("fetch_errors")
-                log.warning("layer %s: fetching %d range(s) failed: %s", self.blob_digest, len(ranges), e)
-                err = LayerReadError(f"fetching {len(ranges)} range(s) of blob {self.blob_digest} failed: {e}")
-                err.__cause__ = e
-                for req in live:
-                    for ext in req.extents:
-                        self._flights.finish(ext.key, flights[ext.key], error=err)
-                return
-            for req, buf in zip(live, bufs):
-                self._counters.add("fetched_bytes", len(buf))
-                if not foreground:
-                    self._counters.add("background_bytes", len(buf))
-                view = memoryview(buf)
-                for ext in req.extents:
-                    self._land(ext, flights[ext.key], view[ext.start - req.start : ext.end - req.start])
-        except BaseException as e:  # never leave a flight unlanded, whatever happened
-            log.exception("layer %s: fetch worker failed", self.blob_digest)
-            err = LayerReadError(f"internal error fetching blob {self.blob_digest}: {e}")
-            for key in all_keys:
-                self._flights.finish(key, flights[key], error=err)
-            raise
-        finally:
-            err = LayerReadError(f"fetch of blob {self.blob_digest} abandoned")
-            for key in all_keys:
-                self._flights.finish(key, flights[key], error=err)  # no-op for landed flights
-            if foreground:
-                self._foreground_done()
-
-    def _drop_cached(self, batch: list[Request], flights: dict[str, Flight]) -> list[Request]:
-        """Land extents that reached the cache since they were planned (another reader's flight
-        finished between our cache check and our claim); shrink requests to what is left."""
-        live: list[Request] = []
-        for req in batch:
-            remaining = []
-            for ext in req.extents:
-                hit = ext.cached() if ext.cached is not None else None
-                if hit is not None:
-                    self._flights.finish(ext.key, flights[ext.key], result=hit)
-                else:
-                    remaining.append(ext)
-            if len(remaining) == len(req.extents):
-                live.append(req)
-            elif remaining:
-                live.append(Request(min(e.start for e in remaining), max(e.end for e in remaining), remaining))
-        return live
-
-    def _land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:
-        try:
-            value = ext.finish(raw)
-        except Exception as e:
-            self._counters.add("verify_failures")
-            log.error("layer %s: bytes [%d, %d) rejected: %s", self.blob_digest, ext.start, ext.end, e)
-            err = LayerReadError(f"blob {self.blob_digest} bytes [{ext.start}, {ext.end}): {e}")
-            err.__cause__ = e
-            self._flights.finish(ext.key, flight, error=err)
-        else:
-            self._flights.finish(ext.key, flight, result=value)
-            if ext.persist is not None:
-                ext.persist(value)
-
     def _wait(self, flights: dict[str, Flight], deadline: float) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for key, f in flights.items():
-            if not f.wait(deadline - time.monotonic()):
-                self._counters.add("timeouts")
-                raise LayerReadError(
-                    f"timed out after {self.config.fetch_timeout:g}s waiting for data of blob {self.blob_digest}"
-                )
-            if f.error is not None:
-                raise LayerReadError(str(f.error)) from f.error
-            assert f.result is not None
-            out[key] = f.result
-        return out
-
-    def _foreground_done(self) -> None:
-        self.scheduler.foreground_finished()
-        with self._foreground:
-            self._foreground_active -= 1
-            self._foreground.notify_all()
+        return self._fetcher.wait(flights, deadline, self.config.fetch_timeout)
 
     def _check_open(self) -> None:
         if self._closed.is_set():
@@ -510,7 +366,7 @@ class Layer:
         if not missing:
             log.debug("layer %s: prefetch region already cached", self.blob_digest)
             return
-        mine, theirs = self._flights.claim(missing)
+        mine, theirs = self._fetcher.claim(missing)
         if mine:
             extents = [self._chunk_extent(missing[k], keep_in_memory=False) for k in mine]
             if len(missing) == len(chunks):
@@ -519,7 +375,13 @@ class Layer:
                 start, end = min(e.start for e in extents), max(e.end for e in extents)
             self._counters.add("prefetch_bytes", end - start)
             log.debug("layer %s: prefetching [%d, %d)", self.blob_digest, start, end)
-            self._submit([Request(start, end, extents)], mine, foreground=True)
+            piece = self.config.prefetch_request_size
+            if end - start <= piece:
+                self._fetcher.submit([Request(start, end, extents)], mine)
+            else:  # huge prioritized region: consecutive requests, one in memory at a time
+                requests = coalesce(extents, gap=piece, max_size=piece)
+                requests[0].start = min(requests[0].start, start)
+                self._fetcher.submit_in_order(requests, mine)
         deadline = time.monotonic() + timeout
         try:
             self._wait({**mine, **theirs}, deadline)
@@ -582,12 +444,12 @@ class Layer:
             with self.scheduler.background_turn(self._closed, self.config.background_idle_wait) as allowed:
                 if not allowed:
                     return False
-                mine, _ = self._flights.claim(batch)  # chunks someone else is fetching are theirs
+                mine, _ = self._fetcher.claim(batch)  # chunks someone else is fetching are theirs
                 if not mine:
                     return True
                 extents = [self._chunk_extent(batch[k], keep_in_memory=False) for k in mine]
                 requests = coalesce(extents, gap=self.config.coalesce_gap, max_size=self.config.max_request_size)
-                self._run_batch(requests, mine, False)
+                self._fetcher.run_batch(requests, mine)
             failed = {k: batch[k] for k, f in mine.items() if f.error is not None}
             if not failed:
                 return True
@@ -607,20 +469,13 @@ class Layer:
     def stats(self) -> dict:
         out: dict = self._counters.snapshot()
         out["background_state"] = self.background_state
-        out["in_flight"] = len(self._flights)
+        out["in_flight"] = len(self._fetcher.flights)
         return out
 
     def drain(self, timeout: float) -> bool:
         """Wait until no on-demand or prefetch fetch is running (their cache writes included);
         True if that happened within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        with self._foreground:
-            while self._foreground_active > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._foreground.wait(remaining)
-        return True
+        return self._fetcher.drain(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop background work and fail pending waits; the on-disk cache stays.
@@ -632,10 +487,7 @@ class Layer:
             return
         self.drain(timeout)
         self._closed.set()
-        with self._foreground:
-            self._foreground.notify_all()
-        self._flights.fail_all(LayerReadError(f"layer {self.blob_digest} is closed"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._fetcher.close(LayerReadError(f"layer {self.blob_digest} is closed"))
         if self._background_thread is not None and self._background_thread is not threading.current_thread():
             self._background_thread.join(timeout=5.0)
         if self._background_thread is None:

@@ -377,3 +377,18 @@ def test_a_broken_cache_disk_does_not_fail_verified_reads(sample_layer, cache, o
     assert layer.read(entry, 0, entry.size) == sample_layer.files["usr/lib/lib.so"]
     assert layer.drain(30)
     assert layer.stats()["cache_write_errors"] >= 1
+
+
+def test_a_huge_prefetch_region_is_fetched_in_consecutive_pieces(sample_layer, open_layer):
+    piece = 200_000
+    layer, src = open_layer(sample_layer, config=lazy_config(no_prefetch=False, prefetch_request_size=piece))
+    landmark = layer.toc.prefetch_landmark_offset
+    assert landmark > piece  # the sample's prioritized files are bigger than one piece
+    pieces = src.log[1:]
+    assert len(pieces) > 1 and all(length <= piece or i == 0 for i, (_, length) in enumerate(pieces))
+    assert pieces[0][0] == 0 and sum(length for _, length in pieces) <= landmark
+    src.reset_counters()
+    for name in ("etc/hello.txt", "usr/lib/lib.so"):
+        entry = layer.toc.lookup(name)
+        assert layer.read(entry, 0, entry.size) == sample_layer.files[name]
+    assert src.calls == 0

@@ -88,7 +88,8 @@ def test_after_background_fetch_the_registry_is_not_needed(private_registry, sam
 def test_restart_on_the_same_root_makes_no_data_request(private_registry, sample_layer, tmp_path, client):
     digest = sample_layer.result.digest
     ref = push(private_registry, sample_layer.path, digest, client)
-    with LayerResolver(client, ChunkCache(tmp_path / "c"), lazy_config()).open_layer(ref, sample_layer.descriptor) as first:
+    first_resolver = LayerResolver(client, ChunkCache(tmp_path / "c"), lazy_config())
+    with first_resolver.open_layer(ref, sample_layer.descriptor) as first:
         read_all(first, sample_layer.files)
     before = gets(private_registry, digest)
     with RegistryClient(RegistryConfig(max_retries=1)) as fresh_client:
@@ -105,7 +106,8 @@ def test_restart_with_the_registry_down_serves_what_was_fetched(private_registry
     digest = sample_layer.result.digest
     ref = push(private_registry, sample_layer.path, digest, client)
     fetched = {k: v for k, v in sample_layer.files.items() if k != "bin/app"}
-    with LayerResolver(client, ChunkCache(tmp_path / "c"), lazy_config()).open_layer(ref, sample_layer.descriptor) as first:
+    first_resolver = LayerResolver(client, ChunkCache(tmp_path / "c"), lazy_config())
+    with first_resolver.open_layer(ref, sample_layer.descriptor) as first:
         read_all(first, fetched)
     private_registry.stop()
     resolver = LayerResolver(client, ChunkCache(tmp_path / "c"), lazy_config(fetch_timeout=5.0))
@@ -138,7 +140,9 @@ def test_unreachable_registry_fails_reads_within_the_timeout(private_registry, s
         assert layer.read(entry, 0, 10) == sample_layer.files["bin/app"][:10]
 
 
-@pytest.mark.parametrize("image_name,expected_name", [("tricky-esgz", "tricky"), ("podman-zstdchunked", "podman-zstdchunked")])
+@pytest.mark.parametrize(
+    "image_name,expected_name", [("tricky-esgz", "tricky"), ("podman-zstdchunked", "podman-zstdchunked")]
+)
 def test_reference_image_reads_byte_exact_over_http(registry, testdata, tmp_path, client, image_name, expected_name):
     image = load_oci_image(testdata / image_name)
     oci_layer = image.layers[0]

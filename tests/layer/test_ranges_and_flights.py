@@ -18,7 +18,11 @@ def spans(requests: list[Request]) -> list[tuple[int, int, list[str]]]:
 def test_adjacent_and_close_extents_merge_far_ones_do_not():
     extents = [ext("c", 300, 400), ext("a", 0, 100), ext("b", 100, 200), ext("d", 1000, 1100)]
     assert spans(coalesce(extents, gap=100, max_size=1 << 20)) == [(0, 400, ["a", "b", "c"]), (1000, 1100, ["d"])]
-    assert spans(coalesce(extents, gap=0, max_size=1 << 20)) == [(0, 200, ["a", "b"]), (300, 400, ["c"]), (1000, 1100, ["d"])]
+    assert spans(coalesce(extents, gap=0, max_size=1 << 20)) == [
+        (0, 200, ["a", "b"]),
+        (300, 400, ["c"]),
+        (1000, 1100, ["d"]),
+    ]
 
 
 def test_shared_extents_of_inner_offset_chunks_merge():
