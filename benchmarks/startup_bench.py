@@ -128,6 +128,17 @@ def needed_for(built: list[images_mod.BuiltImage], registry_data: Path) -> dict[
     return needed
 
 
+def save_logs(run_dir: Path, out: Path, max_bytes: int = 4 << 20) -> None:
+    """Keep the tail of every log of the run (store, registry, emulator, pushes) before the run dir goes."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in [*run_dir.glob("*.log"), *run_dir.glob("*.stderr"), run_dir / "store" / "store.log"]:
+        if path.is_file():
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - max_bytes))
+                (out / path.name).write_bytes(f.read())
+
+
 def sweep(run_dir: Path) -> None:
     """Whatever a crashed run left: processes, the namespace, podman's and the store's mounts, the run dir."""
     link_mod.remove_leftovers()
@@ -209,6 +220,7 @@ def run_all(args: argparse.Namespace) -> int:
     try:
         sweep(run_dir)
         cleanup.push("sweep", lambda: sweep(run_dir))
+        cleanup.push("save logs", lambda: save_logs(run_dir, args.results_dir / "logs-startup-latest"))
         run_dir.mkdir(parents=True)
         built = []
         for name in args.images:

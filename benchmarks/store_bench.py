@@ -318,7 +318,7 @@ class StoreProcess:
         self.proc = None
 
 
-def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs: int) -> Figures:
+def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs: int, lookup_only: bool = False) -> Figures:
     fig = Figures()
     layer = manifest["layers"][0]["digest"]
     ref_dir = base64.b64encode(ref.encode()).decode()
@@ -338,6 +338,8 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
         assert store.proc is not None
         fig.rss_mb = _proc_status_mb(store.proc.pid, "VmRSS")
         fig.peak_rss_mb = _proc_status_mb(store.proc.pid, "VmHWM")
+        if lookup_only:
+            return fig
         big = diff / BIG_PATH
         cache.drop()
         seconds, size = timed(lambda: read_whole(big))
@@ -470,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="store_true", help="measure LayerResolver/Layer in-process instead of the mount")
     parser.add_argument("--runs", type=int, default=1, help="first lookups to take the median of (a fresh daemon each)")
     parser.add_argument("--keep", action="store_true", help="keep the registry data and store root afterwards")
+    parser.add_argument("--lookup-only", action="store_true", help="only the first lookup and RSS (skips the reads)")
     args = parser.parse_args(argv or [])
     for tool in ("docker-registry",):
         if shutil.which(tool) is None:
@@ -493,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             ours, label = measure_model(ref, manifest, run_dir, cache), "model (no FUSE)"
         else:
-            ours, label = measure_daemon(ref, manifest, run_dir, cache, args.runs), "stargz-store (Python)"
+            ours, label = measure_daemon(ref, manifest, run_dir, cache, args.runs, args.lookup_only), "stargz-store (Python)"
     finally:
         registry.stop()
         if not args.keep:

@@ -36,15 +36,25 @@ class Package:
         return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
 
 
+_lists_updated = False
+
+
 def resolve(names: list[str]) -> list[Package]:
-    """The full dependency closure of `names` (no recommends), as apt would install it on an empty system."""
+    """The full dependency closure of `names` (no recommends), as apt would install it on an empty system.
+
+    A fresh machine may have no package lists yet: then `apt-get update` runs once and apt is asked again.
+    """
+    global _lists_updated
     if not names:
         return []
-    result = subprocess.run(
-        ["apt-get", "-s", "-qq", "-o", "Dir::State::status=/dev/null", "-o", "APT::Install-Recommends=false",
-         "install", *names],
-        capture_output=True, text=True,
-    )
+    cmd = ["apt-get", "-s", "-qq", "-o", "Dir::State::status=/dev/null", "-o", "APT::Install-Recommends=false",
+           "install", *names]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode and not _lists_updated:
+        _lists_updated = True
+        log.warning("apt cannot resolve %s; running apt-get update once", " ".join(names))
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         raise BuildError(f"apt cannot resolve {' '.join(names)}: {result.stderr.strip()[-1500:]}"
                          " (run `apt-get update` if the package lists are missing)")

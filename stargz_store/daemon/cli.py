@@ -4,9 +4,9 @@ Same flags and defaults as the Go stargz-store (`-flag` and `--flag`, with `=` o
 units and scripts can switch. Exit codes: 0 after a clean unmount (SIGINT/SIGTERM), 1 when the
 mount fails, 2 for usage, configuration, lock or mountpoint problems.
 
-Counters: SIGUSR1 writes `<root>/stats.json` (atomically). The signal is taken by a dedicated
-thread with `sigwait`, because Python signal handlers cannot run while the main thread sits in
-libfuse's loop.
+Counters: SIGUSR1 writes `<root>/stats.json` (atomically). Signals are handled by `Lifecycle`.
+Once mounted, `main` ends the process with `os._exit` after unmounting: worker threads may still
+be inside registry requests, and a stopping daemon must not wait for their timeouts.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ log = logging.getLogger("stargz_store.daemon")
 DEFAULT_ROOT = "/var/lib/stargz-store"
 EXIT_OK, EXIT_MOUNT_FAILED, EXIT_USAGE = 0, 1, 2
 LOCK_NAME = "stargz-store.lock"
-LOOP_ENDED_BY_SIGNAL = 8
+LOOP_ENDED_WITH_ERROR = 8
 _LEVELS = {
     "trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
     "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL, "panic": logging.CRITICAL,
@@ -125,18 +125,79 @@ def write_stats(pool, root: Path) -> None:
     tmp.replace(path)
 
 
-def _stats_thread(pool, root: Path) -> None:
-    while True:
-        signal.sigwait({signal.SIGUSR1})
+class Lifecycle:
+    """Signals and shutdown of a mounted daemon.
+
+    SIGINT/SIGTERM/SIGHUP/SIGUSR1 are blocked in every thread and taken by one thread with
+    `sigwait` (Python handlers cannot run while the main thread sits in libfuse's loop, and
+    libfuse's own handlers would only end the loop after every blocked lookup had timed out).
+    On a stop signal: close the pool (waiting lookups and reads get EIO at once), unmount (the
+    kernel then ends libfuse's loop), and if the mount is busy, detach it and abort the FUSE
+    connection after `abort_after` seconds so the process always exits.
+    """
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+
+    def __init__(self, pool, root: Path, mountpoint: Path, abort_after: float = 5.0) -> None:
+        self.pool = pool
+        self.root = root
+        self.mountpoint = mountpoint
+        self.abort_after = abort_after
+        self.device: str | None = None  # major:minor of our mount, known once it is live
+        self.stopping = threading.Event()
+        self.loop_ended = threading.Event()
+
+    @classmethod
+    def block_signals(cls) -> None:
+        """Call before any thread starts, so every thread inherits the mask."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, cls.SIGNALS)
+
+    def start(self) -> None:
+        threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
+
+    def on_ready(self) -> None:
+        from ..fs.fuse_adapter import mount_device
+
+        self.device = mount_device(str(self.mountpoint))
+        log.info("stargz-store is serving at %s", self.mountpoint)
+        notify_systemd("READY=1")
+
+    def _signal_loop(self) -> None:
+        while True:
+            sig = signal.sigwait(self.SIGNALS)
+            if sig == signal.SIGUSR1:
+                try:
+                    write_stats(self.pool, self.root)
+                except Exception:
+                    log.exception("writing stats failed")
+                continue
+            if self.stopping.is_set():
+                continue
+            log.info("%s received: unmounting %s", signal.Signals(sig).name, self.mountpoint)
+            self.stopping.set()
+            notify_systemd("STOPPING=1")
+            self.pool.close()
+            self._unmount()
+
+    def _unmount(self) -> None:
+        result = subprocess.run(["umount", str(self.mountpoint)], capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("umount %s: %s; detaching it lazily", self.mountpoint, result.stderr.strip())
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+        if not self.loop_ended.wait(self.abort_after) and self.device:
+            self._abort_connection()
+
+    def _abort_connection(self) -> None:
+        """Last resort for a mount that stays busy: abort it through fusectl (mounted if needed)."""
+        control = Path("/sys/fs/fuse/connections")
+        minor = self.device.split(":")[1] if self.device else ""
+        log.warning("FUSE connection %s still busy after %g s; aborting it", self.device, self.abort_after)
+        if not (control / minor).exists() and not os.path.ismount(control):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True)
         try:
-            write_stats(pool, root)
-        except Exception:
-            log.exception("writing stats failed")
-
-
-def _ready(mountpoint: Path) -> None:
-    log.info("stargz-store is serving at %s", mountpoint)
-    notify_systemd("READY=1")
+            (control / minor / "abort").write_text("1")
+        except OSError as e:
+            log.error("cannot abort FUSE connection %s: %s", self.device, e)
 
 
 def notify_systemd(state: str) -> None:
@@ -175,26 +236,32 @@ def main(argv: list[str]) -> int:
 
     from ..fs.fuse_adapter import mount
 
-    # Block SIGUSR1 before any thread exists so every thread inherits the mask; one thread sigwaits.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    Lifecycle.block_signals()
     pool, model = build_store(cfg, root)
-    threading.Thread(target=_stats_thread, args=(pool, root), name="stats", daemon=True).start()
+    lifecycle = Lifecycle(pool, root, mountpoint)
+    lifecycle.start()
     log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
+    code = EXIT_OK
     try:
-        mount(model, str(mountpoint), cfg.mount, on_ready=lambda: _ready(mountpoint))
+        mount(model, str(mountpoint), cfg.mount, on_ready=lifecycle.on_ready)
     except RuntimeError as e:
-        # fuse_main_real: 1-7 = could not parse/create/mount/daemonize; 8 = the loop ended with an
-        # error, which is how libfuse reports leaving it on SIGINT/SIGTERM (already unmounted then).
-        code = e.args[0] if e.args else None
-        if code != LOOP_ENDED_BY_SIGNAL:
-            log.error("FUSE mount at %s failed (libfuse code %s)", mountpoint, code)
-            return EXIT_MOUNT_FAILED
+        # fuse_main_real: 1-7 = could not parse options, create or mount; 8 = the loop ended
+        # with an error (e.g. the connection was aborted while stopping).
+        libfuse_code = e.args[0] if e.args else None
+        if not (lifecycle.stopping.is_set() and libfuse_code == LOOP_ENDED_WITH_ERROR):
+            log.error("FUSE mount at %s failed (libfuse code %s)", mountpoint, libfuse_code)
+            code = EXIT_MOUNT_FAILED
     finally:
+        lifecycle.loop_ended.set()
         pool.close()
         lock.close()
-    notify_systemd("STOPPING=1")
-    log.info("unmounted %s; exiting", mountpoint)
-    return EXIT_OK
+    if code == EXIT_OK:
+        log.info("unmounted %s; exiting", mountpoint)
+    # Threads may still sit in registry requests until their own timeouts; do not wait for them.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

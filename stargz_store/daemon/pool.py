@@ -200,6 +200,8 @@ class ImagePool:
         image = self._images.get(ref)  # the hot path of every read: no lock (a dict read is atomic)
         if image is not None:
             return image
+        if self._stop.is_set():
+            raise LayerUnavailable("the store is shutting down")
         with self._lock:
             image = self._images.get(ref)
             if image is not None:
@@ -219,9 +221,8 @@ class ImagePool:
                 self._pending[ref] = future
         if not wait:
             return None
-        timeout = (deadline or time.monotonic() + self.config.resolve_timeout) - time.monotonic()
         try:
-            return future.result(max(0.0, timeout))
+            return self._result(future, deadline or time.monotonic() + self.config.resolve_timeout)
         except FutureTimeout:
             raise LayerUnavailable(f"resolving {ref} takes longer than {self.config.resolve_timeout:g} s") from None
         except FsError as e:
@@ -338,15 +339,29 @@ class ImagePool:
         for candidate in list(image.slots.values()):
             if candidate.future is not None and candidate.served is None:
                 try:
-                    candidate.future.result(max(0.0, deadline - time.monotonic()))
+                    self._result(candidate.future, deadline)
                 except Exception:
                     pass
             if candidate.served is not None and key in candidate.served.infos:
                 return candidate
         raise EntryNotFound(f"{image.ref}: no layer with digest {key}")
 
+    def _result(self, future: Future, deadline: float):
+        """`future.result()` until `deadline` (FutureTimeout), cut short by `close()` (EIO)."""
+        while True:
+            if self._stop.is_set():
+                raise LayerUnavailable("the store is shutting down")
+            remaining = deadline - time.monotonic()
+            try:
+                return future.result(max(0.0, min(0.2, remaining)))
+            except FutureTimeout:
+                if remaining <= 0.2:
+                    raise
+
     def _submit_open(self, image: _Image, slot: _Slot) -> Future[ServedLayer]:
         with self._lock:
+            if self._stop.is_set():
+                raise LayerUnavailable("the store is shutting down")
             future = slot.future
             if future is not None and not (future.done() and slot.served is None and time.monotonic() >= slot.failed_until):
                 return future
@@ -358,7 +373,7 @@ class ImagePool:
         future = self._submit_open(image, slot)
         remembered = future.done()
         try:
-            return future.result(max(0.0, deadline - time.monotonic()))
+            return self._result(future, deadline)
         except FutureTimeout:
             raise LayerUnavailable(f"{image.ref}: layer {slot.blob_digest} not ready after {self.config.resolve_timeout:g} s") from None
         except FsError as e:
@@ -440,7 +455,11 @@ class ImagePool:
                 log.exception("layer reaper failed")
 
     def close(self) -> None:
-        """Stop background work and close every open layer (disk caches stay)."""
+        """Stop background work, wake every waiting lookup (EIO) and close every open layer.
+
+        Disk caches stay. Idempotent. Threads still inside a registry request finish on their own
+        timeouts; the daemon does not wait for them.
+        """
         self._stop.set()
         with self._lock:
             served = [s.served for img in self._images.values() for s in img.slots.values() if s.served]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import posixpath
 import tarfile
@@ -25,7 +24,7 @@ from .errors import (
 from .estargz_footer import FOOTER_SIZE, LEGACY_FOOTER_SIZE, build_footer, parse_footer
 from .file_reader import read_file
 from .layer_toc import COMPRESSION_GZIP, FORMAT_ESTARGZ, ParsedToc, ReadAt
-from .toc import DIR, REG, TOC_TAR_NAME, Chunk, Toc, TocEntry, build_toc
+from .toc import DIR, REG, TOC_TAR_NAME, Chunk, Toc, TocEntry, parse_toc_document
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +95,8 @@ def _extract_toc_json(member: bytes, max_toc_size: int) -> bytes:
 
 
 def parse_toc_json(toc_json: bytes, *, data_end: int) -> Toc:
-    """Decode the TOC JSON and build the validated tree (`toc.build_toc`)."""
-    try:
-        doc = json.loads(toc_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidTocError("TOC JSON is not an object")
-    entries = doc.get("entries")
-    if entries is None:
-        entries = []
-    if not isinstance(entries, list):
-        raise InvalidTocError("TOC 'entries' is not a list")
-    return build_toc(entries, data_end=data_end)
+    """Decode the TOC JSON and build the validated tree (`toc.parse_toc_document`)."""
+    return parse_toc_document(toc_json, data_end=data_end)
 
 
 def read_toc(

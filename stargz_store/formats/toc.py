@@ -23,12 +23,14 @@ from __future__ import annotations
 import base64
 import bisect
 import calendar
+import contextlib
 import functools
 import gc
+import json
 import re
 import time
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 from .errors import (
     ChunkCoverageError,
@@ -57,6 +59,11 @@ _CANONICAL_TYPES = {t: t for t in ENTRY_TYPES}
 # One shared int object per permission value (ints above 256 are otherwise one object per entry).
 _PERMISSIONS = tuple(range(0o10000))
 _new_tuple = tuple.__new__
+
+try:  # optional: decodes and type-checks TOC JSON in C (see `parse_toc_document`)
+    import msgspec as _msgspec
+except ImportError:  # pragma: no cover - exercised by forcing the fallback in tests
+    _msgspec = None
 
 
 class Chunk(NamedTuple):
@@ -309,18 +316,62 @@ def build_toc(raw_entries: Iterable[Mapping[str, Any]], *, data_end: int) -> Toc
     directories and hardlink aliases are settled at the end. `entries()` yields explicit entries
     in TOC order (an implicit root first), then implicit directories, then hardlink names.
     """
-    # The cyclic GC would rescan the caller's raw entries (alive and tracked) again and again
-    # while this allocates ~2 objects per entry, doubling the time; nothing here makes cycles.
-    gc_was_enabled = gc.isenabled()
+    with _gc_paused():
+        if _msgspec is None:
+            return _build_toc_dicts(raw_entries, data_end)
+        try:
+            raw = _msgspec.convert(raw_entries if isinstance(raw_entries, list) else list(raw_entries), _RAW_ENTRIES)
+        except _msgspec.ValidationError as e:
+            raise InvalidTocError(f"TOC entry has a wrong type: {e}") from None
+        return _build_toc_structs(raw, data_end)
+
+
+def parse_toc_document(toc_json: bytes, *, data_end: int) -> Toc:
+    """Decode a TOC JSON document (`{"version": 1, "entries": [...]}`) and build the tree.
+
+    Same result and errors as `json.loads` + `build_toc`, but with msgspec installed the JSON is
+    decoded straight into typed records (types checked in C, no dict per entry): about twice as
+    fast and half the transient memory on a 100,000-entry TOC.
+    """
+    if _msgspec is None:
+        try:
+            doc = json.loads(toc_json)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise InvalidTocError("TOC JSON is not an object")
+        entries = doc.get("entries")
+        if entries is None:
+            entries = []
+        if not isinstance(entries, list):
+            raise InvalidTocError("TOC 'entries' is not a list")
+        return build_toc(entries, data_end=data_end)
+    with _gc_paused():
+        try:
+            doc = _DOC_DECODER.decode(toc_json)
+        except _msgspec.ValidationError as e:
+            raise InvalidTocError(f"TOC has a wrong type: {e}") from None
+        except _msgspec.DecodeError as e:
+            raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
+        return _build_toc_structs(doc.entries or [], data_end)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic GC would rescan the raw entries (alive, and tracked when they are dicts) again
+    and again while a build allocates ~2 objects per entry, doubling its time; a build makes no
+    cycles. Another thread's collections are only deferred for the build's duration."""
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build_toc(raw_entries, data_end)
+        yield
     finally:
-        if gc_was_enabled:
+        if was_enabled:
             gc.enable()
 
 
-def _build_toc(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
+def _build_toc_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
+    """The pure-Python build over JSON objects (dicts), checking each field's type as it reads it."""
     # Pass 1: one record (name, type, raw, pieces) per non-chunk entry.
     records: list[tuple[str, str, Mapping[str, Any], list[Mapping[str, Any]] | None]] = []
     by_name: dict[str, tuple[str, str, Mapping[str, Any], list[Mapping[str, Any]] | None]] = {}
@@ -383,7 +434,7 @@ def _build_toc(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
     link_count: dict[str, int] = {}
     hardlink_target: dict[str, str] = {}
     for rec in hardlinks:
-        target = _resolve_hardlink(rec, by_name)
+        target = _resolve_hardlink(rec, by_name, _dict_link_name)
         hardlink_target[rec[0]] = target
         link_count[target] = link_count.get(target, 1) + 1
 
@@ -474,7 +525,24 @@ def _build_toc(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
         entries[name] = e
         built.append(e)
 
-    # Directory link counts need every subdirectory, implicit ones included.
+    landmark = by_name.get(PREFETCH_LANDMARK)
+    landmark_offset = _int(landmark[2], "offset") if landmark is not None and landmark[1] is REG else None
+    return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, child_names, landmark_offset)
+
+
+def _settle(
+    entries: dict[str, TocEntry],
+    built: list[TocEntry],
+    dirs: list[int],
+    subdirs: dict[str, int],
+    implicit: list[str],
+    ino: int,
+    hardlink_target: dict[str, str],
+    child_names: dict[str, list[str]],
+    landmark_offset: int | None,
+) -> Toc:
+    """The end of a build: directory link counts (they need every subdirectory, implicit ones
+    included), implicit directories (inodes after the explicit entries) and hardlink aliases."""
     for pos in dirs:
         e = built[pos]
         n = subdirs.get(e.name)
@@ -490,11 +558,6 @@ def _build_toc(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
             entries[""] = _new_tuple(TocEntry, ("", DIR, 0o755, 0, 0, 0, 0, "", 0, 0, _NO_XATTRS, "", (), 1, nlink))
     for name, target in hardlink_target.items():
         entries[name] = entries[target]
-
-    landmark_offset: int | None = None
-    landmark = by_name.get(PREFETCH_LANDMARK)
-    if landmark is not None and landmark[1] is REG:
-        landmark_offset = _int(landmark[2], "offset")
     return Toc(
         entries,
         None,
@@ -505,12 +568,12 @@ def _build_toc(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
     )
 
 
-def _resolve_hardlink(rec: tuple, by_name: Mapping[str, tuple]) -> str:
-    """The name of the non-hardlink entry a hardlink (chain) ends at."""
+def _resolve_hardlink(rec: tuple, by_name: Mapping[str, tuple], link_of: Callable[[Any], str]) -> str:
+    """The name of the non-hardlink entry a hardlink (chain) ends at; `link_of(raw)` is its linkName."""
     hardlink = rec[0]
     seen = {hardlink}
     while rec[1] is HARDLINK:
-        target = normalize_name(_str(rec[2], "linkName"), what=f"hardlink {rec[0]!r} target")
+        target = normalize_name(link_of(rec[2]), what=f"hardlink {rec[0]!r} target")
         if target in seen:
             raise InvalidTocError(f"hardlink loop at {rec[0]!r}")
         seen.add(target)
@@ -521,6 +584,10 @@ def _resolve_hardlink(rec: tuple, by_name: Mapping[str, tuple]) -> str:
     if rec[1] is DIR:
         raise InvalidTocError(f"hardlink {hardlink!r} points to a directory")
     return rec[0]
+
+
+def _dict_link_name(raw: Mapping[str, Any]) -> str:
+    return _str(raw, "linkName")
 
 
 def _check_parent(
@@ -605,6 +672,255 @@ def _build_chunks(
             chunk_type = _str(piece, "chunkType")
         chunks.append(
             _new_tuple(Chunk, (file_offset, csize, offset, blob_end, inner, chunk_digest, chunk_type == "zeros"))
+        )
+        expected_start = file_offset + csize
+    if expected_start != size:
+        raise ChunkCoverageError(f"file {name!r}: chunks cover {expected_start} of {size} bytes")
+    return tuple(chunks)
+
+
+# --- The msgspec path: the same build over typed records -----------------------------------------
+# Field names follow the JSON (`linkName` -> link_name); None stands for JSON null (zero value).
+
+if _msgspec is not None:
+
+    class _RawEntry(_msgspec.Struct, rename="camel", gc=False):
+        name: str | None = ""
+        type: str | None = ""
+        size: int | None = 0
+        modtime: str | None = ""
+        link_name: str | None = ""
+        mode: int | None = 0
+        uid: int | None = 0
+        gid: int | None = 0
+        offset: int | None = 0
+        end_offset: int | None = 0
+        dev_major: int | None = 0
+        dev_minor: int | None = 0
+        xattrs: dict[str, str] | None = None
+        digest: str | None = ""
+        chunk_offset: int | None = 0
+        chunk_size: int | None = 0
+        chunk_digest: str | None = ""
+        inner_offset: int | None = 0
+        chunk_type: str | None = ""
+
+    class _RawDocument(_msgspec.Struct):
+        entries: list[_RawEntry] | None = None
+
+    _DOC_DECODER = _msgspec.json.Decoder(_RawDocument)
+    _RAW_ENTRIES = list[_RawEntry]
+
+
+def _struct_link_name(raw: Any) -> str:
+    return raw.link_name or ""
+
+
+def _checked_digest(value: str, owner: str, key: str, seen: dict[str, str]) -> str:
+    shared = seen.get(value)
+    if shared is None:
+        if not _DIGEST_RE.match(value):
+            raise InvalidTocError(f"entry {owner!r}: {key} {value!r} is not a sha256 digest")
+        seen[value] = shared = _copy_str(value)
+    return shared
+
+
+def _copy_str(text: str) -> str:
+    """A new string equal to `text`.
+
+    What the model keeps must not be an object the JSON decoder made: each such survivor pins
+    the allocator arena it sits in, and the decoder's records fill ~60 MB of arenas for a
+    120,000-entry TOC, all of which would stay resident after the records are freed.
+    """
+    return text.join(("", ""))  # "" + text + "": always a new object, any code points
+
+
+def _struct_xattrs(name: str, x: Mapping[str, str]) -> Mapping[str, bytes]:
+    try:
+        return MappingProxyType({k: base64.b64decode(v, validate=True) for k, v in x.items()})
+    except (ValueError, TypeError) as e:
+        raise InvalidTocError(f"entry {name!r}: xattr value is not base64: {e}") from None
+
+
+def _build_toc_structs(raw_entries: list[Any], data_end: int) -> Toc:
+    """`_build_toc_dicts` over `_RawEntry` records, whose field types msgspec already checked."""
+    records: list[tuple[str, str, Any, list[Any] | None]] = []
+    by_name: dict[str, tuple[str, str, Any, list[Any] | None]] = {}
+    hardlinks: list[tuple[str, str, Any, Any]] = []
+    offsets: list[int] = []
+    last_pieces: list[Any] | None = None
+    types = _CANONICAL_TYPES
+    for raw in raw_entries:
+        etype = types.get(raw.type)
+        if etype is None:
+            raise InvalidTocError(f"entry {raw.name!r}: unknown type {raw.type!r}")
+        if etype is CHUNK:
+            if last_pieces is None:
+                raise InvalidTocError(f"chunk entry {raw.name!r} does not follow a regular file")
+            last_pieces.append(raw)
+            off = raw.offset or 0
+            if off >= 0:
+                offsets.append(off)
+            continue
+        name = raw.name or ""
+        if name and name[0] not in "./" and "//" not in name and "/." not in name:
+            name = name.rstrip("/") if name[-1] == "/" else _copy_str(name)
+        else:
+            name = normalize_name(name)
+        if name in by_name:
+            if name == "" and etype is DIR and by_name[""][1] is DIR:
+                continue  # `./` and `/` both name the root; a repeat of the root is harmless
+            raise DuplicateEntryError(f"duplicate entry {name!r} in TOC")
+        if name == "" and etype is not DIR:
+            raise InvalidTocError(f"the layer root must be a directory, TOC says {etype!r}")
+        if etype is REG:
+            last_pieces = [raw]
+            off = raw.offset or 0
+            if off >= 0:
+                offsets.append(off)
+        else:
+            last_pieces = None
+        rec = (name, etype, raw, last_pieces)
+        by_name[name] = rec
+        records.append(rec)
+        if etype is HARDLINK:
+            hardlinks.append(rec)
+
+    starts = sorted(set(offsets))
+    del offsets
+    if starts and starts[-1] >= data_end:
+        raise OutOfBoundsError(f"data offset {starts[-1]} is at or beyond the TOC at {data_end}")
+
+    link_count: dict[str, int] = {}
+    hardlink_target: dict[str, str] = {}
+    for rec in hardlinks:
+        target = _resolve_hardlink(rec, by_name, _struct_link_name)
+        hardlink_target[rec[0]] = target
+        link_count[target] = link_count.get(target, 1) + 1
+
+    entries: dict[str, TocEntry] = {}
+    built: list[TocEntry] = []
+    dirs: list[int] = []
+    subdirs: dict[str, int] = {}
+    child_names: dict[str, list[str]] = {}
+    implicit: list[str] = []
+    implicit_set: set[str] = set()
+    if "" not in by_name:
+        implicit.append("")
+        implicit_set.add("")
+        entries[""] = _new_tuple(TocEntry, ("", DIR, 0o755, 0, 0, 0, 0, "", 0, 0, _NO_XATTRS, "", (), 1, 2))
+    ino = len(implicit) + 1
+    digests: dict[str, str] = {}
+    times: dict[str, int] = {}
+    ids: dict[int, int] = {}
+    perms = _PERMISSIONS
+    link_count_get = link_count.get
+    for rec in records:
+        name, etype, raw, pieces = rec
+        if name:
+            parent = name.rpartition("/")[0]
+            siblings = child_names.get(parent)
+            if siblings is None:
+                _check_parent(name, parent, by_name, implicit, implicit_set, subdirs, child_names)
+                siblings = child_names.setdefault(parent, [])
+            siblings.append(name)
+            if etype is DIR:
+                subdirs[parent] = subdirs.get(parent, 0) + 1
+        if etype is HARDLINK:
+            continue
+        modtime = raw.modtime or ""
+        mtime_ns = times.get(modtime)
+        if mtime_ns is None:
+            mtime_ns = times[modtime] = parse_time_ns(modtime)
+        digest = raw.digest
+        if digest:
+            digest = _checked_digest(digest, name, "digest", digests)
+        else:
+            digest = ""
+        size = 0
+        chunks: tuple[Chunk, ...] = ()
+        link_name = ""
+        if etype is REG:
+            size = raw.size or 0
+            if size < 0:
+                raise OutOfBoundsError(f"file {name!r} has negative size {size}")
+            if size:
+                chunks = _build_chunks_structs(name, raw, pieces, size, digest, starts, data_end, digests)
+        elif etype is SYMLINK:
+            link_name = _copy_str(raw.link_name) if raw.link_name else ""
+        elif etype is DIR:
+            dirs.append(len(built))
+        uid = raw.uid or 0
+        if uid > 256:
+            uid = ids.setdefault(uid, uid + 0)
+        gid = raw.gid or 0
+        if gid > 256:
+            gid = ids.setdefault(gid, gid + 0)
+        e = _new_tuple(
+            TocEntry,
+            (
+                name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, size + 0, mtime_ns, link_name,
+                raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, raw.xattrs) if raw.xattrs else _NO_XATTRS,
+                digest, chunks, ino, 2 if etype is DIR else link_count_get(name, 1),
+            ),
+        )
+        ino += 1
+        entries[name] = e
+        built.append(e)
+
+    landmark = by_name.get(PREFETCH_LANDMARK)
+    landmark_offset = (landmark[2].offset or 0) if landmark is not None and landmark[1] is REG else None
+    return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, child_names, landmark_offset)
+
+
+def _build_chunks_structs(
+    name: str,
+    raw: Any,
+    pieces: list[Any],
+    size: int,
+    digest: str,
+    starts: list[int],
+    data_end: int,
+    digests: dict[str, str],
+) -> tuple[Chunk, ...]:
+    end_offset = raw.end_offset or 0
+    last = len(pieces) - 1
+    n_starts = len(starts)
+    chunks: list[Chunk] = []
+    expected_start = 0
+    for i, piece in enumerate(pieces):
+        file_offset = piece.chunk_offset or 0
+        csize = piece.chunk_size or 0
+        if csize == 0:
+            csize = size - file_offset  # the last piece runs to the end of the file
+        offset = piece.offset or 0
+        inner = piece.inner_offset or 0
+        if offset < 0 or offset >= data_end:
+            raise OutOfBoundsError(
+                f"file {name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
+            )
+        if inner < 0:
+            raise OutOfBoundsError(f"file {name!r}: negative innerOffset {inner}")
+        if file_offset != expected_start or csize <= 0:
+            raise ChunkCoverageError(
+                f"file {name!r}: piece at file offset {file_offset} (size {csize}), expected one at {expected_start}"
+            )
+        chunk_digest = piece.chunk_digest
+        if chunk_digest:
+            chunk_digest = _checked_digest(chunk_digest, name, "chunkDigest", digests)
+        elif last == 0:
+            chunk_digest = digest
+        if not chunk_digest:
+            raise InvalidTocError(f"file {name!r}: piece at {file_offset} has no chunkDigest")
+        j = bisect.bisect_right(starts, offset)
+        blob_end = starts[j] if j < n_starts else data_end
+        if i == last and offset < end_offset <= data_end:
+            blob_end = min(blob_end, end_offset)
+        chunks.append(  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
+            _new_tuple(
+                Chunk,
+                (file_offset + 0, csize + 0, offset + 0, blob_end + 0, inner + 0, chunk_digest, piece.chunk_type == "zeros"),
+            )
         )
         expected_start = file_offset + csize
     if expected_start != size:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.images import push_oci_layout
-from tests.fixtures.store import StoreDaemon, is_mounted, lazy_unmount
+from tests.fixtures.store import StoreDaemon, is_mounted, lazy_unmount, private_tmpdir, remove_tmpdir
 
 REFERENCE_IMAGES = {
     # layout name: (expected-<name>.json, tag inside the layout)
@@ -79,14 +79,17 @@ def pushed(registry, testdata) -> dict[str, PushedImage]:
 
 
 @pytest.fixture(scope="module")
-def shared_store(tmp_path_factory, pushed):
+def shared_store(pushed):
     """One daemon for the read-only tests of a module."""
-    base = tmp_path_factory.mktemp("shared-store")
+    base = private_tmpdir()
     config = base / "config.toml"
     config.write_text(FAST_CONFIG)
     daemon = StoreDaemon(root=base / "root", mountpoint=base / "mnt", config_path=config, log_path=base / "store.log")
     daemon.start()
-    yield daemon
-    daemon.stop()
-    if is_mounted(daemon.mountpoint):
-        lazy_unmount(daemon.mountpoint)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        if is_mounted(daemon.mountpoint):
+            lazy_unmount(daemon.mountpoint)
+        remove_tmpdir(base)

@@ -160,3 +160,62 @@ def test_sigint_unmounts_and_systemd_is_told_ready(store_daemon_factory, tmp_pat
         assert sock.recv(100) == b"STOPPING=1"
     finally:
         sock.close()
+
+
+def test_stop_does_not_wait_for_blocked_lookups(store_daemon_factory):
+    """A registry that accepts connections and never answers: lookups block; SIGTERM must still
+    unmount and exit cleanly, long before the (large) configured timeouts."""
+    import socket
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    host = f"127.0.0.1:{silent.getsockname()[1]}"
+    store = store_daemon_factory("[resolver]\nrequest_timeout_sec = 300\n[store]\nresolve_timeout_sec = 300\n")
+    errors: list[int] = []
+
+    def lookup() -> None:
+        try:
+            os.stat(store.layer_dir(f"{host}/silent/repo:1", "sha256:" + "1" * 64) / "diff")
+        except OSError as e:
+            errors.append(e.errno)
+
+    threads = [threading.Thread(target=lookup) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while store.stats()["pool"]["images"] == 0 and time.monotonic() < deadline and not _pending(store):
+            time.sleep(0.05)
+        assert store.stop(timeout=20) == 0  # would be killed (-9) if it waited for the 300 s timeouts
+        for t in threads:
+            t.join(10)
+        assert errors and all(e in (errno.EIO, errno.ENOTCONN, errno.ECONNABORTED) for e in errors)
+    finally:
+        silent.close()
+
+
+def _pending(store) -> bool:
+    """The silent registry has been asked (the lookups are blocked inside the daemon)."""
+    return "silent/repo" in store.log_tail(100000)
+
+
+def test_stop_while_a_file_is_open(store_daemon_factory, pushed):
+    """A busy mount cannot be unmounted normally: the daemon detaches it, aborts the connection
+    and still exits 0; the open file then reports ENOTCONN instead of hanging."""
+    image = pushed["multilayer-esgz"]
+    store = store_daemon_factory(FAST_CONFIG)
+    diff = store.layer_dir(image.ref, image.layers[0]["digest"]) / "diff"
+    fd = os.open(diff / "etc/config.txt", os.O_RDONLY)
+    try:
+        assert store.stop() == 0
+        assert not is_mounted(store.mountpoint)
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 10, 0)
+        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closing a file of an aborted connection reports ENOTCONN

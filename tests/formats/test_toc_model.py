@@ -6,11 +6,22 @@ import gc
 
 import pytest
 
+from stargz_store.formats import toc as toc_module
 from stargz_store.formats.errors import DuplicateEntryError, InvalidTocError, OutOfBoundsError
 from stargz_store.formats.toc import DIR, REG, Chunk, TocEntry, build_toc
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
+
+
+@pytest.fixture(autouse=True, params=["msgspec", "stdlib"])
+def build_path(request, monkeypatch):
+    """Every test runs over both builds (see test_toc_paths.py)."""
+    if request.param == "msgspec" and toc_module._msgspec is None:
+        pytest.skip("msgspec is not installed")
+    if request.param == "stdlib":
+        monkeypatch.setattr(toc_module, "_msgspec", None)
+    return request.param
 
 
 def _file(name, size=1, offset=10, **extra):

@@ -1,0 +1,167 @@
+"""The two ways a TOC is built give the same tree and the same errors.
+
+With msgspec installed, JSON is decoded straight into typed records (and `build_toc` converts
+dicts into them); without it, the pure-Python path reads dicts. Both must agree on every valid
+TOC (entries, inode numbers, link counts, child maps, landmark) and raise the same typed error on
+every invalid one, so the optional dependency never changes what a layer looks like.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stargz_store.formats import toc as toc_module
+from stargz_store.formats.errors import FormatError, InvalidTocError
+from stargz_store.formats.estargz import _extract_toc_json, parse_footer
+from stargz_store.formats.toc import Toc, build_toc, parse_toc_document
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+TESTDATA = Path(__file__).resolve().parents[1] / "data"
+
+needs_msgspec = pytest.mark.skipif(toc_module._msgspec is None, reason="msgspec is not installed")
+
+
+def _file(name, size=1, offset=10, **extra):
+    return {"name": name, "type": "reg", "size": size, "offset": offset, "chunkDigest": D1, **extra}
+
+
+VALID = {
+    "tree": [
+        {"name": "a/", "type": "dir", "mode": 0o40750, "uid": 5, "gid": 7, "modtime": "2023-11-14T22:13:20Z"},
+        {"name": "a/b/c/", "type": "dir"},
+        _file("a/f", 10, 100, digest=D1, xattrs={"user.k": "AAH+/w=="}),
+        {"name": "a/h", "type": "hardlink", "linkName": "./a/f"},
+        {"name": "x/h2", "type": "hardlink", "linkName": "a/h"},
+        {"name": "a/s", "type": "symlink", "linkName": "../nowhere"},
+        {"name": "dev/null", "type": "char", "devMajor": 1, "devMinor": 3, "mode": 0o20666},
+        {"name": "dev/fifo", "type": "fifo"},
+        {"name": ".prefetch.landmark", "type": "reg", "size": 1, "offset": 150, "chunkDigest": D2},
+        {"name": "a/b/.wh..wh..opq", "type": "reg"},
+    ],
+    "chunks": [
+        _file("big", 25, 100, chunkSize=10, digest=D2),
+        {"name": "big", "type": "chunk", "offset": 200, "chunkOffset": 10, "chunkSize": 10, "chunkDigest": D2},
+        {"name": "big", "type": "chunk", "offset": 300, "chunkOffset": 20, "chunkDigest": D1, "chunkType": "zeros"},
+        _file("next", 1, 400, endOffset=450),
+    ],
+    "root_later": [_file("a"), {"name": "./", "type": "dir", "mode": 0o700}, {"name": "/", "type": "dir"}],
+    "nulls": [{"name": "f", "type": "reg", "mode": None, "uid": None, "modtime": None, "digest": None, "size": None}],
+    "inner": [_file("a", 5, 0, innerOffset=512), _file("b", 5, 0, innerOffset=1536), _file("c", 5, 90)],
+    "empty": [],
+    "no_prefetch": [{"name": ".no.prefetch.landmark", "type": "reg", "size": 1, "offset": 0, "chunkDigest": D1}],
+}
+
+INVALID = {
+    "coverage": [_file("f", 10, 100, chunkSize=4)],
+    "bounds": [_file("f", 10, 1000)],
+    "missing_link": [{"name": "h", "type": "hardlink", "linkName": "gone"}],
+    "no_digest": [{"name": "f", "type": "reg", "size": 3, "offset": 10}],
+    "file_parent": [{"name": "a", "type": "reg"}, {"name": "a/b", "type": "reg"}],
+    "link_to_dir": [{"name": "d/", "type": "dir"}, {"name": "h", "type": "hardlink", "linkName": "d"}],
+    "loose_chunk": [{"name": "c", "type": "chunk", "offset": 5}],
+    "escape": [{"name": "../x", "type": "reg"}],
+    "duplicate": [_file("a/f"), _file("./a/f")],
+    "bad_type": [{"name": "f", "type": "sock"}],
+    "bad_mode": [{"name": "f", "type": "dir", "mode": "0755"}],
+    "bool_uid": [{"name": "f", "type": "dir", "uid": False}],
+    "bad_digest": [{"name": "f", "type": "reg", "digest": "md5:00"}],
+    "bad_time": [{"name": "f", "type": "dir", "modtime": "noon"}],
+    "bad_xattr": [{"name": "f", "type": "dir", "xattrs": {"user.a": "not base64!"}}],
+    "not_object": ["f"],
+    "negative_size": [{"name": "f", "type": "reg", "size": -1}],
+    "root_file": [{"name": "./", "type": "reg"}],
+}
+
+
+@pytest.fixture(params=["msgspec", "stdlib"])
+def path(request, monkeypatch):
+    if request.param == "msgspec" and toc_module._msgspec is None:
+        pytest.skip("msgspec is not installed")
+    if request.param == "stdlib":
+        monkeypatch.setattr(toc_module, "_msgspec", None)
+    return request.param
+
+
+def _snapshot(toc: Toc) -> dict:
+    dirs = [name for name, e in toc.entries() if e.type == "dir"]
+    return {
+        "entries": [(name, tuple(e)) for name, e in toc.entries()],
+        "children": {d: sorted((k, v.ino) for k, v in toc.children(d).items()) for d in dirs},
+        "order": [e.name for e in toc.files_in_blob_order()],
+        "landmark": (toc.prefetch_landmark_offset, toc.has_no_prefetch_landmark),
+        "ids": (toc.uids(), toc.gids()),
+    }
+
+
+def _both(build):
+    results = {}
+    for name in ("msgspec", "stdlib"):
+        saved = toc_module._msgspec
+        if name == "stdlib":
+            toc_module._msgspec = None
+        elif saved is None:
+            continue
+        try:
+            results[name] = build()
+        except FormatError as e:
+            results[name] = type(e)
+        finally:
+            toc_module._msgspec = saved
+    return results
+
+
+@needs_msgspec
+@pytest.mark.parametrize("case", sorted(VALID))
+def test_valid_tocs_build_the_same_tree(case):
+    raw = VALID[case]
+    doc = json.dumps({"version": 1, "entries": raw}).encode()
+    built = _both(lambda: _snapshot(build_toc(raw, data_end=500)))
+    parsed = _both(lambda: _snapshot(parse_toc_document(doc, data_end=500)))
+    assert built["msgspec"] == built["stdlib"] == parsed["msgspec"] == parsed["stdlib"]
+
+
+@needs_msgspec
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_tocs_raise_the_same_error(case):
+    raw = INVALID[case]
+    doc = json.dumps({"version": 1, "entries": raw}).encode()
+    built = _both(lambda: build_toc(raw, data_end=500))
+    parsed = _both(lambda: parse_toc_document(doc, data_end=500))
+    assert built["msgspec"] == built["stdlib"] == parsed["msgspec"] == parsed["stdlib"]
+    assert isinstance(built["stdlib"], type) and issubclass(built["stdlib"], InvalidTocError)
+
+
+@pytest.mark.parametrize("doc", [b"[1, 2]", b"{", b'{"entries": {}}', b"\xff\xfe", b'{"entries": [{"name": 1}]}'])
+def test_documents_that_are_not_tocs(path, doc):
+    with pytest.raises(InvalidTocError):
+        parse_toc_document(doc, data_end=100)
+
+
+@pytest.mark.parametrize("doc", [b"{}", b'{"entries": null}', b'{"version": 1, "entries": []}'])
+def test_documents_without_entries_have_a_root(path, doc):
+    toc = parse_toc_document(doc, data_end=100)
+    assert len(toc) == 1 and toc.root.type == "dir"
+
+
+def _reference_tocs() -> list[tuple[str, bytes, int]]:
+    found = []
+    for blob in sorted(TESTDATA.glob("*-esgz/blobs/sha256/*")):
+        data = blob.read_bytes()
+        try:
+            toc_offset, footer_size = parse_footer(data[-51:])
+        except FormatError:
+            continue
+        found.append((blob.parent.parent.parent.name, _extract_toc_json(data[toc_offset : len(data) - footer_size], 1 << 26), toc_offset))
+    return found
+
+
+@needs_msgspec
+def test_reference_layers_build_the_same_tree():
+    tocs = _reference_tocs()
+    assert tocs, "no eStargz layers found in tests/data"
+    for _, toc_json, toc_offset in tocs:
+        results = _both(lambda: _snapshot(parse_toc_document(toc_json, data_end=toc_offset)))
+        assert results["msgspec"] == results["stdlib"]
