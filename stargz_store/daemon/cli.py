@@ -58,8 +58,9 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if _LEVELS[level] > logging.DEBUG:
-        logging.getLogger("mfusepy").setLevel(logging.WARNING)
+    # mfusepy logs every error answer (ENOENT, ENODATA...) with a traceback at debug level; the
+    # answers that matter are logged by our adapter. `debug = true` in config.toml traces requests.
+    logging.getLogger("fuse").setLevel(max(_LEVELS[level], logging.INFO))
 
 
 def acquire_root_lock(root: Path) -> IO[str]:
@@ -115,7 +116,7 @@ def build_store(cfg: StoreConfig, root: Path):
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
-    return pool, StoreModel(pool, pool_target=str(root / "pool"))
+    return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access)
 
 
 def write_stats(pool, root: Path) -> None:

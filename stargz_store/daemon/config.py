@@ -25,11 +25,11 @@ DEFAULT_CONFIG_PATH = "/etc/stargz-store/config.toml"
 # an effect in this implementation (logged once at start-up when set).
 _TOP_USED = {
     "resolve_result_entry_ttl_sec", "prefetch_size", "prefetch_timeout_sec", "noprefetch",
-    "no_background_fetch", "debug", "disable_verification", "max_concurrency",
+    "no_background_fetch", "debug", "disable_verification", "max_concurrency", "log_file_access",
 }
 _TOP_ACCEPTED = {
     "http_cache_type", "filesystem_cache_type", "prefetch_async_size", "allow_no_verification",
-    "no_prometheus", "log_file_access", "resolve_result_entry", "metadata_store",
+    "no_prometheus", "resolve_result_entry", "metadata_store",
 }
 _TABLES: dict[str, tuple[set[str], set[str]]] = {
     "blob": (
@@ -60,6 +60,7 @@ class StoreConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     mount: MountOptions = field(default_factory=MountOptions)
     memory_cache_bytes: int = 64 << 20
+    log_file_access: bool = False
 
 
 def load_config(path: str | Path, *, explicit: bool) -> StoreConfig:
@@ -121,6 +122,7 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
         read_ahead_kb=_int(store, "read_ahead_kb", cfg.mount.read_ahead_kb, minimum=0),
         debug=_bool(doc, "debug", False),
     )
+    cfg.log_file_access = _bool(doc, "log_file_access", False)
     cfg.memory_cache_bytes = _int(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20, minimum=0) << 20
     return cfg
 

@@ -450,7 +450,7 @@ def _build_toc_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
         implicit.append("")
         implicit_set.add("")
         entries[""] = _new_tuple(TocEntry, ("", DIR, 0o755, 0, 0, 0, 0, "", 0, 0, _NO_XATTRS, "", (), 1, 2))
-    ino = len(implicit) + 1
+    ino = 2  # the root is inode 1, explicit or implicit
     digests: dict[str, str] = {}
     perms = _PERMISSIONS
     link_count_get = link_count.get
@@ -518,10 +518,12 @@ def _build_toc_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
             TocEntry,
             (
                 name, etype, perms[mode & 0o7777], uid, gid, size, mtime_ns, link_name,
-                dev_major, dev_minor, xattrs, digest, chunks, ino, 2 if etype is DIR else link_count_get(name, 1),
+                dev_major, dev_minor, xattrs, digest, chunks, ino if name else 1,
+                2 if etype is DIR else link_count_get(name, 1),
             ),
         )
-        ino += 1
+        if name:
+            ino += 1
         entries[name] = e
         built.append(e)
 
@@ -743,13 +745,25 @@ def _struct_xattrs(name: str, x: Mapping[str, str]) -> Mapping[str, bytes]:
 
 
 def _build_toc_structs(raw_entries: list[Any], data_end: int) -> Toc:
-    """`_build_toc_dicts` over `_RawEntry` records, whose field types msgspec already checked."""
-    records: list[tuple[str, str, Any, list[Any] | None]] = []
-    by_name: dict[str, tuple[str, str, Any, list[Any] | None]] = {}
-    hardlinks: list[tuple[str, str, Any, Any]] = []
+    """`_build_toc_dicts` over `_RawEntry` records (field types already checked by msgspec), in
+    one pass: entries are made as they come; what needs the whole TOC (chunk extents, hardlink
+    link counts, parent checks, implicit directories) is settled afterwards from small lists."""
+    entries: dict[str, TocEntry] = {}
+    built: list[TocEntry] = []
+    with_data: list[tuple[int, Any, list[Any]]] = []  # (position, raw, pieces) of files with data
+    hardlinks: dict[str, Any] = {}
+    dirs: list[int] = []
+    child_names: dict[str, list[str]] = {}
     offsets: list[int] = []
-    last_pieces: list[Any] | None = None
+    digests: dict[str, str] = {}
+    times: dict[str, int] = {}
+    ids: dict[int, int] = {}
+    perms = _PERMISSIONS
     types = _CANONICAL_TYPES
+    root_pos: int | None = None
+    landmark_raw: Any = None
+    last_pieces: list[Any] | None = None
+    ino = 2  # the root is inode 1, explicit or implicit
     for raw in raw_entries:
         etype = types.get(raw.type)
         if etype is None:
@@ -767,85 +781,47 @@ def _build_toc_structs(raw_entries: list[Any], data_end: int) -> Toc:
             name = name.rstrip("/") if name[-1] == "/" else _copy_str(name)
         else:
             name = normalize_name(name)
-        if name in by_name:
-            if name == "" and etype is DIR and by_name[""][1] is DIR:
+        if name in entries or name in hardlinks:
+            if name == "" and etype is DIR:
                 continue  # `./` and `/` both name the root; a repeat of the root is harmless
             raise DuplicateEntryError(f"duplicate entry {name!r} in TOC")
-        if name == "" and etype is not DIR:
-            raise InvalidTocError(f"the layer root must be a directory, TOC says {etype!r}")
-        if etype is REG:
-            last_pieces = [raw]
-            off = raw.offset or 0
-            if off >= 0:
-                offsets.append(off)
-        else:
-            last_pieces = None
-        rec = (name, etype, raw, last_pieces)
-        by_name[name] = rec
-        records.append(rec)
-        if etype is HARDLINK:
-            hardlinks.append(rec)
-
-    starts = sorted(set(offsets))
-    del offsets
-    if starts and starts[-1] >= data_end:
-        raise OutOfBoundsError(f"data offset {starts[-1]} is at or beyond the TOC at {data_end}")
-
-    link_count: dict[str, int] = {}
-    hardlink_target: dict[str, str] = {}
-    for rec in hardlinks:
-        target = _resolve_hardlink(rec, by_name, _struct_link_name)
-        hardlink_target[rec[0]] = target
-        link_count[target] = link_count.get(target, 1) + 1
-
-    entries: dict[str, TocEntry] = {}
-    built: list[TocEntry] = []
-    dirs: list[int] = []
-    subdirs: dict[str, int] = {}
-    child_names: dict[str, list[str]] = {}
-    implicit: list[str] = []
-    implicit_set: set[str] = set()
-    if "" not in by_name:
-        implicit.append("")
-        implicit_set.add("")
-        entries[""] = _new_tuple(TocEntry, ("", DIR, 0o755, 0, 0, 0, 0, "", 0, 0, _NO_XATTRS, "", (), 1, 2))
-    ino = len(implicit) + 1
-    digests: dict[str, str] = {}
-    times: dict[str, int] = {}
-    ids: dict[int, int] = {}
-    perms = _PERMISSIONS
-    link_count_get = link_count.get
-    for rec in records:
-        name, etype, raw, pieces = rec
+        last_pieces = None
         if name:
             parent = name.rpartition("/")[0]
             siblings = child_names.get(parent)
             if siblings is None:
-                _check_parent(name, parent, by_name, implicit, implicit_set, subdirs, child_names)
-                siblings = child_names.setdefault(parent, [])
+                siblings = child_names[parent] = []
             siblings.append(name)
-            if etype is DIR:
-                subdirs[parent] = subdirs.get(parent, 0) + 1
-        if etype is HARDLINK:
-            continue
+            if etype is HARDLINK:
+                hardlinks[name] = raw  # its target's inode; settled below
+                continue
+            this_ino = ino
+            ino += 1
+        elif etype is not DIR:
+            raise InvalidTocError(f"the layer root must be a directory, TOC says {etype!r}")
+        else:
+            this_ino = 1
+            root_pos = len(built)
         modtime = raw.modtime or ""
         mtime_ns = times.get(modtime)
         if mtime_ns is None:
             mtime_ns = times[modtime] = parse_time_ns(modtime)
         digest = raw.digest
-        if digest:
-            digest = _checked_digest(digest, name, "digest", digests)
-        else:
-            digest = ""
+        digest = _checked_digest(digest, name, "digest", digests) if digest else ""
         size = 0
-        chunks: tuple[Chunk, ...] = ()
         link_name = ""
         if etype is REG:
+            last_pieces = [raw]
+            off = raw.offset or 0
+            if off >= 0:
+                offsets.append(off)
             size = raw.size or 0
             if size < 0:
                 raise OutOfBoundsError(f"file {name!r} has negative size {size}")
             if size:
-                chunks = _build_chunks_structs(name, raw, pieces, size, digest, starts, data_end, digests)
+                with_data.append((len(built), raw, last_pieces))
+            if name == PREFETCH_LANDMARK:
+                landmark_raw = raw
         elif etype is SYMLINK:
             link_name = _copy_str(raw.link_name) if raw.link_name else ""
         elif etype is DIR:
@@ -861,15 +837,84 @@ def _build_toc_structs(raw_entries: list[Any], data_end: int) -> Toc:
             (
                 name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, size + 0, mtime_ns, link_name,
                 raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, raw.xattrs) if raw.xattrs else _NO_XATTRS,
-                digest, chunks, ino, 2 if etype is DIR else link_count_get(name, 1),
+                digest, (), this_ino, 1,
             ),
         )
-        ino += 1
         entries[name] = e
         built.append(e)
 
-    landmark = by_name.get(PREFETCH_LANDMARK)
-    landmark_offset = (landmark[2].offset or 0) if landmark is not None and landmark[1] is REG else None
+    # Chunks: each piece's compressed extent ends at the next larger data offset.
+    starts = sorted(set(offsets))
+    del offsets
+    if starts and starts[-1] >= data_end:
+        raise OutOfBoundsError(f"data offset {starts[-1]} is at or beyond the TOC at {data_end}")
+    for pos, raw, pieces in with_data:
+        e = built[pos]
+        chunks = _build_chunks_structs(e.name, raw, pieces, e.size, e.digest, starts, data_end, digests)
+        built[pos] = entries[e.name] = _new_tuple(TocEntry, (*e[:12], chunks, e.ino, 1))
+
+    # Hardlinks: resolve chains to the final non-hardlink target; count its links.
+    link_count: dict[str, int] = {}
+    hardlink_target: dict[str, str] = {}
+    for name, raw in hardlinks.items():
+        seen = {name}
+        link = raw
+        while True:
+            target = normalize_name(link.link_name or "", what=f"hardlink {name!r} target")
+            if target in seen:
+                raise InvalidTocError(f"hardlink loop at {name!r}")
+            seen.add(target)
+            found = entries.get(target)
+            if found is not None:
+                break
+            link = hardlinks.get(target)
+            if link is None:
+                raise MissingHardlinkTargetError(f"hardlink {name!r} points to missing {target!r}")
+        if found.type is DIR:
+            raise InvalidTocError(f"hardlink {name!r} points to a directory")
+        hardlink_target[name] = target
+        link_count[target] = link_count.get(target, 1) + 1
+    for target, count in link_count.items():
+        e = entries[target]
+        pos = e.ino - 2  # explicit entries sit in `built` in inode order, the root wherever it came
+        if root_pos is not None and root_pos <= pos:
+            pos += 1
+        built[pos] = entries[target] = _new_tuple(TocEntry, (*e[:14], count))
+
+    # Parents must be directories; missing ones become implicit directories.
+    subdirs: dict[str, int] = {}
+    for pos in dirs:
+        name = built[pos].name
+        if name:
+            parent = name.rpartition("/")[0]
+            subdirs[parent] = subdirs.get(parent, 0) + 1
+    implicit: list[str] = []
+    implicit_set: set[str] = set()
+    if "" not in entries:
+        implicit.append("")
+        implicit_set.add("")
+    for parent in list(child_names):
+        child = child_names[parent][0]
+        while True:
+            found = entries.get(parent)
+            if found is not None:
+                if found.type is not DIR:
+                    raise InvalidTocError(f"entry {child!r} has a non-directory parent {parent!r}")
+                break
+            if parent in hardlinks:
+                raise InvalidTocError(f"entry {child!r} has a non-directory parent {parent!r}")
+            if parent in implicit_set:
+                break
+            implicit.append(parent)
+            implicit_set.add(parent)
+            grandparent = parent.rpartition("/")[0]
+            subdirs[grandparent] = subdirs.get(grandparent, 0) + 1
+            child_names.setdefault(grandparent, []).append(parent)
+            child, parent = parent, grandparent
+
+    landmark_offset = (landmark_raw.offset or 0) if landmark_raw is not None else None
+    if "" in implicit_set:  # the documented order: an implicit root first
+        entries = {"": None, **entries}  # type: ignore[dict-item]  # replaced by _settle
     return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, child_names, landmark_offset)
 
 

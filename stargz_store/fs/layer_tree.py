@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -71,12 +72,19 @@ class DiffNode:
 
 
 class LayerTree:
-    """Read-only overlay view of a `Toc`. Thread-safe; directory listings are built once."""
+    """Read-only overlay view of a `Toc`. Thread-safe.
 
-    def __init__(self, toc: Toc, ino_base: int) -> None:
+    Directory listings are kept in an LRU bounded by their total number of entries
+    (`listing_cache_entries`): re-listing is cheap, but keeping every listing of a 100k-entry
+    layer would cost more memory than the TOC's own share allows.
+    """
+
+    def __init__(self, toc: Toc, ino_base: int, *, listing_cache_entries: int = 32768) -> None:
         self.toc = toc
         self.ino_base = ino_base
-        self._listings: dict[str, list[tuple[str, DiffNode]]] = {}
+        self.listing_cache_entries = listing_cache_entries
+        self._listings: OrderedDict[str, list[tuple[str, DiffNode]]] = OrderedDict()
+        self._cached_entries = 0
         self._lock = threading.Lock()
 
     # -- lookup -----------------------------------------------------------------------------
@@ -115,9 +123,11 @@ class LayerTree:
 
     def listdir(self, path: str) -> list[tuple[str, DiffNode]]:
         """Visible children of directory `path`, sorted by name (cached: the tree is immutable)."""
-        listing = self._listings.get(path)
-        if listing is not None:
-            return listing
+        with self._lock:
+            listing = self._listings.get(path)
+            if listing is not None:
+                self._listings.move_to_end(path)
+                return listing
         node = self.lookup(path)
         if not node.is_dir:
             raise NotADirectory(path)
@@ -137,8 +147,14 @@ class LayerTree:
             else:
                 out[name] = DiffNode(prefix + name, entry)
         listing = sorted(out.items())
-        with self._lock:
-            self._listings[path] = listing
+        if len(listing) <= self.listing_cache_entries:
+            with self._lock:
+                if path not in self._listings:
+                    self._listings[path] = listing
+                    self._cached_entries += len(listing)
+                while self._cached_entries > self.listing_cache_entries:
+                    _, dropped = self._listings.popitem(last=False)
+                    self._cached_entries -= len(dropped)
         return listing
 
     # -- attributes -------------------------------------------------------------------------

@@ -151,9 +151,11 @@ class _Handle:
 class StoreModel:
     """Answers filesystem questions for the whole mount. Thread-safe."""
 
-    def __init__(self, provider: LayerProvider, *, pool_target: str | None = None) -> None:
+    def __init__(self, provider: LayerProvider, *, pool_target: str | None = None, log_file_access: bool = False) -> None:
         self.provider = provider
         self.pool_target = pool_target
+        self.log_file_access = log_file_access
+        self._accessed: set[int] = set()
         self._small_inos: dict[tuple[str, ...], int] = {}
         self._next_small_ino = itertools.count(ROOT_INO + 1)
         self._handles: dict[int, _Handle] = {}
@@ -318,6 +320,8 @@ class StoreModel:
             if node.is_dir:
                 raise IsADirectory(path)
             handle = _Handle(served=served, entry=node.entry if node.is_reg else None)
+            if self.log_file_access:
+                self._log_first_access(served, node, p)
         else:
             raise IsADirectory(path)
         if handle.served is not None:
@@ -326,6 +330,15 @@ class StoreModel:
         with self._lock:
             self._handles[fh] = handle
         return fh
+
+    def _log_first_access(self, served: ServedLayer, node: DiffNode, p: _Path) -> None:
+        """`log_file_access`: which files a workload opens, once each (to build prefetch lists)."""
+        attr = served.tree.attr(node)
+        if attr.ino in self._accessed:
+            return
+        with self._lock:
+            self._accessed.add(attr.ino)
+        log.debug("first access: %s %s/%s size=%d mode=%o", p.ref, p.key, p.name, attr.size, attr.mode)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         """Bytes `[offset, offset+size)` clipped to the file. Layer errors surface as `LayerUnavailable`."""

@@ -112,3 +112,10 @@ def test_bad_paths(tree):
         tree.lookup("etc/nothing")
     with pytest.raises(NotADirectory):
         tree.listdir("etc/passwd")
+
+
+def test_listing_cache_is_bounded(tree):
+    small = LayerTree(tree.toc, BASE, listing_cache_entries=4)
+    for path in ("", "etc", "dev", "opq", "etc"):
+        assert small.listdir(path) == tree.listdir(path)
+        assert small._cached_entries <= 4

@@ -327,3 +327,15 @@ def test_pool_symlink_for_readiness_probes(testdata, tmp_path):
             StoreModel(pool).getattr("/pool")  # without a target it is just an invalid ref name
     finally:
         pool.close()
+
+
+def test_log_file_access_logs_each_file_once(store, testdata, caplog):
+    _, pool, *_ = store
+    model = StoreModel(pool, log_file_access=True)
+    ref = ref_of(testdata, "multilayer-esgz")
+    key = manifest_of(testdata, "multilayer-esgz")["layers"][0]["digest"]
+    with caplog.at_level("DEBUG", logger="stargz_store.fs.model"):
+        for _ in range(2):
+            read_all(model, f"/{b64(ref)}/{key}/diff/etc/config.txt")
+    lines = [r.getMessage() for r in caplog.records if "first access" in r.getMessage()]
+    assert len(lines) == 1 and "etc/config.txt" in lines[0]
