@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := podman runc docker-registry skopeo fuse3 libfuse3-3 iproute2 busybox-static curl ca-certificates python3-venv uidmap
+APT_PACKAGES := podman runc docker-registry skopeo fuse3 libfuse3-3 iproute2 busybox-static curl ca-certificates python3-venv uidmap zstd openssl strace tar gzip
 PYTEST_ARGS ?=
 
 .PHONY: deps apt-deps py-deps test demo bench lint clean
