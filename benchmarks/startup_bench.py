@@ -25,16 +25,18 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from benchmarks.startup import images as images_mod
 from benchmarks.startup import leftovers, link as link_mod, podman, report, runner
 from benchmarks.startup.fill import PROBE_REPO, fill
-from benchmarks.startup.needed import manifest_from_storage, needed_bytes
+from benchmarks.startup.needed import manifest_from_storage, needed_bytes, registry_blob_path
 from benchmarks.startup.registry import Registry, free_port
 from benchmarks.startup.store import Store
 
@@ -44,8 +46,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path("/var/tmp/stargz-bench")
 DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results"
 REGISTRY_PORT = 5000
-REQUIRED_TOOLS = ("podman", "runc", "skopeo", "docker-registry", "strace", "ip", "unshare", "apt-get",
-                  "dpkg-deb", "gzip", "conmon")
+CALIBRATION_THRESHOLD_MS = 0.3
+REQUIRED_TOOLS = {  # tool: Debian package
+    "podman": "podman", "runc": "runc", "conmon": "conmon", "skopeo": "skopeo", "docker-registry": "docker-registry",
+    "strace": "strace", "ip": "iproute2", "unshare": "util-linux", "apt-get": "apt", "dpkg-deb": "dpkg",
+    "gzip": "gzip",
+}
 
 
 class Cleanup:
@@ -81,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"built images, .debs, registry (default {DEFAULT_CACHE})")
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only redraw the table and chart of an earlier startup-*.json (no root needed)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.images = [i for i in args.images.split(",") if i]
@@ -121,7 +129,8 @@ def needed_for(built: list[images_mod.BuiltImage], registry_data: Path) -> dict[
             repo, tag = runner.repo_tag(image.name, mode)
             try:
                 manifest = manifest_from_storage(registry_data, repo, tag)
-                needed[f"{image.name}:{mode}"] = needed_bytes(registry_data, manifest, image.record)
+                needed[f"{image.name}:{mode}"] = needed_bytes(partial(registry_blob_path, registry_data), manifest,
+                                                              image.record)
             except (OSError, ValueError, KeyError) as e:
                 log.warning("cannot size what %s:%s needs: %s", image.name, mode, e)
                 needed[f"{image.name}:{mode}"] = None
@@ -154,17 +163,32 @@ def run_link(kind: str, args: argparse.Namespace, built: list[images_mod.BuiltIm
              run_dir: Path, cleanup: Cleanup) -> tuple[list[dict], dict]:
     """All runs over one link; returns (run results, link description)."""
     spec = link_mod.LinkSpec(shaped=(kind == "shaped"), rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, mtu=args.mtu)
-    link = link_mod.Link(spec, run_dir)
-    link.up()
-    cleanup.push("link down", link.down)
-    registry = Registry(args.cache_dir / "registry", run_dir, link_mod.REGISTRY_ADDRESS, REGISTRY_PORT,
-                        link_mod.Link.netns_command())
-    registry.start()
-    cleanup.push("registry stop", registry.stop)
+
+    def bring_up(emulated_rtt_ms: float | None) -> tuple[link_mod.Link, Registry]:
+        link = link_mod.Link(spec, run_dir, emulated_rtt_ms)
+        link.up()
+        cleanup.push("link down", link.down)
+        registry = Registry(args.cache_dir / "registry", run_dir, link_mod.REGISTRY_ADDRESS, REGISTRY_PORT,
+                            link_mod.Link.netns_command())
+        registry.start()
+        cleanup.push("registry stop", registry.stop)
+        return link, registry
+
+    link, registry = bring_up(None)
+    if spec.shaped:
+        # the emulator's own latency (a Python loop woken by poll) comes on top of the delay it adds:
+        # measure it once and take it off, so the round trip is the one asked for
+        overhead = statistics.median(link_mod.measure_rtt(link_mod.REGISTRY_ADDRESS, REGISTRY_PORT, samples=20)) \
+            - spec.rtt_ms
+        if overhead > CALIBRATION_THRESHOLD_MS:
+            registry.stop()
+            link.down()
+            link, registry = bring_up(max(0.0, spec.rtt_ms - overhead))
     measured = link_mod.measure(link_mod.REGISTRY_ADDRESS, REGISTRY_PORT,
                                 f"http://{registry.host}/v2/{PROBE_REPO}/blobs/{probe}")
     label = spec.describe()
-    print(f"link: {label}; {measured.describe()}", flush=True)
+    print(f"link: {label}; {measured.describe()}"
+          + (f" (emulator delay {link.emulated_rtt_ms:.2f} ms)" if spec.shaped else ""), flush=True)
     plain_env = podman.podman_env(run_dir / "podman-plain")
     store = Store(run_dir / "store")
     lazy_env = podman.podman_env(run_dir / "podman-lazy", additional_layer_store=store.mountpoint)
@@ -189,19 +213,22 @@ def run_link(kind: str, args: argparse.Namespace, built: list[images_mod.BuiltIm
     registry.stop()
     link.down()
     return results, {"kind": kind, "label": label, "spec": spec.__dict__, "measured": measured.__dict__,
-                     "emulator_cpu_s": emulator_cpu}
+                     "emulator_cpu_s": emulator_cpu, "emulated_rtt_ms": link.emulated_rtt_ms if spec.shaped else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.render:
+        render(json.loads(args.render.read_text()), args.results_dir)
+        return 0
     if os.geteuid() != 0:
         print("the startup benchmark needs root (network namespace, FUSE, podman storage, drop_caches)")
         return 1
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    missing = sorted({package for tool, package in REQUIRED_TOOLS.items() if shutil.which(tool) is None})
     if missing:
-        print(f"missing tools: {', '.join(missing)} (run `make deps`)")
+        print(f"missing Debian packages: {' '.join(missing)} (make deps, or apt-get install them)")
         return 1
     try:
         with leftovers.exclusive():
@@ -250,36 +277,46 @@ def run_all(args: argparse.Namespace) -> int:
 
 
 def write_results(args, started: str, built, filled: dict, links: list[dict], results: list[dict]) -> int:
-    summaries = report.summarize(results, filled.get("needed_bytes"))
+    doc = {"started": started, "args": {k: str(v) for k, v in vars(args).items()},
+           "machine": machine_description(), "links": links, "images": [b.to_json() for b in built],
+           "registry": filled, "runs": results}
+    render(doc, args.results_dir)
+    return 1 if any(not r["ok"] for r in results) else 0
+
+
+def render(doc: dict, results_dir: Path) -> None:
+    """Table (stdout and .md), JSON and chart of one benchmark document, as `startup-<time>` and `startup-latest`."""
+    results = doc["runs"]
+    summaries = report.summarize(results, doc["registry"].get("needed_bytes"))
+    doc["summary"] = [s.to_json() for s in summaries]
+    shaped = next((l for l in doc["links"] if l["kind"] == "shaped"), None)
     # the Go reference was taken at 100 Mbit/s, 20 ms only
-    reference_link = "shaped" if (args.rate_mbit, args.rtt_ms) == (100, 20) else ""
-    machine = machine_description()
+    reference_link = "shaped" if shaped and (shaped["spec"]["rate_mbit"], shaped["spec"]["rtt_ms"]) == (100, 20) else ""
     table = report.table(summaries, reference_link)
+    machine = doc["machine"]
+    runs = max((r["run"] for r in results), default=0)
     link_lines = "\n".join(f"- link: {l['label']}; measured RTT {l['measured']['rtt_ms_median']:.1f} ms, "
-                           f"throughput {l['measured']['throughput_mbit']:.1f} Mbit/s" for l in links)
+                           f"throughput {l['measured']['throughput_mbit']:.1f} Mbit/s" for l in doc["links"])
     image_lines = "\n".join(
-        f"- {b.name}: {b.uncompressed_bytes / 1e6:.0f} MB uncompressed, {b.compressed_bytes / 1e6:.0f} MB gzip "
-        f"({len(b.layers)} layers), workload `{' '.join(images_mod.RECIPES[b.name].cmd)[:90]}`" for b in built)
-    header = (f"Startup benchmark {started}: median of {args.runs} run(s) per cell; "
+        f"- {b['name']}: {sum(x['tar_size'] for x in b['layers']) / 1e6:.0f} MB uncompressed, "
+        f"{sum(x['size'] for x in b['layers']) / 1e6:.0f} MB gzip ({len(b['layers'])} layers), "
+        f"{b['record_paths']} recorded paths" for b in doc["images"])
+    header = (f"Startup benchmark {doc['started']}: {runs} run(s) per cell, the median run shown; "
               f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
               f"kernel {machine['kernel']}, Debian {machine['debian']}, {machine['podman']}.")
     text = f"{header}\n\n{link_lines}\n{image_lines}\n\n{table}\n"
     print("\n" + text, flush=True)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = started.replace(":", "").replace("-", "")
-    doc = {"started": started, "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
-           "links": links, "images": [b.to_json() for b in built], "registry": filled,
-           "summary": [s.to_json() for s in summaries], "runs": results}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = doc["started"].replace(":", "").replace("-", "")
     for name in (f"startup-{stamp}", "startup-latest"):
-        (args.results_dir / f"{name}.json").write_text(json.dumps(doc, indent=1))
-        (args.results_dir / f"{name}.md").write_text(text)
-    png = args.results_dir / f"startup-{stamp}.png"
-    title = "; ".join(l["label"] for l in links) + f" — median of {args.runs}"
+        (results_dir / f"{name}.json").write_text(json.dumps(doc, indent=1))
+        (results_dir / f"{name}.md").write_text(text)
+    png = results_dir / f"startup-{stamp}.png"
+    title = "; ".join(l["label"] for l in doc["links"]) + f" — median of {runs}"
     if report.chart(summaries, png, title):
-        shutil.copyfile(png, args.results_dir / "startup-latest.png")
+        shutil.copyfile(png, results_dir / "startup-latest.png")
         print(f"chart: {png}")
-    print(f"results: {args.results_dir / f'startup-{stamp}.json'}")
-    return 1 if any(not r["ok"] for r in results) else 0
+    print(f"results: {results_dir / f'startup-{stamp}.json'}")
 
 
 if __name__ == "__main__":

@@ -107,9 +107,12 @@ def _open_tun(name: str, netns: str | None) -> int:
 class Link:
     """The namespace and the path to it. `up()` then `down()`; `down()` is safe to call twice."""
 
-    def __init__(self, spec: LinkSpec, log_dir: Path):
+    def __init__(self, spec: LinkSpec, log_dir: Path, emulated_rtt_ms: float | None = None):
+        """`emulated_rtt_ms`: the delay the emulator adds, when it must differ from the target
+        (calibration takes the emulator's own latency off it)."""
         self.spec = spec
         self.log_dir = log_dir
+        self.emulated_rtt_ms = spec.rtt_ms if emulated_rtt_ms is None else emulated_rtt_ms
         self.emulator: subprocess.Popen | None = None
 
     def up(self) -> None:
@@ -141,7 +144,7 @@ class Link:
             with open(self.log_dir / "linkemu.log", "ab") as err:
                 self.emulator = subprocess.Popen(
                     [sys.executable, "-m", EMULATOR_TOKEN, "--fd-a", str(fd_host), "--fd-b", str(fd_ns),
-                     "--rate-mbit", str(self.spec.rate_mbit), "--rtt-ms", str(self.spec.rtt_ms)],
+                     "--rate-mbit", str(self.spec.rate_mbit), "--rtt-ms", f"{self.emulated_rtt_ms:.3f}"],
                     pass_fds=(fd_host, fd_ns), stdout=subprocess.DEVNULL, stderr=err,
                     cwd=Path(__file__).resolve().parents[2],
                 )
@@ -199,9 +202,11 @@ class LinkMeasurement:
                 f"throughput {self.throughput_mbit:.1f} Mbit/s over {self.probe_bytes / 1e6:.0f} MB")
 
 
-def measure_rtt(host: str, port: int, samples: int = 10) -> list[float]:
-    """TCP handshake times in ms: one round trip each, no payload."""
+def measure_rtt(host: str, port: int, samples: int = 10, warmup: int = 3) -> list[float]:
+    """TCP handshake times in ms: one round trip each, no payload (the first `warmup` are discarded)."""
     rtts = []
+    for _ in range(warmup):
+        socket.create_connection((host, port), timeout=5).close()
     for _ in range(samples):
         start = time.perf_counter()
         with socket.create_connection((host, port), timeout=5):

@@ -97,20 +97,19 @@ def run(fd_a: int, fd_b: int, rate_mbit: float, rtt_ms: float, queue_bytes: int)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    poller = select.poll()
-    poller.register(fd_a, select.POLLIN)
-    poller.register(fd_b, select.POLLIN)
     directions = {fd_a: a_to_b, fd_b: b_to_a}
     while not stop:
         now = time.monotonic()
         dues = [d for d in (a_to_b.next_due(), b_to_a.next_due()) if d is not None]
-        timeout_ms = None if not dues else max(0.0, (min(dues) - now) * 1000.0)
+        # select() takes microseconds; poll/epoll round their timeout up to whole milliseconds,
+        # which would add up to 1 ms per hop to the delay
+        timeout = None if not dues else max(0.0, min(dues) - now)
         try:
-            ready = poller.poll(timeout_ms)
+            ready, _, _ = select.select([fd_a, fd_b], [], [], timeout)
         except InterruptedError:
             continue
         now = time.monotonic()
-        for fd, _ in ready:
+        for fd in ready:
             directions[fd].read_available(now)
         a_to_b.deliver_due(now)
         b_to_a.deliver_due(now)

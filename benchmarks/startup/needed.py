@@ -4,24 +4,31 @@ The issue's fetch target is "bytes fetched before first output at most 1.2x the
 compressed size of the chunks the workload reads". For an eStargz variant that
 size is, per file in the record, the compressed span of its chunks in the
 topmost layer that has it, plus each layer's TOC and footer (a lazy pull must
-read them). The blobs are read from the registry's storage directory, so this
-costs no network.
+read them). The blobs are read from the registry's storage directory (or an OCI
+layout), so this costs no network.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
 
-def _blob_path(registry_data: Path, digest: str) -> Path:
+def registry_blob_path(registry_data: Path, digest: str) -> Path:
+    """Where docker-registry's filesystem driver keeps a blob."""
     algorithm, hexdigest = digest.split(":", 1)
     return registry_data / "docker/registry/v2/blobs" / algorithm / hexdigest[:2] / hexdigest / "data"
 
 
-def needed_bytes(registry_data: Path, manifest: dict, record: Path) -> int | None:
+def oci_blob_path(layout: Path, digest: str) -> Path:
+    algorithm, hexdigest = digest.split(":", 1)
+    return layout / "blobs" / algorithm / hexdigest
+
+
+def needed_bytes(blob_path: Callable[[str], Path], manifest: dict, record: Path) -> int | None:
     """Compressed bytes of the recorded files' chunks plus TOCs; None if the layers cannot be parsed."""
     from stargz_store.formats.errors import FormatError
     from stargz_store.formats.estargz import read_toc
@@ -30,7 +37,7 @@ def needed_bytes(registry_data: Path, manifest: dict, record: Path) -> int | Non
     tocs = []
     total = 0
     for layer in manifest["layers"]:
-        blob = _blob_path(registry_data, layer["digest"])
+        blob = blob_path(layer["digest"])
         size = blob.stat().st_size
         with open(blob, "rb") as f:
             def read_at(offset: int, length: int, f=f) -> bytes:
@@ -57,4 +64,4 @@ def needed_bytes(registry_data: Path, manifest: dict, record: Path) -> int | Non
 def manifest_from_storage(registry_data: Path, repo: str, tag: str) -> dict:
     """A tag's manifest read straight from the registry's filesystem storage."""
     link = registry_data / "docker/registry/v2/repositories" / repo / "_manifests/tags" / tag / "current/link"
-    return json.loads(_blob_path(registry_data, link.read_text().strip()).read_bytes())
+    return json.loads(registry_blob_path(registry_data, link.read_text().strip()).read_bytes())

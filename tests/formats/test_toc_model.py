@@ -3,6 +3,7 @@ values, type checks on every field, and the GC state `build_toc` must leave as i
 from __future__ import annotations
 
 import gc
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -59,8 +60,29 @@ def test_inode_numbers_root_first_then_toc_order_then_implicit_dirs():
 
 def test_explicit_root_later_in_the_toc_keeps_its_metadata():
     toc = build_toc([_file("a"), {"name": "./", "type": "dir", "mode": 0o700, "uid": 3}, {"name": "/", "type": "dir"}], data_end=100)
-    assert (toc.root.mode, toc.root.uid, toc.root.ino) == (0o700, 3, 2)
-    assert toc.lookup("a").ino == 1
+    assert (toc.root.mode, toc.root.uid, toc.root.ino) == (0o700, 3, 1)  # the root is always inode 1
+    assert toc.lookup("a").ino == 2
+
+
+def test_hardlink_targets_around_an_explicit_root():
+    toc = build_toc(
+        [
+            _file("a", offset=10),
+            {"name": "./", "type": "dir"},
+            _file("b", offset=20),
+            {"name": "h", "type": "hardlink", "linkName": "b"},
+            {"name": "h2", "type": "hardlink", "linkName": "h"},
+            {"name": "s", "type": "symlink", "linkName": "a"},
+            {"name": "hs", "type": "hardlink", "linkName": "s"},
+        ],
+        data_end=100,
+    )
+    a, b, s = toc.lookup("a"), toc.lookup("b"), toc.lookup("s")
+    assert (a.nlink, b.nlink, s.nlink) == (1, 3, 2)
+    assert toc.lookup("h") is toc.lookup("h2") is b and toc.lookup("hs") is s
+    assert [e.ino for e in (toc.root, a, b, s)] == [1, 2, 3, 4]
+    assert [e for e in toc.files_in_blob_order()] == [a, b] and toc.files_in_blob_order()[1] is b
+    assert set(toc.children("")) == {"a", "b", "h", "h2", "s", "hs"}
 
 
 def test_child_maps_are_built_on_demand_and_include_everything():
@@ -157,3 +179,12 @@ def test_gc_state_is_restored(enabled):
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+def test_parallel_builds_share_one_gc_pause():
+    raw = [_file(f"d/f{i}", offset=10 + i) for i in range(3000)]
+    assert gc.isenabled()
+    with ThreadPoolExecutor(4) as pool:
+        tocs = list(pool.map(lambda _: build_toc(raw, data_end=10_000), range(8)))
+    assert gc.isenabled()
+    assert all(len(t) == 3002 and t.lookup("d/f2999").chunks[0].blob_end == 10_000 for t in tocs)

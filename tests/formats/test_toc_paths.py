@@ -48,6 +48,16 @@ VALID = {
         _file("next", 1, 400, endOffset=450),
     ],
     "root_later": [_file("a"), {"name": "./", "type": "dir", "mode": 0o700}, {"name": "/", "type": "dir"}],
+    "links_around_root": [
+        _file("a", 1, 10),
+        {"name": "./", "type": "dir"},
+        _file("b", 1, 20),
+        {"name": "h", "type": "hardlink", "linkName": "b"},
+        {"name": "h2", "type": "hardlink", "linkName": "h"},
+        {"name": "h3", "type": "hardlink", "linkName": "a"},
+        {"name": "s", "type": "symlink", "linkName": "a"},
+        {"name": "hs", "type": "hardlink", "linkName": "s"},
+    ],
     "nulls": [{"name": "f", "type": "reg", "mode": None, "uid": None, "modtime": None, "digest": None, "size": None}],
     "inner": [_file("a", 5, 0, innerOffset=512), _file("b", 5, 0, innerOffset=1536), _file("c", 5, 90)],
     "empty": [],
@@ -90,7 +100,7 @@ def _snapshot(toc: Toc) -> dict:
     return {
         "entries": [(name, tuple(e)) for name, e in toc.entries()],
         "children": {d: sorted((k, v.ino) for k, v in toc.children(d).items()) for d in dirs},
-        "order": [e.name for e in toc.files_in_blob_order()],
+        "order": [(e.name, e.nlink, e is toc.lookup(e.name)) for e in toc.files_in_blob_order()],
         "landmark": (toc.prefetch_landmark_offset, toc.has_no_prefetch_landmark),
         "ids": (toc.uids(), toc.gids()),
     }

@@ -1,0 +1,342 @@
+"""Building a `Toc` from typed records that msgspec decodes straight from the TOC JSON.
+
+msgspec checks every field's type in C while decoding (a string where an int belongs, a bool, a
+float: all refused) and makes no dict per entry, so the build is one Python pass over compact
+records: about twice as fast as `json.loads` + `toc_dicts`, with half the transient memory. The
+tree and the typed errors are the same (tests/formats/test_toc_paths.py holds both to that).
+Call it through `toc.build_toc` / `toc.parse_toc_document`, which pause the GC.
+"""
+from __future__ import annotations
+
+import base64
+import bisect
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+import msgspec
+
+from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, MissingHardlinkTargetError, OutOfBoundsError
+from .toc import (
+    _CANONICAL_TYPES,
+    _DIGEST_RE,
+    _NO_XATTRS,
+    _PERMISSIONS,
+    CHUNK,
+    DIR,
+    HARDLINK,
+    PREFETCH_LANDMARK,
+    REG,
+    SYMLINK,
+    Chunk,
+    Toc,
+    TocEntry,
+    _copy_str,
+    _new_tuple,
+    _settle,
+    normalize_name,
+    parse_time_ns,
+)
+
+
+class _RawEntry(msgspec.Struct, rename="camel", gc=False):
+    """One TOC entry as decoded. Field names follow the JSON (`linkName` -> link_name); None is a
+    JSON null (read as the zero value). `gc=False`: records hold only strings and numbers, never
+    a cycle, so the GC need not track 100,000 of them."""
+
+    name: str | None = ""
+    type: str | None = ""
+    size: int | None = 0
+    modtime: str | None = ""
+    link_name: str | None = ""
+    mode: int | None = 0
+    uid: int | None = 0
+    gid: int | None = 0
+    offset: int | None = 0
+    end_offset: int | None = 0
+    dev_major: int | None = 0
+    dev_minor: int | None = 0
+    xattrs: dict[str, str] | None = None
+    digest: str | None = ""
+    chunk_offset: int | None = 0
+    chunk_size: int | None = 0
+    chunk_digest: str | None = ""
+    inner_offset: int | None = 0
+    chunk_type: str | None = ""
+
+
+class _RawDocument(msgspec.Struct):
+    entries: list[_RawEntry] | None = None
+
+
+_DOC_DECODER = msgspec.json.Decoder(_RawDocument)
+_RAW_ENTRIES = list[_RawEntry]
+
+
+def records_from_json(toc_json: bytes) -> list[Any]:
+    """The `entries` of a TOC document as `_RawEntry` records."""
+    try:
+        doc = _DOC_DECODER.decode(toc_json)
+    except msgspec.ValidationError as e:
+        raise InvalidTocError(f"TOC has a wrong type: {e}") from None
+    except msgspec.DecodeError as e:
+        raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
+    return doc.entries or []
+
+
+def records_from_dicts(raw_entries: Iterable[Mapping[str, Any]]) -> list[Any]:
+    """Already-decoded JSON objects as `_RawEntry` records (the same type checks, in C)."""
+    try:
+        return msgspec.convert(raw_entries if isinstance(raw_entries, list) else list(raw_entries), _RAW_ENTRIES)
+    except msgspec.ValidationError as e:
+        raise InvalidTocError(f"TOC entry has a wrong type: {e}") from None
+
+
+def _checked_digest(value: str, owner: str, key: str, seen: dict[str, str]) -> str:
+    shared = seen.get(value)
+    if shared is None:
+        if not _DIGEST_RE.match(value):
+            raise InvalidTocError(f"entry {owner!r}: {key} {value!r} is not a sha256 digest")
+        seen[value] = shared = _copy_str(value)
+    return shared
+
+
+def _struct_xattrs(name: str, x: Mapping[str, str]) -> Mapping[str, bytes]:
+    try:
+        return MappingProxyType({k: base64.b64decode(v, validate=True) for k, v in x.items()})
+    except (ValueError, TypeError) as e:
+        raise InvalidTocError(f"entry {name!r}: xattr value is not base64: {e}") from None
+
+
+def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
+    """The tree from `_RawEntry` records (field types already checked by msgspec), in one pass.
+
+    Entries are made as they come; what needs the whole TOC (chunk extents, hardlink link counts,
+    parent checks, implicit directories) is settled afterwards from short lists. Everything the
+    tree keeps is a fresh object, not one of the decoder's (see `toc._copy_str`).
+    """
+    entries: dict[str, TocEntry] = {}
+    built: list[TocEntry] = []
+    with_data: list[tuple[int, Any, list[Any]]] = []  # (position, raw, pieces) of files with data
+    hardlinks: dict[str, Any] = {}
+    dirs: list[int] = []
+    child_names: dict[str, list[str]] = {}
+    offsets: list[int] = []
+    digests: dict[str, str] = {}
+    times: dict[str, int] = {}
+    ids: dict[int, int] = {}
+    perms = _PERMISSIONS
+    types = _CANONICAL_TYPES
+    root_pos: int | None = None
+    landmark_raw: Any = None
+    last_pieces: list[Any] | None = None
+    ino = 2  # the root is inode 1, explicit or implicit
+    for raw in raw_entries:
+        etype = types.get(raw.type)
+        if etype is None:
+            raise InvalidTocError(f"entry {raw.name!r}: unknown type {raw.type!r}")
+        if etype is CHUNK:
+            if last_pieces is None:
+                raise InvalidTocError(f"chunk entry {raw.name!r} does not follow a regular file")
+            last_pieces.append(raw)
+            off = raw.offset or 0
+            if off >= 0:
+                offsets.append(off)
+            continue
+        name = raw.name or ""
+        if name and name[0] not in "./" and "//" not in name and "/." not in name:
+            name = name.rstrip("/") if name[-1] == "/" else name.join(("", ""))  # a copy: see _copy_str
+        else:
+            name = normalize_name(name)
+        if name in entries or name in hardlinks:
+            if name == "" and etype is DIR:
+                continue  # `./` and `/` both name the root; a repeat of the root is harmless
+            raise DuplicateEntryError(f"duplicate entry {name!r} in TOC")
+        last_pieces = None
+        if name:
+            parent = name.rpartition("/")[0]
+            siblings = child_names.get(parent)
+            if siblings is None:
+                siblings = child_names[parent] = []
+            siblings.append(name)
+            if etype is HARDLINK:
+                hardlinks[name] = raw  # its target's inode; settled below
+                continue
+            this_ino = ino
+            ino += 1
+        elif etype is not DIR:
+            raise InvalidTocError(f"the layer root must be a directory, TOC says {etype!r}")
+        else:
+            this_ino = 1
+            root_pos = len(built)
+        modtime = raw.modtime or ""
+        mtime_ns = times.get(modtime)
+        if mtime_ns is None:
+            mtime_ns = times[modtime] = parse_time_ns(modtime)
+        digest = raw.digest
+        if digest:
+            digest = digests.get(digest) or _checked_digest(digest, name, "digest", digests)
+        else:
+            digest = ""
+        size = 0
+        link_name = ""
+        if etype is REG:
+            last_pieces = [raw]
+            off = raw.offset or 0
+            if off >= 0:
+                offsets.append(off)
+            size = raw.size or 0
+            if size < 0:
+                raise OutOfBoundsError(f"file {name!r} has negative size {size}")
+            if size:
+                with_data.append((len(built), raw, last_pieces))
+            if name == PREFETCH_LANDMARK:
+                landmark_raw = raw
+        elif etype is SYMLINK:
+            link_name = _copy_str(raw.link_name) if raw.link_name else ""
+        elif etype is DIR:
+            dirs.append(len(built))
+        uid = raw.uid or 0
+        if uid > 256:
+            uid = ids.setdefault(uid, uid + 0)
+        gid = raw.gid or 0
+        if gid > 256:
+            gid = ids.setdefault(gid, gid + 0)
+        e = _new_tuple(
+            TocEntry,
+            (
+                name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, size + 0, mtime_ns, link_name,
+                raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, raw.xattrs) if raw.xattrs else _NO_XATTRS,
+                digest, (), this_ino, 2 if etype is DIR else 1,
+            ),
+        )
+        entries[name] = e
+        built.append(e)
+
+    # Chunks: each piece's compressed extent ends at the next larger data offset.
+    starts = sorted(set(offsets))
+    del offsets
+    if starts and starts[-1] >= data_end:
+        raise OutOfBoundsError(f"data offset {starts[-1]} is at or beyond the TOC at {data_end}")
+    for pos, raw, pieces in with_data:
+        e = built[pos]
+        chunks = _build_chunks_structs(e.name, raw, pieces, e.size, e.digest, starts, data_end, digests)
+        built[pos] = entries[e.name] = _new_tuple(TocEntry, (*e[:12], chunks, e.ino, 1))
+
+    # Hardlinks: resolve chains to the final non-hardlink target; count its links.
+    link_count: dict[str, int] = {}
+    hardlink_target: dict[str, str] = {}
+    for name, raw in hardlinks.items():
+        seen = {name}
+        link = raw
+        while True:
+            target = normalize_name(link.link_name or "", what=f"hardlink {name!r} target")
+            if target in seen:
+                raise InvalidTocError(f"hardlink loop at {name!r}")
+            seen.add(target)
+            found = entries.get(target)
+            if found is not None:
+                break
+            link = hardlinks.get(target)
+            if link is None:
+                raise MissingHardlinkTargetError(f"hardlink {name!r} points to missing {target!r}")
+        if found.type is DIR:
+            raise InvalidTocError(f"hardlink {name!r} points to a directory")
+        hardlink_target[name] = target
+        link_count[target] = link_count.get(target, 1) + 1
+    for target, count in link_count.items():
+        e = entries[target]
+        pos = e.ino - 2  # explicit entries sit in `built` in inode order, the root wherever it came
+        if root_pos is not None and root_pos <= pos:
+            pos += 1
+        built[pos] = entries[target] = _new_tuple(TocEntry, (*e[:14], count))
+
+    # Parents must be directories; missing ones become implicit directories.
+    subdirs: dict[str, int] = {}
+    for pos in dirs:
+        name = built[pos].name
+        if name:
+            parent = name.rpartition("/")[0]
+            subdirs[parent] = subdirs.get(parent, 0) + 1
+    implicit: list[str] = []
+    implicit_set: set[str] = set()
+    if "" not in entries:
+        implicit.append("")
+        implicit_set.add("")
+    for parent in list(child_names):
+        child = child_names[parent][0]
+        while True:
+            found = entries.get(parent)
+            if found is not None:
+                if found.type is not DIR:
+                    raise InvalidTocError(f"entry {child!r} has a non-directory parent {parent!r}")
+                break
+            if parent in hardlinks:
+                raise InvalidTocError(f"entry {child!r} has a non-directory parent {parent!r}")
+            if parent in implicit_set:
+                break
+            implicit.append(parent)
+            implicit_set.add(parent)
+            grandparent = parent.rpartition("/")[0]
+            subdirs[grandparent] = subdirs.get(grandparent, 0) + 1
+            child_names.setdefault(grandparent, []).append(parent)
+            child, parent = parent, grandparent
+
+    landmark_offset = (landmark_raw.offset or 0) if landmark_raw is not None else None
+    if "" in implicit_set:  # the documented order: an implicit root first
+        entries = {"": None, **entries}  # type: ignore[dict-item]  # replaced by _settle
+    return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, child_names, landmark_offset)
+
+
+def _build_chunks_structs(
+    name: str,
+    raw: Any,
+    pieces: list[Any],
+    size: int,
+    digest: str,
+    starts: list[int],
+    data_end: int,
+    digests: dict[str, str],
+) -> tuple[Chunk, ...]:
+    end_offset = raw.end_offset or 0
+    last = len(pieces) - 1
+    n_starts = len(starts)
+    chunks: list[Chunk] = []
+    expected_start = 0
+    for i, piece in enumerate(pieces):
+        file_offset = piece.chunk_offset or 0
+        csize = piece.chunk_size or 0
+        if csize == 0:
+            csize = size - file_offset  # the last piece runs to the end of the file
+        offset = piece.offset or 0
+        inner = piece.inner_offset or 0
+        if offset < 0 or offset >= data_end:
+            raise OutOfBoundsError(
+                f"file {name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
+            )
+        if inner < 0:
+            raise OutOfBoundsError(f"file {name!r}: negative innerOffset {inner}")
+        if file_offset != expected_start or csize <= 0:
+            raise ChunkCoverageError(
+                f"file {name!r}: piece at file offset {file_offset} (size {csize}), expected one at {expected_start}"
+            )
+        chunk_digest = piece.chunk_digest
+        if chunk_digest:
+            chunk_digest = _checked_digest(chunk_digest, name, "chunkDigest", digests)
+        elif last == 0:
+            chunk_digest = digest
+        if not chunk_digest:
+            raise InvalidTocError(f"file {name!r}: piece at {file_offset} has no chunkDigest")
+        j = bisect.bisect_right(starts, offset)
+        blob_end = starts[j] if j < n_starts else data_end
+        if i == last and offset < end_offset <= data_end:
+            blob_end = min(blob_end, end_offset)
+        chunks.append(  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
+            _new_tuple(
+                Chunk,
+                (file_offset + 0, csize + 0, offset + 0, blob_end + 0, inner + 0, chunk_digest, piece.chunk_type == "zeros"),
+            )
+        )
+        expected_start = file_offset + csize
+    if expected_start != size:
+        raise ChunkCoverageError(f"file {name!r}: chunks cover {expected_start} of {size} bytes")
+    return tuple(chunks)
