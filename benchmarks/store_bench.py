@@ -1,6 +1,6 @@
 """The store on the issue's generated image, beside local disk and the Go stargz-store 0.12.0.
 
-    python -m benchmarks store [--workdir DIR] [--model] [--runs N] [--keep]
+    python -m benchmarks store [--workdir DIR] [--model] [--runs N] [--lookup-only] [--keep]
 
 The image (one 200 MiB file half random, half text; 20,000 files of 1-8 KiB; 100,000 tiny
 entries; see `benchmarks/store_image.py`) is built once and kept under `--workdir`, pushed to a
@@ -10,7 +10,8 @@ extracted to local disk beside it; the page cache (and dentries) are dropped bef
 
 Figures (1 MB = 10^6 bytes; wall clock; nothing is asserted):
 - first lookup: stat of `<mnt>/<ref>/<layer>/diff` on a fresh daemon, which resolves the image
-  (manifest, config, footer and the ~120,000-entry TOC fetched, verified and parsed);
+  (manifest, config, footer and the ~120,000-entry TOC fetched, verified and parsed); the
+  daemon's CPU time for it is shown too, since wall time on a shared machine varies with load;
 - daemon RSS after that lookup (and its peak, VmHWM);
 - cold sequential read of the 200 MiB file (every chunk fetched from the registry);
 - warm read of the same file, served from the store's disk cache;

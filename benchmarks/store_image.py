@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -52,7 +51,8 @@ class ImageShape:
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """Paths of the generated artefacts and the eStargz writer's result."""
+    """Paths of the generated artefacts and the eStargz writer's result (the tar is removed once
+    the blob and the extracted tree exist)."""
 
     workdir: Path
     tar_path: Path
@@ -142,15 +142,7 @@ def build_image(base: Path, shape: ImageShape = ImageShape(), *, workers: int = 
         shutil.rmtree(tree_path)
     tree_path.mkdir()
     subprocess.run(["tar", "-xf", str(tar_path), "-C", str(tree_path)], check=True)
+    tar_path.unlink()  # 400 MB that nothing reads again: the blob and the tree are what is measured
     meta_path.write_text(json.dumps(asdict(result)))
     return BuiltImage(workdir, tar_path, blob_path, tree_path, result)
 
-
-def tail_read_at(blob_path: Path):
-    """A `ReadAt` over the local blob (for model-level measurements without a registry)."""
-    fd = os.open(blob_path, os.O_RDONLY)
-
-    def read_at(offset: int, length: int) -> bytes:
-        return os.pread(fd, length, offset)
-
-    return read_at, os.fstat(fd).st_size
