@@ -257,6 +257,7 @@ def run_all(args: argparse.Namespace) -> int:
                   f"{image.record_paths} recorded paths", flush=True)
             built.append(image)
         loopback = Registry(args.cache_dir / "registry", run_dir, "127.0.0.1", free_port())
+        loopback.garbage_collect()  # what earlier runs orphaned; the probe blob is pushed again below
         loopback.start()
         cleanup.push("loopback registry stop", loopback.stop)
         filled = fill(built, loopback, args.cache_dir / "registry-state.json")

@@ -50,7 +50,7 @@ class Registry:
     def log_path(self) -> Path:
         return self.work_dir / f"registry-{self.address}.log"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def _write_config(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.work_dir / f"registry-{self.address}.yml"
@@ -60,6 +60,20 @@ class Registry:
             f"storage:\n  filesystem:\n    rootdirectory: {self.data_dir}\n  delete:\n    enabled: true\n"
             f"http:\n  addr: {self.host}\n"
         )
+        return config
+
+    def garbage_collect(self) -> None:
+        """Delete blobs no tag reaches any more (earlier conversions, the old probe); registry stopped."""
+        if self.proc is not None:
+            raise RegistryError("garbage collection needs the registry stopped")
+        config = self._write_config()
+        result = subprocess.run(["docker-registry", "garbage-collect", "--delete-untagged", str(config)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise RegistryError(f"docker-registry garbage-collect failed: {result.stderr.strip()[-1500:]}")
+
+    def start(self, timeout: float = 20.0) -> None:
+        config = self._write_config()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([*self.netns_prefix, "docker-registry", "serve", str(config)],
                                          stdout=log, stderr=log, preexec_fn=leftovers.die_with_parent())

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import leftovers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-STORE_TOKEN = "stargz_store.cli"
+STORE_MODULE = "stargz_store.cli"
 
 
 class StoreError(RuntimeError):
@@ -73,7 +73,7 @@ class Store:
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", STORE_TOKEN, "--root", str(self.root), "--config", str(self.config_path),
+                [sys.executable, "-m", STORE_MODULE, "--root", str(self.root), "--config", str(self.config_path),
                  "--log-level", "info", str(self.mountpoint)],
                 stdout=log, stderr=log, cwd=REPO_ROOT, env=env, preexec_fn=leftovers.die_with_parent())
         leftovers.record_pid(self.proc.pid, str(self.mountpoint))  # our mountpoint: never a test's daemon

@@ -43,10 +43,16 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
     "resolver": ({"request_timeout_sec", "host", "connect_timeout_sec", "auth_file", "ca_file"}, set()),
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
-         "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb"},
+         "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
+         "sequential_readahead_kb"},
         set(),
     ),
 }
+
+
+# `sequential_readahead_kb`: a read that continues where the previous read of the same file ended also starts fetching the
+# file's next chunks, this many KiB of compressed data ahead (random reads fetch only their chunks).
+DAEMON_READAHEAD_KB = 0
 
 
 class ConfigError(Exception):
@@ -103,6 +109,7 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
     layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1)
     layer.fetch_timeout = float(_num(blob, "fetching_timeout_sec", layer.fetch_timeout))
     layer.max_toc_size = _int(store, "max_toc_size_mb", layer.max_toc_size >> 20, minimum=1) << 20
+    layer.readahead_size = _int(store, "sequential_readahead_kb", DAEMON_READAHEAD_KB, minimum=0) << 10
     if layer.disable_verification:
         log.warning("disable_verification = true: chunk digests are still checked when chunks are decoded")
 

@@ -64,7 +64,13 @@ def _extract_toc_json(member: bytes, max_toc_size: int) -> bytes:
 
     Only that one member is decompressed (the footer member after it is never touched), and no
     more output than the cap allows is produced, so a hostile member cannot exhaust memory.
+    The usual member (one plain ustar header, then the JSON) is inflated header first and then
+    straight into the JSON bytes, so a 25 MB TOC is not held twice (tar stream + extracted copy)
+    at the resolve's peak; anything else (PAX headers, GNU long names) takes the tarfile path.
     """
+    direct = _extract_toc_json_direct(member, max_toc_size)
+    if direct is not None:
+        return direct
     limit = max_toc_size + _TAR_HEADER_SLACK
     d = zlib.decompressobj(31)
     try:
@@ -91,6 +97,28 @@ def _extract_toc_json(member: bytes, max_toc_size: int) -> bytes:
         raise InvalidTocError(f"TOC member is not a valid tar stream: {e}") from None
     if len(data) != info.size:
         raise InvalidTocError(f"TOC member is truncated: {len(data)} of {info.size} JSON bytes")
+    return data
+
+
+def _extract_toc_json_direct(member: bytes, max_toc_size: int) -> bytes | None:
+    """The JSON when the member starts with a plain regular-file header for it; None otherwise
+    (the caller then decodes the member generically, which also produces the precise errors)."""
+    d = zlib.decompressobj(31)
+    try:
+        header = d.decompress(member, tarfile.BLOCKSIZE)
+        if len(header) != tarfile.BLOCKSIZE:
+            return None
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except (zlib.error, tarfile.TarError):
+        return None
+    if info.name != TOC_TAR_NAME or info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.size > max_toc_size:
+        return None
+    try:
+        data = d.decompress(d.unconsumed_tail, info.size) if info.size else b""
+    except zlib.error:
+        return None
+    if len(data) != info.size:
+        return None
     return data
 
 

@@ -9,7 +9,10 @@ errno in exactly one place (`ERRNO`). Mount decisions that matter for podman and
   servable (or a retried use/rmdir) is seen at once;
 - our own inode numbers are reported (`use_ino`), so hardlinks show one inode;
 - the mount's readahead window is raised (`read_ahead_kb`, the kernel starts FUSE mounts at
-  128 KiB), so sequential reads arrive as large requests instead of many 128 KiB ones.
+  128 KiB), so sequential reads arrive as large requests instead of many 128 KiB ones;
+- directory listings answer READDIRPLUS with full attributes (`StoreFUSE`), so the kernel learns
+  every child's dentry and attributes from one listing and a walk costs no LOOKUP per file; stat
+  structures are filled straight from `Attr`, without mfusepy's per-field dict round trip.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import ctypes
 
 import mfusepy as fuse
 
@@ -130,8 +135,16 @@ class StoreOperations(fuse.Operations):
         self.options = options
         self.mountpoint = mountpoint
         self.on_ready = on_ready
+        self._dir_listings: dict[int, list[tuple[str, Attr | None]] | None] = {}
+        self._next_dir_handle = 1
+        self._dir_lock = threading.Lock()
 
     def init_with_config(self, conn, config) -> None:
+        if conn is not None and conn.capable & FUSE_CAP_READDIRPLUS:
+            # Always READDIRPLUS, not the kernel's "auto" mode: that one uses it for the first
+            # page of a listing only (about 25 entries) unless lookups interleave with the
+            # listing, so `os.walk` (list all, then open) would still LOOKUP most files.
+            conn.want = (conn.want | FUSE_CAP_READDIRPLUS) & ~FUSE_CAP_READDIRPLUS_AUTO
         if config is not None:
             config.attr_timeout = self.options.attr_timeout
             config.entry_timeout = self.options.entry_timeout
@@ -161,11 +174,45 @@ class StoreOperations(fuse.Operations):
         return stat_dict(self.model.getattr(path))
 
     @_translating
+    def attr(self, path: str) -> Attr:
+        """`getattr` without the dict: what `StoreFUSE` copies into the kernel's stat buffer."""
+        return self.model.getattr(path)
+
+    @_translating
     def readdir(self, path: str, fh: int) -> list:
         out: list = [(".", None, 0), ("..", None, 0)]
         for name, attr in self.model.readdir(path):
             out.append((name, {"st_mode": attr.mode, "st_ino": attr.ino} if attr else None, 0))
         return out
+
+    @_translating
+    def listing(self, path: str) -> list[tuple[str, Attr | None]]:
+        """`readdir` as `(name, Attr or None)` pairs, `.` and `..` first (no attributes)."""
+        return [(".", None), ("..", None), *self.model.readdir(path)]
+
+    def opendir(self, path: str) -> int:
+        """A directory handle: its listing is taken at the first readdir and kept until
+        releasedir, so a listing read in many kernel pages is built once (and stays consistent)."""
+        with self._dir_lock:
+            fh = self._next_dir_handle
+            self._next_dir_handle += 1
+            self._dir_listings[fh] = None
+        return fh
+
+    def releasedir(self, path: str, fh: int) -> int:
+        with self._dir_lock:
+            self._dir_listings.pop(fh, None)
+        return 0
+
+    def listing_for(self, path: str, fh: int, offset: int) -> list[tuple[str, Attr | None]]:
+        """The listing of open directory `fh` (taken now when `offset` is 0 or it has none yet)."""
+        listing = None if offset == 0 else self._dir_listings.get(fh)
+        if listing is None:
+            listing = self.listing(path)
+            with self._dir_lock:
+                if fh in self._dir_listings:
+                    self._dir_listings[fh] = listing
+        return listing
 
     @_translating
     def readlink(self, path: str) -> str:
@@ -272,6 +319,71 @@ class StoreOperations(fuse.Operations):
         return 0
 
 
+FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse 3 `fuse_conn_info.want` bits
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_READDIR_PLUS = 1  # readdir flag: the kernel asked for READDIRPLUS (libfuse 3 `fuse_readdir_flags`)
+FUSE_FILL_DIR_PLUS = 2  # filler flag: the stat given is complete, make it the child's entry and attributes
+
+
+def fill_stat(st: Any, attr: Attr) -> None:
+    """Copy `attr` into a zeroed mfusepy `c_stat` (the same fields `stat_dict` reports)."""
+    st.st_ino = attr.ino
+    st.st_mode = attr.mode
+    st.st_nlink = attr.nlink
+    st.st_uid = attr.uid
+    st.st_gid = attr.gid
+    st.st_size = attr.size
+    st.st_blocks = attr.blocks
+    st.st_blksize = 4096
+    st.st_rdev = attr.rdev
+    sec, nsec = divmod(attr.mtime_ns, 1_000_000_000)
+    for ts in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
+        ts.tv_sec = sec
+        ts.tv_nsec = nsec
+
+
+class StoreFUSE(fuse.FUSE):
+    """mfusepy's `FUSE` with two hot callbacks replaced (libfuse 3 only; 2 keeps mfusepy's own).
+
+    - getattr fills the stat buffer from `Attr` directly;
+    - readdir answers READDIRPLUS with complete attributes (`FUSE_FILL_DIR_PLUS`): libfuse then
+      registers each child as looked up and the kernel caches its dentry and attributes for
+      `entry_timeout`/`attr_timeout`, so opening every file of a listed directory sends no
+      LOOKUP (a walk of 20,000 files saves 20,000 round trips through the daemon).
+    Nodes without cheap attributes (store directories) are listed without them, as before.
+    """
+
+    if fuse.fuse_version_major == 3:
+
+        def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+            ctypes.memset(buf, 0, ctypes.sizeof(fuse.c_stat))
+            fill_stat(buf.contents, self.operations.attr("" if path is None else path.decode(self.encoding, self.errors)))
+            return 0
+
+        def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+            # Entries carry their position + 1 as offset: libfuse 3 (before 3.17) sends
+            # READDIRPLUS attributes to the kernel only in this "offset" mode; a listing
+            # filled with offset 0 reaches the kernel with the attributes marked invalid.
+            decoded = "" if path is None else path.decode(self.encoding, self.errors)
+            entries = self.operations.listing_for(decoded, fip.contents.fh if fip else 0, offset)
+            plus = FUSE_FILL_DIR_PLUS if flags & FUSE_READDIR_PLUS else 0
+            st = fuse.c_stat()
+            size = ctypes.sizeof(st)
+            encoding, errors = self.encoding, self.errors
+            for index in range(offset, len(entries)):
+                name, attr = entries[index]
+                raw = name.encode(encoding, errors)
+                if attr is None:
+                    full = filler(buf, raw, None, index + 1, 0)
+                else:
+                    ctypes.memset(ctypes.byref(st), 0, size)
+                    fill_stat(st, attr)
+                    full = filler(buf, raw, st, index + 1, plus)
+                if full != 0:
+                    break
+            return 0
+
+
 def mount(
     model: StoreModel, mountpoint: str, options: MountOptions, on_ready: Callable[[], None] | None = None
 ) -> None:
@@ -288,7 +400,7 @@ def mount(
         "subtype": "stargz-store",
         "debug": options.debug,
     }
-    fuse.FUSE(ops, mountpoint, **kwargs)
+    StoreFUSE(ops, mountpoint, **kwargs)
 
 
 def mount_device(mountpoint: str) -> str | None:

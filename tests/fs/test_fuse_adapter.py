@@ -87,3 +87,47 @@ def test_operations_raise_fuse_errors(ops):
     assert _errno(ops.read, f"/{ref}/{key}/info", 10, 0, 12345) == errno.EBADF
     assert ops.getattr("/")["st_mode"] & stat.S_IFDIR
     assert ops.statfs("/")["f_namemax"] == 255
+
+
+def test_fill_stat_reports_what_stat_dict_reports():
+    from stargz_store.fs.fuse_adapter import fill_stat
+
+    attr = Attr(ino=7, mode=stat.S_IFCHR, nlink=1, uid=9, gid=8, size=5000, mtime_ns=1_700_000_000_123_456_789, rdev=0x0103)
+    st = fuse.c_stat()
+    fill_stat(st, attr)
+    expected = stat_dict(attr)
+    for key in ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_blksize", "st_rdev"):
+        assert getattr(st, key) == expected[key], key
+    for ts in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
+        assert ts.tv_sec * 1_000_000_000 + ts.tv_nsec == expected["st_mtime"]
+
+
+class _ListingModel:
+    """A model whose directory listing counts how often it is built."""
+
+    def __init__(self, names):
+        self.names = names
+        self.builds = 0
+
+    def readdir(self, path):
+        self.builds += 1
+        return [(n, Attr(ino=10 + i, mode=stat.S_IFREG | 0o644)) for i, n in enumerate(self.names)]
+
+
+def test_open_directory_keeps_one_listing_across_pages():
+    model = _ListingModel([f"f{i}" for i in range(50)])
+    ops = StoreOperations(model, MountOptions())  # type: ignore[arg-type]
+    fh = ops.opendir("/d")
+    first = ops.listing_for("/d", fh, 0)
+    assert [n for n, _ in first[:3]] == [".", "..", "f0"] and len(first) == 52
+    assert ops.listing_for("/d", fh, 30) is first  # a later page: the same snapshot
+    assert model.builds == 1
+    other = ops.opendir("/d")
+    assert other != fh
+    ops.listing_for("/d", other, 0)
+    assert model.builds == 2
+    ops.releasedir("/d", fh)
+    ops.listing_for("/d", fh, 30)  # a released handle still answers (freshly built), never fails
+    assert model.builds == 3
+    ops.releasedir("/d", other)
+    assert ops._dir_listings == {}
