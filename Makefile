@@ -33,7 +33,8 @@ demo: deps
 	$(PY) contrib/demo.py $(DEMO_ARGS)
 
 bench: deps
-	$(PY) -m benchmarks
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 lint: py-deps
 	$(PY) -m compileall -q stargz_store tests benchmarks

@@ -122,7 +122,10 @@ class LayerResolver:
         self.client = client
         self.cache = cache
         self.config = config or LayerConfig()
-        self.scheduler = FetchScheduler(background_slots=self.config.background_slots)
+        self.scheduler = FetchScheduler(
+            background_slots=self.config.background_slots,
+            quiet_period=self.config.background_quiet_period,
+        )
 
     def open_layer(self, ref: Reference, descriptor: Mapping, *, key_digest: str | None = None) -> Layer:
         """Raises NotLazyFormatError / FormatError (not servable lazily) or RegistryError."""

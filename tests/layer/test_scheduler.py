@@ -1,56 +1,54 @@
-"""FetchScheduler: background turns only when no foreground fetch runs, at most N at once."""
-from __future__ import annotations
-
+"""Background fetch takes the link only when on-demand reads leave it alone."""
 import threading
 import time
 
 from stargz_store.layer.scheduler import FetchScheduler
 
 
-def test_background_turn_waits_for_foreground_and_slots():
-    sched = FetchScheduler(background_slots=1)
-    stop = threading.Event()
-    entered = threading.Event()
-    leave = threading.Event()
+def _granted_after(scheduler: FetchScheduler) -> float:
+    """Enter a background turn from another thread; return when it was granted (monotonic)."""
+    granted: list[float] = []
 
-    def background() -> None:
-        with sched.background_turn(stop, poll=0.01) as allowed:
+    def run() -> None:
+        with scheduler.background_turn(threading.Event(), poll=0.01) as allowed:
             assert allowed
-            entered.set()
-            leave.wait(10)
+            granted.append(time.monotonic())
 
-    sched.foreground_started()
-    t = threading.Thread(target=background)
+    t = threading.Thread(target=run)
     t.start()
-    time.sleep(0.2)  # not a timing assertion: the turn must not be granted at all meanwhile
-    assert not entered.is_set()
-    sched.foreground_finished()
-    assert entered.wait(10)
-    # the single slot is taken: a second background turn waits until the first leaves
-    second = threading.Event()
-
-    def background2() -> None:
-        with sched.background_turn(stop, poll=0.01) as allowed:
-            if allowed:
-                second.set()
-
-    t2 = threading.Thread(target=background2)
-    t2.start()
-    time.sleep(0.2)
-    assert not second.is_set()
-    leave.set()
-    assert second.wait(10)
-    t.join()
-    t2.join()
-
-
-def test_stop_ends_a_waiting_turn_without_running_it():
-    sched = FetchScheduler()
-    sched.foreground_started()
-    stop = threading.Event()
-    result: list[bool] = []
-    t = threading.Thread(target=lambda: result.append(sched.background_turn(stop, poll=0.01).__enter__()))
-    t.start()
-    stop.set()
     t.join(10)
-    assert result == [False]
+    assert granted, "background turn never granted"
+    return granted[0]
+
+
+def test_background_waits_for_the_quiet_period_after_a_foreground_fetch():
+    scheduler = FetchScheduler(background_slots=2, quiet_period=0.3)
+    scheduler.foreground_started()
+    scheduler.foreground_finished()
+    finished = time.monotonic()
+    assert _granted_after(scheduler) - finished >= 0.3
+
+
+def test_background_waits_while_a_foreground_fetch_is_in_flight():
+    scheduler = FetchScheduler(background_slots=2)
+    scheduler.foreground_started()
+    release_at: list[float] = []
+
+    def finish_later() -> None:
+        time.sleep(0.2)
+        release_at.append(time.monotonic())
+        scheduler.foreground_finished()
+
+    threading.Thread(target=finish_later).start()
+    granted = _granted_after(scheduler)
+    assert release_at and granted >= release_at[0]
+
+
+def test_without_foreground_activity_background_starts_at_once_up_to_its_slots():
+    scheduler = FetchScheduler(background_slots=1, quiet_period=5.0)
+    stop = threading.Event()
+    with scheduler.background_turn(stop) as first:
+        assert first
+        stop.set()  # the single slot is taken: a second turn can only end by being stopped
+        with scheduler.background_turn(stop) as second:
+            assert not second
