@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from stargz_store.formats.estargz import build_estargz
     from stargz_store.layer import LayerConfig, LayerResolver
     from stargz_store.registry import RegistryClient, RegistryConfig, parse_reference
-    from tests.fixtures.registry import Registry  # the same real registry the tests use
+    from stargz_store.localenv.registry import LocalRegistry as Registry  # the same real registry the tests use
 
     read_size = args.read_kib * 1024
     with tempfile.TemporaryDirectory(prefix="layer-bench-") as tmp_name:

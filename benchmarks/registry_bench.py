@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root))
-    from tests.fixtures.registry import Registry  # the same real registry the tests use
+    from stargz_store.localenv.registry import LocalRegistry as Registry  # the same real registry the tests use
 
     with tempfile.TemporaryDirectory(prefix="registry-bench-") as tmp:
         registry = Registry(Path(tmp) / "registry")

@@ -23,21 +23,15 @@ this process (no FUSE), which separates the data path from the mount.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,7 +39,10 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.procstat import cpu_seconds, status_bytes  # noqa: E402
 from benchmarks.store_image import BIG_PATH, SMALL_DIR, BuiltImage, ImageShape, build_image  # noqa: E402
+from stargz_store.localenv.registry import LocalRegistry  # noqa: E402
+from stargz_store.localenv.store import StoreProcess  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -102,59 +99,11 @@ class PageCache:
             self.available = False
 
 
-# --- registry -----------------------------------------------------------------------------
+# --- registry ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class LocalRegistry:
-    """A Debian `docker-registry` on 127.0.0.1 (the same setup as the test fixture)."""
-
-    workdir: Path
-    port: int = field(default_factory=_free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "config.yml"
-        config.write_text(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {self.workdir / 'data'}\n"
-            f"http:\n  addr: {self.host}\n"
-        )
-        logf = open(self.workdir / "registry.log", "ab")
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=logf, stderr=logf)
-        logf.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
-                return
-            except urllib.error.HTTPError:
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("docker-registry exited; see " + str(self.workdir / "registry.log"))
-                time.sleep(0.05)
-        raise RuntimeError("docker-registry did not come up within 15 s")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+def local_registry(workdir: Path) -> LocalRegistry:
+    """The shared local registry, quiet: this benchmark counts nothing from its access log."""
+    return LocalRegistry(workdir, log_level="warn", access_log=False)
 
 
 def push_image(image: BuiltImage, registry: LocalRegistry, repo: str = "bench/store") -> tuple[str, dict]:
@@ -248,101 +197,40 @@ def measure_local(tree: Path, cache: PageCache) -> Figures:
 
 # --- the mounted daemon ----------------------------------------------------------------------
 
-def _is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/mounts", "rb") as f:
-        return any(
-            len(parts) > 1 and parts[1].decode("unicode_escape", "replace") == target
-            for parts in (line.split() for line in f)
-        )
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _proc_status_mb(pid: int, key: str) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024 / MB
-    except OSError:
-        return None
-    return None
+    value = status_bytes(pid, key)
+    return None if value is None else value / MB
 
 
-@dataclass
-class StoreProcess:
-    base: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def mountpoint(self) -> Path:
-        return self.base / "mnt"
-
-    def start(self, timeout: float = 60.0) -> None:
-        root = self.base / "root"
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        config = self.base / "config.toml"
-        config.write_text(STORE_CONFIG)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        logf = open(self.base / "store.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stargz_store.cli", "--root", str(root), "--config", str(config),
-             "--log-level", "warn", str(self.mountpoint)],
-            stdout=logf, stderr=logf, cwd=str(REPO_ROOT), env=env,
-        )
-        logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"stargz-store exited with {self.proc.returncode}; see {self.base / 'store.log'}")
-            if _is_mounted(self.mountpoint):
-                try:
-                    os.listdir(self.mountpoint)
-                    return
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"stargz-store did not mount within {timeout} s; see {self.base / 'store.log'}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if _is_mounted(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)
-        self.proc = None
+def store_process(base: Path) -> StoreProcess:
+    """A daemon under `base` with a fresh (empty) root and the benchmark's config, not started yet."""
+    root = base / "root"
+    if root.exists():
+        shutil.rmtree(root)
+    base.mkdir(parents=True, exist_ok=True)
+    config = base / "config.toml"
+    config.write_text(STORE_CONFIG)
+    return StoreProcess(root=root, mountpoint=base / "mnt", config_path=config, log_path=base / "store.log",
+                        log_level="warn")
 
 
 def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs: int, lookup_only: bool = False) -> Figures:
     fig = Figures()
     layer = manifest["layers"][0]["digest"]
-    ref_dir = base64.b64encode(ref.encode()).decode()
-    store = StoreProcess(base)
+    store = store_process(base)
     lookups = []
     cpus = []
     try:
         for _ in range(max(1, runs)):  # a fresh daemon (and root) per first lookup
-            store.stop()
-            store.start()
-            diff = store.mountpoint / ref_dir / layer / "diff"
+            store.stop(timeout=30, unmount_leftover=True)
+            store = store_process(base)
+            store.start(timeout=60)
+            diff = store.layer_dir(ref, layer) / "diff"
             cache.drop()
             assert store.proc is not None
-            cpu = _proc_cpu_s(store.proc.pid)
+            cpu = cpu_seconds(store.proc.pid)
             seconds, _ = timed(lambda: os.stat(diff))
-            cpus.append(_proc_cpu_s(store.proc.pid) - cpu)
+            cpus.append(cpu_seconds(store.proc.pid) - cpu)
             lookups.append(seconds)
         fig.first_lookup_s = statistics.median(lookups)
         fig.first_lookup_cpu_s = statistics.median(cpus)
@@ -367,7 +255,7 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
         fig.walk_s, (files, _) = timed(lambda: walk_and_read(diff / SMALL_DIR))
         fig.notes.append(f"store walk: {files} files; RSS after the reads {_proc_status_mb(store.proc.pid, 'VmRSS') or 0:.0f} MB")
     finally:
-        store.stop()
+        store.stop(timeout=30, unmount_leftover=True)
     return fig
 
 
@@ -504,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image: {image.result.size / MB:.1f} MB blob, layer {image.result.digest[:19]}..., "
           f"ready in {time.perf_counter() - start:.1f} s (kept in {image.workdir})", flush=True)
     run_dir = Path(tempfile.mkdtemp(prefix="store-bench-", dir=args.workdir))
-    registry = LocalRegistry(run_dir / "registry")
+    registry = local_registry(run_dir / "registry")
     try:
         registry.start()
         seconds, (ref, manifest) = timed(lambda: push_image(image, registry))

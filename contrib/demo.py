@@ -22,21 +22,22 @@ import argparse
 import io
 import os
 import re
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout: the local environment comes from here
+    sys.path.insert(0, str(REPO_ROOT))
+
+from stargz_store.localenv import LocalEnvError, LocalRegistry, StoreProcess, podman_cleanup, podman_env  # noqa: E402
+from stargz_store.localenv.procs import is_mounted  # noqa: E402
+
 APP_LINE = "hello from the demo app: started before its image was downloaded"
 FILLER_FILES = 3
 FILLER_SIZE = 20 << 20
@@ -58,92 +59,17 @@ def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600,
     return proc.stdout.decode(errors="replace")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f if len(line.split()) > 1)
-
-
-@dataclass
-class Registry:
-    workdir: Path
-    port: int
-    proc: subprocess.Popen | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "access.log"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True)
-        config = self.workdir / "config.yml"
-        config.write_text(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {self.workdir / 'data'}\n"
-            f"http:\n  addr: {self.host}\n")
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
-                return
-            except (urllib.error.URLError, OSError):
-                if self.proc.poll() is not None:
-                    raise DemoError(f"docker-registry exited:\n{self.log.read_text()[-2000:]}")
-                time.sleep(0.1)
-        raise DemoError("docker-registry did not answer within 15 s")
-
-    def log_offset(self) -> int:
-        return self.log.stat().st_size
-
-    def blob_bytes_since(self, offset: int) -> int:
-        """Bytes of layer and config blobs the registry sent since `offset` in its access log."""
-        with open(self.log, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        return sum(int(m.group(2)) for m in _BLOB_GET.finditer(text) if m.group(1) in ("200", "206"))
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def blob_bytes_since(registry: LocalRegistry, mark: int) -> int:
+    """Bytes of layer and config blobs the registry sent since `mark` in its access log."""
+    return sum(int(m.group(2)) for m in _BLOB_GET.finditer(registry.log_since(mark)) if m.group(1) in ("200", "206"))
 
 
 class Podman:
     """A podman with its own configuration and storage under `workdir` (never the machine's)."""
 
     def __init__(self, workdir: Path, additional_layer_store: Path | None = None) -> None:
-        workdir.mkdir(parents=True)
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        nofile = 1048576 if hard == resource.RLIM_INFINITY else hard
-        (workdir / "containers.conf").write_text(
-            f'[containers]\ndefault_ulimits = ["nofile={nofile}:{nofile}", "nproc=1000:1000"]\n'
-            '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
-        storage = f'[storage]\ndriver = "overlay"\ngraphroot = "{workdir / "graph"}"\nrunroot = "{workdir / "run"}"\n'
-        if additional_layer_store is not None:
-            storage += f'[storage.options]\nadditionallayerstores = ["{additional_layer_store}:ref"]\n'
-        (workdir / "storage.conf").write_text(storage)
-        (workdir / "auth.json").write_text('{"auths": {}}\n')
-        (workdir / "tmp").mkdir()
         self.workdir = workdir
-        self.env = {**os.environ, "CONTAINERS_CONF": str(workdir / "containers.conf"),
-                    "CONTAINERS_STORAGE_CONF": str(workdir / "storage.conf"),
-                    "REGISTRY_AUTH_FILE": str(workdir / "auth.json"), "TMPDIR": str(workdir / "tmp")}
+        self.env = podman_env(workdir, additional_layer_store)
 
     def __call__(self, *args: str, input_: bytes | None = None) -> str:
         return run(["podman", *args], env=self.env, input_=input_)
@@ -162,57 +88,15 @@ class Podman:
         return elapsed, first
 
     def cleanup(self) -> None:
-        for args in (("rm", "-af"), ("rmi", "-af")):
-            subprocess.run(["podman", *args], env=self.env, capture_output=True, timeout=120)
-        prefix = str(self.workdir) + "/"
-        with open("/proc/mounts") as f:
-            mounts = [line.split()[1] for line in f]
-        for mnt in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
+        podman_cleanup(self.env, timeout=120)
 
 
-class Store:
-    """The stargz-store daemon, mounted at `mountpoint` for the duration of the demo."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.mountpoint = workdir / "mnt"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, config: str) -> None:
-        self.workdir.mkdir(parents=True)
-        (self.workdir / "config.toml").write_text(config)
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        with open(self.workdir / "store.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stargz_store.cli", "--root", str(self.workdir / "root"),
-                 "--config", str(self.workdir / "config.toml"), "--log-level", "info", str(self.mountpoint)],
-                stdout=log, stderr=log, env=env, cwd=REPO_ROOT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(f"stargz-store exited ({self.proc.returncode}):\n{self.log_tail()}")
-            if self.mountpoint.exists() and is_mounted(self.mountpoint):
-                return
-            time.sleep(0.1)
-        raise DemoError(f"stargz-store did not mount within 30 s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        try:
-            return (self.workdir / "store.log").read_text(errors="replace")[-3000:]
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if is_mounted(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+def demo_store(workdir: Path, config: str) -> StoreProcess:
+    """The stargz-store daemon for the demo, its config written, not started yet."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.toml").write_text(config)
+    return StoreProcess(root=workdir / "root", mountpoint=workdir / "mnt", config_path=workdir / "config.toml",
+                        log_path=workdir / "store.log", log_level="info")
 
 
 def demo_rootfs_tar() -> bytes:
@@ -266,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, interrupted)
 
     tmp = Path(tempfile.mkdtemp(prefix="stargz-demo."))
-    registry = Registry(tmp / "registry", free_port())
-    store = Store(tmp / "store")
+    registry = LocalRegistry(tmp / "registry", log_level="warn")
+    store: StoreProcess | None = None
     builder = lazy = full = None
     try:
         step(f"starting a local registry at {registry.host}")
@@ -287,14 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
         step(f"converted in {time.monotonic() - t0:.1f} s")
 
+        store = demo_store(tmp / "store", "" if args.background_fetch else "no_background_fetch = true\n")
         step(f"mounting stargz-store at {store.mountpoint}")
-        store.start("" if args.background_fetch else "no_background_fetch = true\n")
+        store.start()
 
         step("lazy: podman run of the eStargz image through the store")
         lazy = Podman(tmp / "podman-lazy", additional_layer_store=store.mountpoint)
-        mark = registry.log_offset()
+        mark = registry.log_mark()
         lazy_time, lazy_line = lazy.time_to_first_line(esgz_ref)
-        lazy_bytes = registry.blob_bytes_since(mark)
+        lazy_bytes = blob_bytes_since(registry, mark)
         links = [p for p in (lazy.workdir / "graph" / "overlay").glob("*/diff") if p.is_symlink()]
         print(f"    container said: {lazy_line}")
         if not links:
@@ -302,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
         step("full: podman run of the gzip image, no store")
         full = Podman(tmp / "podman-full")
-        mark = registry.log_offset()
+        mark = registry.log_mark()
         full_time, full_line = full.time_to_first_line(gzip_ref)
-        full_bytes = registry.blob_bytes_since(mark)
+        full_bytes = blob_bytes_since(registry, mark)
         print(f"    container said: {full_line}")
 
         image_size = full_bytes
@@ -319,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print("The registry here is on this machine, so even the full download is quick; over a real network the")
         print("full pull's time grows with the image while the lazy start depends only on what the app reads.")
         return 0
-    except DemoError as e:
+    except (DemoError, LocalEnvError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -330,13 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         for p in (lazy, full, builder):
             if p is not None:
                 p.cleanup()  # the lazy podman's rmi reaches the store while it is still mounted
-        store.stop()
+        if store is not None:
+            store.stop(unmount_leftover=True)
         registry.stop()
         if args.keep:
             print(f"    kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-        if is_mounted(store.mountpoint):
+        if store is not None and is_mounted(store.mountpoint):
             print(f"warning: {store.mountpoint} is still mounted", file=sys.stderr)
 
 

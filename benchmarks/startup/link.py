@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stargz_store.localenv.procs import terminate
+
+from ..procstat import cpu_seconds
 from . import leftovers
 
 log = logging.getLogger(__name__)
@@ -154,15 +157,8 @@ class Link:
             os.close(fd_ns)
 
     def down(self) -> None:
-        if self.emulator is not None:
-            if self.emulator.poll() is None:
-                self.emulator.terminate()
-                try:
-                    self.emulator.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.emulator.kill()
-                    self.emulator.wait()
-            self.emulator = None
+        terminate(self.emulator, timeout=10)
+        self.emulator = None
         if netns_exists():
             _ip("netns", "del", NETNS, check=False)
         if Path(f"/sys/class/net/{HOST_IF}").exists():
@@ -172,9 +168,7 @@ class Link:
         """CPU the user-space link has used so far (it competes with what is measured on a small machine)."""
         if self.emulator is None or self.emulator.poll() is not None:
             return None
-        stat = Path(f"/proc/{self.emulator.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.emulator.pid)
 
     def check_alive(self) -> None:
         if self.emulator is not None and self.emulator.poll() is not None:

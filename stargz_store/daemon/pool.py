@@ -397,13 +397,7 @@ class ImagePool:
             raise error from None
         parsed = layer.parsed
         toc = layer.toc
-        uids, gids = toc.uids(), toc.gids()
-        infos: dict[str, bytes] = {}
-        if slot.diff_id:
-            infos[slot.blob_digest] = info_for_blob_key(slot.descriptor, slot.diff_id, parsed.compression, uids, gids)
-            infos[parsed.toc_digest] = info_for_toc_key(
-                parsed.toc_digest, slot.descriptor, slot.diff_id, parsed.compression, uids, gids
-            )
+        infos: Mapping[str, bytes] = _LayerInfos(slot, parsed) if slot.diff_id else {}
         served = ServedLayer(layer, LayerTree(toc, slot.number << 32), infos)
         with self._lock:
             slot.served = served
@@ -532,6 +526,47 @@ class ImagePool:
         with self._lock:
             self._counters["image_loads_from_disk"] += 1
         return _Image(ref, manifest, config_raw, from_disk=True)
+
+
+class _LayerInfos(Mapping[str, bytes]):
+    """The `info` JSON of a layer under both its keys (blob and TOC digest). The keys are known at
+    once (lookups check them); the JSON is built at the first read of an `info` file, because its
+    uid/gid sets take a pass over every TOC entry, which a first lookup should not wait for."""
+
+    def __init__(self, slot: _Slot, parsed: Any) -> None:
+        self._slot = slot
+        self._parsed = parsed
+        self._keys = (slot.blob_digest, parsed.toc_digest)
+        self._built: dict[str, bytes] | None = None
+        self._lock = threading.Lock()
+
+    def _build(self) -> dict[str, bytes]:
+        with self._lock:
+            if self._built is None:
+                slot, parsed = self._slot, self._parsed
+                assert slot.diff_id is not None
+                uids, gids = parsed.toc.uids(), parsed.toc.gids()
+                self._built = {
+                    slot.blob_digest: info_for_blob_key(slot.descriptor, slot.diff_id, parsed.compression, uids, gids),
+                    parsed.toc_digest: info_for_toc_key(
+                        parsed.toc_digest, slot.descriptor, slot.diff_id, parsed.compression, uids, gids
+                    ),
+                }
+            return self._built
+
+    def __getitem__(self, key: str) -> bytes:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._build()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self):
+        return iter(dict.fromkeys(self._keys))
+
+    def __len__(self) -> int:
+        return len(set(self._keys))
 
 
 def _fresh(error: FsError) -> FsError:

@@ -73,13 +73,14 @@ class ServedLayer:
     """A resolved layer as the filesystem serves it: data, overlay tree, per-key `info` JSON.
 
     `open_count` is the number of open file handles on it; the pool does not release a layer's
-    memory while it is non-zero.
+    memory while it is non-zero. `infos` may be any mapping (the pool passes one that builds the
+    JSON on first use: its uid/gid sets take a pass over the whole TOC); a plain dict is copied.
     """
 
     def __init__(self, layer: LayerData, tree: LayerTree, infos: Mapping[str, bytes]) -> None:
         self.layer = layer
         self.tree = tree
-        self.infos = dict(infos)
+        self.infos: Mapping[str, bytes] = dict(infos) if isinstance(infos, dict) else infos
         self.open_count = 0
         self._lock = threading.Lock()
 
