@@ -5,6 +5,7 @@ layout under one base directory, pid recording for a later sweep, and the usage 
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class Store(StoreProcess):
 
     def __init__(self, base: Path):
         super().__init__(root=base / "root", mountpoint=base / "mnt", config_path=base / "config.toml",
-                         log_path=base / "store.log", log_level="info", preexec_fn=leftovers.die_with_parent())
+                         log_path=base / "store.log", log_level=os.environ.get("STARGZ_BENCH_STORE_LOG_LEVEL", "info"), preexec_fn=leftovers.die_with_parent())
         self.base = base
 
     def start(self, config_text: str, timeout: float = 60.0) -> None:  # type: ignore[override]

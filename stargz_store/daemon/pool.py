@@ -133,6 +133,15 @@ class ImagePool:
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="layer-reaper", daemon=True)
         self._reaper.start()
+        if callable(getattr(client, "learn_schemes", None)):
+            # Before podman's first lookup: the first pull should not pay for scheme discovery.
+            threading.Thread(target=self._learn_schemes, name="registry-schemes", daemon=True).start()
+
+    def _learn_schemes(self) -> None:
+        try:
+            self.client.learn_schemes()
+        except Exception:  # an optimisation only: the first request finds out the same
+            log.debug("learning registry schemes failed", exc_info=True)
 
     # -- LayerProvider ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+from collections import defaultdict
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
@@ -113,25 +114,52 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
     Entries are made as they come; what needs the whole TOC (chunk extents, hardlink link counts,
     parent checks, implicit directories) is settled afterwards from short lists. Everything the
     tree keeps is a fresh object, not one of the decoder's (see `toc._copy_str`).
+
+    This loop is most of a resolve's CPU time (~2 us per entry), hence the local bindings, the
+    one-slot caches and the inline one-piece chunk path; `_build_chunks_structs` stays the
+    general rule (and the one that words a bad piece's error).
     """
-    entries: dict[str, TocEntry] = {}
-    built: list[TocEntry] = []
+    # Data files hold their plain field tuple until their chunks are built. The root's slot is
+    # reserved first, as the documented order wants an implicit root first (copying a 120,000-key
+    # dict to put it there afterwards costs more than the whole hardlink pass).
+    entries: dict[str, Any] = {"": None}
+    built: list[Any] = []
     with_data: list[tuple[int, Any, list[Any]]] = []  # (position, raw, pieces) of files with data
     hardlinks: dict[str, Any] = {}
     dirs: list[int] = []
-    child_names: dict[str, list[str]] = {}
+    child_names: defaultdict[str, list[str]] = defaultdict(list)  # a plain dict for the Toc
     offsets: list[int] = []
     digests: dict[str, str] = {}
     times: dict[str, int] = {}
     ids: dict[int, int] = {}
     perms = _PERMISSIONS
-    types = _CANONICAL_TYPES
+    types_get = _CANONICAL_TYPES.get
+    new_tuple = _new_tuple
+    entry_cls = TocEntry
+    no_xattrs = _NO_XATTRS
+    add_offset = offsets.append
+    add_built = built.append
     root_pos: int | None = None
     landmark_raw: Any = None
     last_pieces: list[Any] | None = None
+    ignored_pieces: list[Any] = []
+    # TOCs repeat a few mtimes and digests (empty files) in runs: one-slot caches save a hash and
+    # a dict lookup per entry (the hot loop runs ~120,000 times per resolve).
+    last_modtime: str | None = None
+    last_digest: str | None = None
+    last_shared_digest = ""
+    mtime_ns = 0
     ino = 2  # the root is inode 1, explicit or implicit
     for raw in raw_entries:
-        etype = types.get(raw.type)
+        etype = raw.type
+        if etype == "reg":  # plain compares beat a dict lookup for the common types
+            etype = REG
+        elif etype == "symlink":
+            etype = SYMLINK
+        elif etype == "dir":
+            etype = DIR
+        else:
+            etype = types_get(etype)
         if etype is None:
             raise InvalidTocError(f"entry {raw.name!r}: unknown type {raw.type!r}")
         if etype is CHUNK:
@@ -140,24 +168,20 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             last_pieces.append(raw)
             off = raw.offset or 0
             if off >= 0:
-                offsets.append(off)
+                add_offset(off)
             continue
         name = raw.name or ""
         if name and name[0] not in "./" and "//" not in name and "/." not in name:
             name = name.rstrip("/") if name[-1] == "/" else name.join(("", ""))  # a copy: see _copy_str
         else:
             name = normalize_name(name)
-        if name in entries or name in hardlinks:
+        if (name in entries and (name or root_pos is not None)) or (hardlinks and name in hardlinks):
             if name == "" and etype is DIR:
                 continue  # `./` and `/` both name the root; a repeat of the root is harmless
             raise DuplicateEntryError(f"duplicate entry {name!r} in TOC")
         last_pieces = None
         if name:
-            parent = name.rpartition("/")[0]
-            siblings = child_names.get(parent)
-            if siblings is None:
-                siblings = child_names[parent] = []
-            siblings.append(name)
+            child_names[name.rpartition("/")[0]].append(name)
             if etype is HARDLINK:
                 hardlinks[name] = raw  # its target's inode; settled below
                 continue
@@ -169,58 +193,105 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             this_ino = 1
             root_pos = len(built)
         modtime = raw.modtime or ""
-        mtime_ns = times.get(modtime)
-        if mtime_ns is None:
-            mtime_ns = times[modtime] = parse_time_ns(modtime)
+        if modtime != last_modtime:
+            mtime_ns = times.get(modtime)
+            if mtime_ns is None:
+                mtime_ns = times[modtime] = parse_time_ns(modtime)
+            last_modtime = modtime
         digest = raw.digest
-        if digest:
-            digest = digests.get(digest) or _checked_digest(digest, name, "digest", digests)
-        else:
+        if not digest:
             digest = ""
-        size = 0
-        link_name = ""
-        if etype is REG:
-            last_pieces = [raw]
-            off = raw.offset or 0
-            if off >= 0:
-                offsets.append(off)
-            size = raw.size or 0
-            if size < 0:
-                raise OutOfBoundsError(f"file {name!r} has negative size {size}")
-            if size:
-                with_data.append((len(built), raw, last_pieces))
-            if name == PREFETCH_LANDMARK:
-                landmark_raw = raw
-        elif etype is SYMLINK:
-            link_name = _copy_str(raw.link_name) if raw.link_name else ""
-        elif etype is DIR:
-            dirs.append(len(built))
+        elif digest == last_digest:
+            digest = last_shared_digest
+        else:
+            last_digest = digest
+            digest = last_shared_digest = digests.get(digest) or _checked_digest(digest, name, "digest", digests)
         uid = raw.uid or 0
         if uid > 256:
             uid = ids.setdefault(uid, uid + 0)
         gid = raw.gid or 0
         if gid > 256:
             gid = ids.setdefault(gid, gid + 0)
-        e = _new_tuple(
-            TocEntry,
-            (
-                name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, size + 0, mtime_ns, link_name,
-                raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, raw.xattrs) if raw.xattrs else _NO_XATTRS,
-                digest, (), this_ino, 2 if etype is DIR else 1,
-            ),
-        )
+        xattrs = raw.xattrs
+        if etype is REG:
+            off = raw.offset or 0
+            if off >= 0:
+                add_offset(off)
+            size = raw.size or 0
+            if size < 0:
+                raise OutOfBoundsError(f"file {name!r} has negative size {size}")
+            if name == PREFETCH_LANDMARK:
+                landmark_raw = raw
+            fields = (
+                name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, size + 0, mtime_ns, "",
+                raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, xattrs) if xattrs else no_xattrs,
+                digest, (), this_ino, 1,
+            )
+            if size:  # made a TocEntry once its chunks are known (below)
+                last_pieces = [raw]
+                with_data.append((len(built), raw, last_pieces))
+                entries[name] = fields
+                add_built(fields)
+                continue
+            last_pieces = ignored_pieces  # chunks of an empty file are checked for order, then dropped
+            e = new_tuple(entry_cls, fields)
+        else:
+            link_name = ""
+            if etype is SYMLINK:
+                link_name = raw.link_name
+                link_name = link_name.join(("", "")) if link_name else ""
+            elif etype is DIR:
+                dirs.append(len(built))
+            e = new_tuple(
+                entry_cls,
+                (
+                    name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, 0, mtime_ns, link_name,
+                    raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, xattrs) if xattrs else no_xattrs,
+                    digest, (), this_ino, 2 if etype is DIR else 1,
+                ),
+            )
         entries[name] = e
-        built.append(e)
+        add_built(e)
 
     # Chunks: each piece's compressed extent ends at the next larger data offset.
-    starts = sorted(set(offsets))
+    offsets.sort()  # nearly sorted already (TOC order is blob order); duplicates do not disturb bisect
+    starts = offsets
     del offsets
     if starts and starts[-1] >= data_end:
         raise OutOfBoundsError(f"data offset {starts[-1]} is at or beyond the TOC at {data_end}")
+    n_starts = len(starts)
+    chunk_cls = Chunk
+    bisect_right = bisect.bisect_right
     for pos, raw, pieces in with_data:
-        e = built[pos]
-        chunks = _build_chunks_structs(e.name, raw, pieces, e.size, e.digest, starts, data_end, digests)
-        built[pos] = entries[e.name] = _new_tuple(TocEntry, (*e[:12], chunks, e.ino, 1))
+        f = built[pos]
+        name = f[0]
+        size = f[5]
+        if len(pieces) == 1:  # the common case, inline: a whole file in one piece
+            file_offset = raw.chunk_offset or 0
+            offset = raw.offset or 0
+            inner = raw.inner_offset or 0
+            csize = raw.chunk_size or size - file_offset  # 0 means "to the end of the file"
+            if offset < 0 or offset >= data_end or inner < 0 or file_offset != 0 or csize != size:
+                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)  # its error
+            else:
+                chunk_digest = raw.chunk_digest
+                if not chunk_digest or chunk_digest == raw.digest:  # the file's, already checked and shared
+                    chunk_digest = f[11]
+                    if not chunk_digest:
+                        raise InvalidTocError(f"file {name!r}: piece at 0 has no chunkDigest")
+                else:
+                    chunk_digest = digests.get(chunk_digest) or _checked_digest(chunk_digest, name, "chunkDigest", digests)
+                j = bisect_right(starts, offset)
+                blob_end = starts[j] if j < n_starts else data_end
+                end_offset = raw.end_offset or 0
+                if offset < end_offset < blob_end:
+                    blob_end = end_offset
+                chunks = (  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
+                    new_tuple(chunk_cls, (0, size, offset + 0, blob_end + 0, inner + 0, chunk_digest, raw.chunk_type == "zeros")),
+                )
+        else:
+            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)
+        built[pos] = entries[name] = new_tuple(entry_cls, (*f[:12], chunks, f[13], 1))
 
     # Hardlinks: resolve chains to the final non-hardlink target; count its links.
     link_count: dict[str, int] = {}
@@ -259,7 +330,7 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             subdirs[parent] = subdirs.get(parent, 0) + 1
     implicit: list[str] = []
     implicit_set: set[str] = set()
-    if "" not in entries:
+    if root_pos is None:
         implicit.append("")
         implicit_set.add("")
     for parent in list(child_names):
@@ -282,9 +353,16 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             child, parent = parent, grandparent
 
     landmark_offset = (landmark_raw.offset or 0) if landmark_raw is not None else None
-    if "" in implicit_set:  # the documented order: an implicit root first
-        entries = {"": None, **entries}  # type: ignore[dict-item]  # replaced by _settle
-    return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, child_names, landmark_offset)
+    if root_pos:  # an explicit root after other entries keeps its TOC position
+        root = entries.pop("")
+        entries = _with_root_at(entries, root_pos, root)
+    return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, dict(child_names), landmark_offset)
+
+
+def _with_root_at(entries: dict[str, Any], pos: int, root: Any) -> dict[str, Any]:
+    items = list(entries.items())
+    items.insert(pos, ("", root))
+    return dict(items)
 
 
 def _build_chunks_structs(

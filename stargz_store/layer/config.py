@@ -25,13 +25,16 @@ class LayerConfig:
     max_concurrency: int = 8                # parallel ranged requests per layer
     fetch_timeout: float = 30.0             # a reader gets LayerReadError after this, never hangs
     max_toc_size: int = 150 << 20
-    tail_size: int = 512 << 10              # the one ranged request of the blob tail (footer + TOC guess)
+    tail_size: int = 64 << 10               # the first ranged request of the blob tail (footer + TOC guess);
+                                            # a larger TOC costs one more request (one round trip), while
+                                            # every byte past the TOC is wasted link time on each layer open
     coalesce_gap: int = 64 << 10            # merge ranges closer than this into one request
     # Extras beyond the shared contract:
     max_request_size: int = 16 << 20        # a coalesced request is not grown past this (parallelism)
     prefetch_request_size: int = 64 << 20   # a larger prioritized region is fetched in pieces of this
     background_batch_size: int = 1 << 20   # compressed bytes per background request (a read waits at most one batch)
-    background_quiet_period: float = 1.0   # background fetch starts only after on-demand fetches have been quiet this long
+    background_quiet_period: float = 1.5   # background fetch starts only after on-demand fetches (and layer
+                                           # opens) have been quiet this long (the Go store's silence period)
     background_idle_wait: float = 0.05     # how long background fetch sleeps while reads are in flight
     background_slots: int = 2              # background batches running at once, over all layers
     blob_block_size: int = 1 << 20         # granularity of the raw-blob cache (ALS `blob` file)

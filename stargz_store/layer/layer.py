@@ -382,11 +382,14 @@ class Layer:
                 requests = coalesce(extents, gap=piece, max_size=piece)
                 requests[0].start = min(requests[0].start, start)
                 self._fetcher.submit_in_order(requests, mine)
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
         try:
-            self._wait({**mine, **theirs}, deadline)
+            self._wait({**mine, **theirs}, began + timeout)
         except LayerReadError as e:
             log.warning("layer %s: prefetch incomplete: %s", self.blob_digest, e)
+        else:
+            log.debug("layer %s: prefetch of %d chunk(s) ready in %.3f s", self.blob_digest, len(missing),
+                      time.monotonic() - began)
 
     def start_background_fetch(self) -> None:
         """Fetch every chunk not yet cached, in blob order, at low priority, on one thread."""

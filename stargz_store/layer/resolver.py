@@ -167,5 +167,6 @@ class LayerResolver:
         if not cfg.no_prefetch:
             layer.prefetch(cfg.prefetch_timeout)
         if not cfg.no_background_fetch:
+            self.scheduler.note_activity()
             layer.start_background_fetch()
         return layer

@@ -20,6 +20,11 @@ class FetchScheduler:
     reads again. Without it every such gap let a background batch onto the link, and the next
     on-demand read queued behind it (the startup benchmark saw 6x the needed bytes arrive before
     the first output).
+
+    Opening a layer counts as activity too (`note_activity`): between a layer being reported
+    ready and the container's first read, podman creates the container, which is a quiet stretch
+    of a second or more; a background batch started then holds the link when the first reads
+    come.
     """
 
     def __init__(self, background_slots: int = 2, quiet_period: float = 0.0) -> None:
@@ -38,6 +43,12 @@ class FetchScheduler:
         with self._cond:
             self._foreground -= 1
             self._last_foreground_end = time.monotonic()
+            self._cond.notify_all()
+
+    def note_activity(self) -> None:
+        """Restart the quiet period without a fetch (a layer was just opened)."""
+        with self._cond:
+            self._last_foreground_end = max(self._last_foreground_end, time.monotonic())
             self._cond.notify_all()
 
     @property

@@ -288,6 +288,15 @@ class Transport:
             resp.redirected = True  # type: ignore[attr-defined]
         return resp
 
+    def learn_scheme(self, endpoint: Endpoint) -> str | None:
+        """Settle HTTPS-or-plain-HTTP for an automatic endpoint with one `GET /v2/`, and leave the
+        connection in the pool. Raises requests exceptions when the host cannot be reached."""
+        if endpoint.tls is not None or endpoint.host in self._schemes:
+            return self._schemes.get(endpoint.host)
+        resp = self._send_first(Target(endpoint, "/v2/"), "GET", dict(endpoint.headers), None, None)
+        release(resp)
+        return self._schemes.get(endpoint.host)
+
     def _send_first(self, target: Target, method: str, hdrs: dict[str, str],
                     params: Mapping[str, str] | None, body: Callable[[], Any] | bytes | None) -> requests.Response:
         endpoint = target.endpoint

@@ -62,6 +62,22 @@ VALID = {
     "inner": [_file("a", 5, 0, innerOffset=512), _file("b", 5, 0, innerOffset=1536), _file("c", 5, 90)],
     "empty": [],
     "no_prefetch": [{"name": ".no.prefetch.landmark", "type": "reg", "size": 1, "offset": 0, "chunkDigest": D1}],
+    # One-piece files (the builder's inline path) against the general chunk rules.
+    "one_piece": [
+        _file("tight", 4, 100, endOffset=150, chunkSize=4),
+        _file("loose", 4, 200, endOffset=499, chunkOffset=0),
+        _file("at_start", 4, 300, endOffset=300),
+        {"name": "file_digest_only", "type": "reg", "size": 2, "offset": 400, "digest": D2},
+        _file("zeros", 3, 450, chunkType="zeros", innerOffset=7),
+    ],
+    "chunk_after_empty_file": [
+        {"name": "e", "type": "reg", "size": 0, "offset": 5},
+        {"name": "e", "type": "chunk", "offset": 20, "chunkSize": 3, "chunkDigest": D1},
+        _file("f", 1, 10),
+        _file("g", 1, 30),
+    ],
+    "root_middle_then_more": [_file("a", 1, 10), {"name": "./", "type": "dir", "uid": 9}, _file("b", 1, 20), {"name": "d/", "type": "dir"}],
+    "root_last": [{"name": "d/", "type": "dir"}, _file("d/f", 1, 20), {"name": "/", "type": "dir", "mode": 0o711}],
 }
 
 INVALID = {
@@ -83,6 +99,14 @@ INVALID = {
     "not_object": ["f"],
     "negative_size": [{"name": "f", "type": "reg", "size": -1}],
     "root_file": [{"name": "./", "type": "reg"}],
+    "root_file_later": [_file("a"), {"name": "/", "type": "reg"}],
+    "root_then_file_root": [{"name": "./", "type": "dir"}, {"name": "/", "type": "reg"}],
+    "one_piece_negative_inner": [_file("f", 4, 100, innerOffset=-1)],
+    "one_piece_negative_offset": [_file("f", 4, -5)],
+    "one_piece_late_start": [_file("f", 4, 100, chunkOffset=1)],
+    "one_piece_too_long": [_file("f", 4, 100, chunkSize=5)],
+    "one_piece_no_digest": [{"name": "f", "type": "reg", "size": 4, "offset": 100, "digest": ""}],
+    "one_piece_bad_chunk_digest": [_file("f", 4, 100, chunkDigest="sha256:xyz")],
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from stargz_store.cache import ChunkCache
 from stargz_store.layer import LayerReadError
+from stargz_store.layer.config import LayerConfig
 
 from .conftest import lazy_config
 from .helpers import FaultySource, build_layer, sample_files
@@ -25,7 +26,8 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
 
 def test_toc_costs_one_tail_request(sample_layer, open_layer):
     layer, src = open_layer(sample_layer)
-    assert src.log == [(max(0, sample_layer.result.size - (512 << 10)), min(sample_layer.result.size, 512 << 10))]
+    tail = LayerConfig().tail_size
+    assert src.log == [(max(0, sample_layer.result.size - tail), min(sample_layer.result.size, tail))]
     assert layer.toc.lookup("bin/app").size == 700_000
 
 
@@ -392,3 +394,14 @@ def test_a_huge_prefetch_region_is_fetched_in_consecutive_pieces(sample_layer, o
         entry = layer.toc.lookup(name)
         assert layer.read(entry, 0, entry.size) == sample_layer.files[name]
     assert src.calls == 0
+
+
+def test_background_fetch_leaves_the_link_alone_right_after_the_layer_opens(sample_layer, open_layer):
+    # Between "layer ready" and the container's first read podman creates the container (a quiet
+    # second or more); background fetch must not take the link in that gap.
+    layer, src = open_layer(sample_layer, config=lazy_config(no_background_fetch=False, background_quiet_period=30.0))
+    opened_with = len(src.log)
+    time.sleep(0.3)  # give a misbehaving background fetch the chance to start a request
+    assert len(src.log) == opened_with
+    assert layer.stats()["background_bytes"] == 0
+    assert layer.stats()["background_state"] == "running"

@@ -52,3 +52,10 @@ def test_without_foreground_activity_background_starts_at_once_up_to_its_slots()
         stop.set()  # the single slot is taken: a second turn can only end by being stopped
         with scheduler.background_turn(stop) as second:
             assert not second
+
+
+def test_note_activity_restarts_the_quiet_period():
+    scheduler = FetchScheduler(background_slots=2, quiet_period=0.3)
+    scheduler.note_activity()
+    noted = time.monotonic()
+    assert _granted_after(scheduler) - noted >= 0.3 - 0.01

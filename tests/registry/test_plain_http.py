@@ -245,3 +245,29 @@ def test_http_proxy_environment_is_honoured(repo, blob, fault_proxy, monkeypatch
     with RegistryClient() as client:
         assert client.read_blob_range(repo, digest, 0, 10) == data[:10]
     assert len(fault_proxy.seen) == seen
+
+
+def test_learn_schemes_settles_plain_http_before_the_first_pull(registry):
+    # "vm" resolves to 127.0.0.1 in this machine's /etc/hosts but is not a loopback *name*, so an
+    # insecure "vm:PORT" starts with HTTPS and must discover that the registry speaks plain HTTP.
+    import socket
+
+    try:
+        if socket.gethostbyname("vm") != "127.0.0.1":
+            pytest.skip("needs a non-localhost name for 127.0.0.1")
+    except OSError:
+        pytest.skip("needs a non-localhost name for 127.0.0.1")
+    host = f"vm:{registry.host.rsplit(':', 1)[1]}"
+    with RegistryClient(RegistryConfig(max_retries=1, min_wait=0.01, insecure_hosts=(host,))) as c:
+        assert c.learn_schemes() == 1
+        assert c.transport._schemes.get(host) == "http"
+        data = random_blob(1000)
+        ref = parse_reference(f"{host}/plain/learned{next(_names)}:latest")
+        c.push_blob(ref, sha256_digest(data), data)
+        assert c.get_blob(ref, sha256_digest(data)) == data
+
+
+def test_learn_schemes_skips_loopback_and_secure_hosts(registry):
+    config = RegistryConfig(max_retries=1, min_wait=0.01, insecure_hosts=(registry.host,))
+    with RegistryClient(config) as c:
+        assert c.learn_schemes() == 0  # loopback starts with plain HTTP: nothing to discover
