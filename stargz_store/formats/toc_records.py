@@ -280,14 +280,17 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
                     if not chunk_digest:
                         raise InvalidTocError(f"file {name!r}: piece at 0 has no chunkDigest")
                 else:
-                    chunk_digest = digests.get(chunk_digest) or _checked_digest(chunk_digest, name, "chunkDigest", digests)
+                    chunk_digest = (
+                        digests.get(chunk_digest) or _checked_digest(chunk_digest, name, "chunkDigest", digests)
+                    )
                 j = bisect_right(starts, offset)
                 blob_end = starts[j] if j < n_starts else data_end
                 end_offset = raw.end_offset or 0
                 if offset < end_offset < blob_end:
                     blob_end = end_offset
+                zeros = raw.chunk_type == "zeros"
                 chunks = (  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
-                    new_tuple(chunk_cls, (0, size, offset + 0, blob_end + 0, inner + 0, chunk_digest, raw.chunk_type == "zeros")),
+                    new_tuple(chunk_cls, (0, size, offset + 0, blob_end + 0, inner + 0, chunk_digest, zeros)),
                 )
         else:
             chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)

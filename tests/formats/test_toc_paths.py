@@ -76,7 +76,12 @@ VALID = {
         _file("f", 1, 10),
         _file("g", 1, 30),
     ],
-    "root_middle_then_more": [_file("a", 1, 10), {"name": "./", "type": "dir", "uid": 9}, _file("b", 1, 20), {"name": "d/", "type": "dir"}],
+    "root_middle_then_more": [
+        _file("a", 1, 10),
+        {"name": "./", "type": "dir", "uid": 9},
+        _file("b", 1, 20),
+        {"name": "d/", "type": "dir"},
+    ],
     "root_last": [{"name": "d/", "type": "dir"}, _file("d/f", 1, 20), {"name": "/", "type": "dir", "mode": 0o711}],
 }
 
