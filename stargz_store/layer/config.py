@@ -33,8 +33,8 @@ class LayerConfig:
     max_request_size: int = 16 << 20        # a coalesced request is not grown past this (parallelism)
     prefetch_request_size: int = 64 << 20   # a larger prioritized region is fetched in pieces of this
     background_batch_size: int = 1 << 20   # compressed bytes per background request (a read waits at most one batch)
-    background_quiet_period: float = 1.5   # background fetch starts only after on-demand fetches (and layer
-                                           # opens) have been quiet this long (the Go store's silence period)
+    background_quiet_period: float = 1.0   # background fetch starts only after on-demand fetches (and layer
+                                           # opens) have been quiet this long (Go: ~1.5 s; 1.5 measured no gain here)
     background_idle_wait: float = 0.05     # how long background fetch sleeps while reads are in flight
     background_slots: int = 2              # background batches running at once, over all layers
     blob_block_size: int = 1 << 20         # granularity of the raw-blob cache (ALS `blob` file)
