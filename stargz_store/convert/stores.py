@@ -6,11 +6,11 @@ last, so a reader never sees a manifest whose blobs are missing.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..registry.manifest import sha256_digest
 from .errors import BlobDigestMismatchError
 
 
@@ -60,10 +60,6 @@ class ImageDestination(Protocol):
         """Store a manifest; `root` is the one tagged with the destination's tag (pushed last)."""
 
     def close(self) -> None: ...
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def verify_bytes(data: bytes, digest: str, what: str) -> None:

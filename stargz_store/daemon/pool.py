@@ -42,6 +42,7 @@ from ..registry.errors import (
     RegistryError,
     UnsupportedManifestError,
 )
+from ..registry.manifest import sha256_digest
 from ..registry.reference import Reference, parse_reference
 from .info import info_for_blob_key, info_for_toc_key, toc_digest_annotation
 
@@ -524,10 +525,10 @@ class ImagePool:
             meta = json.loads((path / "meta.json").read_text())
             raw = (path / "manifest").read_bytes()
             config_raw = (path / "config").read_bytes()
-            if meta.get("ref") != str(ref) or _sha256(raw) != meta["manifest_digest"]:
+            if meta.get("ref") != str(ref) or sha256_digest(raw) != meta["manifest_digest"]:
                 raise ValueError("manifest does not match its recorded digest")
             manifest = Manifest.from_raw(raw, meta["media_type"], meta["manifest_digest"])
-            if _sha256(config_raw) != manifest.config["digest"]:
+            if sha256_digest(config_raw) != manifest.config["digest"]:
                 raise ValueError("config does not match the manifest")
         except (OSError, ValueError, KeyError, RegistryError) as e:
             log.warning("ignoring cached metadata of %s: %s", ref, e)
@@ -581,10 +582,6 @@ class _LayerInfos(Mapping[str, bytes]):
 def _fresh(error: FsError) -> FsError:
     """A new instance of a remembered error, so re-raising it does not grow one traceback forever."""
     return type(error)(str(error))
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _close_quietly(layer: Any) -> None:

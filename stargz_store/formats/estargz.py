@@ -6,7 +6,6 @@ window usually holds the whole TOC member as well as the footer (`estargz.md` §
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import posixpath
@@ -18,12 +17,11 @@ from .errors import (
     DigestMismatchError,
     InvalidTocError,
     NotLazyFormatError,
-    OutOfBoundsError,
     TocTooLargeError,
 )
 from .estargz_footer import FOOTER_SIZE, LEGACY_FOOTER_SIZE, build_footer, parse_footer
 from .file_reader import read_file
-from .layer_toc import COMPRESSION_GZIP, FORMAT_ESTARGZ, ParsedToc, ReadAt
+from .layer_toc import COMPRESSION_GZIP, FORMAT_ESTARGZ, ParsedToc, ReadAt, read_exact, sha256_digest
 from .toc import DIR, REG, TOC_TAR_NAME, Chunk, Toc, TocEntry, parse_toc_document
 
 log = logging.getLogger(__name__)
@@ -48,15 +46,8 @@ __all__ = [
 ]
 
 
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
-    data = read_at(offset, length)
-    if len(data) != length:
-        raise OutOfBoundsError(f"short read: wanted {length} bytes at {offset}, got {len(data)}")
-    return data
 
 
 def _extract_toc_json(member: bytes, max_toc_size: int) -> bytes:
@@ -146,7 +137,7 @@ def read_toc(
         raise NotLazyFormatError(f"blob of {blob_size} bytes is too small to be eStargz")
     window = min(blob_size, max(tail_size, FOOTER_SIZE))
     window_start = blob_size - window
-    tail = _read_exact(read_at, window_start, window)
+    tail = read_exact(read_at, window_start, window)
     toc_offset, footer_size = parse_footer(tail)
     toc_end = blob_size - footer_size
     if not 0 <= toc_offset < toc_end:
@@ -159,10 +150,10 @@ def read_toc(
         member = tail[toc_offset - window_start : toc_end - window_start]
     else:
         log.debug("TOC at %d starts before the %d-byte tail window; second read", toc_offset, window)
-        head = _read_exact(read_at, toc_offset, window_start - toc_offset)
+        head = read_exact(read_at, toc_offset, window_start - toc_offset)
         member = head + tail[: toc_end - window_start]
     toc_json = _extract_toc_json(member, max_toc_size)
-    toc_digest = _sha256(toc_json)
+    toc_digest = sha256_digest(toc_json)
     if expected_toc_digest is not None and toc_digest != expected_toc_digest:
         raise DigestMismatchError("eStargz TOC", expected_toc_digest, toc_digest)
     toc = parse_toc_json(toc_json, data_end=toc_offset)
@@ -208,7 +199,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
             f"undecodable gzip data ({e})",
         ) from None
     payload = out[chunk.inner_offset : want] if chunk.inner_offset else out
-    actual = _sha256(payload)
+    actual = sha256_digest(payload)
     if actual != chunk.digest:
         raise DigestMismatchError(
             f"chunk at blob offset {chunk.blob_offset} (file offset {chunk.file_offset}, {len(payload)}/{chunk.size} bytes)",

@@ -6,9 +6,11 @@ never branch on the format.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
+from .errors import OutOfBoundsError
 from .toc import Chunk, Toc
 
 # containers/storage `archive.Compression` values, as the ALS `info` file reports them.
@@ -29,6 +31,19 @@ ANNOTATION_ZSTD_OLD_MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-pos
 
 # Reads `length` bytes of the blob at `offset` (the caller's I/O: a registry range or a file).
 ReadAt = Callable[[int, int], bytes]
+
+
+def sha256_digest(data: bytes) -> str:
+    """`sha256:<hex>`, the only digest algorithm these formats use."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset`, or `OutOfBoundsError`: a short read means the blob is not what its TOC says."""
+    data = read_at(offset, length)
+    if len(data) != length:
+        raise OutOfBoundsError(f"short read: wanted {length} bytes at {offset}, got {len(data)}")
+    return data
 
 
 class ChunkDecompressor(Protocol):

@@ -14,7 +14,6 @@ same way: each chunk is one or more zstd frames at `[blob_offset, blob_end)`.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -33,6 +32,8 @@ from .errors import (
     TocTooLargeError,
 )
 from .layer_toc import (
+    read_exact,
+    sha256_digest,
     ANNOTATION_TOC_DIGEST,
     ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
     ANNOTATION_ZSTD_MANIFEST_POSITION,
@@ -83,15 +84,8 @@ class TarSplitUnavailableError(FormatError):
     """The tar-split stream cannot be used: absent, or not authenticated by the TOC."""
 
 
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _read_exact(read_at: ReadAt, offset: int, length: int) -> bytes:
-    data = read_at(offset, length)
-    if len(data) != length:
-        raise OutOfBoundsError(f"short read: wanted {length} bytes at {offset}, got {len(data)}")
-    return data
 
 
 def parse_position(value: str, *, fields: int) -> tuple[int, ...]:
@@ -167,7 +161,7 @@ def _fetch_toc(
             raise NoZstdChunkedFooterError(f"blob of {blob_size} bytes is too small for a zstd:chunked footer")
         length = min(blob_size, max(tail_size, MIN_TAIL))
         window_start = blob_size - length
-        window = _read_exact(read_at, window_start, length)
+        window = read_exact(read_at, window_start, length)
         footer = parse_footer(window)
         toc_offset, size, usize = footer.toc_offset, footer.toc_size, footer.toc_uncompressed_size
     _check_sizes(size, usize, max_toc_size)
@@ -180,7 +174,7 @@ def _fetch_toc(
     else:
         if footer is not None:
             log.debug("zstd:chunked TOC at %d is before the %d-byte tail window; second read", toc_offset, len(window))
-        frame = _read_exact(read_at, frame_start, size + SKIPPABLE_HEADER_SIZE)
+        frame = read_exact(read_at, frame_start, size + SKIPPABLE_HEADER_SIZE)
     if frame[:SKIPPABLE_HEADER_SIZE] != skippable_frame_header(size):
         raise BadFooterError(
             f"no skippable frame of {size} bytes before the zstd:chunked TOC at {toc_offset} (found {frame[:8].hex()})"
@@ -267,7 +261,7 @@ def _finish(
 def _read_containers(
     toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int
 ) -> ZstdChunkedToc:
-    toc_digest = _sha256(toc_bytes.compressed)
+    toc_digest = sha256_digest(toc_bytes.compressed)
     if toc_digest != expected_toc_digest:
         raise DigestMismatchError("zstd:chunked TOC (compressed)", expected_toc_digest, toc_digest)
     toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC")
@@ -278,7 +272,7 @@ def _read_stargz(
     toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int
 ) -> ZstdChunkedToc:
     toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC")
-    toc_digest = _sha256(toc_json)
+    toc_digest = sha256_digest(toc_json)
     if toc_digest != expected_toc_digest:
         raise DigestMismatchError("stargz zstd:chunked TOC (uncompressed)", expected_toc_digest, toc_digest)
     return _finish(toc_bytes, toc_json, toc_digest, FLAVOUR_STARGZ, annotations)
@@ -372,7 +366,7 @@ def read_toc_any(
         raise UnauthenticatedTocError("zstd:chunked layer without annotations and no TOC digest given")
     toc_bytes = _fetch_toc(read_at, blob_size, None, max_toc_size=max_toc_size, tail_size=tail_size)
     assert toc_bytes.footer is not None
-    if toc_bytes.footer.size != LEGACY_FOOTER_SIZE or _sha256(toc_bytes.compressed) == key_digest:
+    if toc_bytes.footer.size != LEGACY_FOOTER_SIZE or sha256_digest(toc_bytes.compressed) == key_digest:
         return _read_containers(toc_bytes, key_digest, annotations, max_toc_size)
     return _read_stargz(toc_bytes, key_digest, annotations, max_toc_size)
 
@@ -388,8 +382,8 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
     what = f"zstd chunk at blob offset {chunk.blob_offset} (file offset {chunk.file_offset}, {chunk.size} bytes)"
     if chunk.zeros:
         payload = bytes(chunk.size)
-        if _sha256(payload) == chunk.digest or not compressed:
-            actual = _sha256(payload)
+        if sha256_digest(payload) == chunk.digest or not compressed:
+            actual = sha256_digest(payload)
             if actual != chunk.digest:
                 raise DigestMismatchError(what, chunk.digest, actual)
             return payload
@@ -400,7 +394,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
     except zstandard.ZstdError as e:
         raise DigestMismatchError(what, chunk.digest, f"undecodable zstd data ({e})") from None
     payload = out[chunk.inner_offset :] if chunk.inner_offset else out
-    actual = _sha256(payload)
+    actual = sha256_digest(payload)
     if actual != chunk.digest:
         raise DigestMismatchError(f"{what}, got {len(payload)} bytes", chunk.digest, actual)
     return payload
@@ -416,8 +410,8 @@ def read_tar_split(read_at: ReadAt, parsed: ZstdChunkedToc, *, max_size: int = D
     if parsed.tar_split_size <= 0 or parsed.tar_split_offset < SKIPPABLE_HEADER_SIZE:
         raise TarSplitUnavailableError("the TOC names a tar-split digest but its position is unknown")
     _check_sizes(parsed.tar_split_size, parsed.tar_split_uncompressed_size, max_size)
-    data = _read_exact(read_at, parsed.tar_split_offset, parsed.tar_split_size)
-    actual = _sha256(data)
+    data = read_exact(read_at, parsed.tar_split_offset, parsed.tar_split_size)
+    actual = sha256_digest(data)
     if actual != parsed.tar_split_digest:
         raise DigestMismatchError("zstd:chunked tar-split", parsed.tar_split_digest, actual)
     return _decompress_bounded(data, max_size, "zstd:chunked tar-split")

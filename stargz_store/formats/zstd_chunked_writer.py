@@ -35,6 +35,7 @@ from .layer_toc import (
     ANNOTATION_ZSTD_MANIFEST_POSITION,
     ANNOTATION_ZSTD_TARSPLIT_POSITION,
     BuildResult,
+    sha256_digest,
 )
 from .tar_input import INPUT_ERRORS, InputTarError, open_tar_stream
 from .tar_split import FileEntry, Segment, TarHeader, TarSplitPacker, split_tar
@@ -62,8 +63,6 @@ _READ_SIZE = 1 << 20
 _ROLLSUM_BLOCK = 256 << 10
 
 
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _file_sha256(f: BinaryIO) -> str:
@@ -257,7 +256,7 @@ def _write_payload(out: _Output, entry: FileEntry, chunk_size: int | None) -> tu
     for data, zeros in iter_payload_chunks(entry.read, header.payload_size, chunk_size):
         whole.update(data)
         crc.update(data)
-        chunks.append(_Chunk(file_offset, len(data), out.write_frame(data), _sha256(data), zeros))
+        chunks.append(_Chunk(file_offset, len(data), out.write_frame(data), sha256_digest(data), zeros))
         file_offset += len(data)
     out.close_frame()
     if not chunks:
@@ -396,7 +395,7 @@ def build_zstd_chunked(
         toc_offset, len(toc_compressed), len(toc_json), tar_split_offset, tar_split_size, tar_split.uncompressed_size
     )
     out.write_skippable(footer)
-    toc_digest = _sha256(toc_compressed)
+    toc_digest = sha256_digest(toc_compressed)
     annotations = {
         ANNOTATION_ZSTD_MANIFEST_CHECKSUM: toc_digest,
         ANNOTATION_ZSTD_MANIFEST_POSITION: f"{toc_offset}:{len(toc_compressed)}:{len(toc_json)}:{MANIFEST_TYPE_CRFS}",
