@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .files import atomic_write, digest_hex, unlink_quietly
+from .files import atomic_write, digest_hex, read_if_complete, unlink_quietly
 
 log = logging.getLogger(__name__)
 
@@ -31,38 +31,14 @@ class BlobRangeCache:
 
     def get(self, blob_digest: str, block_size: int, index: int, expected_len: int) -> bytes | None:
         """Block `index` of the blob, or None (also when a stored block has the wrong length)."""
-        path = self._path(blob_digest, block_size, index)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("blob cache: cannot read %s: %s", path, e)
-            return None
-        if len(data) != expected_len:
-            log.warning("blob cache: discarding %s: %d bytes, expected %d", path, len(data), expected_len)
-            unlink_quietly(path)
-            return None
-        return data
+        return read_if_complete(self._path(blob_digest, block_size, index), expected_len, "blob cache")
 
     def _range_path(self, blob_digest: str, offset: int, length: int) -> Path:
         hexd = digest_hex(blob_digest)
         return self.root / hexd[:2] / hexd / f"range-{offset}-{length}"
 
     def get_range(self, blob_digest: str, offset: int, length: int) -> bytes | None:
-        path = self._range_path(blob_digest, offset, length)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log.warning("blob cache: cannot read %s: %s", path, e)
-            return None
-        if len(data) != length:
-            unlink_quietly(path)
-            return None
-        return data
+        return read_if_complete(self._range_path(blob_digest, offset, length), length, "blob cache")
 
     def put_range(self, blob_digest: str, offset: int, data: bytes) -> None:
         atomic_write(self._range_path(blob_digest, offset, len(data)), data, fsync=self.fsync)

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .blob_cache import BlobRangeCache
-from .files import atomic_write, digest_hex, unlink_quietly
+from .files import atomic_write, digest_hex, read_if_present, unlink_quietly
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,8 @@ class ChunkCache:
             self._count("memory_hits")
             return data
         path = self.path_for(digest)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            self._count("misses")
-            return None
-        except OSError as e:
-            log.warning("chunk cache: cannot read %s: %s", path, e)
+        data = read_if_present(path, "chunk cache")
+        if data is None:
             self._count("misses")
             return None
         if (size is not None and len(data) != size) or (self.verify_on_read and not _matches(digest, data)):

@@ -53,3 +53,25 @@ def unlink_quietly(path: Path) -> None:
         pass
     except OSError as e:
         log.warning("cache: cannot remove %s: %s", path, e)
+
+
+def read_if_present(path: Path, what: str) -> bytes | None:
+    """The file's bytes, or None when it is missing or unreadable: either way a cache miss."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("%s: cannot read %s: %s", what, path, e)
+        return None
+
+
+def read_if_complete(path: Path, expected_len: int, what: str) -> bytes | None:
+    """Like `read_if_present`, but a file of the wrong length (cut short by a crash) is removed and missed."""
+    data = read_if_present(path, what)
+    if data is not None and len(data) != expected_len:
+        log.warning("%s: discarding %s: %d bytes, expected %d", what, path, len(data), expected_len)
+        unlink_quietly(path)
+        return None
+    return data
