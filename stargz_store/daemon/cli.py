@@ -114,6 +114,7 @@ def prepare_mountpoint(mountpoint: Path) -> None:
 def build_store(cfg: StoreConfig, root: Path):
     """The object graph: registry client -> chunk cache -> layer resolver -> image pool -> model."""
     from ..cache.chunk_cache import ChunkCache
+    from ..formats import estargz, zstd_chunked  # noqa: F401  (loaded now, not during the first lookup)
     from ..fs.model import StoreModel
     from ..layer.resolver import LayerResolver
     from ..registry.client import RegistryClient

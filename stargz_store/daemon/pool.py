@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..formats.errors import FormatError, NotLazyFormatError
+from ..formats.toc import release_frozen
 from ..fs.errors import EntryNotFound, FsError, InvalidName, LayerUnavailable
 from ..fs.layer_tree import LayerTree
 from ..fs.model import ImageFiles, ServedLayer
@@ -449,7 +450,12 @@ class ImagePool:
         for key, slot, served in to_close:
             log.info("%s: releasing memory of unused layer %s", key, slot.blob_digest)
             _close_quietly(served.layer)
-        return len(to_close)
+        closed = len(to_close)
+        if closed:
+            del key, slot, served
+            to_close.clear()  # the last references, before the frozen trees go back to the GC
+            release_frozen()
+        return closed
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(self.config.reap_interval):

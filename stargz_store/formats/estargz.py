@@ -10,7 +10,6 @@ import io
 import logging
 import posixpath
 import tarfile
-import zlib
 
 from .errors import (
     BadFooterError,
@@ -21,7 +20,9 @@ from .errors import (
 )
 from .estargz_footer import FOOTER_SIZE, LEGACY_FOOTER_SIZE, build_footer, parse_footer
 from .file_reader import read_file
-from .layer_toc import COMPRESSION_GZIP, FORMAT_ESTARGZ, ParsedToc, ReadAt, read_exact, sha256_digest
+from . import inflate
+from .inflate import INFLATE_ERRORS
+from .layer_toc import COMPRESSION_GZIP, FORMAT_ESTARGZ, ParsedToc, ReadAt, read_exact, sha256_digest, verified_parse
 from .toc import DIR, REG, TOC_TAR_NAME, Chunk, Toc, TocEntry, parse_toc_document
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,10 @@ def _extract_toc_json(member: bytes, max_toc_size: int) -> bytes:
     if direct is not None:
         return direct
     limit = max_toc_size + _TAR_HEADER_SLACK
-    d = zlib.decompressobj(31)
+    d = inflate.decompressobj(31)
     try:
         tar_bytes = d.decompress(member, limit)
-    except zlib.error as e:
+    except INFLATE_ERRORS as e:
         raise InvalidTocError(f"TOC member is not valid gzip: {e}") from None
     if not d.eof and d.unconsumed_tail and len(tar_bytes) >= limit:
         raise TocTooLargeError(f"TOC member decompresses to more than {limit} bytes (cap {max_toc_size})")
@@ -94,19 +95,19 @@ def _extract_toc_json(member: bytes, max_toc_size: int) -> bytes:
 def _extract_toc_json_direct(member: bytes, max_toc_size: int) -> bytes | None:
     """The JSON when the member starts with a plain regular-file header for it; None otherwise
     (the caller then decodes the member generically, which also produces the precise errors)."""
-    d = zlib.decompressobj(31)
+    d = inflate.decompressobj(31)
     try:
         header = d.decompress(member, tarfile.BLOCKSIZE)
         if len(header) != tarfile.BLOCKSIZE:
             return None
         info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-    except (zlib.error, tarfile.TarError):
+    except (*INFLATE_ERRORS, tarfile.TarError):
         return None
     if info.name != TOC_TAR_NAME or info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.size > max_toc_size:
         return None
     try:
         data = d.decompress(d.unconsumed_tail, info.size) if info.size else b""
-    except zlib.error:
+    except INFLATE_ERRORS:
         return None
     if len(data) != info.size:
         return None
@@ -153,10 +154,9 @@ def read_toc(
         head = read_exact(read_at, toc_offset, window_start - toc_offset)
         member = head + tail[: toc_end - window_start]
     toc_json = _extract_toc_json(member, max_toc_size)
-    toc_digest = sha256_digest(toc_json)
-    if expected_toc_digest is not None and toc_digest != expected_toc_digest:
-        raise DigestMismatchError("eStargz TOC", expected_toc_digest, toc_digest)
-    toc = parse_toc_json(toc_json, data_end=toc_offset)
+    toc, toc_digest = verified_parse(
+        toc_json, expected_toc_digest, "eStargz TOC", lambda data: parse_toc_json(data, data_end=toc_offset)
+    )
     return ParsedToc(
         toc=toc,
         toc_digest=toc_digest,
@@ -176,7 +176,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
     """
     want = chunk.inner_offset + chunk.size
     try:
-        d = zlib.decompressobj(31)
+        d = inflate.decompressobj(31)
         out = d.decompress(compressed, want)
         if len(out) < want and d.eof and d.unused_data:
             # A piece may, unusually, straddle two members: keep inflating the next ones.
@@ -184,7 +184,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
             have = len(out)
             rest = d.unused_data
             while have < want and rest:
-                d = zlib.decompressobj(31)
+                d = inflate.decompressobj(31)
                 more = d.decompress(rest, want - have)
                 parts.append(more)
                 have += len(more)
@@ -192,7 +192,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
                     break
                 rest = d.unused_data
             out = b"".join(parts)
-    except zlib.error as e:
+    except INFLATE_ERRORS as e:
         raise DigestMismatchError(
             f"chunk at blob offset {chunk.blob_offset} (file offset {chunk.file_offset})",
             chunk.digest,

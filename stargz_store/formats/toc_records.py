@@ -12,13 +12,12 @@ import base64
 import bisect
 from collections import defaultdict
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import msgspec
 
 from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, MissingHardlinkTargetError, OutOfBoundsError
 from .toc import (
-    _CANONICAL_TYPES,
     _DIGEST_RE,
     _NO_XATTRS,
     _PERMISSIONS,
@@ -39,13 +38,18 @@ from .toc import (
 )
 
 
+# msgspec hands back these very objects for a Literal field (no string per entry, and `is`
+# compares against the module's constants); any other type string is a ValidationError.
+_EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"]
+
+
 class _RawEntry(msgspec.Struct, rename="camel", gc=False):
     """One TOC entry as decoded. Field names follow the JSON (`linkName` -> link_name); None is a
     JSON null (read as the zero value). `gc=False`: records hold only strings and numbers, never
     a cycle, so the GC need not track 100,000 of them."""
 
     name: str | None = ""
-    type: str | None = ""
+    type: _EntryType | None = None
     size: int | None = 0
     modtime: str | None = ""
     link_name: str | None = ""
@@ -133,7 +137,6 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
     times: dict[str, int] = {}
     ids: dict[int, int] = {}
     perms = _PERMISSIONS
-    types_get = _CANONICAL_TYPES.get
     new_tuple = _new_tuple
     entry_cls = TocEntry
     no_xattrs = _NO_XATTRS
@@ -149,19 +152,12 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
     last_digest: str | None = None
     last_shared_digest = ""
     mtime_ns = 0
+    hardlink_count = 0
     ino = 2  # the root is inode 1, explicit or implicit
     for raw in raw_entries:
-        etype = raw.type
-        if etype == "reg":  # plain compares beat a dict lookup for the common types
-            etype = REG
-        elif etype == "symlink":
-            etype = SYMLINK
-        elif etype == "dir":
-            etype = DIR
-        else:
-            etype = types_get(etype)
+        etype = raw.type  # one of the module's constants (see _EntryType), or None
         if etype is None:
-            raise InvalidTocError(f"entry {raw.name!r}: unknown type {raw.type!r}")
+            raise InvalidTocError(f"entry {raw.name!r} has no type")
         if etype is CHUNK:
             if last_pieces is None:
                 raise InvalidTocError(f"chunk entry {raw.name!r} does not follow a regular file")
@@ -175,18 +171,22 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             name = name.rstrip("/") if name[-1] == "/" else name.join(("", ""))  # a copy: see _copy_str
         else:
             name = normalize_name(name)
-        if (name in entries and (name or root_pos is not None)) or (hardlinks and name in hardlinks):
-            if name == "" and etype is DIR:
-                continue  # `./` and `/` both name the root; a repeat of the root is harmless
-            raise DuplicateEntryError(f"duplicate entry {name!r} in TOC")
+        # Duplicate names are found after the loop, by counting (a lookup per entry costs more).
         last_pieces = None
         if name:
+            # Entries come grouped by directory: the previous entry's sibling list is usually
+            # this one's, and telling so is cheaper than cutting and hashing the parent's name.
             child_names[name.rpartition("/")[0]].append(name)
             if etype is HARDLINK:
                 hardlinks[name] = raw  # its target's inode; settled below
+                hardlink_count += 1
                 continue
             this_ino = ino
             ino += 1
+        elif root_pos is not None:
+            if etype is DIR:
+                continue  # `./` and `/` both name the root; a repeat of the root is harmless
+            raise DuplicateEntryError("duplicate entry '' in TOC")
         elif etype is not DIR:
             raise InvalidTocError(f"the layer root must be a directory, TOC says {etype!r}")
         else:
@@ -252,6 +252,12 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             )
         entries[name] = e
         add_built(e)
+
+    # Every named entry took one key (`entries` also holds the root's); fewer keys mean a repeat.
+    if len(entries) != ino - 1 or len(hardlinks) != hardlink_count or (
+        hardlinks and any(name in entries for name in hardlinks)
+    ):
+        raise DuplicateEntryError(f"duplicate entry {_first_repeated_name(raw_entries)!r} in TOC")
 
     # Chunks: each piece's compressed extent ends at the next larger data offset.
     offsets.sort()  # nearly sorted already (TOC order is blob order); duplicates do not disturb bisect
@@ -360,6 +366,19 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
         root = entries.pop("")
         entries = _with_root_at(entries, root_pos, root)
     return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, dict(child_names), landmark_offset)
+
+
+def _first_repeated_name(raw_entries: list[Any]) -> str:
+    """The first name given twice (the root aside), for the duplicate error (a slow path)."""
+    seen: set[str] = set()
+    for raw in raw_entries:
+        if raw.type is CHUNK:
+            continue
+        name = normalize_name(raw.name or "")
+        if name and name in seen:
+            return name
+        seen.add(name)
+    return "?"
 
 
 def _with_root_at(entries: dict[str, Any], pos: int, root: Any) -> dict[str, Any]:

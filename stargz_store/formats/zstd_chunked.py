@@ -34,6 +34,7 @@ from .errors import (
 from .layer_toc import (
     read_exact,
     sha256_digest,
+    verified_parse,
     ANNOTATION_TOC_DIGEST,
     ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
     ANNOTATION_ZSTD_MANIFEST_POSITION,
@@ -272,10 +273,13 @@ def _read_stargz(
     toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int
 ) -> ZstdChunkedToc:
     toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC")
-    toc_digest = sha256_digest(toc_json)
-    if toc_digest != expected_toc_digest:
-        raise DigestMismatchError("stargz zstd:chunked TOC (uncompressed)", expected_toc_digest, toc_digest)
-    return _finish(toc_bytes, toc_json, toc_digest, FLAVOUR_STARGZ, annotations)
+    parsed, _ = verified_parse(
+        toc_json,
+        expected_toc_digest,
+        "stargz zstd:chunked TOC (uncompressed)",
+        lambda data: _finish(toc_bytes, data, expected_toc_digest, FLAVOUR_STARGZ, annotations),
+    )
+    return parsed
 
 
 def containers_toc_digest(annotations: Mapping[str, str]) -> str | None:

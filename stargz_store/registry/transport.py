@@ -107,12 +107,19 @@ def check_status(resp: requests.Response, what: str, ok: tuple[int, ...] = (200,
     raise ServerError(f"{what}: unexpected answer ({detail})", status)
 
 
+def _no_netrc(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
+
+
 class Transport:
     """Owns the pooled `requests.Session`; safe to share between threads."""
 
     def __init__(self, config: RegistryConfig, credentials: CredentialStore | None = None) -> None:
         self.config = config
         self.session = requests.Session()
+        # Credentials come from the auth files and helpers (`CredentialStore`); this keeps requests
+        # from looking for a ~/.netrc on every request (proxy variables are still honoured).
+        self.session.auth = _no_netrc
         adapter = HTTPAdapter(pool_connections=16, pool_maxsize=max(1, config.pool_size), max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
