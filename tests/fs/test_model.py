@@ -6,10 +6,12 @@ trees are tests/data/expected-*.json `overlay_diff`.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import json
 import stat
 import time
+import weakref
 
 import pytest
 
@@ -259,6 +261,25 @@ def test_unused_layers_are_closed_and_reopened(store, testdata):
     after = model.getattr(f"/{b64(ref)}/{unused}/diff/etc")  # reopened on demand, same inode
     assert after == before and resolver.opened == len(layers) + 1
     assert client.manifest_calls == 1
+
+
+def test_a_closed_layer_frees_its_tree(store, testdata):
+    """Built trees are frozen out of the cyclic GC (formats.toc._gc_paused); reaping must still
+    free a closed layer's tree, also when something it held was part of a reference cycle."""
+    model, pool, client, resolver = store
+    ref = ref_of(testdata, "multilayer-esgz")
+    digest = manifest_of(testdata, "multilayer-esgz")["layers"][1]["digest"]
+    model.getattr(f"/{b64(ref)}/{digest}/diff/etc")
+    served = pool.layer(ref, digest)
+    tree = weakref.ref(served.layer.toc)
+    cycle: list = [served.layer.toc]
+    cycle.append(cycle)  # the tree now also hangs off a cycle, which refcounting alone never frees
+    served.layer.cycle = cycle
+    del served, cycle
+    gc.freeze()  # as after a build: everything alive so far is out of the GC's sight
+    pool.config.release_grace = 0
+    assert pool.reap() >= 1
+    assert tree() is None
 
 
 def test_other_model_errors(store, testdata):
