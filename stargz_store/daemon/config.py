@@ -44,7 +44,7 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
-         "sequential_readahead_kb"},
+         "sequential_readahead_kb", "wait_for_prefetch"},
         set(),
     ),
 }
@@ -104,6 +104,7 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
     layer.prefetch_size = _int(doc, "prefetch_size", layer.prefetch_size, minimum=0)
     layer.prefetch_timeout = float(_num(doc, "prefetch_timeout_sec", layer.prefetch_timeout))
     layer.no_prefetch = _bool(doc, "noprefetch", layer.no_prefetch)
+    layer.prefetch_wait = _bool(store, "wait_for_prefetch", layer.prefetch_wait)
     layer.no_background_fetch = _bool(doc, "no_background_fetch", layer.no_background_fetch)
     layer.disable_verification = _bool(doc, "disable_verification", layer.disable_verification)
     layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1)

@@ -17,7 +17,10 @@ class LayerConfig:
     may turn it on (a few MiB roughly doubles cold sequential throughput from a local registry).
     """
 
-    prefetch_timeout: float = 10.0          # seconds; prefetch before a layer is reported ready
+    prefetch_timeout: float = 10.0          # seconds a layer open waits for its prefetch, with prefetch_wait
+    prefetch_wait: bool = False             # False: a layer is ready once its TOC is verified; the prefetch
+                                            # streams in and a read of a prefetched file waits for that file's
+                                            # chunks only (as the Go stargz-store, where nobody waits)
     prefetch_size: int = 0                  # used when a layer has no landmark
     no_prefetch: bool = False
     no_background_fetch: bool = False

@@ -51,6 +51,54 @@ FETCH_COUNTERS = ("fetched_bytes", "requests", "fetch_calls", "fetch_errors", "v
                   "background_bytes")
 
 
+# A streamed request's buffer drops bytes no pending extent needs once this many have piled up.
+_STREAM_TRIM = 1 << 20
+
+
+class _StreamLander:
+    """Receives the pieces of one streamed request and lands each extent once its bytes are in.
+
+    Holds only the bytes pending extents still need: from the earliest start among them on.
+    Pieces already seen (a retried request starts over) are skipped."""
+
+    def __init__(self, fetcher: Fetcher, req: Request, flights: dict[str, Flight]) -> None:
+        self.fetcher = fetcher
+        self.flights = flights
+        self.extents = sorted(req.extents, key=lambda e: e.end)
+        earliest = []
+        low = req.end
+        for ext in reversed(self.extents):
+            low = min(low, ext.start)
+            earliest.append(low)
+        self.earliest_start = earliest[::-1]  # [i]: the lowest start among extents[i:]
+        self.base = req.start  # blob offset of buf[0]
+        self.end = req.start  # blob offset just past the last byte received
+        self.buf = bytearray()
+        self.next = 0  # extents[:next] are landed
+        self.received = 0
+
+    def feed(self, offset: int, piece: bytes) -> None:
+        if offset + len(piece) <= self.end:
+            return
+        if offset > self.end:
+            raise LayerReadError(f"stream skipped bytes [{self.end}, {offset})")
+        fresh = memoryview(piece)[self.end - offset :]
+        self.buf += fresh
+        self.end += len(fresh)
+        self.received += len(fresh)
+        extents = self.extents
+        while self.next < len(extents) and extents[self.next].end <= self.end:
+            ext = extents[self.next]
+            self.next += 1
+            with memoryview(self.buf) as view:
+                raw = bytes(view[ext.start - self.base : ext.end - self.base])
+            self.fetcher._land(ext, self.flights[ext.key], memoryview(raw))
+        cut = (self.earliest_start[self.next] if self.next < len(extents) else self.end) - self.base
+        if cut >= _STREAM_TRIM or (cut > 0 and self.next == len(extents)):
+            del self.buf[:cut]
+            self.base += cut
+
+
 class Fetcher:
     """Ranged reads of one blob for one layer. `max_concurrency` worker threads (created on
     demand); foreground batches are reported to the shared `FetchScheduler` so background
@@ -160,6 +208,10 @@ class Fetcher:
                 self._foreground_done()
 
     def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool) -> None:
+        stream = getattr(self.source, "stream_range", None)
+        if stream is not None and len(live) == 1 and len(live[0].extents) > 1:
+            self._stream_and_land(stream, live[0], flights, foreground)
+            return
         ranges = [(r.start, r.end - r.start) for r in live]
         try:
             self.counters.add("fetch_calls")
@@ -186,6 +238,30 @@ class Fetcher:
             view = memoryview(buf)
             for ext in req.extents:
                 self._land(ext, flights[ext.key], view[ext.start - req.start : ext.end - req.start])
+
+    def _stream_and_land(self, stream, req: Request, flights: dict[str, Flight], foreground: bool) -> None:
+        """One request of many extents (a prefetch, a long read), each landed as soon as its last
+        byte has arrived, so a reader of the first file of a 20 MB prefetch waits for that file's
+        bytes only. Extents landed before a failure stay landed; the rest get the error."""
+        lander = _StreamLander(self, req, flights)
+        self.counters.add("fetch_calls")
+        self.counters.add("requests")
+        try:
+            stream(req.start, req.length, lander.feed)
+            if lander.end < req.end:
+                raise LayerReadError(f"short read: {lander.end - req.start} of {req.length} bytes at {req.start}")
+        except Exception as e:
+            self.counters.add("fetch_errors")
+            log.warning("%s: streaming [%d, %d) failed after %d bytes: %s", self.name, req.start, req.end,
+                        lander.received, e)
+            err = LayerReadError(f"fetching [{req.start}, {req.end}) of {self.name} failed: {e}")
+            err.__cause__ = e
+            for ext in req.extents:
+                self.flights.finish(ext.key, flights[ext.key], error=err)  # no-op for landed ones
+        finally:
+            self.counters.add("fetched_bytes", lander.received)
+            if not foreground:
+                self.counters.add("background_bytes", lander.received)
 
     def _drop_cached(self, batch: list[Request], flights: dict[str, Flight]) -> list[Request]:
         """Land extents that reached the cache since they were planned (another flight finished

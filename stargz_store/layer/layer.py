@@ -347,12 +347,13 @@ class Layer:
             return self.toc.prefetch_landmark_offset
         return min(self.config.prefetch_size, self.parsed.toc_offset)
 
-    def prefetch(self, timeout: float) -> None:
-        """Fetch the prioritized region in one ranged request, then verify and cache its chunks.
+    def prefetch(self, timeout: float | None) -> None:
+        """Fetch the prioritized region in one ranged request; its chunks are verified and cached
+        one by one as their bytes arrive (`Fetcher._stream_and_land`).
 
-        Waits at most `timeout` seconds; a prefetch that is slower keeps running, and readers of
-        its chunks wait for it rather than fetch again. Failures are logged, not raised: prefetch
-        is an optimisation, a later read fetches on demand.
+        Waits at most `timeout` seconds, or not at all with None; a prefetch that is slower keeps
+        running, and readers of its chunks wait for those chunks rather than fetch them again.
+        Failures are logged, not raised: prefetch is an optimisation, a later read fetches on demand.
         """
         limit = self.prefetch_limit()
         if limit <= 0:
@@ -382,6 +383,8 @@ class Layer:
                 requests = coalesce(extents, gap=piece, max_size=piece)
                 requests[0].start = min(requests[0].start, start)
                 self._fetcher.submit_in_order(requests, mine)
+        if timeout is None:
+            return
         began = time.monotonic()
         try:
             self._wait({**mine, **theirs}, began + timeout)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..cache.chunk_cache import ChunkCache
 from ..cache.blob_cache import BlobRangeCache
@@ -38,6 +38,9 @@ class RegistryBlobSource:
             offset, length = ranges[0]
             return [self.client.read_blob_range(self.ref, self.digest, offset, length)]
         return self.client.read_blob_ranges(self.ref, self.digest, ranges)
+
+    def stream_range(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None:
+        self.client.read_blob_range(self.ref, self.digest, offset, length, sink=sink)
 
     def __repr__(self) -> str:
         return f"RegistryBlobSource({self.ref.registry}/{self.ref.repository}@{self.digest})"
@@ -165,7 +168,7 @@ class LayerResolver:
         )
         layer = Layer(source, parsed, descriptor, self.cache, cfg, scheduler=self.scheduler)
         if not cfg.no_prefetch:
-            layer.prefetch(cfg.prefetch_timeout)
+            layer.prefetch(cfg.prefetch_timeout if cfg.prefetch_wait else None)
         if not cfg.no_background_fetch:
             self.scheduler.note_activity()
             layer.start_background_fetch()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class BlobSource(Protocol):
@@ -17,6 +17,16 @@ class BlobSource(Protocol):
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]: ...
 
+
+class StreamingBlobSource(BlobSource, Protocol):
+    """A source that can also hand a single range over piece by piece as it arrives
+    (`sink(offset, piece)`, in order; after a retry the range may start over)."""
+
+    def stream_range(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None: ...
+
+
+
+STREAM_PIECE = 128 << 10
 
 
 class FileBlobSource:
@@ -58,6 +68,33 @@ class FileBlobSource:
                 self.bytes_read += sum(len(d) for d in out)
                 self._close_if_unused()
         return out
+
+    def stream_range(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None:
+        """One range as one request (counted once), handed to `sink` in `STREAM_PIECE` pieces."""
+        with self._lock:
+            if self._fd < 0:
+                raise OSError(f"blob source {self.path} is closed")
+            self._users += 1
+            self.calls += 1
+            self.requests += 1
+            self.log.append((offset, length))
+        try:
+            if offset < 0 or length < 0 or offset + length > self.size:
+                raise ValueError(f"range ({offset}, {length}) outside blob of {self.size} bytes")
+            done = 0
+            while done < length:
+                n = min(STREAM_PIECE, length - done)
+                piece = os.pread(self._fd, n, offset + done)
+                if len(piece) != n:
+                    raise OSError(f"short read from {self.path}: {len(piece)} of {n} bytes at {offset + done}")
+                with self._lock:
+                    self.bytes_read += n
+                sink(offset + done, piece)
+                done += n
+        finally:
+            with self._lock:
+                self._users -= 1
+                self._close_if_unused()
 
     def reset_counters(self) -> None:
         with self._lock:

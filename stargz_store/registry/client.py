@@ -54,7 +54,15 @@ from .manifest import (
 from .multipart import merge_regions, parse_content_range, range_header, slice_from_parts
 from .platforms import Platform, parse_platform, select_descriptor
 from .reference import Reference, check_digest
-from .responses import READ_CHUNK, check_same_digest, consume_multi_range, consume_single_range, read_limited, url_host
+from .responses import (
+    READ_CHUNK,
+    RangeSink,
+    check_same_digest,
+    consume_multi_range,
+    consume_single_range,
+    read_limited,
+    url_host,
+)
 from .transport import Target, Transport, check_status
 
 __all__ = [
@@ -299,8 +307,14 @@ class RegistryClient:
 
     # ---- blobs: ranges --------------------------------------------------------------------
 
-    def read_blob_range(self, ref: Reference, digest: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes at `offset`, or an error (ShortReadError, RangeNotSatisfiableError...)."""
+    def read_blob_range(
+        self, ref: Reference, digest: str, offset: int, length: int, sink: RangeSink | None = None
+    ) -> bytes:
+        """Exactly `length` bytes at `offset`, or an error (ShortReadError, RangeNotSatisfiableError...).
+
+        With a `sink`, the bytes go to it piece by piece as they arrive (b"" is returned), so a
+        caller can use the start of a large range before its end has arrived; after a retry the
+        sink sees the range again from its start."""
         if offset < 0 or length < 0:
             raise ValueError(f"invalid range offset={offset} length={length}")
         if length == 0:
@@ -309,7 +323,7 @@ class RegistryClient:
         what = f"blob {digest} range {offset}+{length}"
 
         def consume(resp: requests.Response) -> bytes:
-            return consume_single_range(resp, offset, length, what)
+            return consume_single_range(resp, offset, length, what, sink)
 
         return self._ranged_get(ref, digest, f"bytes={offset}-{offset + length - 1}", consume, what)
 

@@ -6,7 +6,7 @@ answered another range), so `Transport.call` retries them under its bounds.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import requests
@@ -76,7 +76,20 @@ def redact(resp: requests.Response) -> str:
     return redact_url(resp.url)
 
 
-def consume_single_range(resp: requests.Response, offset: int, length: int, what: str) -> bytes:
+# How much of a streamed range is handed on at a time: small enough that the first chunks of a
+# large prefetch are usable a few milliseconds after they arrive, large enough to cost nothing.
+STREAM_PIECE = 128 << 10
+
+# Receives `(blob offset, bytes)` pieces of a range, in order, as they arrive. After a retry the
+# range starts over, so a sink can see bytes again that it already has.
+RangeSink = Callable[[int, bytes], None]
+
+
+def consume_single_range(
+    resp: requests.Response, offset: int, length: int, what: str, sink: RangeSink | None = None
+) -> bytes:
+    """The `length` bytes at `offset`; with a `sink`, they are handed to it piece by piece as they
+    arrive instead, and b"" is returned."""
     check_status(resp, what, ok=(200, 206))
     if resp.status_code == 206:
         cr = parse_content_range(resp.headers.get("Content-Range"))
@@ -87,6 +100,8 @@ def consume_single_range(resp: requests.Response, offset: int, length: int, what
             if cr.total is not None and cr.total < offset + length:
                 raise RangeNotSatisfiableError(f"{what}: beyond the end of the {cr.total}-byte blob")
             raise TransientError(ShortReadError(f"{what}: server sent only {cr.length} bytes"))
+        if sink is not None:
+            return _stream_body(resp, offset, length, what, sink)
         data = read_exact_body(resp, length)
         if len(data) < length:
             raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
@@ -98,6 +113,8 @@ def consume_single_range(resp: requests.Response, offset: int, length: int, what
         if not got:
             raise RangeNotSatisfiableError(f"{what}: blob ends at byte {skipped}")
         skipped += len(got)
+    if sink is not None:
+        return _stream_body(resp, offset, length, what, sink)
     data = read_exact_body(resp, length)
     if len(data) < length:
         total = resp.headers.get("Content-Length")
@@ -105,6 +122,17 @@ def consume_single_range(resp: requests.Response, offset: int, length: int, what
             raise RangeNotSatisfiableError(f"{what}: beyond the end of the {total}-byte blob")
         raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
     return data
+
+
+def _stream_body(resp: requests.Response, offset: int, length: int, what: str, sink: RangeSink) -> bytes:
+    done = 0
+    while done < length:
+        piece = read_exact_body(resp, min(STREAM_PIECE, length - done))
+        if not piece:
+            raise TransientError(ShortReadError(f"{what}: got {done} of {length} bytes"))
+        sink(offset + done, piece)
+        done += len(piece)
+    return b""
 
 
 def consume_multi_range(resp: requests.Response, regions: list[tuple[int, int]], what: str) -> list[tuple[int, bytes]]:

@@ -87,7 +87,7 @@ class FaultySource(FileBlobSource):
         self.delay = 0.0
         self.started = 0  # read_ranges calls begun (stalled ones included)
 
-    def read_ranges(self, ranges):
+    def _misbehave(self) -> None:
         with self._lock:
             self.started += 1
         self.entered.set()
@@ -99,6 +99,22 @@ class FaultySource(FileBlobSource):
             with self._lock:
                 self.calls += 1
             raise self.fail_with
+
+    def stream_range(self, offset, length, sink):
+        self._misbehave()
+        middle = offset + length // 2  # the byte read_ranges would flip
+
+        def flipping(off, piece):
+            if self.flip_bytes and off <= middle < off + len(piece):
+                changed = bytearray(piece)
+                changed[middle - off] ^= 0xFF
+                piece = bytes(changed)
+            sink(off, piece)
+
+        super().stream_range(offset, length, flipping)
+
+    def read_ranges(self, ranges):
+        self._misbehave()
         out = super().read_ranges(ranges)
         if self.flip_bytes:
             out = [bytes(b[: len(b) // 2]) + bytes([b[len(b) // 2] ^ 0xFF]) + bytes(b[len(b) // 2 + 1 :]) for b in out]

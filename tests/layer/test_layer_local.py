@@ -174,7 +174,7 @@ def test_a_stalled_source_times_out_every_waiter(sample_layer, open_layer):
 
 
 def test_prefetch_is_one_request_up_to_the_landmark(sample_layer, open_layer):
-    layer, src = open_layer(sample_layer, config=lazy_config(no_prefetch=False))
+    layer, src = open_layer(sample_layer, config=lazy_config(no_prefetch=False, prefetch_wait=True))
     landmark = layer.toc.prefetch_landmark_offset
     assert landmark is not None and landmark > 0
     assert src.log[1:] == [(0, landmark)]
@@ -211,7 +211,7 @@ def test_readers_wait_for_a_running_prefetch_instead_of_fetching(sample_layer, o
 
 def test_no_prefetch_landmark_means_no_prefetch(tmp_path, open_layer):
     built = build_layer(tmp_path / "b", sample_files(2))  # no prioritized files
-    layer, src = open_layer(built, config=lazy_config(no_prefetch=False))
+    layer, src = open_layer(built, config=lazy_config(no_prefetch=False, prefetch_wait=True))
     assert layer.toc.has_no_prefetch_landmark
     assert src.calls == 1  # the tail only
 
@@ -383,7 +383,7 @@ def test_a_broken_cache_disk_does_not_fail_verified_reads(sample_layer, cache, o
 
 def test_a_huge_prefetch_region_is_fetched_in_consecutive_pieces(sample_layer, open_layer):
     piece = 200_000
-    layer, src = open_layer(sample_layer, config=lazy_config(no_prefetch=False, prefetch_request_size=piece))
+    layer, src = open_layer(sample_layer, config=lazy_config(no_prefetch=False, prefetch_wait=True, prefetch_request_size=piece))
     landmark = layer.toc.prefetch_landmark_offset
     assert landmark > piece  # the sample's prioritized files are bigger than one piece
     pieces = src.log[1:]

@@ -95,6 +95,24 @@ def test_broken_body_is_retried(fault_proxy, blob, action):
             client.read_blob_range(ref, digest, 0, 50_000)
 
 
+@pytest.mark.parametrize("action", ["reset_mid_body", "short_body"])
+def test_streamed_range_starts_over_after_a_broken_body(fault_proxy, blob, action):
+    """With a sink, a range arrives piece by piece; a retried request hands the range to the sink
+    again from its start (the sink's contract), and the bytes are exact both times."""
+    data, digest, name = blob
+    ref = parse_reference(f"{fault_proxy.host}/{name}")
+    fault_proxy.add_rule(action, path_contains="/blobs/", method="GET")
+    pieces: list[tuple[int, bytes]] = []
+    with client_for() as client:
+        assert client.read_blob_range(ref, digest, 1000, 180_000, sink=lambda o, p: pieces.append((o, p))) == b""
+    starts = [i for i, (off, _) in enumerate(pieces) if off == 1000]
+    assert len(starts) == 2  # the broken answer's first piece (before the cut), then the retry's
+    retry = pieces[starts[1]:]
+    assert b"".join(p for _, p in retry) == data[1000:181_000]
+    offsets = [off for off, _ in retry]
+    assert offsets == [1000 + sum(len(p) for _, p in retry[:i]) for i in range(len(retry))]
+
+
 def test_open_blob_resumes_after_a_reset(fault_proxy, blob):
     data, digest, name = blob
     fault_proxy.add_rule("reset_mid_body", path_contains="/blobs/", method="GET")
