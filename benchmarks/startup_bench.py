@@ -14,6 +14,8 @@ next start. Needs root, podman, runc, skopeo, docker-registry, strace, and
 Debian package lists (the images are built from .debs, cached in --cache-dir).
 Results: a Markdown table on stdout and in benchmarks/results/startup-*.md,
 the raw runs in startup-*.json, the chart in startup-*.png (needs matplotlib).
+STARGZ_BENCH_EXTRA_CONFIG (TOML text) is appended to the store's config.toml, to
+compare settings, e.g. $'[store]\nneighbour_fetch_kb = 0\n'.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ __all__ = ["ProcessUsage", "Store", "StoreError", "process_usage", "store_config
 def store_config(registry_host: str, noprefetch: bool) -> str:
     """config.toml: plain HTTP to the benchmark registry; prefetch off for the unoptimized mode (as the Go benchmark)."""
     return (f"noprefetch = {'true' if noprefetch else 'false'}\n"
-            f'[resolver.host."{registry_host}"]\ninsecure = true\n')
+            f'[resolver.host."{registry_host}"]\ninsecure = true\n' + os.environ.get("STARGZ_BENCH_EXTRA_CONFIG", ""))
 
 
 class Store(StoreProcess):

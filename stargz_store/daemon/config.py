@@ -44,7 +44,8 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
-         "sequential_readahead_kb", "wait_for_prefetch"},
+         "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
+         "executable_fetch_limit_mb"},
         set(),
     ),
 }
@@ -53,6 +54,10 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
 # `sequential_readahead_kb`: a read that continues where the previous read of the same file ended also starts fetching the
 # file's next chunks, this many KiB of compressed data ahead (random reads fetch only their chunks).
 DAEMON_READAHEAD_KB = 0
+# `neighbour_fetch_kb`: see LayerConfig.neighbour_fetch_size.
+DAEMON_NEIGHBOUR_FETCH_KB = 64
+# `executable_fetch_limit_mb`: see LayerConfig.executable_fetch_limit.
+DAEMON_EXECUTABLE_FETCH_MB = 64
 
 
 class ConfigError(Exception):
@@ -105,6 +110,8 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
     layer.prefetch_timeout = float(_num(doc, "prefetch_timeout_sec", layer.prefetch_timeout))
     layer.no_prefetch = _bool(doc, "noprefetch", layer.no_prefetch)
     layer.prefetch_wait = _bool(store, "wait_for_prefetch", layer.prefetch_wait)
+    layer.executable_fetch_limit = _int_or_off(store, "executable_fetch_limit_mb", DAEMON_EXECUTABLE_FETCH_MB) << 20
+    layer.neighbour_fetch_size = _int_or_off(store, "neighbour_fetch_kb", DAEMON_NEIGHBOUR_FETCH_KB) << 10
     layer.no_background_fetch = _bool(doc, "no_background_fetch", layer.no_background_fetch)
     layer.disable_verification = _bool(doc, "disable_verification", layer.disable_verification)
     layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1)
@@ -174,6 +181,16 @@ def _int(table: Mapping[str, Any], key: str, default: int, *, minimum: int) -> i
     value = _num(table, key, default)
     if not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _int_or_off(table: Mapping[str, Any], key: str, default: int) -> int:
+    """An integer >= 0 of our own keys, where 0 turns the feature off (not "the default")."""
+    value = table.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
     return value
 
 

@@ -28,10 +28,16 @@ class LayerConfig:
     max_concurrency: int = 8                # parallel ranged requests per layer
     fetch_timeout: float = 30.0             # a reader gets LayerReadError after this, never hangs
     max_toc_size: int = 150 << 20
-    tail_size: int = 64 << 10               # the first ranged request of the blob tail (footer + TOC guess);
-                                            # a larger TOC costs one more request (one round trip), while
-                                            # every byte past the TOC is wasted link time on each layer open
+    tail_size: int = 14 << 10               # the first ranged request of the blob tail (footer + TOC guess):
+                                            # what a fresh TCP connection delivers in its first round trip
+                                            # (10 segments). A larger TOC costs one more request, sized
+                                            # exactly; a larger guess costs slow-start round trips on every
+                                            # layer open (64 KiB: ~2 more at 20 ms RTT, for 4 KB TOCs)
     coalesce_gap: int = 64 << 10            # merge ranges closer than this into one request
+    executable_fetch_limit: int = 0         # first miss on a multi-chunk executable fetches all its chunks, when
+                                            # it is at most this many compressed bytes (0: off)
+    neighbour_fetch_size: int = 0           # a miss on a small file also fetches the files stored next to it
+                                            # in the same directory, up to this many compressed bytes (0: off)
     # Extras beyond the shared contract:
     max_request_size: int = 16 << 20        # a coalesced request is not grown past this (parallelism)
     prefetch_request_size: int = 64 << 20   # a larger prioritized region is fetched in pieces of this

@@ -13,7 +13,7 @@ from stargz_store.formats.layer_toc import BuildResult
 from stargz_store.layer import FileBlobSource
 
 
-def make_tar(files: dict[str, bytes]) -> bytes:
+def make_tar(files: dict[str, bytes], executables: tuple[str, ...] = ()) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         dirs = sorted({n.rsplit("/", 1)[0] for n in files if "/" in n})
@@ -25,7 +25,7 @@ def make_tar(files: dict[str, bytes]) -> bytes:
         for name, data in files.items():
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
-            ti.mode = 0o644
+            ti.mode = 0o755 if name in executables else 0o644
             ti.mtime = 1_600_000_000
             tf.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
@@ -51,10 +51,17 @@ class BuiltLayer:
 
 
 def build_layer(
-    path: Path, files: dict[str, bytes], *, prioritized: tuple[str, ...] = (), chunk_size: int = 64 << 10
+    path: Path,
+    files: dict[str, bytes],
+    *,
+    prioritized: tuple[str, ...] = (),
+    chunk_size: int = 64 << 10,
+    executables: tuple[str, ...] = (),
 ) -> BuiltLayer:
     with open(path, "wb") as dst:
-        result = build_estargz(io.BytesIO(make_tar(files)), dst, prioritized=list(prioritized), chunk_size=chunk_size)
+        result = build_estargz(
+            io.BytesIO(make_tar(files, executables)), dst, prioritized=list(prioritized), chunk_size=chunk_size
+        )
     return BuiltLayer(path, result, files)
 
 

@@ -107,7 +107,7 @@ def test_kept_toc_bytes_reopen_a_layer_without_requests(esgz, tmp_path):
 
     from .conftest import lazy_config
 
-    resolver = LayerResolver(None, ChunkCache(tmp_path / "c"), lazy_config())
+    resolver = LayerResolver(None, ChunkCache(tmp_path / "c"), lazy_config(tail_size=64 << 10))  # the TOC in one read
     src = FileBlobSource(esgz.path)
     resolver.open_layer_from_source(src, esgz.descriptor).close()
     assert src.calls == 1
@@ -124,7 +124,7 @@ def test_damaged_kept_toc_bytes_are_fetched_again(esgz, tmp_path):
     from .conftest import lazy_config
 
     cache = ChunkCache(tmp_path / "c")
-    resolver = LayerResolver(None, cache, lazy_config())
+    resolver = LayerResolver(None, cache, lazy_config(tail_size=64 << 10))  # the TOC in one read
     resolver.open_layer_from_source(FileBlobSource(esgz.path), esgz.descriptor).close()
     kept = list((tmp_path / "c" / "blobs").rglob("range-*"))
     assert len(kept) == 1

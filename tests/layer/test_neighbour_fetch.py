@@ -1,0 +1,79 @@
+"""A miss on a small file also fetches the files stored next to it in the same directory (one
+request), so programs that read a directory's files one after another (imports, includes) pay
+one round trip instead of one per file; nothing outside that directory or the byte window."""
+from __future__ import annotations
+
+import random
+
+from .conftest import lazy_config
+from .helpers import build_layer
+
+
+def _files() -> dict[str, bytes]:
+    rnd = random.Random(3)
+    text = lambda n: b"".join(b"%d some text\n" % i for i in range(n))  # noqa: E731
+    return {
+        "pkg/a.py": text(300),
+        "pkg/b.py": text(200),
+        "pkg/c.py": text(250),
+        "pkg/d.py": text(100),
+        "other/x.py": text(150),
+        "pkg2/big.bin": rnd.randbytes(200_000),
+        "pkg2/after.py": text(100),
+    }
+
+
+def _compressed(layer, name: str) -> int:
+    e = layer.toc.lookup(name)
+    return e.chunks[-1].blob_end - e.chunks[0].blob_offset
+
+
+def test_a_small_file_brings_its_directory_neighbours_in_the_same_request(tmp_path, open_layer):
+    built = build_layer(tmp_path / "l", _files())
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
+    src.reset_counters()
+    b = layer.toc.lookup("pkg/b.py")
+    assert layer.read(b, 0, b.size) == built.files["pkg/b.py"]
+    assert src.calls == 1
+    assert layer.drain(30)
+    src.reset_counters()
+    for name in ("pkg/a.py", "pkg/c.py", "pkg/d.py"):  # before and after it, same directory
+        e = layer.toc.lookup(name)
+        assert layer.read(e, 0, e.size) == built.files[name]
+    assert src.calls == 0
+    x = layer.toc.lookup("other/x.py")  # another directory: not fetched with them
+    assert layer.read(x, 0, x.size) == built.files["other/x.py"]
+    assert src.calls == 1
+    assert layer.stats()["neighbour_chunks"] == 3
+
+
+def test_the_window_bounds_what_comes_along(tmp_path, open_layer):
+    built = build_layer(tmp_path / "l", _files())
+    probe, _ = open_layer(built)
+    # Three quarters of the window go after the file read: room for b and c after a, not d.
+    window = (_compressed(probe, "pkg/b.py") + _compressed(probe, "pkg/c.py")) * 4 // 3 + 8
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=window))
+    a = layer.toc.lookup("pkg/a.py")
+    layer.read(a, 0, a.size)
+    assert layer.drain(30)
+    src.reset_counters()
+    b = layer.toc.lookup("pkg/b.py")
+    layer.read(b, 0, b.size)
+    assert src.calls == 0  # right after a: within the window
+    d = layer.toc.lookup("pkg/d.py")
+    layer.read(d, 0, d.size)
+    assert src.calls == 1  # beyond it
+
+
+def test_big_files_and_an_off_switch_fetch_only_what_is_read(tmp_path, open_layer):
+    built = build_layer(tmp_path / "l", _files())
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
+    big = layer.toc.lookup("pkg2/big.bin")
+    src.reset_counters()
+    layer.read(big, 0, 10)  # larger than the window: no neighbours
+    assert src.log == [(big.chunks[0].blob_offset, big.chunks[0].blob_end - big.chunks[0].blob_offset)]
+    off, offsrc = open_layer(built, config=lazy_config(neighbour_fetch_size=0))
+    offsrc.reset_counters()
+    b = off.toc.lookup("pkg/b.py")
+    off.read(b, 0, b.size)
+    assert offsrc.log == [(b.chunks[0].blob_offset, b.chunks[0].blob_end - b.chunks[0].blob_offset)]
