@@ -45,7 +45,7 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
-         "executable_fetch_limit_mb"},
+         "executable_fetch_limit_mb", "library_readahead"},
         set(),
     ),
 }
@@ -126,6 +126,7 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
     pool.negative_ttl = float(_num(store, "negative_cache_ttl_sec", pool.negative_ttl))
     pool.resolve_timeout = float(_num(store, "resolve_timeout_sec", pool.resolve_timeout))
     pool.resolve_workers = _int(store, "resolve_workers", pool.resolve_workers, minimum=1)
+    pool.library_readahead = _bool(store, "library_readahead", pool.library_readahead)
     platform = store.get("platform")
     pool.platform = str(platform) if platform else None
 

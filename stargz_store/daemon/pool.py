@@ -45,6 +45,7 @@ from ..registry.errors import (
 )
 from ..registry.manifest import sha256_digest
 from ..registry.reference import Reference, parse_reference
+from .libraries import LibraryReadahead
 from .info import info_for_blob_key, info_for_toc_key, toc_digest_annotation
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class PoolConfig:
     resolve_workers: int = 8  # layers opened in parallel (TOC fetch + prefetch)
     platform: str | None = None  # None = the host platform
     reap_interval: float = 5.0
+    library_readahead: bool = True  # fetch the libraries a program loads when it is first read
 
 
 class _Slot:
@@ -133,6 +135,7 @@ class ImagePool:
         self._image_executor = ThreadPoolExecutor(4, thread_name_prefix="resolve-image")
         self._layer_executor = ThreadPoolExecutor(max(1, self.config.resolve_workers), thread_name_prefix="resolve-layer")
         self._stop = threading.Event()
+        self._libraries = LibraryReadahead() if self.config.library_readahead else None
         self._reaper = threading.Thread(target=self._reap_loop, name="layer-reaper", daemon=True)
         self._reaper.start()
         if callable(getattr(client, "learn_schemes", None)):
@@ -406,6 +409,13 @@ class ImagePool:
             else:
                 log.warning("%s", error)
             raise error from None
+        if self._libraries is not None and hasattr(layer, "on_program_read"):
+            readahead = self._libraries
+
+            def program_read(layer: Any, entry: Any, image: _Image = image) -> None:
+                readahead.program_read(lambda: self._open_layers_top_first(image), layer, entry)
+
+            layer.on_program_read = program_read
         parsed = layer.parsed
         toc = layer.toc
         infos: Mapping[str, bytes] = _LayerInfos(slot, parsed) if slot.diff_id else {}
@@ -419,6 +429,11 @@ class ImagePool:
         return served
 
     # -- lifetime -----------------------------------------------------------------------------
+
+    def _open_layers_top_first(self, image: _Image) -> list[Any]:
+        """The image's open layers, topmost first (the merged view library readahead resolves in)."""
+        slots = sorted(image.slots.values(), key=lambda s: s.index, reverse=True)
+        return [s.served.layer for s in slots if s.served is not None]
 
     def _in_use(self, ref: str, slot: _Slot, served: ServedLayer) -> bool:
         keys = {slot.blob_digest, *served.infos}
@@ -471,6 +486,8 @@ class ImagePool:
         timeouts; the daemon does not wait for them.
         """
         self._stop.set()
+        if self._libraries is not None:
+            self._libraries.close()
         with self._lock:
             served = [s.served for img in self._images.values() for s in img.slots.values() if s.served]
             self._images.clear()

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from ..cache.chunk_cache import ChunkCache
 from ..formats.layer_toc import ParsedToc
@@ -43,6 +43,7 @@ def _first_offset(entry: TocEntry) -> int:
     return entry.chunks[0].blob_offset
 
 
+_ELF_MAGIC = b"\x7fELF"
 _SEQUENTIAL_TRACKED = 256  # files whose last read end is remembered, for readahead
 _BACKGROUND_MAX_FAILURES = 5
 
@@ -75,7 +76,7 @@ class Layer:
         self.scheduler = scheduler or FetchScheduler()
         self._counters = Counters(
             *FETCH_COUNTERS, "chunks_fetched", "cache_hits", "cache_misses", "prefetch_bytes", "neighbour_chunks",
-            "executable_chunks",
+            "executable_chunks", "ahead_chunks",
             "blob_cache_hits", "cache_write_errors",
         )
         self._fetcher = Fetcher(
@@ -96,6 +97,9 @@ class Layer:
         self._last_read_lock = threading.Lock()
         self._chunk_starts: OrderedDict[int, list[int]] = OrderedDict()  # ino -> chunk file offsets
         self._blob_order: tuple[list[TocEntry], list[int]] | None = None
+        self._programs_seen: set[int] = set()
+        # Called (layer, entry) after the first read of an ELF file's start; set by the daemon.
+        self.on_program_read: Callable[[Layer, TocEntry], None] | None = None
 
     # ---- file data ---------------------------------------------------------------------------
 
@@ -123,9 +127,39 @@ class Layer:
             lo = max(offset, c.file_offset) - c.file_offset
             hi = min(end, c.file_offset + c.size) - c.file_offset
             parts.append(d if (lo == 0 and hi == len(d)) else memoryview(d)[lo:hi])
-        if len(parts) == 1 and isinstance(parts[0], bytes):
-            return parts[0]
-        return b"".join(parts)
+        result = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+        if offset == 0 and self.on_program_read is not None and result[:4] == _ELF_MAGIC:
+            self._note_program(entry)
+        return result
+
+    def _note_program(self, entry: TocEntry) -> None:
+        """Tell `on_program_read` (once per file) that an ELF file's start was read: the loader
+        is about to open its libraries (`daemon.libraries`)."""
+        with self._last_read_lock:
+            if entry.ino in self._programs_seen:
+                return
+            self._programs_seen.add(entry.ino)
+        hook = self.on_program_read
+        if hook is not None:
+            hook(self, entry)
+
+    def fetch_ahead(self, entry: TocEntry) -> bool:
+        """Start fetching the uncached chunks of file `entry` (at most `executable_fetch_limit`
+        compressed bytes) without waiting: a guess that it is read soon. True if anything started."""
+        chunks = entry.chunks
+        if entry.type != REG or not chunks or self._closed.is_set():
+            return False
+        if chunks[-1].blob_end - chunks[0].blob_offset > max(self.config.executable_fetch_limit, 0):
+            return False
+        want = {c.digest: c for c in chunks if not c.zeros and not self.cache.contains(c.digest)}
+        if not want:
+            return False
+        mine, _ = self._fetcher.claim(want)
+        if not mine:
+            return False
+        self._counters.add("ahead_chunks", len(mine))
+        self._fetcher.dispatch([self._chunk_extent(want[k], keep_in_memory=False) for k in mine], mine)
+        return True
 
     def _start_chunks(
         self, chunks: Iterable[Chunk], entry: TocEntry | None = None
