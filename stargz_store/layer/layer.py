@@ -186,25 +186,28 @@ class Layer:
         mine, theirs = self._fetcher.claim(missing)
         if mine:
             extents = [self._chunk_extent(missing[k], keep_in_memory=True) for k in mine]
-            flights = mine
+            flights = dict(mine)
             if entry is not None and self.config.neighbour_fetch_size > 0:
-                extra = {c.digest: c for c in self._neighbour_chunks(entry) if c.digest not in missing}
-                if extra:
-                    extra_mine, _ = self._fetcher.claim(extra)
-                    if extra_mine:
-                        self._counters.add("neighbour_chunks", len(extra_mine))
-                        extents += [self._chunk_extent(extra[k], keep_in_memory=True) for k in extra_mine]
-                        flights = {**mine, **extra_mine}
+                self._ride_along(self._neighbour_chunks(entry), "neighbour_chunks", True, extents, flights)
             if entry is not None and len(entry.chunks) > 1 and entry.mode & 0o111:
-                extra = self._rest_of_executable(entry, missing)
-                if extra:
-                    extra_mine, _ = self._fetcher.claim(extra)
-                    if extra_mine:
-                        self._counters.add("executable_chunks", len(extra_mine))
-                        extents += [self._chunk_extent(extra[k], keep_in_memory=False) for k in extra_mine]
-                        flights = {**flights, **extra_mine}
+                self._ride_along(self._rest_of_executable(entry, missing).values(), "executable_chunks", False,
+                                 extents, flights)
             self._fetcher.dispatch(extents, flights)
         return got, {**mine, **theirs}
+
+    def _ride_along(
+        self, chunks: Iterable[Chunk], counter: str, keep_in_memory: bool, extents: list[Extent], flights: dict[str, Flight]
+    ) -> None:
+        """Claim `chunks` not yet planned and add them to the request being planned (`extents`,
+        `flights`); chunks someone else is fetching already are left to them."""
+        extra = {c.digest: c for c in chunks if c.digest not in flights}
+        if not extra:
+            return
+        mine, _ = self._fetcher.claim(extra)
+        if mine:
+            self._counters.add(counter, len(mine))
+            extents += [self._chunk_extent(extra[k], keep_in_memory=keep_in_memory) for k in mine]
+            flights.update(mine)
 
     def _rest_of_executable(self, entry: TocEntry, missing: Mapping[str, Chunk]) -> dict[str, Chunk]:
         """The uncached chunks of executable `entry` after the ones being fetched, for the same
