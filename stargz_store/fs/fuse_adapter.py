@@ -78,6 +78,7 @@ class MountOptions:
     debug: bool = False
     fsname: str = "stargzstore"
     read_ahead_kb: int = 4096  # 0 = leave the kernel's default
+    no_open: bool = True  # let the kernel skip OPEN/RELEASE (one round trip less per file opened)
 
 
 def _translating(method):
@@ -138,6 +139,7 @@ class StoreOperations(fuse.Operations):
         self._dir_listings: dict[int, list[tuple[str, Attr | None]] | None] = {}
         self._next_dir_handle = 1
         self._dir_lock = threading.Lock()
+        self._no_open = False
 
     def init_with_config(self, conn, config) -> None:
         if conn is not None and conn.capable & FUSE_CAP_READDIRPLUS:
@@ -145,6 +147,14 @@ class StoreOperations(fuse.Operations):
             # page of a listing only (about 25 entries) unless lookups interleave with the
             # listing, so `os.walk` (list all, then open) would still LOOKUP most files.
             conn.want = (conn.want | FUSE_CAP_READDIRPLUS) & ~FUSE_CAP_READDIRPLUS_AUTO
+        # Files are immutable and a read can find its file by path, so an OPEN round trip per
+        # file buys nothing: answering the first OPEN with ENOSYS makes the kernel skip OPEN and
+        # RELEASE from then on (and keep the page cache, as FOPEN_KEEP_CACHE would).
+        self._no_open = bool(self.options.no_open and conn is not None and conn.capable & FUSE_CAP_NO_OPEN_SUPPORT)
+        if self._no_open:
+            # O_TRUNC then comes as a size change (refused: EROFS) instead of a flag of the
+            # OPEN the kernel no longer sends; a write-only open succeeds, its writes are EROFS.
+            conn.want &= ~FUSE_CAP_ATOMIC_O_TRUNC
         if config is not None:
             config.attr_timeout = self.options.attr_timeout
             config.entry_timeout = self.options.entry_timeout
@@ -220,15 +230,21 @@ class StoreOperations(fuse.Operations):
 
     @_translating
     def open(self, path: str, flags: int) -> int:
+        if self._no_open:
+            self.model.check_open(path, flags)  # refusals still apply to this open
+            raise fuse.FuseOSError(errno.ENOSYS)  # success, and no OPEN for any later open
         return self.model.open(path, flags)
 
     @_translating
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        if fh == 0:  # opened without OPEN (no_open): model handles start at 1
+            return self.model.read_path(path, offset, size)
         return self.model.read(fh, offset, size)
 
     @_translating
     def release(self, path: str, fh: int) -> int:
-        self.model.release(fh)
+        if fh:
+            self.model.release(fh)
         return 0
 
     @_translating
@@ -321,6 +337,8 @@ class StoreOperations(fuse.Operations):
 
 FUSE_CAP_READDIRPLUS = 1 << 13  # libfuse 3 `fuse_conn_info.want` bits
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
+FUSE_CAP_NO_OPEN_SUPPORT = 1 << 17
+FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 FUSE_READDIR_PLUS = 1  # readdir flag: the kernel asked for READDIRPLUS (libfuse 3 `fuse_readdir_flags`)
 FUSE_FILL_DIR_PLUS = 2  # filler flag: the stat given is complete, make it the child's entry and attributes
 

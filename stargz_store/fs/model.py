@@ -301,36 +301,41 @@ class StoreModel:
 
     def open(self, path: str, flags: int = 0) -> int:
         """Open for reading; returns a handle for `read`. Any write access is EROFS."""
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise ReadOnly(path)
-        p = self._parse(path)
-        if p.kind == "ref_file":
-            files = self.provider.image_files(p.ref)
-            handle = _Handle(data=files.manifest if p.name == MANIFEST else files.config)
-        elif p.kind == "layer_file":
-            if p.name == USE:
-                raise EntryNotFound(path)
-            served = self.provider.layer(p.ref, p.key)
-            if p.name == INFO:
-                handle = _Handle(data=served.info_for(p.key))
-            else:
-                handle = _Handle(served=served, is_blob=True)
-        elif p.kind == "diff":
-            served = self.provider.layer(p.ref, p.key)
-            node = served.tree.lookup(p.name)
-            if node.is_dir:
-                raise IsADirectory(path)
-            handle = _Handle(served=served, entry=node.entry if node.is_reg else None)
-            if self.log_file_access:
-                self._log_first_access(served, node, p)
-        else:
-            raise IsADirectory(path)
+        handle = self._handle_for(path, flags)
         if handle.served is not None:
             handle.served.opened()
         fh = next(self._next_handle)
         with self._lock:
             self._handles[fh] = handle
         return fh
+
+    def check_open(self, path: str, flags: int = 0) -> None:
+        """What `open` would refuse (EROFS, EISDIR, ENOENT...), without opening."""
+        self._handle_for(path, flags)
+
+    def _handle_for(self, path: str, flags: int) -> _Handle:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise ReadOnly(path)
+        p = self._parse(path)
+        if p.kind == "ref_file":
+            files = self.provider.image_files(p.ref)
+            return _Handle(data=files.manifest if p.name == MANIFEST else files.config)
+        if p.kind == "layer_file":
+            if p.name == USE:
+                raise EntryNotFound(path)
+            served = self.provider.layer(p.ref, p.key)
+            if p.name == INFO:
+                return _Handle(data=served.info_for(p.key))
+            return _Handle(served=served, is_blob=True)
+        if p.kind == "diff":
+            served = self.provider.layer(p.ref, p.key)
+            node = served.tree.lookup(p.name)
+            if node.is_dir:
+                raise IsADirectory(path)
+            if self.log_file_access:
+                self._log_first_access(served, node, p)
+            return _Handle(served=served, entry=node.entry if node.is_reg else None)
+        raise IsADirectory(path)
 
     def _log_first_access(self, served: ServedLayer, node: DiffNode, p: _Path) -> None:
         """`log_file_access`: which files a workload opens, once each (to build prefetch lists)."""
@@ -346,6 +351,15 @@ class StoreModel:
         handle = self._handles.get(fh)
         if handle is None:
             raise BadHandle(str(fh))
+        return self._read_handle(handle, offset, size)
+
+    def read_path(self, path: str, offset: int, size: int) -> bytes:
+        """`read` of a file that was never opened here: the kernel skips OPEN once the store has
+        said it needs none (no_open, see `fuse_adapter`), and reads name the file by path. A layer
+        released meanwhile is reopened by the lookup, so nothing needs pinning."""
+        return self._read_handle(self._handle_for(path, 0), offset, size)
+
+    def _read_handle(self, handle: _Handle, offset: int, size: int) -> bytes:
         if handle.data is not None:
             return handle.data[offset : offset + size]
         served = handle.served

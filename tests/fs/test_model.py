@@ -282,6 +282,30 @@ def test_a_closed_layer_frees_its_tree(store, testdata):
     assert tree() is None
 
 
+def test_reads_by_path_match_reads_by_handle(store, testdata):
+    """With no_open the kernel sends reads without an OPEN: `read_path` finds the file itself."""
+    model, *_ = store
+    ref = ref_of(testdata, "tricky-esgz")
+    key = manifest_of(testdata, "tricky-esgz")["layers"][0]["digest"]
+    layer_dir = f"/{b64(ref)}/{key}"
+    for name, _ in model.readdir(f"{layer_dir}/diff"):
+        path = f"{layer_dir}/diff/{name}"
+        if not stat.S_ISREG(model.getattr(path).mode):
+            continue
+        fh = model.open(path)
+        try:
+            assert model.read_path(path, 0, 1 << 20) == model.read(fh, 0, 1 << 20)
+            assert model.read_path(path, 3, 5) == model.read(fh, 3, 5)
+        finally:
+            model.release(fh)
+    info = model.read_path(f"{layer_dir}/info", 0, 1 << 20)
+    assert json.loads(info)
+    with pytest.raises(IsADirectory):
+        model.read_path(f"{layer_dir}/diff", 0, 10)
+    with pytest.raises(EntryNotFound):
+        model.read_path(f"{layer_dir}/diff/no-such-file", 0, 10)
+
+
 def test_other_model_errors(store, testdata):
     model, *_ = store
     ref = ref_of(testdata, "tricky-esgz")
