@@ -45,7 +45,7 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
-         "executable_fetch_limit_mb", "library_readahead"},
+         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open"},
         set(),
     ),
 }
@@ -136,6 +136,7 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
         negative_timeout=float(_num(store, "negative_timeout", cfg.mount.negative_timeout)),
         kernel_cache=_bool(store, "kernel_cache", cfg.mount.kernel_cache),
         read_ahead_kb=_int(store, "read_ahead_kb", cfg.mount.read_ahead_kb, minimum=0),
+        no_open=_bool(store, "fuse_no_open", cfg.mount.no_open),
         debug=_bool(doc, "debug", False),
     )
     cfg.log_file_access = _bool(doc, "log_file_access", False)

@@ -32,7 +32,8 @@ def test_keys_reach_the_components():
         "fuse": {"attr_timeout": 5, "entry_timeout": 6},
         "store": {"negative_cache_ttl_sec": 2, "resolve_timeout_sec": 11, "memory_cache_size_mb": 8,
                   "platform": "linux/arm64", "read_ahead_kb": 512, "wait_for_prefetch": True,
-                  "neighbour_fetch_kb": 32, "executable_fetch_limit_mb": 5},
+                  "neighbour_fetch_kb": 32, "executable_fetch_limit_mb": 5,
+                  "fuse_no_open": False},
     })
     assert cfg.layer.no_prefetch and cfg.layer.no_background_fetch and cfg.layer.prefetch_wait
     assert (cfg.layer.neighbour_fetch_size, cfg.layer.executable_fetch_limit) == (32 << 10, 5 << 20)
@@ -42,6 +43,7 @@ def test_keys_reach_the_components():
     assert cfg.pool.platform == "linux/arm64"
     assert (cfg.mount.attr_timeout, cfg.mount.entry_timeout, cfg.mount.debug) == (5, 6, True)
     assert cfg.mount.read_ahead_kb == 512 and cfg.memory_cache_bytes == 8 << 20
+    assert not cfg.mount.no_open and config_from_toml({}).mount.no_open
 
 
 def test_daemon_defaults_of_the_latency_features():
