@@ -43,6 +43,11 @@ def _first_offset(entry: TocEntry) -> int:
     return entry.chunks[0].blob_offset
 
 
+def _stored_size(entry: TocEntry) -> int:
+    """Compressed bytes a file with data spans in the blob (first chunk to last)."""
+    return entry.chunks[-1].blob_end - entry.chunks[0].blob_offset
+
+
 _ELF_MAGIC = b"\x7fELF"
 _SEQUENTIAL_TRACKED = 256  # files whose last read end is remembered, for readahead
 _BACKGROUND_MAX_FAILURES = 5
@@ -146,19 +151,16 @@ class Layer:
     def fetch_ahead(self, entry: TocEntry) -> bool:
         """Start fetching the uncached chunks of file `entry` (at most `executable_fetch_limit`
         compressed bytes) without waiting: a guess that it is read soon. True if anything started."""
-        chunks = entry.chunks
-        if entry.type != REG or not chunks or self._closed.is_set():
+        if entry.type != REG or not entry.chunks or self._closed.is_set():
             return False
-        if chunks[-1].blob_end - chunks[0].blob_offset > max(self.config.executable_fetch_limit, 0):
+        if _stored_size(entry) > max(self.config.executable_fetch_limit, 0):
             return False
-        want = {c.digest: c for c in chunks if not c.zeros and not self.cache.contains(c.digest)}
-        if not want:
+        extents: list[Extent] = []
+        flights: dict[str, Flight] = {}
+        self._ride_along(self._uncached(entry.chunks), "ahead_chunks", False, extents, flights)
+        if not flights:
             return False
-        mine, _ = self._fetcher.claim(want)
-        if not mine:
-            return False
-        self._counters.add("ahead_chunks", len(mine))
-        self._fetcher.dispatch([self._chunk_extent(want[k], keep_in_memory=False) for k in mine], mine)
+        self._fetcher.dispatch(extents, flights)
         return True
 
     def _start_chunks(
@@ -195,6 +197,10 @@ class Layer:
             self._fetcher.dispatch(extents, flights)
         return got, {**mine, **theirs}
 
+    def _uncached(self, chunks: Iterable[Chunk]) -> list[Chunk]:
+        """The chunks that would need a fetch: not in the cache, and not zstd holes (made locally)."""
+        return [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
+
     def _ride_along(
         self, chunks: Iterable[Chunk], counter: str, keep_in_memory: bool, extents: list[Extent], flights: dict[str, Flight]
     ) -> None:
@@ -216,14 +222,11 @@ class Layer:
         now, the rest arrives at link speed without delaying it. Bounded by
         `executable_fetch_limit` compressed bytes: a huge binary is left to on-demand reads."""
         limit = self.config.executable_fetch_limit
-        chunks = entry.chunks
-        if limit <= 0 or chunks[-1].blob_end - chunks[0].blob_offset > limit:
+        if limit <= 0 or _stored_size(entry) > limit:
             return {}
-        start = max(c.blob_offset for c in chunks if c.digest in missing)
-        return {
-            c.digest: c for c in chunks
-            if c.blob_offset > start and c.digest not in missing and not c.zeros and not self.cache.contains(c.digest)
-        }
+        start = max(c.blob_offset for c in entry.chunks if c.digest in missing)
+        later = [c for c in entry.chunks if c.blob_offset > start and c.digest not in missing]
+        return {c.digest: c for c in self._uncached(later)}
 
     def _neighbour_chunks(self, entry: TocEntry) -> list[Chunk]:
         """Uncached chunks of the files stored right before and after small file `entry` in the blob
@@ -233,11 +236,10 @@ class Layer:
         trips a few KiB more in a request the reader waits for anyway costs far less than a later
         request: this is what turns hundreds of sequential misses into tens."""
         window = self.config.neighbour_fetch_size
-        chunks = entry.chunks
-        if not chunks or chunks[-1].blob_end - chunks[0].blob_offset > window:
+        if not entry.chunks or _stored_size(entry) > window:
             return []
         files, starts = self._blob_index()
-        i = bisect.bisect_left(starts, chunks[0].blob_offset)
+        i = bisect.bisect_left(starts, entry.chunks[0].blob_offset)
         if i >= len(files) or files[i].ino != entry.ino:
             return []
         parent = entry.name.rpartition("/")[0]
@@ -246,11 +248,11 @@ class Layer:
             j = i + step
             while 0 <= j < len(files):
                 f = files[j]
-                size = f.chunks[-1].blob_end - f.chunks[0].blob_offset
+                size = _stored_size(f)
                 if size > budget or f.name.rpartition("/")[0] != parent:
                     break
                 budget -= size
-                out.extend(c for c in f.chunks if not c.zeros and not self.cache.contains(c.digest))
+                out.extend(self._uncached(f.chunks))
                 j += step
         return out
 
@@ -345,10 +347,7 @@ class Layer:
                 self._last_read_end.popitem(last=False)
         if not sequential or first > window_end:
             return
-        ahead: dict[str, Chunk] = {}
-        for c in chunks[first : window_end + 1]:
-            if c.digest not in ahead and not c.zeros and not self.cache.contains(c.digest):
-                ahead[c.digest] = c
+        ahead = {c.digest: c for c in self._uncached(chunks[first : window_end + 1])}
         if ahead:
             mine, _ = self._fetcher.claim(ahead)
             if mine:  # one request per chunk: they land one by one, in parallel, as the reader needs them

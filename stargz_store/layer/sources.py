@@ -2,10 +2,13 @@
 outputs, tests, benchmarks). The registry source is `resolver.RegistryBlobSource`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
+
+from ..registry.responses import STREAM_PIECE
 
 
 class BlobSource(Protocol):
@@ -26,9 +29,6 @@ class StreamingBlobSource(BlobSource, Protocol):
 
 
 
-STREAM_PIECE = 128 << 10
-
-
 class FileBlobSource:
     """A blob in a local file, read with `pread`. Counts calls, ranges and bytes like a registry
     source would see them, so tests can assert what the data path asked for."""
@@ -45,56 +45,44 @@ class FileBlobSource:
         self.bytes_read = 0
         self.log: list[tuple[int, int]] = []  # every (offset, length) asked for, in order
 
-    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        with self._lock:
-            if self._fd < 0:
-                raise OSError(f"blob source {self.path} is closed")
-            self._users += 1  # the fd stays open while a read uses it (a closed fd number can be reused)
-            self.calls += 1
-            self.requests += len(ranges)
-            self.log.extend(ranges)
-        try:
-            out = []
-            for offset, length in ranges:
-                if offset < 0 or length < 0 or offset + length > self.size:
-                    raise ValueError(f"range ({offset}, {length}) outside blob of {self.size} bytes")
-                data = os.pread(self._fd, length, offset)
-                if len(data) != length:
-                    raise OSError(f"short read from {self.path}: {len(data)} of {length} bytes at {offset}")
-                out.append(data)
-        finally:
-            with self._lock:
-                self._users -= 1
-                self.bytes_read += sum(len(d) for d in out)
-                self._close_if_unused()
-        return out
-
-    def stream_range(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None:
-        """One range as one request (counted once), handed to `sink` in `STREAM_PIECE` pieces."""
+    @contextlib.contextmanager
+    def _request(self, ranges: list[tuple[int, int]]) -> Iterator[None]:
+        """One call's bookkeeping: counted and logged as a registry would see it, its ranges
+        checked, and the fd kept open while it reads (a closed fd number can be reused)."""
         with self._lock:
             if self._fd < 0:
                 raise OSError(f"blob source {self.path} is closed")
             self._users += 1
             self.calls += 1
-            self.requests += 1
-            self.log.append((offset, length))
+            self.requests += len(ranges)
+            self.log.extend(ranges)
         try:
-            if offset < 0 or length < 0 or offset + length > self.size:
-                raise ValueError(f"range ({offset}, {length}) outside blob of {self.size} bytes")
-            done = 0
-            while done < length:
-                n = min(STREAM_PIECE, length - done)
-                piece = os.pread(self._fd, n, offset + done)
-                if len(piece) != n:
-                    raise OSError(f"short read from {self.path}: {len(piece)} of {n} bytes at {offset + done}")
-                with self._lock:
-                    self.bytes_read += n
-                sink(offset + done, piece)
-                done += n
+            for offset, length in ranges:
+                if offset < 0 or length < 0 or offset + length > self.size:
+                    raise ValueError(f"range ({offset}, {length}) outside blob of {self.size} bytes")
+            yield
         finally:
             with self._lock:
                 self._users -= 1
                 self._close_if_unused()
+
+    def _pread_exact(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"short read from {self.path}: {len(data)} of {length} bytes at {offset}")
+        with self._lock:
+            self.bytes_read += length
+        return data
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        with self._request(ranges):
+            return [self._pread_exact(offset, length) for offset, length in ranges]
+
+    def stream_range(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None:
+        """One range as one request (counted once), handed to `sink` in `STREAM_PIECE` pieces."""
+        with self._request([(offset, length)]):
+            for done in range(0, length, STREAM_PIECE):
+                sink(offset + done, self._pread_exact(offset + done, min(STREAM_PIECE, length - done)))
 
     def reset_counters(self) -> None:
         with self._lock:
