@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import logging
 import threading
 import time
@@ -49,6 +50,8 @@ from .libraries import LibraryReadahead
 from .info import info_for_blob_key, info_for_toc_key, toc_digest_annotation
 
 log = logging.getLogger(__name__)
+
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass
@@ -88,6 +91,12 @@ class _Image:
         self.manifest = manifest
         self.config_raw = config_raw
         self.from_disk = from_disk
+        # Set once the config (and so the layers' DiffIDs) is known: layers of a fetched image are
+        # opened while the config is still on its way; `config_error` says why it never came.
+        self.config_ready = threading.Event()
+        self.config_error: FsError | None = None
+        if config_raw:
+            self.config_ready.set()
         self.slots: dict[str, _Slot] = {}
         self.by_toc: dict[str, str] = {}
         self.last_access = time.monotonic()
@@ -117,6 +126,9 @@ class ImagePool:
         self._refs: dict[str, Reference] = {}
         self._images: dict[str, _Image] = {}
         self._pending: dict[str, Future[_Image]] = {}
+        # (ref key, blob digest) -> the tail of the blob podman asked for first, fetched while the
+        # manifest is (`_start_early_tail`)
+        self._early_tails: dict[tuple[str, str], Future] = {}
         self._negative: dict[str, tuple[float, FsError]] = {}
         self._refcounts: dict[tuple[str, str], int] = {}
         self._layer_numbers: dict[tuple[str, str], int] = {}
@@ -174,7 +186,7 @@ class ImagePool:
     def layer(self, ref: str, key: str) -> ServedLayer:
         now = time.monotonic()
         deadline = now + self.config.resolve_timeout
-        image = self._image(ref, deadline=deadline)
+        image = self._image(ref, deadline=deadline, first_key=key)
         assert image is not None
         image.last_access = now
         slot = self._slot_for(image, key, deadline)
@@ -210,7 +222,9 @@ class ImagePool:
 
     # -- images -------------------------------------------------------------------------------
 
-    def _image(self, ref: str, *, wait: bool = True, deadline: float | None = None) -> _Image | None:
+    def _image(
+        self, ref: str, *, wait: bool = True, deadline: float | None = None, first_key: str | None = None
+    ) -> _Image | None:
         image = self._images.get(ref)  # the hot path of every read: no lock (a dict read is atomic)
         if image is not None:
             return image
@@ -233,6 +247,8 @@ class ImagePool:
                     raise InvalidName(f"unknown reference key {ref!r}")  # canonical_ref always runs first
                 future = self._image_executor.submit(self._resolve_image, ref, reference)
                 self._pending[ref] = future
+                if first_key is not None:
+                    self._start_early_tail(ref, reference, first_key)
         if not wait:
             return None
         try:
@@ -242,59 +258,115 @@ class ImagePool:
         except FsError as e:
             raise _fresh(e) from None
 
+    def _start_early_tail(self, key: str, ref: Reference, layer_key: str) -> None:
+        """Ask for the tail of the layer podman looks up first while the manifest is being fetched.
+
+        Its size is not known before the manifest, but a suffix range needs none; the bytes are
+        used only if the manifest then lists that blob with that size, and verified against its
+        TOC digest like any tail. Saves one round trip on the first pull of an image. A key that
+        is a TOC digest (podman 5.1+) names no blob: that guess costs one 404. Called with the
+        lock held."""
+        if not _DIGEST_RE.fullmatch(layer_key) or self._metadata_path_exists(ref):
+            return
+        fetch_tail = getattr(self.resolver, "fetch_tail", None)
+        if fetch_tail is None:
+            return
+        try:
+            self._early_tails[(key, layer_key)] = self._layer_executor.submit(fetch_tail, ref, layer_key)
+        except RuntimeError:  # shutting down
+            pass
+
+    def _metadata_path_exists(self, ref: Reference) -> bool:
+        path = self._metadata_path(ref)
+        return path is not None and (path / "meta.json").exists()
+
     def _resolve_image(self, key: str, ref: Reference) -> _Image:
         try:
             image = self._load_from_disk(ref)
             if image is None:
-                image = self._fetch_image(ref)
-            self._index_layers(key, image)
+                image = self._fetch_image(key, ref)
+            else:
+                self._index_layers(key, image, image.manifest, self._diff_ids(key, image.config_raw))
         except Exception as e:
             error = _as_fs_error(e, f"resolving {key}")
             with self._lock:
                 self._pending.pop(key, None)
                 self._negative[key] = (time.monotonic() + self.config.negative_ttl, error)
                 self._counters["image_resolve_failures"] += 1
+                self._drop_early_tails(key)
             log.info("cannot resolve %s: %s", key, error)
             raise error from None
         with self._lock:
             self._images[key] = image
             self._pending.pop(key, None)
+            self._drop_early_tails(key)  # a guess no layer took (a TOC digest, a stale key)
         for slot in image.slots.values():
             self._submit_open(image, slot)
         log.info("resolved %s: manifest %s, %d layers", key, image.manifest.digest, len(image.slots))
         return image
 
-    def _fetch_image(self, ref: Reference) -> _Image:
+    def _drop_early_tails(self, key: str) -> None:
+        for k in [k for k in self._early_tails if k[0] == key]:
+            self._early_tails.pop(k).cancel()
+
+    def _fetch_image(self, key: str, ref: Reference) -> _Image:
+        """Manifest, then the layers' TOCs and the config at the same time: the layers do not
+        need the config (only their `info` files do, for the DiffID), so the TOCs are not held
+        up a round trip by it."""
         manifest = self.client.get_manifest(ref, self.config.platform)
-        config_raw = self.client.get_blob(ref, manifest.config["digest"])
+        image = _Image(ref, manifest, b"", from_disk=False)
+        self._index_layers(key, image, manifest, None)
+        for slot in image.slots.values():
+            self._submit_open(image, slot)
+        try:
+            config_raw = self.client.get_blob(ref, manifest.config["digest"])
+            diff_ids = self._diff_ids(key, config_raw)
+        except Exception as e:
+            image.config_error = _as_fs_error(e, f"config of {key}")
+            raise
+        finally:
+            image.config_ready.set()  # layers opened meanwhile see the DiffIDs or the error
+        image.config_raw = config_raw
+        self._set_diff_ids(key, image, manifest, diff_ids)
         with self._lock:
             self._counters["image_resolves"] += 1
         self._save_to_disk(ref, manifest, config_raw)
-        return _Image(ref, manifest, config_raw, from_disk=False)
+        return image
 
-    def _index_layers(self, key: str, image: _Image, manifest: Manifest | None = None, config_raw: bytes | None = None) -> list[_Slot]:
-        """Add slots for the layers of `manifest` (default: the image's own); returns the new ones."""
-        manifest = manifest or image.manifest
-        config_raw = image.config_raw if config_raw is None else config_raw
+    @staticmethod
+    def _diff_ids(key: str, config_raw: bytes) -> list:
         try:
             config = json.loads(config_raw)
-            diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
-        except (ValueError, AttributeError) as e:
+            return list((config.get("rootfs") or {}).get("diff_ids") or [])
+        except (ValueError, AttributeError, TypeError) as e:
             raise UnsupportedManifestError(f"config of {key} is not valid JSON: {e}") from None
+
+    @staticmethod
+    def _set_diff_ids(key: str, image: _Image, manifest: Manifest, diff_ids: list) -> None:
         layers = manifest.layers
-        consistent = len(diff_ids) == len(layers)
-        if not consistent:
+        if len(diff_ids) != len(layers):
             log.warning("%s: %d layers but %d diff_ids; DiffIDs will not be reported", key, len(layers), len(diff_ids))
+            return
+        for descriptor, diff_id in zip(layers, diff_ids):
+            slot = image.slots.get(descriptor.get("digest"))
+            if slot is not None and slot.diff_id is None:
+                slot.diff_id = diff_id
+
+    def _index_layers(self, key: str, image: _Image, manifest: Manifest, diff_ids: list | None) -> list[_Slot]:
+        """Add slots for the layers of `manifest`; returns the new ones. Without `diff_ids` (the
+        config is still being fetched) `_set_diff_ids` fills them in later."""
         added = []
-        for i, descriptor in enumerate(layers):
+        for i, descriptor in enumerate(manifest.layers):
             digest = descriptor.get("digest")
             if not isinstance(digest, str) or digest in image.slots:
                 continue
-            slot = _Slot(i, descriptor, diff_ids[i] if consistent else None, self._layer_number(key, digest))
+            slot = _Slot(i, descriptor, None, self._layer_number(key, digest))
             image.slots[digest] = slot
             added.append(slot)
             if slot.toc_annotation:
                 image.by_toc.setdefault(slot.toc_annotation, digest)
+        if diff_ids is not None:
+            self._set_diff_ids(key, image, manifest, diff_ids)
         return added
 
     def _refresh(self, key: str, image: _Image) -> bool:
@@ -310,9 +382,10 @@ class ImagePool:
             if manifest.digest == image.manifest.digest:
                 return False
             config_raw = self.client.get_blob(image.ref, manifest.config["digest"])
+            diff_ids = self._diff_ids(key, config_raw)
             with self._lock:
                 self._counters["image_resolves"] += 1
-                added = self._index_layers(key, image, manifest, config_raw)
+                added = self._index_layers(key, image, manifest, diff_ids)
                 image.manifest, image.config_raw = manifest, config_raw
         except Exception as e:
             log.info("re-checking %s: %s", key, _as_fs_error(e, "refresh"))
@@ -397,8 +470,14 @@ class ImagePool:
             raise _fresh(e) from None
 
     def _open_slot(self, image: _Image, slot: _Slot) -> ServedLayer:
+        with self._lock:
+            early_tail = self._early_tails.pop((str(image.ref), slot.blob_digest), None)
         try:
-            layer = self.resolver.open_layer(image.ref, slot.descriptor)
+            if early_tail is None:
+                layer = self.resolver.open_layer(image.ref, slot.descriptor)
+            else:
+                layer = self.resolver.open_layer(image.ref, slot.descriptor, early_tail=early_tail)
+            layer = self._with_config(image, layer)
         except Exception as e:
             error = _as_fs_error(e, f"{image.ref}: layer {slot.blob_digest}")
             with self._lock:
@@ -427,6 +506,14 @@ class ImagePool:
             self._counters["layer_opens"] += 1
         log.info("%s: layer %s ready (%s, %d entries)", image.ref, slot.blob_digest, parsed.format, len(toc))
         return served
+
+    def _with_config(self, image: _Image, layer: Any) -> Any:
+        """`layer` once the image's config is known (its `info` needs the DiffID); closed if the
+        config never comes."""
+        if not image.config_ready.wait(self.config.resolve_timeout) or image.config_error is not None:
+            _close_quietly(layer)
+            raise image.config_error or LayerUnavailable(f"config of {image.ref} not fetched in time")
+        return layer
 
     # -- lifetime -----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..cache.chunk_cache import ChunkCache
@@ -46,6 +47,12 @@ class RegistryBlobSource:
         return f"RegistryBlobSource({self.ref.registry}/{self.ref.repository}@{self.digest})"
 
 
+# An early tail is a fetch of the blob's last bytes started before its size was known:
+# (offset, blob size, bytes) when done. Waited for at most this long before fetching anew.
+EarlyTail = Future
+EARLY_TAIL_WAIT = 10.0
+
+
 class TailCachedReadAt:
     """The `read_at` handed to the format readers: the blob's last `tail_size` bytes are fetched
     once, on first use, and serve every read inside them (whichever format is tried); anything
@@ -66,8 +73,11 @@ class TailCachedReadAt:
         store: BlobRangeCache | None = None,
         blob_digest: str | None = None,
         reuse: bool = True,
+        early_tail: EarlyTail | None = None,
     ) -> None:
         self.source = source
+        self.early_tail = early_tail
+        self.early_used = False
         self.reuse = reuse
         self.blob_size = blob_size
         self.window_start = blob_size - min(blob_size, max(tail_size, 0))
@@ -83,11 +93,29 @@ class TailCachedReadAt:
         if offset >= self.window_start and offset + length <= self.blob_size and length >= 0:
             with self._lock:
                 if self._tail is None:
-                    self._tail = self._get(self.window_start, self.blob_size - self.window_start)
+                    self._tail = self._early() or self._get(self.window_start, self.blob_size - self.window_start)
             rel = offset - self.window_start
             return self._tail[rel : rel + length]
         with self._lock:
             return self._get(offset, length)
+
+    def _early(self) -> bytes | None:
+        """The tail fetched before the manifest told us the blob's size, if it is exactly our
+        window (then it counts as fetched: verified with the TOC, kept by `persist`)."""
+        early, self.early_tail = self.early_tail, None
+        if early is None:
+            return None
+        try:
+            offset, total, data = early.result(timeout=EARLY_TAIL_WAIT)
+        except Exception as e:  # a guess that did not work out: fetch as usual
+            log.debug("early tail of %s not used: %s", self.blob_digest or self.source, e)
+            return None
+        if offset != self.window_start or total != self.blob_size or offset + len(data) != total:
+            log.debug("early tail of %s not used: bytes [%d, %d) of %d", self.blob_digest, offset, offset + len(data), total)
+            return None
+        self.fetched.append((offset, data))
+        self.early_used = True
+        return data
 
     def _get(self, offset: int, length: int) -> bytes:
         if self.store is not None and self.reuse:
@@ -130,15 +158,25 @@ class LayerResolver:
             quiet_period=self.config.background_quiet_period,
         )
 
-    def open_layer(self, ref: Reference, descriptor: Mapping, *, key_digest: str | None = None) -> Layer:
-        """Raises NotLazyFormatError / FormatError (not servable lazily) or RegistryError."""
+    def open_layer(
+        self, ref: Reference, descriptor: Mapping, *, key_digest: str | None = None, early_tail: EarlyTail | None = None
+    ) -> Layer:
+        """Raises NotLazyFormatError / FormatError (not servable lazily) or RegistryError.
+        `early_tail`: the blob's tail, asked for before the manifest arrived (`ImagePool`)."""
         if self.client is None:
             raise RuntimeError("LayerResolver has no registry client")
         source = RegistryBlobSource(self.client, ref, descriptor["digest"], int(descriptor["size"]))
-        return self.open_layer_from_source(source, descriptor, key_digest=key_digest)
+        return self.open_layer_from_source(source, descriptor, key_digest=key_digest, early_tail=early_tail)
+
+    def fetch_tail(self, ref: Reference, digest: str) -> tuple[int, int, bytes]:
+        """The first request `open_layer` would make, for a blob whose size is not known yet."""
+        if self.client is None:
+            raise RuntimeError("LayerResolver has no registry client")
+        return self.client.read_blob_tail(ref, digest, self.config.tail_size)
 
     def open_layer_from_source(
-        self, source: BlobSource, descriptor: Mapping, *, key_digest: str | None = None
+        self, source: BlobSource, descriptor: Mapping, *, key_digest: str | None = None,
+        early_tail: EarlyTail | None = None,
     ) -> Layer:
         cfg = self.config
         size = int(descriptor.get("size") or source.size)
@@ -150,14 +188,16 @@ class LayerResolver:
                 read_at, size, descriptor, key_digest=key_digest, max_toc_size=cfg.max_toc_size, tail_size=cfg.tail_size
             )
 
-        read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest)
+        read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, early_tail=early_tail)
         try:
             parsed = parse(read_at)
         except FormatError:
-            if not read_at.reused:
+            if not (read_at.reused or read_at.early_used):
                 raise
-            # Kept bytes that no longer verify (a damaged cache): drop them, ask the source.
-            log.warning("layer %s: kept TOC bytes did not verify; fetching them again", digest)
+            # Kept bytes that no longer verify (a damaged cache), or an early tail that did not make
+            # a TOC (a mirror's other blob): drop them, ask the source.
+            log.warning("layer %s: %s TOC bytes did not verify; fetching them again", digest,
+                        "kept" if read_at.reused else "early")
             read_at.forget_reused()
             read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, reuse=False)
             parsed = parse(read_at)

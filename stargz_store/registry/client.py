@@ -60,6 +60,7 @@ from .responses import (
     check_same_digest,
     consume_multi_range,
     consume_single_range,
+    consume_suffix_range,
     read_limited,
     url_host,
 )
@@ -326,6 +327,20 @@ class RegistryClient:
             return consume_single_range(resp, offset, length, what, sink)
 
         return self._ranged_get(ref, digest, f"bytes={offset}-{offset + length - 1}", consume, what)
+
+    def read_blob_tail(self, ref: Reference, digest: str, length: int) -> tuple[int, int, bytes]:
+        """The last `length` bytes of a blob whose size is not known yet (a suffix range):
+        (their offset, the blob size, the bytes). The whole blob when it is shorter. Raises
+        ShortReadError when the server does not answer with that range."""
+        if length <= 0:
+            raise ValueError(f"invalid tail length {length}")
+        check_digest(digest)
+        what = f"blob {digest} last {length} bytes"
+
+        def consume(resp: requests.Response) -> tuple[int, int, bytes]:
+            return consume_suffix_range(resp, length, what)
+
+        return self._ranged_get(ref, digest, f"bytes=-{length}", consume, what)
 
     def read_blob_ranges(self, ref: Reference, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """The bytes of each (offset, length) pair, in the given order, with as few requests as the

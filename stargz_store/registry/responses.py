@@ -124,6 +124,22 @@ def consume_single_range(
     return data
 
 
+def consume_suffix_range(resp: requests.Response, length: int, what: str) -> tuple[int, int, bytes]:
+    """The answer to `Range: bytes=-length`: (offset of the first byte, blob size, the bytes).
+
+    Only a 206 with a complete Content-Range will do: a server that ignores the range would send
+    the whole blob, which a caller asking for a tail never wants (the body is left unread)."""
+    check_status(resp, what, ok=(200, 206))
+    cr = parse_content_range(resp.headers.get("Content-Range")) if resp.status_code == 206 else None
+    if cr is None or cr.total is None or cr.last != cr.total - 1 or cr.length > length:
+        raise ShortReadError(f"{what}: no usable suffix range in the answer (HTTP {resp.status_code}, "
+                             f"Content-Range {resp.headers.get('Content-Range')!r})")
+    data = read_exact_body(resp, cr.length)
+    if len(data) < cr.length:
+        raise TransientError(ShortReadError(f"{what}: got {len(data)} of {cr.length} bytes"))
+    return cr.first, cr.total, data
+
+
 def _stream_body(resp: requests.Response, offset: int, length: int, what: str, sink: RangeSink) -> bytes:
     done = 0
     while done < length:

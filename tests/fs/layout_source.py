@@ -71,9 +71,21 @@ class LayoutResolver:
         self.inner = LayerResolver(None, ChunkCache(cache_dir), config or LayerConfig(no_background_fetch=True))
         self.opened = 0
         self.sources: list[FileBlobSource] = []
+        self.tails_fetched: list[str] = []
 
-    def open_layer(self, ref: Reference, descriptor: Mapping, *, key_digest: str | None = None):
+    def open_layer(self, ref: Reference, descriptor: Mapping, *, key_digest: str | None = None, early_tail=None):
         source = FileBlobSource(blob_file(self.client._layout(ref), descriptor["digest"]))
         self.sources.append(source)
         self.opened += 1
-        return self.inner.open_layer_from_source(source, descriptor, key_digest=key_digest)
+        return self.inner.open_layer_from_source(source, descriptor, key_digest=key_digest, early_tail=early_tail)
+
+    def fetch_tail(self, ref: Reference, digest: str) -> tuple[int, int, bytes]:
+        """What `RegistryClient.read_blob_tail` answers, from the layout file (NotFoundError for a
+        digest that names no blob, as a registry does)."""
+        self.tails_fetched.append(digest)
+        path = blob_file(self.client._layout(ref), digest)
+        if not path.exists():
+            raise NotFoundError(f"{ref}: blob {digest} unknown")
+        data = path.read_bytes()
+        start = max(0, len(data) - self.inner.config.tail_size)
+        return start, len(data), data[start:]

@@ -113,6 +113,17 @@ def test_streamed_range_starts_over_after_a_broken_body(fault_proxy, blob, actio
     assert offsets == [1000 + sum(len(p) for _, p in retry[:i]) for i in range(len(retry))]
 
 
+def test_tail_from_a_server_that_ignores_ranges_is_refused(fault_proxy, blob):
+    """A 200 with the whole blob is not a tail: refused, not read (it could be gigabytes)."""
+    data, digest, name = blob
+    fault_proxy.add_rule("ignore_range", times=-1, path_contains="/blobs/")
+    with client_for() as client:
+        with pytest.raises(ShortReadError, match="no usable suffix range"):
+            client.read_blob_tail(parse_reference(f"{fault_proxy.host}/{name}"), digest, 1000)
+        # a plain range from the same server still works (skipped to in the full body)
+        assert client.read_blob_range(parse_reference(f"{fault_proxy.host}/{name}"), digest, 10, 5) == data[10:15]
+
+
 def test_open_blob_resumes_after_a_reset(fault_proxy, blob):
     data, digest, name = blob
     fault_proxy.add_rule("reset_mid_body", path_contains="/blobs/", method="GET")

@@ -125,6 +125,18 @@ def test_read_blob_range_returns_exactly_the_bytes(client, repo, blob):
         client.read_blob_range(repo, digest, -1, 10)
 
 
+def test_read_blob_tail_needs_no_size(client, repo, blob, registry):
+    data, digest = blob
+    before = registry.blob_get_count(digest)
+    assert client.read_blob_tail(repo, digest, 13 << 10) == (len(data) - (13 << 10), len(data), data[-(13 << 10):])
+    assert client.read_blob_tail(repo, digest, 1 << 20) == (0, len(data), data)  # shorter blob: all of it
+    assert registry.blob_get_count(digest) == before + 2
+    with pytest.raises(NotFoundError):
+        client.read_blob_tail(repo, "sha256:" + "0" * 64, 100)
+    with pytest.raises(ValueError):
+        client.read_blob_tail(repo, digest, 0)
+
+
 def test_read_blob_ranges_uses_one_multipart_request(client, repo, blob, registry):
     data, digest = blob
     ranges = [(250_000, 100), (10, 20), (25, 100), (10, 20), (100_000, 50_000), (299_990, 10), (500, 0)]
