@@ -45,7 +45,7 @@ _TABLES: dict[str, tuple[set[str], set[str]]] = {
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
-         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open"},
+         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb"},
         set(),
     ),
 }
@@ -58,6 +58,8 @@ DAEMON_READAHEAD_KB = 0
 DAEMON_NEIGHBOUR_FETCH_KB = 64
 # `executable_fetch_limit_mb`: see LayerConfig.executable_fetch_limit.
 DAEMON_EXECUTABLE_FETCH_MB = 64
+# `small_layer_fetch_kb`: see LayerConfig.small_layer_fetch_size.
+DAEMON_SMALL_LAYER_FETCH_KB = 2048
 
 
 class ConfigError(Exception):
@@ -112,6 +114,7 @@ def _build(doc: Mapping[str, Any]) -> StoreConfig:
     layer.prefetch_wait = _bool(store, "wait_for_prefetch", layer.prefetch_wait)
     layer.executable_fetch_limit = _int_or_off(store, "executable_fetch_limit_mb", DAEMON_EXECUTABLE_FETCH_MB) << 20
     layer.neighbour_fetch_size = _int_or_off(store, "neighbour_fetch_kb", DAEMON_NEIGHBOUR_FETCH_KB) << 10
+    layer.small_layer_fetch_size = _int_or_off(store, "small_layer_fetch_kb", DAEMON_SMALL_LAYER_FETCH_KB) << 10
     layer.no_background_fetch = _bool(doc, "no_background_fetch", layer.no_background_fetch)
     layer.disable_verification = _bool(doc, "disable_verification", layer.disable_verification)
     layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1)

@@ -127,8 +127,9 @@ class ImagePool:
         self._images: dict[str, _Image] = {}
         self._pending: dict[str, Future[_Image]] = {}
         # (ref key, blob digest) -> the tail of the blob podman asked for first, fetched while the
-        # manifest is (`_start_early_tail`)
+        # manifest is (`_start_early_tail`); refs whose manifest is being fetched
         self._early_tails: dict[tuple[str, str], Future] = {}
+        self._manifest_pending: set[str] = set()
         self._negative: dict[str, tuple[float, FsError]] = {}
         self._refcounts: dict[tuple[str, str], int] = {}
         self._layer_numbers: dict[tuple[str, str], int] = {}
@@ -245,10 +246,11 @@ class ImagePool:
                 reference = self._refs.get(ref)
                 if reference is None:
                     raise InvalidName(f"unknown reference key {ref!r}")  # canonical_ref always runs first
+                self._manifest_pending.add(ref)
                 future = self._image_executor.submit(self._resolve_image, ref, reference)
                 self._pending[ref] = future
-                if first_key is not None:
-                    self._start_early_tail(ref, reference, first_key)
+            if first_key is not None and ref in self._manifest_pending and (ref, first_key) not in self._early_tails:
+                self._start_early_tail(ref, self._refs[ref], first_key)
         if not wait:
             return None
         try:
@@ -286,6 +288,7 @@ class ImagePool:
             if image is None:
                 image = self._fetch_image(key, ref)
             else:
+                self._manifest_known(key)
                 self._index_layers(key, image, image.manifest, self._diff_ids(key, image.config_raw))
         except Exception as e:
             error = _as_fs_error(e, f"resolving {key}")
@@ -293,6 +296,7 @@ class ImagePool:
                 self._pending.pop(key, None)
                 self._negative[key] = (time.monotonic() + self.config.negative_ttl, error)
                 self._counters["image_resolve_failures"] += 1
+                self._manifest_pending.discard(key)
                 self._drop_early_tails(key)
             log.info("cannot resolve %s: %s", key, error)
             raise error from None
@@ -305,6 +309,11 @@ class ImagePool:
         log.info("resolved %s: manifest %s, %d layers", key, image.manifest.digest, len(image.slots))
         return image
 
+    def _manifest_known(self, key: str) -> None:
+        """From now on the layers' own opens fetch their tails: no more early ones."""
+        with self._lock:
+            self._manifest_pending.discard(key)
+
     def _drop_early_tails(self, key: str) -> None:
         for k in [k for k in self._early_tails if k[0] == key]:
             self._early_tails.pop(k).cancel()
@@ -313,7 +322,10 @@ class ImagePool:
         """Manifest, then the layers' TOCs and the config at the same time: the layers do not
         need the config (only their `info` files do, for the DiffID), so the TOCs are not held
         up a round trip by it."""
-        manifest = self.client.get_manifest(ref, self.config.platform)
+        try:
+            manifest = self.client.get_manifest(ref, self.config.platform)
+        finally:
+            self._manifest_known(key)
         image = _Image(ref, manifest, b"", from_disk=False)
         self._index_layers(key, image, manifest, None)
         for slot in image.slots.values():

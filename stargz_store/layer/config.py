@@ -40,6 +40,8 @@ class LayerConfig:
                                             # it is at most this many compressed bytes (0: off)
     neighbour_fetch_size: int = 0           # a miss on a small file also fetches the files stored next to it
                                             # in the same directory, up to this many compressed bytes (0: off)
+    small_layer_fetch_size: int = 0         # the first miss in a layer whose data is at most this many compressed
+                                            # bytes fetches the whole layer, the wanted bytes first (0: off)
     # Extras beyond the shared contract:
     max_request_size: int = 16 << 20        # a coalesced request is not grown past this (parallelism)
     prefetch_request_size: int = 64 << 20   # a larger prioritized region is fetched in pieces of this

@@ -81,7 +81,7 @@ class Layer:
         self.scheduler = scheduler or FetchScheduler()
         self._counters = Counters(
             *FETCH_COUNTERS, "chunks_fetched", "cache_hits", "cache_misses", "prefetch_bytes", "neighbour_chunks",
-            "executable_chunks", "ahead_chunks",
+            "executable_chunks", "ahead_chunks", "small_layer_chunks",
             "blob_cache_hits", "cache_write_errors",
         )
         self._fetcher = Fetcher(
@@ -103,6 +103,8 @@ class Layer:
         self._chunk_starts: OrderedDict[int, list[int]] = OrderedDict()  # ino -> chunk file offsets
         self._blob_order: tuple[list[TocEntry], list[int]] | None = None
         self._programs_seen: set[int] = set()
+        # A small layer is fetched whole at its first miss (`_small_layer_rest`), once.
+        self._small_layer_pending = 0 < self.parsed.toc_offset <= self.config.small_layer_fetch_size
         # Called (layer, entry) after the first read of an ELF file's start; set by the daemon.
         self.on_program_read: Callable[[Layer, TocEntry], None] | None = None
 
@@ -194,8 +196,30 @@ class Layer:
             if entry is not None and len(entry.chunks) > 1 and entry.mode & 0o111:
                 self._ride_along(self._rest_of_executable(entry, missing).values(), "executable_chunks", False,
                                  extents, flights)
+            if self._small_layer_pending:
+                self._small_layer_pending = False
+                before = self._small_layer_rest(extents, flights)
+                if before:
+                    self._fetcher.dispatch(before, flights)
             self._fetcher.dispatch(extents, flights)
         return got, {**mine, **theirs}
+
+    def _small_layer_rest(self, extents: list[Extent], flights: dict[str, Flight]) -> list[Extent]:
+        """Add every other uncached chunk of a small layer to the request being planned: those
+        stored after the wanted bytes go into it (streamed behind them), those before come back
+        as a second request, run alongside, so the reader still gets its bytes first.
+
+        A layer of a megabyte or two (a busybox, alpine or distroless base) is read all over when
+        a container starts: its shell, its libc, /etc. Each miss in it costs a round trip and a
+        new TCP slow start; fetched whole at the first miss, it arrives at link speed while the
+        runtime is still setting up. Bounded by `small_layer_fetch_size` compressed bytes."""
+        first_wanted = min(e.start for e in extents)
+        rest = self._uncached(c for e in self.toc.files_in_blob_order() for c in e.chunks)
+        later = [c for c in rest if c.blob_offset >= first_wanted]
+        self._ride_along(later, "small_layer_chunks", False, extents, flights)
+        before: list[Extent] = []
+        self._ride_along([c for c in rest if c.blob_offset < first_wanted], "small_layer_chunks", False, before, flights)
+        return before
 
     def _uncached(self, chunks: Iterable[Chunk]) -> list[Chunk]:
         """The chunks that would need a fetch: not in the cache, and not zstd holes (made locally)."""

@@ -33,10 +33,11 @@ def test_keys_reach_the_components():
         "store": {"negative_cache_ttl_sec": 2, "resolve_timeout_sec": 11, "memory_cache_size_mb": 8,
                   "platform": "linux/arm64", "read_ahead_kb": 512, "wait_for_prefetch": True,
                   "neighbour_fetch_kb": 32, "executable_fetch_limit_mb": 5,
-                  "fuse_no_open": False},
+                  "fuse_no_open": False, "small_layer_fetch_kb": 512},
     })
     assert cfg.layer.no_prefetch and cfg.layer.no_background_fetch and cfg.layer.prefetch_wait
     assert (cfg.layer.neighbour_fetch_size, cfg.layer.executable_fetch_limit) == (32 << 10, 5 << 20)
+    assert cfg.layer.small_layer_fetch_size == 512 << 10
     assert (cfg.layer.prefetch_size, cfg.layer.prefetch_timeout, cfg.layer.max_concurrency) == (1234, 3, 3)
     assert cfg.layer.fetch_timeout == 4 and cfg.registry.max_retries == 1 and cfg.registry.read_timeout == 9
     assert (cfg.pool.release_grace, cfg.pool.negative_ttl, cfg.pool.resolve_timeout) == (7, 2, 11)
@@ -50,8 +51,10 @@ def test_daemon_defaults_of_the_latency_features():
     layer = config_from_toml({}).layer
     assert not layer.prefetch_wait
     assert (layer.neighbour_fetch_size, layer.executable_fetch_limit) == (64 << 10, 64 << 20)
-    off = config_from_toml({"store": {"neighbour_fetch_kb": 0, "executable_fetch_limit_mb": 0}}).layer
-    assert (off.neighbour_fetch_size, off.executable_fetch_limit) == (0, 0)
+    assert layer.small_layer_fetch_size == 2 << 20
+    off = config_from_toml({"store": {"neighbour_fetch_kb": 0, "executable_fetch_limit_mb": 0,
+                                      "small_layer_fetch_kb": 0}}).layer
+    assert (off.neighbour_fetch_size, off.executable_fetch_limit, off.small_layer_fetch_size) == (0, 0, 0)
 
 
 def test_unknown_keys_are_warned_not_fatal(caplog):

@@ -88,11 +88,15 @@ def tail_was_read(resolver: LayoutResolver, digest: str) -> bool:
     raise AssertionError(f"layer {digest} was never opened")
 
 
-def test_first_layer_tail_is_fetched_while_the_manifest_is(setup, testdata):
+@pytest.mark.parametrize("ref_dir_first", [True, False], ids=["ref-dir-then-layer", "layer-only"])
+def test_first_layer_tail_is_fetched_while_the_manifest_is(setup, testdata, ref_dir_first):
+    """Podman looks up the ref directory (which starts the resolve) and then the layer."""
     ref, layers = ref_and_layers(testdata)
     first = layers[1]["digest"]
     model, pool, client, resolver = setup(manifest_gate=lambda: first in resolver_box[0].tails_fetched)
     resolver_box = [resolver]
+    if ref_dir_first:
+        model.getattr(f"/{b64(ref)}")
     attr = model.getattr(f"/{b64(ref)}/{first}/diff")
     assert attr.mode and client.gates_opened["manifest"], "the manifest request waited in vain for the tail request"
     assert resolver.tails_fetched == [first]
