@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import logging
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -332,14 +332,13 @@ class ImagePool:
             self._submit_open(image, slot)
         try:
             config_raw = self.client.get_blob(ref, manifest.config["digest"])
-            diff_ids = self._diff_ids(key, config_raw)
+            self._set_diff_ids(key, image, manifest, self._diff_ids(key, config_raw))
+            image.config_raw = config_raw
         except Exception as e:
             image.config_error = _as_fs_error(e, f"config of {key}")
             raise
         finally:
-            image.config_ready.set()  # layers opened meanwhile see the DiffIDs or the error
-        image.config_raw = config_raw
-        self._set_diff_ids(key, image, manifest, diff_ids)
+            image.config_ready.set()  # layers opened meanwhile see the DiffIDs (set first) or the error
         with self._lock:
             self._counters["image_resolves"] += 1
         self._save_to_disk(ref, manifest, config_raw)
