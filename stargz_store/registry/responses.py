@@ -72,6 +72,14 @@ def read_exact_body(resp: requests.Response, limit: int) -> bytes:
         raise TransientError(ShortReadError(f"reading {redact(resp)} failed ({type(exc).__name__})")) from None
 
 
+def read_exactly(resp: requests.Response, length: int, what: str) -> bytes:
+    """`length` body bytes; fewer (a body cut short) is a transient ShortReadError."""
+    data = read_exact_body(resp, length)
+    if len(data) < length:
+        raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
+    return data
+
+
 def redact(resp: requests.Response) -> str:
     return redact_url(resp.url)
 
@@ -102,10 +110,7 @@ def consume_single_range(
             raise TransientError(ShortReadError(f"{what}: server sent only {cr.length} bytes"))
         if sink is not None:
             return _stream_body(resp, offset, length, what, sink)
-        data = read_exact_body(resp, length)
-        if len(data) < length:
-            raise TransientError(ShortReadError(f"{what}: got {len(data)} of {length} bytes"))
-        return data
+        return read_exactly(resp, length, what)
     # 200: the server ignored Range; skip to the offset in the stream and stop after the range.
     skipped = 0
     while skipped < offset:
@@ -134,10 +139,7 @@ def consume_suffix_range(resp: requests.Response, length: int, what: str) -> tup
     if cr is None or cr.total is None or cr.last != cr.total - 1 or cr.length > length:
         raise ShortReadError(f"{what}: no usable suffix range in the answer (HTTP {resp.status_code}, "
                              f"Content-Range {resp.headers.get('Content-Range')!r})")
-    data = read_exact_body(resp, cr.length)
-    if len(data) < cr.length:
-        raise TransientError(ShortReadError(f"{what}: got {len(data)} of {cr.length} bytes"))
-    return cr.first, cr.total, data
+    return cr.first, cr.total, read_exactly(resp, cr.length, what)
 
 
 def _stream_body(resp: requests.Response, offset: int, length: int, what: str, sink: RangeSink) -> bytes:
@@ -167,10 +169,7 @@ def consume_multi_range(resp: requests.Response, regions: list[tuple[int, int]],
         cr = parse_content_range(resp.headers.get("Content-Range"))
         if cr is None:
             raise TransientError(ShortReadError(f"{what}: 206 without Content-Range"))
-        data = read_exact_body(resp, cr.length)
-        if len(data) != cr.length:
-            raise TransientError(ShortReadError(f"{what}: got {len(data)} of {cr.length} bytes"))
-        return [(cr.first, data)]
+        return [(cr.first, read_exactly(resp, cr.length, what))]
     expected = resp.headers.get("Content-Length")
     limit = int(expected) if expected and expected.isdigit() else sum(l for _, l in regions) + 4096 * len(regions) + 65536
     body = read_exact_body(resp, limit)
