@@ -484,11 +484,7 @@ class ImagePool:
         with self._lock:
             early_tail = self._early_tails.pop((str(image.ref), slot.blob_digest), None)
         try:
-            if early_tail is None:
-                layer = self.resolver.open_layer(image.ref, slot.descriptor)
-            else:
-                layer = self.resolver.open_layer(image.ref, slot.descriptor, early_tail=early_tail)
-            layer = self._with_config(image, layer)
+            layer = self._with_config(image, self.resolver.open_layer(image.ref, slot.descriptor, early_tail=early_tail))
         except Exception as e:
             error = _as_fs_error(e, f"{image.ref}: layer {slot.blob_digest}")
             with self._lock:
@@ -639,9 +635,10 @@ class ImagePool:
             log.warning("cannot keep metadata of %s on disk: %s", ref, e)
 
     def _load_from_disk(self, ref: Reference) -> _Image | None:
-        path = self._metadata_path(ref)
-        if path is None or not (path / "meta.json").exists():
+        if not self._metadata_path_exists(ref):
             return None
+        path = self._metadata_path(ref)
+        assert path is not None
         try:
             meta = json.loads((path / "meta.json").read_text())
             raw = (path / "manifest").read_bytes()

@@ -8,7 +8,6 @@ blob, a config that never comes) changes nothing but the timing.
 """
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -21,13 +20,9 @@ from stargz_store.fs.model import StoreModel
 from stargz_store.registry.errors import NotFoundError
 
 from .layout_source import LayoutClient, LayoutResolver
-from .test_model import HOST, config_of, layout_tag, manifest_of, read_all
+from .test_model import HOST, b64, config_of, layout_tag, manifest_of, read_all
 
 NAME = "multilayer-esgz"
-
-
-def b64(ref: str) -> str:
-    return base64.b64encode(ref.encode()).decode()
 
 
 def wait_for(condition, timeout: float = 5.0) -> bool:
