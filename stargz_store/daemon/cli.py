@@ -10,6 +10,11 @@ hundred MB held ~400 MB it no longer used. `tune_malloc` caps the arenas at star
 worker thread exists) and `MemoryTrimmer` hands free heap pages back to the kernel after busy
 periods. Both are no-ops on a libc without them (musl).
 
+Privacy: the data root holds image metadata, counters and cached layer bytes of every image
+(including files other users may not read through the mount), so it is 0700 (an existing wider
+one is tightened at start) and the daemon runs with umask 077 once the mountpoint exists, so
+everything it creates under the root is its own alone.
+
 Counters: SIGUSR1 writes `<root>/stats.json` (atomically). Signals are handled by `Lifecycle`.
 Once mounted, `main` ends the process with `os._exit` after unmounting: worker threads may still
 be inside registry requests, and a stopping daemon must not wait for their timeouts.
@@ -26,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -39,6 +45,8 @@ log = logging.getLogger("stargz_store.daemon")
 DEFAULT_ROOT = "/var/lib/stargz-store"
 EXIT_OK, EXIT_MOUNT_FAILED, EXIT_USAGE = 0, 1, 2
 LOCK_NAME = "stargz-store.lock"
+ROOT_MODE = 0o700
+PRIVATE_UMASK = 0o077
 LOOP_ENDED_WITH_ERROR = 8
 _LEVELS = {
     "trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -71,10 +79,20 @@ def setup_logging(level: str) -> None:
     logging.getLogger("fuse").setLevel(max(_LEVELS[level], logging.INFO))
 
 
+def prepare_root(root: Path) -> None:
+    """Create the data root 0700, or tighten an existing one that others could enter (logged):
+    what is under it was written by root for root."""
+    root.mkdir(mode=ROOT_MODE, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(root.stat().st_mode)
+    if mode & ~ROOT_MODE:
+        log.warning("data root %s had mode %04o; tightening it to %04o", root, mode, ROOT_MODE)
+        os.chmod(root, ROOT_MODE)
+
+
 def acquire_root_lock(root: Path) -> IO[str]:
     """Hold an exclusive lock on `<root>/stargz-store.lock` for the life of the process."""
     path = root / LOCK_NAME
-    f = open(path, "a+")
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -290,9 +308,10 @@ def main(argv: list[str]) -> int:
         log.info("--addr %s ignored: this store takes credentials from resolver.auth_file", args.addr)
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG_PATH, explicit=args.config is not None)
-        root.mkdir(parents=True, exist_ok=True)
+        prepare_root(root)
         lock = acquire_root_lock(root)
         prepare_mountpoint(mountpoint)
+        os.umask(PRIVATE_UMASK)  # after the mountpoint (and any parent it needed) was made 0755
     except (ConfigError, StartupError) as e:
         log.error("%s", e)
         return EXIT_USAGE

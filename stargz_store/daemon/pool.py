@@ -123,7 +123,6 @@ class ImagePool:
         self.config = config or PoolConfig()
         self.metadata_dir = metadata_dir
         self._lock = threading.RLock()  # re-entered when a refresh indexes new layers
-        self._refs: dict[str, Reference] = {}
         self._images: dict[str, _Image] = {}
         self._pending: dict[str, Future[_Image]] = {}
         # (ref key, blob digest) -> the tail of the blob podman asked for first, fetched while the
@@ -164,14 +163,11 @@ class ImagePool:
     # -- LayerProvider ------------------------------------------------------------------------
 
     def canonical_ref(self, text: str) -> str:
-        try:
-            ref = parse_reference(text)
-        except InvalidReferenceError as e:
-            raise InvalidName(f"invalid image reference {text!r}: {e}") from None
-        key = str(ref)
-        with self._lock:
-            self._refs.setdefault(key, ref)
-        return key
+        return str(_parse_ref(text))
+
+    def resolved(self, ref: str, key: str = "") -> bool:
+        image = self._images.get(ref)  # no lock: a dict read is atomic, and a stale answer is harmless
+        return image is not None and (not key or key in image.slots or key in image.by_toc)
 
     def warm(self, ref: str) -> None:
         try:
@@ -242,15 +238,13 @@ class ImagePool:
                     raise _fresh(negative[1])
                 del self._negative[ref]
             future = self._pending.get(ref)
+            reference = _parse_ref(ref)  # a key canonical_ref made: parses back to the same reference
             if future is None:
-                reference = self._refs.get(ref)
-                if reference is None:
-                    raise InvalidName(f"unknown reference key {ref!r}")  # canonical_ref always runs first
                 self._manifest_pending.add(ref)
                 future = self._image_executor.submit(self._resolve_image, ref, reference)
                 self._pending[ref] = future
             if first_key is not None and ref in self._manifest_pending and (ref, first_key) not in self._early_tails:
-                self._start_early_tail(ref, self._refs[ref], first_key)
+                self._start_early_tail(ref, reference, first_key)
         if not wait:
             return None
         try:
@@ -695,6 +689,13 @@ class _LayerInfos(Mapping[str, bytes]):
 
     def __len__(self) -> int:
         return len(set(self._keys))
+
+
+def _parse_ref(text: str) -> Reference:
+    try:
+        return parse_reference(text)
+    except InvalidReferenceError as e:
+        raise InvalidName(f"invalid image reference {text!r}: {e}") from None
 
 
 def _fresh(error: FsError) -> FsError:

@@ -34,11 +34,14 @@ class Attr:
         return stat.S_ISREG(self.mode)
 
 
-def dir_attr(ino: int, *, mode: int = 0o500, nlink: int = 2) -> Attr:
-    """A synthetic store directory (`dr-x------`, root), as stargz-store shows its own nodes."""
+def dir_attr(ino: int, *, mode: int = 0o555, nlink: int = 2) -> Attr:
+    """A synthetic store directory (`dr-xr-xr-x`, root): anyone may walk through to the layers'
+    own trees, whose modes then decide; nobody may write in it (root, who sends the `use` and
+    `rmdir` notifications, passes any mode). The Go store shows `dr-x------` but enforces nothing."""
     return Attr(ino=ino, mode=stat.S_IFDIR | mode, nlink=nlink)
 
 
 def file_attr(ino: int, size: int, *, mode: int = 0o400) -> Attr:
-    """A synthetic store file (`-r--------`, root): info, blob, manifest, config."""
+    """A synthetic store file (`-r--------`, root): info, blob, manifest, config. Root's alone: a
+    blob holds every file of the layer, a config may hold secrets in its `Env`."""
     return Attr(ino=ino, mode=stat.S_IFREG | mode, size=size)

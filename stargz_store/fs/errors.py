@@ -19,6 +19,11 @@ class InvalidName(FsError):
     """A name that can never be valid here: bad base64, bad reference, bad digest (EINVAL)."""
 
 
+class PermissionDenied(FsError):
+    """The caller may not make the store do this: only root may resolve an image that is not
+    resolved yet or send notifications (EACCES)."""
+
+
 class LayerUnavailable(FsError):
     """The data exists but cannot be fetched or verified right now (EIO)."""
 

@@ -1,7 +1,12 @@
 """The FUSE side: mfusepy `Operations` over a `StoreModel`, and the mount call.
 
-This module only translates: paths and handles in, stat dicts and bytes out, and model errors to
-errno in exactly one place (`ERRNO`). Mount decisions that matter for podman and for speed:
+This module only translates: paths, handles and the request's uid (`Caller`) in, stat dicts and
+bytes out, and model errors to errno in exactly one place (`ERRNO`). Mount decisions that matter
+for podman, for security and for speed:
+- `default_permissions`: the kernel checks every access against the modes and owners we report
+  (the layers' own, and root-only store files), as on a local filesystem; with `allow_other` and
+  without it, any local user could read every file of every image. Root (containers/storage)
+  passes every check, so lookups, `use` and `rmdir` still reach the store;
 - not mounted `ro`: an `ro` mount makes the kernel answer EROFS to `create(use)` and `rmdir`
   itself, and the store would never see the notifications; we refuse other writes ourselves;
 - layer content is immutable, so attribute/entry timeouts are long and the kernel page cache is
@@ -29,6 +34,7 @@ import ctypes
 import mfusepy as fuse
 
 from .attrs import Attr
+from .caller import Caller
 from .errors import (
     BadHandle,
     EntryNotFound,
@@ -39,6 +45,7 @@ from .errors import (
     NoSuchAttribute,
     NotADirectory,
     NotASymlink,
+    PermissionDenied,
     ReadOnly,
 )
 from .model import StoreModel
@@ -55,6 +62,7 @@ ERRNO: dict[type[FsError], int] = {
     IsADirectory: errno.EISDIR,
     NotASymlink: errno.EINVAL,
     BadHandle: errno.EBADF,
+    PermissionDenied: errno.EACCES,
 }
 
 
@@ -75,6 +83,7 @@ class MountOptions:
     negative_timeout: float = 0.0
     kernel_cache: bool = True
     allow_other: bool = True
+    default_permissions: bool = True  # the kernel enforces modes and owners (not a config key: always on)
     debug: bool = False
     fsname: str = "stargzstore"
     read_ahead_kb: int = 4096  # 0 = leave the kernel's default
@@ -120,8 +129,14 @@ def stat_dict(attr: Attr) -> dict[str, Any]:
     }
 
 
+def request_caller() -> Caller:
+    """The uid of the FUSE request this thread is serving (libfuse's request context)."""
+    return Caller(fuse.fuse_get_context()[0])
+
+
 class StoreOperations(fuse.Operations):
-    """mfusepy callbacks. Times are integer nanoseconds (`use_ns`)."""
+    """mfusepy callbacks. Times are integer nanoseconds (`use_ns`). `caller` says who sent the
+    request being served (tests outside a FUSE request pass their own)."""
 
     use_ns = True
 
@@ -131,11 +146,13 @@ class StoreOperations(fuse.Operations):
         options: MountOptions,
         mountpoint: str = "",
         on_ready: Callable[[], None] | None = None,
+        caller: Callable[[], Caller] = request_caller,
     ) -> None:
         self.model = model
         self.options = options
         self.mountpoint = mountpoint
         self.on_ready = on_ready
+        self.caller = caller
         self._dir_listings: dict[int, list[tuple[str, Attr | None]] | None] = {}
         self._next_dir_handle = 1
         self._dir_lock = threading.Lock()
@@ -181,24 +198,24 @@ class StoreOperations(fuse.Operations):
 
     @_translating
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        return stat_dict(self.model.getattr(path))
+        return stat_dict(self.model.getattr(path, caller=self.caller()))
 
     @_translating
     def attr(self, path: str) -> Attr:
         """`getattr` without the dict: what `StoreFUSE` copies into the kernel's stat buffer."""
-        return self.model.getattr(path)
+        return self.model.getattr(path, caller=self.caller())
 
     @_translating
     def readdir(self, path: str, fh: int) -> list:
         out: list = [(".", None, 0), ("..", None, 0)]
-        for name, attr in self.model.readdir(path):
+        for name, attr in self.model.readdir(path, caller=self.caller()):
             out.append((name, {"st_mode": attr.mode, "st_ino": attr.ino} if attr else None, 0))
         return out
 
     @_translating
     def listing(self, path: str) -> list[tuple[str, Attr | None]]:
         """`readdir` as `(name, Attr or None)` pairs, `.` and `..` first (no attributes)."""
-        return [(".", None), ("..", None), *self.model.readdir(path)]
+        return [(".", None), ("..", None), *self.model.readdir(path, caller=self.caller())]
 
     def opendir(self, path: str) -> int:
         """A directory handle: its listing is taken at the first readdir and kept until
@@ -226,19 +243,19 @@ class StoreOperations(fuse.Operations):
 
     @_translating
     def readlink(self, path: str) -> str:
-        return self.model.readlink(path)
+        return self.model.readlink(path, caller=self.caller())
 
     @_translating
     def open(self, path: str, flags: int) -> int:
         if self._no_open:
-            self.model.check_open(path, flags)  # refusals still apply to this open
+            self.model.check_open(path, flags, caller=self.caller())  # refusals still apply to this open
             raise fuse.FuseOSError(errno.ENOSYS)  # success, and no OPEN for any later open
-        return self.model.open(path, flags)
+        return self.model.open(path, flags, caller=self.caller())
 
     @_translating
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         if fh == 0:  # opened without OPEN (no_open): model handles start at 1
-            return self.model.read_path(path, offset, size)
+            return self.model.read_path(path, offset, size, caller=self.caller())
         return self.model.read(fh, offset, size)
 
     @_translating
@@ -249,11 +266,11 @@ class StoreOperations(fuse.Operations):
 
     @_translating
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        return self.model.getxattr(path, name)
+        return self.model.getxattr(path, name, caller=self.caller())
 
     @_translating
     def listxattr(self, path: str) -> list[str]:
-        return self.model.listxattr(path)
+        return self.model.listxattr(path, caller=self.caller())
 
     @_translating
     def statfs(self, path: str) -> dict[str, int]:
@@ -261,12 +278,12 @@ class StoreOperations(fuse.Operations):
 
     @_translating
     def create(self, path: str, mode: int, fi=None) -> int:
-        self.model.create(path)
+        self.model.create(path, caller=self.caller())
         return 0  # not reached: create always raises
 
     @_translating
     def rmdir(self, path: str) -> int:
-        self.model.rmdir(path)
+        self.model.rmdir(path, caller=self.caller())
         return 0
 
     # Every other write: EROFS, after validating the name like a lookup would.
@@ -414,6 +431,7 @@ def mount(
     kwargs: dict[str, Any] = {
         "foreground": True,
         "allow_other": options.allow_other,
+        "default_permissions": options.default_permissions,
         "fsname": options.fsname,
         "subtype": "stargz-store",
         "debug": options.debug,

@@ -1,16 +1,24 @@
 """The Additional Layer Store tree, free of FUSE: paths in, `Attr`/bytes/typed errors out.
 
-Layout (additional-layer-store.md §2, §9.1)::
+Layout (additional-layer-store.md §2, §9.1), with the modes the kernel enforces (the mount has
+`default_permissions`; every store node is owned by root)::
 
-    /                                  root (lists the references resolved so far)
+    /                                  0711; lists the references resolved so far (to root)
     /pool                              symlink to `<root>/pool` (readiness probe of stargz-store scripts)
-    /<base64(ref)>/                    EINVAL unless strict base64 of a valid reference
-    /<base64(ref)>/manifest, config    the image's manifest and config, for humans
-    /<base64(ref)>/<digest>/           EINVAL unless a digest; `rmdir` = release notification
-    /<base64(ref)>/<digest>/diff/...   the layer tree (`LayerTree`)
-    /<base64(ref)>/<digest>/info       containers/storage layer JSON for this key
-    /<base64(ref)>/<digest>/blob       the raw compressed layer
+    /<base64(ref)>/                    0555; EINVAL unless strict base64 of a valid reference
+    /<base64(ref)>/manifest, config    0400: the image's manifest and config, for humans
+    /<base64(ref)>/<digest>/           0555; EINVAL unless a digest; `rmdir` = release notification
+    /<base64(ref)>/<digest>/diff/...   the layer tree (`LayerTree`), with the TOC's modes and owners
+    /<base64(ref)>/<digest>/info       0400: containers/storage layer JSON for this key
+    /<base64(ref)>/<digest>/blob       0400: the raw compressed layer (every file's bytes: root only)
     /<base64(ref)>/<digest>/use        never exists; creating it = use notification (ENOENT)
+
+So another user reads, of the images root has resolved, what the layers' own mode bits allow (as
+inside a container), but cannot list which images the node holds, nor read manifests, configs
+(they may hold secrets in `Env`) or raw blobs. Only root may make the store resolve: any other
+caller's lookup of an image that is not resolved yet, or of a layer key its image does not list,
+is EACCES before any registry request or any bookkeeping (`_parse`). The notifications need
+write access to their directory, which only root has.
 
 Ref and layer directories exist as soon as their names are valid, without any registry access, so
 that `use` and `rmdir` work for layers that were never resolved (and after a restart). Resolving
@@ -35,6 +43,7 @@ from typing import Mapping, Protocol
 
 from ..formats.toc import SYMLINK, TocEntry
 from .attrs import Attr, dir_attr, file_attr
+from .caller import Caller
 from .errors import (
     BadHandle,
     EntryNotFound,
@@ -45,6 +54,7 @@ from .errors import (
     NoSuchAttribute,
     NotADirectory,
     NotASymlink,
+    PermissionDenied,
     ReadOnly,
 )
 from .layer_tree import DiffNode, LayerTree
@@ -56,6 +66,7 @@ POOL_LINK = "pool"
 DIFF, INFO, BLOB, USE = "diff", "info", "blob", "use"
 MANIFEST, CONFIG = "manifest", "config"
 LAYER_FILES = (BLOB, DIFF, INFO)
+ROOT_DIR_MODE = 0o711  # anyone may walk through to an image they name; only root lists them
 _DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$")
 
 
@@ -112,7 +123,12 @@ class LayerProvider(Protocol):
     """The image pool, seen from the filesystem. Blocking calls are bounded by the pool's timeout."""
 
     def canonical_ref(self, text: str) -> str:
-        """Validate a decoded reference string; returns the cache key. Raises `InvalidName`."""
+        """Validate a decoded reference string; returns the cache key. Raises `InvalidName`.
+        Records nothing: any caller's name goes through it."""
+
+    def resolved(self, ref: str, key: str = "") -> bool:
+        """Whether the image is resolved now (and, with `key`, lists that layer key): answering
+        about it needs no new registry metadata. What a non-root caller may look at."""
 
     def warm(self, ref: str) -> None:
         """Start resolving the image in the background (no wait, no error)."""
@@ -176,7 +192,15 @@ class StoreModel:
             raise InvalidName(f"{name!r} is not a base64-encoded image reference") from None
         return self.provider.canonical_ref(text)
 
-    def _parse(self, path: str) -> _Path:
+    def _parse(self, path: str, caller: Caller) -> _Path:
+        """Parse `path` and admit `caller` to it (see the module docstring: root may resolve
+        anything, others only look at what is resolved already)."""
+        p = self._parse_name(path)
+        if p.ref and not caller.privileged and not self.provider.resolved(p.ref, p.key):
+            raise PermissionDenied(f"uid {caller.uid} may not resolve {p.ref}{' ' + p.key if p.key else ''}")
+        return p
+
+    def _parse_name(self, path: str) -> _Path:
         parts = path.strip("/").split("/", 3) if path not in ("", "/") else []
         if not parts:
             return _Path("root")
@@ -217,10 +241,10 @@ class StoreModel:
 
     # -- metadata ---------------------------------------------------------------------------
 
-    def getattr(self, path: str) -> Attr:
-        p = self._parse(path)
+    def getattr(self, path: str, *, caller: Caller) -> Attr:
+        p = self._parse(path, caller)
         if p.kind == "root":
-            return dir_attr(ROOT_INO, mode=0o755)
+            return dir_attr(ROOT_INO, mode=ROOT_DIR_MODE)
         if p.kind == "pool":
             target = (self.pool_target or "").encode()
             return Attr(ino=self._small_ino(POOL_LINK), mode=stat.S_IFLNK | 0o400, size=len(target))
@@ -242,9 +266,9 @@ class StoreModel:
         served = self.provider.layer(p.ref, p.key)
         return served.tree.attr(served.tree.lookup(p.name))
 
-    def readdir(self, path: str) -> list[tuple[str, Attr | None]]:
+    def readdir(self, path: str, *, caller: Caller) -> list[tuple[str, Attr | None]]:
         """Names in a directory with their attributes where cheap (None: ask getattr)."""
-        p = self._parse(path)
+        p = self._parse(path, caller)
         if p.kind == "root":
             names = [base64.b64encode(r.encode()).decode("ascii") for r in self.provider.known_refs()]
             if self.pool_target is not None:
@@ -265,8 +289,8 @@ class StoreModel:
             return [(name, tree.attr(node)) for name, node in tree.listdir(p.name)]
         raise NotADirectory(path)
 
-    def readlink(self, path: str) -> str:
-        p = self._parse(path)
+    def readlink(self, path: str, *, caller: Caller) -> str:
+        p = self._parse(path, caller)
         if p.kind == "pool":
             return self.pool_target or ""
         if p.kind != "diff":
@@ -276,15 +300,15 @@ class StoreModel:
             raise NotASymlink(path)
         return node.entry.link_name
 
-    def listxattr(self, path: str) -> list[str]:
-        p = self._parse(path)
+    def listxattr(self, path: str, *, caller: Caller) -> list[str]:
+        p = self._parse(path, caller)
         if p.kind != "diff":
             return []
         served = self.provider.layer(p.ref, p.key)
         return list(served.tree.xattrs(served.tree.lookup(p.name)))
 
-    def getxattr(self, path: str, name: str) -> bytes:
-        p = self._parse(path)
+    def getxattr(self, path: str, name: str, *, caller: Caller) -> bytes:
+        p = self._parse(path, caller)
         if p.kind != "diff":
             raise NoSuchAttribute(name)
         served = self.provider.layer(p.ref, p.key)
@@ -299,9 +323,9 @@ class StoreModel:
 
     # -- data -------------------------------------------------------------------------------
 
-    def open(self, path: str, flags: int = 0) -> int:
+    def open(self, path: str, flags: int = 0, *, caller: Caller) -> int:
         """Open for reading; returns a handle for `read`. Any write access is EROFS."""
-        handle = self._handle_for(path, flags)
+        handle = self._handle_for(path, flags, caller)
         if handle.served is not None:
             handle.served.opened()
         fh = next(self._next_handle)
@@ -309,14 +333,14 @@ class StoreModel:
             self._handles[fh] = handle
         return fh
 
-    def check_open(self, path: str, flags: int = 0) -> None:
+    def check_open(self, path: str, flags: int = 0, *, caller: Caller) -> None:
         """What `open` would refuse (EROFS, EISDIR, ENOENT...), without opening."""
-        self._handle_for(path, flags)
+        self._handle_for(path, flags, caller)
 
-    def _handle_for(self, path: str, flags: int) -> _Handle:
+    def _handle_for(self, path: str, flags: int, caller: Caller) -> _Handle:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise ReadOnly(path)
-        p = self._parse(path)
+        p = self._parse(path, caller)
         if p.kind == "ref_file":
             files = self.provider.image_files(p.ref)
             return _Handle(data=files.manifest if p.name == MANIFEST else files.config)
@@ -353,11 +377,11 @@ class StoreModel:
             raise BadHandle(str(fh))
         return self._read_handle(handle, offset, size)
 
-    def read_path(self, path: str, offset: int, size: int) -> bytes:
+    def read_path(self, path: str, offset: int, size: int, *, caller: Caller) -> bytes:
         """`read` of a file that was never opened here: the kernel skips OPEN once the store has
         said it needs none (no_open, see `fuse_adapter`), and reads name the file by path. A layer
         released meanwhile is reopened by the lookup, so nothing needs pinning."""
-        return self._read_handle(self._handle_for(path, 0), offset, size)
+        return self._read_handle(self._handle_for(path, 0, caller), offset, size)
 
     def _read_handle(self, handle: _Handle, offset: int, size: int) -> bytes:
         if handle.data is not None:
@@ -385,26 +409,37 @@ class StoreModel:
 
     # -- notifications and refused writes ---------------------------------------------------
 
-    def create(self, path: str) -> None:
-        """`<layer>/use` is the use notification: count it and answer ENOENT. Anything else is EROFS."""
-        p = self._parse(path)
+    def create(self, path: str, *, caller: Caller) -> None:
+        """`<layer>/use` is the use notification (root only): count it and answer ENOENT.
+        Anything else is EROFS."""
+        p = self._parse(path, caller)
         if p.kind == "layer_file" and p.name == USE:
+            _require_privileged(caller, path)
             self.provider.use(p.ref, p.key)
             raise EntryNotFound(path)
         raise ReadOnly(path)
 
-    def rmdir(self, path: str) -> None:
-        """rmdir of a layer directory is the release notification: count it and answer ENOENT."""
-        p = self._parse(path)
+    def rmdir(self, path: str, *, caller: Caller) -> None:
+        """rmdir of a layer directory is the release notification (root only): count it and
+        answer ENOENT."""
+        p = self._parse(path, caller)
         if p.kind == "layer":
+            _require_privileged(caller, path)
             self.provider.release(p.ref, p.key)
             raise EntryNotFound(path)
         raise ReadOnly(path)
 
     def refuse_write(self, path: str) -> None:
         """Every other mutating operation: EROFS (names are still validated first)."""
-        self._parse(path)
+        self._parse_name(path)
         raise ReadOnly(path)
+
+
+def _require_privileged(caller: Caller, path: str) -> None:
+    """Notifications pin layers in memory: only root sends them (the kernel already refuses
+    others, who have no write access to store directories; this holds without it too)."""
+    if not caller.privileged:
+        raise PermissionDenied(f"uid {caller.uid} may not send notifications ({path})")
 
 
 def _layer_read(read, offset: int, size: int) -> bytes:

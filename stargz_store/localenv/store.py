@@ -73,7 +73,7 @@ class StoreProcess:
             self.mountpoint.mkdir(parents=True, exist_ok=True)
         except OSError:
             pass  # a dead mount left by a crash (ENOTCONN): the daemon cleans it up
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # what the daemon makes it anyway
         env = dict(os.environ)
         env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as logf:

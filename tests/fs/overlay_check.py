@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any, Mapping
 
+from stargz_store.fs.caller import ROOT
 from stargz_store.fs.model import StoreModel
 
 MTIME_TOLERANCE_NS = 500_000_000  # a TOC keeps whole seconds
@@ -59,11 +60,11 @@ def snapshot_model(model: StoreModel, diff_path: str) -> dict[str, dict[str, Any
     snap: dict[str, dict[str, Any]] = {}
 
     def add(path: str, rel: str) -> None:
-        a = model.getattr(path)
+        a = model.getattr(path, caller=ROOT)
         item = _item(a.mode, a.ino, a.nlink, a.uid, a.gid, a.size, a.mtime_ns, a.rdev)
-        item["xattrs"] = {n: model.getxattr(path, n) for n in model.listxattr(path)}
+        item["xattrs"] = {n: model.getxattr(path, n, caller=ROOT) for n in model.listxattr(path, caller=ROOT)}
         if item["type"] == "reg":
-            fh = model.open(path)
+            fh = model.open(path, caller=ROOT)
             try:
                 data = bytearray()
                 while len(data) < a.size:
@@ -75,10 +76,10 @@ def snapshot_model(model: StoreModel, diff_path: str) -> dict[str, dict[str, Any
                 model.release(fh)
             item["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
         elif item["type"] == "symlink":
-            item["target"] = model.readlink(path)
+            item["target"] = model.readlink(path, caller=ROOT)
         snap[rel] = item
         if item["type"] == "dir":
-            for name, _ in model.readdir(path):
+            for name, _ in model.readdir(path, caller=ROOT):
                 add(f"{path}/{name}", name if rel == "." else f"{rel}/{name}")
 
     add(diff_path, ".")

@@ -9,6 +9,7 @@ import pytest
 
 from stargz_store.fs import errors
 from stargz_store.fs.attrs import Attr
+from stargz_store.fs.caller import ROOT, Caller
 from stargz_store.fs.fuse_adapter import ERRNO, MountOptions, StoreOperations, errno_of, stat_dict
 from stargz_store.fs.model import StoreModel
 
@@ -23,6 +24,7 @@ def test_every_model_error_has_its_errno():
     assert errno_of(errors.LayerUnavailable("x")) == errno.EIO
     assert errno_of(errors.ReadOnly("x")) == errno.EROFS
     assert errno_of(errors.NoSuchAttribute("x")) == errno.ENODATA
+    assert errno_of(errors.PermissionDenied("x")) == errno.EACCES
 
 
 def test_stat_fields():
@@ -58,10 +60,13 @@ class _Provider:
     def known_refs(self):
         return []
 
+    def resolved(self, ref, key=""):
+        return False
+
 
 @pytest.fixture
 def ops():
-    return StoreOperations(StoreModel(_Provider()), MountOptions())
+    return StoreOperations(StoreModel(_Provider()), MountOptions(), caller=lambda: ROOT)
 
 
 def _errno(fn, *args):
@@ -89,6 +94,21 @@ def test_operations_raise_fuse_errors(ops):
     assert ops.statfs("/")["f_namemax"] == 255
 
 
+def test_each_request_is_answered_for_its_own_caller():
+    """The adapter asks who sent each request and hands it to the model: the same path is EACCES
+    for another user (the provider has resolved nothing) and reaches the provider for root."""
+    import base64
+
+    callers = iter([Caller(1000), ROOT, Caller(1000), ROOT])
+    ops = StoreOperations(StoreModel(_Provider()), MountOptions(), caller=lambda: next(callers))
+    diff = f"/{base64.b64encode(b'example.com/a:b').decode()}/sha256:{'a' * 64}/diff"
+    assert _errno(ops.getattr, diff) == errno.EACCES
+    assert _errno(ops.getattr, diff) == errno.EIO  # root: the provider's answer
+    assert _errno(ops.create, diff.replace("/diff", "/use"), 0o644, 0) == errno.EACCES
+    assert not hasattr(ops.model.provider, "used")
+    assert _errno(ops.create, diff.replace("/diff", "/use"), 0o644, 0) == errno.ENOENT
+
+
 def test_fill_stat_reports_what_stat_dict_reports():
     from stargz_store.fs.fuse_adapter import fill_stat
 
@@ -109,14 +129,14 @@ class _ListingModel:
         self.names = names
         self.builds = 0
 
-    def readdir(self, path):
+    def readdir(self, path, *, caller):
         self.builds += 1
         return [(n, Attr(ino=10 + i, mode=stat.S_IFREG | 0o644)) for i, n in enumerate(self.names)]
 
 
 def test_open_directory_keeps_one_listing_across_pages():
     model = _ListingModel([f"f{i}" for i in range(50)])
-    ops = StoreOperations(model, MountOptions())  # type: ignore[arg-type]
+    ops = StoreOperations(model, MountOptions(), caller=lambda: ROOT)  # type: ignore[arg-type]
     fh = ops.opendir("/d")
     first = ops.listing_for("/d", fh, 0)
     assert [n for n, _ in first[:3]] == [".", "..", "f0"] and len(first) == 52

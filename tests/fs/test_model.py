@@ -16,6 +16,7 @@ import weakref
 import pytest
 
 from stargz_store.daemon.pool import ImagePool, PoolConfig
+from stargz_store.fs.caller import ROOT
 from stargz_store.fs.errors import (
     EntryNotFound,
     InvalidName,
@@ -75,7 +76,7 @@ def config_of(testdata, name: str) -> dict:
 
 
 def read_all(model: StoreModel, path: str) -> bytes:
-    fh = model.open(path)
+    fh = model.open(path, caller=ROOT)
     try:
         out = bytearray()
         while True:
@@ -133,11 +134,11 @@ def test_info_for_both_keys_and_blob(store, testdata, name):
         assert new["diff-size"] == (int(size) if size else -1)
 
         # Both keys show the same tree (same inode numbers: one layer behind both).
-        a, b = model.getattr(f"{base}/diff"), model.getattr(f"/{b64(ref)}/{toc_key}/diff")
+        a, b = model.getattr(f"{base}/diff", caller=ROOT), model.getattr(f"/{b64(ref)}/{toc_key}/diff", caller=ROOT)
         assert a == b and stat.S_ISDIR(a.mode)
 
         blob = read_all(model, f"{base}/blob")
-        assert model.getattr(f"{base}/blob").size == desc["size"] == len(blob)
+        assert model.getattr(f"{base}/blob", caller=ROOT).size == desc["size"] == len(blob)
         assert "sha256:" + hashlib.sha256(blob).hexdigest() == blob_key
 
 
@@ -156,19 +157,19 @@ def test_plain_layer_and_unknown_names_are_enoent(store, testdata):
     ref = ref_of(testdata, "multilayer-orig")
     desc = manifest_of(testdata, "multilayer-orig")["layers"][0]
     with pytest.raises(EntryNotFound):
-        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff", caller=ROOT)
     with pytest.raises(EntryNotFound):
-        model.getattr(f"/{b64(ref)}/{desc['digest']}/info")
+        model.getattr(f"/{b64(ref)}/{desc['digest']}/info", caller=ROOT)
     esgz = ref_of(testdata, "multilayer-esgz")
     with pytest.raises(EntryNotFound):
-        model.getattr(f"/{b64(esgz)}/sha256:{'0' * 64}/diff")
+        model.getattr(f"/{b64(esgz)}/sha256:{'0' * 64}/diff", caller=ROOT)
     with pytest.raises(EntryNotFound):
-        model.getattr(f"/{b64(HOST + '/nosuchrepo:1')}/sha256:{'0' * 64}/diff")
+        model.getattr(f"/{b64(HOST + '/nosuchrepo:1')}/sha256:{'0' * 64}/diff", caller=ROOT)
     good = manifest_of(testdata, "multilayer-esgz")["layers"][0]["digest"]
     with pytest.raises(EntryNotFound):
-        model.getattr(f"/{b64(esgz)}/{good}/other")
+        model.getattr(f"/{b64(esgz)}/{good}/other", caller=ROOT)
     with pytest.raises(EntryNotFound):
-        model.getattr(f"/{b64(esgz)}/{good}/use")
+        model.getattr(f"/{b64(esgz)}/{good}/use", caller=ROOT)
 
 
 def test_invalid_names_are_einval(store):
@@ -176,7 +177,7 @@ def test_invalid_names_are_einval(store):
     for path in ("/not-base64!", "/" + b64("UPPER/Case::bad"), "/" + b64("http://x/y:1"),
                  f"/{b64(HOST + '/repo:1')}/not-a-digest", f"/{b64(HOST + '/repo:1')}/sha256:abc/diff"):
         with pytest.raises(InvalidName):
-            model.getattr(path)
+            model.getattr(path, caller=ROOT)
 
 
 def test_negative_answers_are_cached(store, testdata):
@@ -184,20 +185,20 @@ def test_negative_answers_are_cached(store, testdata):
     path = f"/{b64(HOST + '/nosuchrepo:1')}/sha256:{'0' * 64}/diff"
     for _ in range(5):
         with pytest.raises(EntryNotFound):
-            model.getattr(path)
+            model.getattr(path, caller=ROOT)
     assert client.manifest_calls == 1
     ref = ref_of(testdata, "multilayer-orig")
     desc = manifest_of(testdata, "multilayer-orig")["layers"][1]
     for _ in range(5):
         with pytest.raises(EntryNotFound):
-            model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+            model.getattr(f"/{b64(ref)}/{desc['digest']}/diff", caller=ROOT)
     # one image resolution (all three layers tried once, in parallel), no retries
     deadline = time.monotonic() + 10
     while pool.stats()["pool"]["layer_open_failures"] < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     for _ in range(3):
         with pytest.raises(EntryNotFound):
-            model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+            model.getattr(f"/{b64(ref)}/{desc['digest']}/diff", caller=ROOT)
     assert client.manifest_calls == 2 and resolver.opened == 3
     assert pool.stats()["pool"]["negative_hits"] >= 8
 
@@ -206,16 +207,16 @@ def test_image_resolved_once_with_all_layers(store, testdata):
     model, pool, client, resolver = store
     ref = ref_of(testdata, "multilayer-esgz")
     layers = manifest_of(testdata, "multilayer-esgz")["layers"]
-    model.getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff")
+    model.getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff", caller=ROOT)
     for desc in layers:
-        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff", caller=ROOT)
     assert client.manifest_calls == 1 and resolver.opened == len(layers)
-    listing = [n for n, _ in model.readdir(f"/{b64(ref)}")]
+    listing = [n for n, _ in model.readdir(f"/{b64(ref)}", caller=ROOT)]
     assert "manifest" in listing and "config" in listing and layers[1]["digest"] in listing
     assert json.loads(read_all(model, f"/{b64(ref)}/manifest")) == manifest_of(testdata, "multilayer-esgz")
     assert json.loads(read_all(model, f"/{b64(ref)}/config")) == config_of(testdata, "multilayer-esgz")
-    assert [n for n, _ in model.readdir("/")] == [b64(ref)]
-    assert [n for n, _ in model.readdir(f"/{b64(ref)}/{layers[0]['digest']}")] == ["blob", "diff", "info"]
+    assert [n for n, _ in model.readdir("/", caller=ROOT)] == [b64(ref)]
+    assert [n for n, _ in model.readdir(f"/{b64(ref)}/{layers[0]['digest']}", caller=ROOT)] == ["blob", "diff", "info"]
 
 
 def test_use_and_release_notifications(store, testdata):
@@ -225,21 +226,21 @@ def test_use_and_release_notifications(store, testdata):
     layer_dir = f"/{b64(ref)}/{key}"
     # use works without any resolution, and answers ENOENT
     with pytest.raises(EntryNotFound):
-        model.create(f"{layer_dir}/use")
+        model.create(f"{layer_dir}/use", caller=ROOT)
     with pytest.raises(EntryNotFound):
-        model.create(f"{layer_dir}/use")
+        model.create(f"{layer_dir}/use", caller=ROOT)
     assert pool.stats()["refcounts"] == {f"{ref} {key}": 2}
     for _ in range(3):  # releases beyond the count (e.g. after a restart) are tolerated
         with pytest.raises(EntryNotFound):
-            model.rmdir(layer_dir)
+            model.rmdir(layer_dir, caller=ROOT)
     st = pool.stats()
     assert st["refcounts"] == {} and st["pool"]["untracked_releases"] == 1
     with pytest.raises(ReadOnly):
-        model.create(f"{layer_dir}/diff/newfile")
+        model.create(f"{layer_dir}/diff/newfile", caller=ROOT)
     with pytest.raises(ReadOnly):
-        model.rmdir(f"{layer_dir}/diff/etc")
+        model.rmdir(f"{layer_dir}/diff/etc", caller=ROOT)
     with pytest.raises(ReadOnly):
-        model.open(f"{layer_dir}/info", 1)  # O_WRONLY
+        model.open(f"{layer_dir}/info", 1, caller=ROOT)  # O_WRONLY
 
 
 def test_unused_layers_are_closed_and_reopened(store, testdata):
@@ -248,17 +249,17 @@ def test_unused_layers_are_closed_and_reopened(store, testdata):
     layers = manifest_of(testdata, "multilayer-esgz")["layers"]
     used, unused = layers[0]["digest"], layers[1]["digest"]
     for desc in layers:  # all three open before reaping
-        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
+        model.getattr(f"/{b64(ref)}/{desc['digest']}/diff", caller=ROOT)
     with pytest.raises(EntryNotFound):
-        model.create(f"/{b64(ref)}/{used}/use")
-    before = model.getattr(f"/{b64(ref)}/{unused}/diff/etc")
-    fh = model.open(f"/{b64(ref)}/{layers[2]['digest']}/blob")  # an open handle pins its layer
+        model.create(f"/{b64(ref)}/{used}/use", caller=ROOT)
+    before = model.getattr(f"/{b64(ref)}/{unused}/diff/etc", caller=ROOT)
+    fh = model.open(f"/{b64(ref)}/{layers[2]['digest']}/blob", caller=ROOT)  # an open handle pins its layer
     pool.config.release_grace = 0
     closed = pool.reap()
     assert closed == 1  # only the unused, unpinned one
     assert pool.stats()["pool"]["open_layers"] == 2
     model.release(fh)
-    after = model.getattr(f"/{b64(ref)}/{unused}/diff/etc")  # reopened on demand, same inode
+    after = model.getattr(f"/{b64(ref)}/{unused}/diff/etc", caller=ROOT)  # reopened on demand, same inode
     assert after == before and resolver.opened == len(layers) + 1
     assert client.manifest_calls == 1
 
@@ -269,7 +270,7 @@ def test_a_closed_layer_frees_its_tree(store, testdata):
     model, pool, client, resolver = store
     ref = ref_of(testdata, "multilayer-esgz")
     digest = manifest_of(testdata, "multilayer-esgz")["layers"][1]["digest"]
-    model.getattr(f"/{b64(ref)}/{digest}/diff/etc")
+    model.getattr(f"/{b64(ref)}/{digest}/diff/etc", caller=ROOT)
     served = pool.layer(ref, digest)
     tree = weakref.ref(served.layer.toc)
     cycle: list = [served.layer.toc]
@@ -288,22 +289,22 @@ def test_reads_by_path_match_reads_by_handle(store, testdata):
     ref = ref_of(testdata, "tricky-esgz")
     key = manifest_of(testdata, "tricky-esgz")["layers"][0]["digest"]
     layer_dir = f"/{b64(ref)}/{key}"
-    for name, _ in model.readdir(f"{layer_dir}/diff"):
+    for name, _ in model.readdir(f"{layer_dir}/diff", caller=ROOT):
         path = f"{layer_dir}/diff/{name}"
-        if not stat.S_ISREG(model.getattr(path).mode):
+        if not stat.S_ISREG(model.getattr(path, caller=ROOT).mode):
             continue
-        fh = model.open(path)
+        fh = model.open(path, caller=ROOT)
         try:
-            assert model.read_path(path, 0, 1 << 20) == model.read(fh, 0, 1 << 20)
-            assert model.read_path(path, 3, 5) == model.read(fh, 3, 5)
+            assert model.read_path(path, 0, 1 << 20, caller=ROOT) == model.read(fh, 0, 1 << 20)
+            assert model.read_path(path, 3, 5, caller=ROOT) == model.read(fh, 3, 5)
         finally:
             model.release(fh)
-    info = model.read_path(f"{layer_dir}/info", 0, 1 << 20)
+    info = model.read_path(f"{layer_dir}/info", 0, 1 << 20, caller=ROOT)
     assert json.loads(info)
     with pytest.raises(IsADirectory):
-        model.read_path(f"{layer_dir}/diff", 0, 10)
+        model.read_path(f"{layer_dir}/diff", 0, 10, caller=ROOT)
     with pytest.raises(EntryNotFound):
-        model.read_path(f"{layer_dir}/diff/no-such-file", 0, 10)
+        model.read_path(f"{layer_dir}/diff/no-such-file", 0, 10, caller=ROOT)
 
 
 def test_other_model_errors(store, testdata):
@@ -312,11 +313,11 @@ def test_other_model_errors(store, testdata):
     key = manifest_of(testdata, "tricky-esgz")["layers"][0]["digest"]
     diff = f"/{b64(ref)}/{key}/diff"
     with pytest.raises(IsADirectory):
-        model.open(diff)
+        model.open(diff, caller=ROOT)
     with pytest.raises(NotASymlink):
-        model.readlink(f"{diff}/files")
+        model.readlink(f"{diff}/files", caller=ROOT)
     with pytest.raises(NoSuchAttribute):
-        model.getxattr(f"{diff}/files", "user.nothing")
+        model.getxattr(f"{diff}/files", "user.nothing", caller=ROOT)
     assert model.statfs()["f_bsize"] == 4096
 
 
@@ -329,7 +330,7 @@ def test_metadata_survives_a_restart(testdata, tmp_path):
         client = LayoutClient({"multilayer-esgz": testdata / "multilayer-esgz"})
         pool = ImagePool(client, LayoutResolver(client, tmp_path / "cache"), metadata_dir=tmp_path / "pool")
         try:
-            attr = StoreModel(pool).getattr(f"/{b64(ref)}/{key}/diff/add")
+            attr = StoreModel(pool).getattr(f"/{b64(ref)}/{key}/diff/add", caller=ROOT)
             assert before is None or attr == before
             before = attr
             assert client.manifest_calls == (1 if run == 0 else 0)
@@ -347,11 +348,11 @@ def test_moved_tag_adds_new_layers_and_keeps_old_ones(testdata, tmp_path):
         ref = f"{HOST}/moving:esgz"  # both layouts below carry the tag "esgz"
         old_key = manifest_of(testdata, "multilayer-esgz")["layers"][0]["digest"]
         new_key = manifest_of(testdata, "tricky-esgz")["layers"][0]["digest"]
-        model.getattr(f"/{b64(ref)}/{old_key}/diff/etc")
+        model.getattr(f"/{b64(ref)}/{old_key}/diff/etc", caller=ROOT)
         client.layouts["moving"] = testdata / "tricky-esgz"  # the tag is pushed again
-        assert stat.S_ISREG(model.getattr(f"/{b64(ref)}/{new_key}/diff/files/hello.txt").mode)
+        assert stat.S_ISREG(model.getattr(f"/{b64(ref)}/{new_key}/diff/files/hello.txt", caller=ROOT).mode)
         assert client.manifest_calls == 2
-        model.getattr(f"/{b64(ref)}/{old_key}/diff/etc")  # still served for containers of the old image
+        model.getattr(f"/{b64(ref)}/{old_key}/diff/etc", caller=ROOT)  # still served for containers of the old image
         assert json.loads(read_all(model, f"/{b64(ref)}/manifest")) == manifest_of(testdata, "tricky-esgz")
         old_info = json.loads(read_all(model, f"/{b64(ref)}/{old_key}/info"))
         assert old_info["diff-digest"] == config_of(testdata, "multilayer-esgz")["rootfs"]["diff_ids"][0]
@@ -364,12 +365,12 @@ def test_pool_symlink_for_readiness_probes(testdata, tmp_path):
     pool = ImagePool(client, LayoutResolver(client, tmp_path / "cache"))
     try:
         model = StoreModel(pool, pool_target="/var/lib/stargz-store/pool")
-        attr = model.getattr("/pool")
+        attr = model.getattr("/pool", caller=ROOT)
         assert stat.S_ISLNK(attr.mode) and attr.size == len("/var/lib/stargz-store/pool")
-        assert model.readlink("/pool") == "/var/lib/stargz-store/pool"
-        assert [n for n, _ in model.readdir("/")] == ["pool"]
+        assert model.readlink("/pool", caller=ROOT) == "/var/lib/stargz-store/pool"
+        assert [n for n, _ in model.readdir("/", caller=ROOT)] == ["pool"]
         with pytest.raises(InvalidName):
-            StoreModel(pool).getattr("/pool")  # without a target it is just an invalid ref name
+            StoreModel(pool).getattr("/pool", caller=ROOT)  # without a target it is just an invalid ref name
     finally:
         pool.close()
 

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from stargz_store.daemon.pool import ImagePool, PoolConfig
+from stargz_store.fs.caller import ROOT
 from stargz_store.fs.errors import EntryNotFound
 from stargz_store.fs.model import StoreModel
 from stargz_store.registry.errors import NotFoundError
@@ -91,13 +92,13 @@ def test_first_layer_tail_is_fetched_while_the_manifest_is(setup, testdata, ref_
     model, pool, client, resolver = setup(manifest_gate=lambda: first in resolver_box[0].tails_fetched)
     resolver_box = [resolver]
     if ref_dir_first:
-        model.getattr(f"/{b64(ref)}")
-    attr = model.getattr(f"/{b64(ref)}/{first}/diff")
+        model.getattr(f"/{b64(ref)}", caller=ROOT)
+    attr = model.getattr(f"/{b64(ref)}/{first}/diff", caller=ROOT)
     assert attr.mode and client.gates_opened["manifest"], "the manifest request waited in vain for the tail request"
     assert resolver.tails_fetched == [first]
     assert not tail_was_read(resolver, first)  # the early bytes made the TOC
     for d in layers:
-        model.getattr(f"/{b64(ref)}/{d['digest']}/diff")
+        model.getattr(f"/{b64(ref)}/{d['digest']}/diff", caller=ROOT)
     assert all(tail_was_read(resolver, d["digest"]) for d in layers if d["digest"] != first)
     assert pool._early_tails == {}
 
@@ -117,7 +118,7 @@ def test_a_config_that_never_comes_fails_the_lookup_and_closes_the_layers(setup,
         config_gate=lambda: resolver_box[0].opened == len(layers), config_error=NotFoundError("config blob unknown"))
     resolver_box = [resolver]
     with pytest.raises(EntryNotFound, match="config blob unknown"):
-        model.getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff")
+        model.getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff", caller=ROOT)
     assert resolver.opened == len(layers)
     assert wait_for(lambda: all(s._fd < 0 for s in resolver.sources)), "opened layers were left open"
     assert pool.stats()["pool"]["image_resolve_failures"] == 1
@@ -139,7 +140,7 @@ def test_an_early_tail_that_does_not_fit_is_not_trusted(setup, testdata, spoil):
         raise NotFoundError("gone")
 
     resolver.fetch_tail = spoiled
-    listing = model.readdir(f"/{b64(ref)}/{first}/diff")
+    listing = model.readdir(f"/{b64(ref)}/{first}/diff", caller=ROOT)
     assert listing
     assert tail_was_read(resolver, first)  # fetched again through the layer's own source
     assert pool.stats()["pool"]["layer_open_failures"] == 0
@@ -150,7 +151,7 @@ def test_a_toc_digest_key_guess_is_dropped(setup, testdata):
     ref, layers = ref_and_layers(testdata)
     toc_key = layers[0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
     model, pool, client, resolver = setup()
-    assert model.getattr(f"/{b64(ref)}/{toc_key}/diff").mode
+    assert model.getattr(f"/{b64(ref)}/{toc_key}/diff", caller=ROOT).mode
     assert resolver.tails_fetched == [toc_key]
     assert tail_was_read(resolver, layers[0]["digest"])
     assert pool._early_tails == {}
@@ -163,7 +164,7 @@ def test_no_early_tail_for_an_image_known_on_disk(testdata, tmp_path):
         resolver = LayoutResolver(client, tmp_path / "cache")
         pool = ImagePool(client, resolver, metadata_dir=tmp_path / "pool")
         try:
-            StoreModel(pool).getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff")
+            StoreModel(pool).getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff", caller=ROOT)
             assert resolver.tails_fetched == ([layers[0]["digest"]] if run == 0 else [])
         finally:
             pool.close()
