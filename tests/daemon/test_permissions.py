@@ -187,17 +187,7 @@ def test_the_data_root_is_private(store, modes_image, registry):
     assert (diff / "etc" / "shadow").read_bytes() == SHADOW  # fills the chunk cache
     store.stats()  # writes stats.json
     root = store.root
-    written = [Path(d) / n for d, dirs, files in os.walk(root) for n in dirs + files]
-    kinds = {p.relative_to(root).parts[0] for p in written}
-    assert {"pool", "cache", "stats.json", "stargz-store.lock"} <= kinds
-    assert any(p.name == "manifest" for p in written) and any(p.name == "meta.json" for p in written)
-    loose = [f"{p.relative_to(root)} {stat.filemode(os.lstat(p).st_mode)}" for p in written if os.lstat(p).st_mode & 0o077]
-    assert loose == [], "readable by others under the data root"
-    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
-    assert "tightening it to 0700" in store.log_tail(100_000)
-
-    pool_dir = store.root / "pool"
-    metadata = next(p for p in written if p.name == "manifest")
+    [metadata] = root.glob("pool/metadata--*/manifest")
     outcomes = as_user([
         ("listdir", root),
         ("read", root / "stats.json"),
@@ -206,8 +196,18 @@ def test_the_data_root_is_private(store, modes_image, registry):
         ("listdir", store.mountpoint / "pool"),
     ])
     assert [outcome_errno(o) for o in outcomes[:3]] == ["EACCES"] * 3
-    assert outcomes[3] == ("ok", str(pool_dir))  # the probe target of the Go store's scripts: only a path
+    assert outcomes[3] == ("ok", str(root / "pool"))  # the probe target of the Go store's scripts: only a path
     assert outcome_errno(outcomes[4]) == "EACCES"
+
+    assert store.stop() == 0  # nothing writes under the root any more: every file it made is here
+    written = [Path(d) / n for d, dirs, files in os.walk(root) for n in dirs + files]
+    assert {"pool", "cache", "stats.json", "stargz-store.lock"} <= {p.relative_to(root).parts[0] for p in written}
+    assert {"manifest", "config", "meta.json"} <= {p.name for p in written}
+    assert any(p.relative_to(root).parts[0] == "cache" and p.is_file() for p in written), "nothing cached"
+    loose = [f"{p.relative_to(root)} {stat.filemode(os.lstat(p).st_mode)}" for p in written if os.lstat(p).st_mode & 0o077]
+    assert loose == [], "readable by others under the data root"
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert "tightening it to 0700" in store.log_tail(100_000)
 
 
 def _mount_options(mountpoint: Path) -> set[str]:
