@@ -1,11 +1,11 @@
-# stargz-store: make deps | test | demo | bench | lint
+# stargz-store: make deps | test | test-podman5 | podman5-chroot | demo | bench | lint
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := podman runc docker-registry skopeo fuse3 libfuse3-3 iproute2 busybox-static curl ca-certificates python3-venv uidmap zstd openssl strace tar gzip
+APT_PACKAGES := podman runc docker-registry skopeo fuse3 libfuse3-3 iproute2 busybox-static curl ca-certificates python3-venv uidmap zstd openssl strace tar gzip debootstrap
 PYTEST_ARGS ?=
 
-.PHONY: deps apt-deps py-deps test demo bench lint clean
+.PHONY: deps apt-deps py-deps test test-podman5 podman5-chroot demo bench lint clean
 
 deps: apt-deps py-deps
 
@@ -26,8 +26,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 py-deps: $(VENV)/.installed
 
+# Both podman lanes: the host's 4.3.1 and Podman 5 in a Debian 13 chroot (built on first use, cached
+# in /var/cache/stargz-store-ci/podman5 or $$STARGZ_PODMAN5_CACHE; see stargz_store/localenv/podman5.py).
 test: deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Only the Podman 5 lane (the tests marked podman5), e.g. `make test-podman5 PYTEST_ARGS=tests/e2e`.
+test-podman5: deps podman5-chroot
+	$(PY) -m pytest -q -m podman5 $(PYTEST_ARGS)
+
+# The cached Podman 5 chroot: built with debootstrap if missing or incomplete (~1 min, ~420 MB), else nothing.
+podman5-chroot: deps
+	$(PY) -m stargz_store.localenv.podman5 build
 
 demo: deps
 	$(PY) contrib/demo.py $(DEMO_ARGS)

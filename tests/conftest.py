@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.store", "tests.fixtures.registry_auth", "tests.fixtures.fault_proxy"]
+pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.store", "tests.fixtures.registry_auth", "tests.fixtures.fault_proxy",
+                  "tests.fixtures.podman", "tests.fixtures.podman_made"]
 
 TESTDATA = Path(__file__).parent / "data"
 

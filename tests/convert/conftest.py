@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.images import LayerBuilder, random_bytes, text_bytes, write_oci_image
-from tests.fixtures.podman import podman_environment  # noqa: F401  (fixture)
 
 LONG_NAME = "deep/" + "d" * 90 + "/" + "f" * 120 + ".txt"
 

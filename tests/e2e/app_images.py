@@ -12,11 +12,11 @@ import os
 import subprocess
 import sys
 import tarfile
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from tests.fixtures.images import LayerBuilder, random_bytes, write_oci_image, push_oci_layout
+# Re-exported: the e2e tests import them from here.
+from tests.fixtures.registry_images import PushedImage, fetch_blob, fetch_image  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,38 +24,6 @@ APP_LINE = "hello from a lazily pulled container"
 APP_MESSAGE = "the app read /app/message.txt through the store"
 FILLER_FILES = 3
 FILLER_SIZE = 20 << 20  # incompressible, never read by the app: what lazy pulling saves
-
-MEDIA_ACCEPT = ", ".join([
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
-
-
-@dataclass(frozen=True)
-class PushedImage:
-    """An image in the registry: `repo:tag` plus the manifest the registry serves for it."""
-
-    repo: str
-    tag: str
-    manifest: dict
-    config: dict
-
-    def ref(self, host: str) -> str:
-        return f"{host}/{self.repo}:{self.tag}"
-
-    @property
-    def layers(self) -> list[dict]:
-        return self.manifest["layers"]
-
-    @property
-    def compressed_size(self) -> int:
-        """What a full pull downloads: every layer blob and the config."""
-        return sum(layer["size"] for layer in self.layers) + self.manifest["config"]["size"]
-
-    @property
-    def diff_ids(self) -> list[str]:
-        return self.config["rootfs"]["diff_ids"]
 
 
 def app_layer() -> LayerBuilder:
@@ -93,22 +61,6 @@ def convert_and_push(src_layout: Path, tag: str, dest: str, *options: str) -> No
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def fetch_image(registry_host: str, repo: str, tag: str) -> PushedImage:
-    """Read back manifest and config as the registry serves them (plain HTTP, anonymous)."""
-    req = urllib.request.Request(f"http://{registry_host}/v2/{repo}/manifests/{tag}", headers={"Accept": MEDIA_ACCEPT})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        manifest = json.load(resp)
-    if "manifests" in manifest:
-        raise AssertionError(f"{repo}:{tag} is an index; the e2e images are single-platform")
-    config = json.loads(fetch_blob(registry_host, repo, manifest["config"]["digest"]))
-    return PushedImage(repo, tag, manifest, config)
-
-
-def fetch_blob(registry_host: str, repo: str, digest: str) -> bytes:
-    with urllib.request.urlopen(f"http://{registry_host}/v2/{repo}/blobs/{digest}", timeout=120) as resp:
-        return resp.read()
 
 
 def build_source(layout: Path, layers: list[bytes], config_extra: dict, tag: str = "src") -> Path:

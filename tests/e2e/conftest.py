@@ -1,8 +1,9 @@
 """End-to-end fixtures: a registry, our converted images in it, the store daemon, and a private podman.
 
 Every part is real: Debian's docker-registry, `stargz-store convert`, the `stargz-store` FUSE
-daemon and podman 4.3.1 with runc. The one addition is `RecordingProxy`, a pass-through in front
-of the registry that notes each request's byte ranges (the registry's own log has no ranges).
+daemon and podman with runc, in two lanes (`podman_lane`): the host's podman 4.3.1 and Podman 5
+in a Debian 13 chroot. The one addition is `RecordingProxy`, a pass-through in front of the
+registry that notes each request's byte ranges (the registry's own log has no ranges).
 
 Teardown order matters: podman removes its images (which sends the store its releases) while the
 store is still mounted, then the store unmounts, then the proxy stops.
@@ -16,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.fixtures.podman import need_podman, podman_cleanup, podman_env
+from tests.fixtures.podman import need_podman, podman_cleanup
 
 from .app_images import (
     APP_CMD,
@@ -28,7 +29,7 @@ from .app_images import (
     multilayer_layers,
     push_plain,
 )
-from .lazy_podman import LazyPodman, short_podman_dir
+from .lazy_podman import LazyPodman
 from .recording_proxy import RecordingProxy
 
 # Background fetch off: what a test measures is then only what the container read.
@@ -75,11 +76,11 @@ def proxy(registry) -> Iterator[RecordingProxy]:
     p.stop()
 
 
-def _lazy_podman(factory, proxy, config: str) -> Iterator[LazyPodman]:
-    store = factory(config)
-    with short_podman_dir() as pod_dir:
-        env = podman_env(pod_dir, additional_layer_store=str(store.mountpoint))
-        lazy = LazyPodman(proxy=proxy, store=store, env=env, graphroot=pod_dir / "graph")
+def _lazy_podman(factory, proxy, config: str, lane) -> Iterator[LazyPodman]:
+    store = factory(config, mountpoint=lane.store_mountpoint())
+    with lane.private_dir("e2e-pod-") as pod_dir:
+        env = lane.env(pod_dir, additional_layer_store=store.mountpoint)
+        lazy = LazyPodman(proxy=proxy, store=store, env=env, graphroot=pod_dir / "graph", lane=lane)
         try:
             yield lazy
         finally:
@@ -87,12 +88,12 @@ def _lazy_podman(factory, proxy, config: str) -> Iterator[LazyPodman]:
 
 
 @pytest.fixture
-def lazy_podman(e2e_images, proxy, store_daemon_factory) -> Iterator[LazyPodman]:
-    """Store with background fetch off + podman using it."""
-    yield from _lazy_podman(store_daemon_factory, proxy, LAZY_CONFIG)
+def lazy_podman(e2e_images, proxy, store_daemon_factory, podman_lane) -> Iterator[LazyPodman]:
+    """Store with background fetch off + podman (of the lane) using it."""
+    yield from _lazy_podman(store_daemon_factory, proxy, LAZY_CONFIG, podman_lane)
 
 
 @pytest.fixture
-def background_podman(e2e_images, proxy, store_daemon_factory) -> Iterator[LazyPodman]:
-    """Store with background fetch on + podman using it."""
-    yield from _lazy_podman(store_daemon_factory, proxy, BACKGROUND_CONFIG)
+def background_podman(e2e_images, proxy, store_daemon_factory, podman_lane) -> Iterator[LazyPodman]:
+    """Store with background fetch on + podman (of the lane) using it."""
+    yield from _lazy_podman(store_daemon_factory, proxy, BACKGROUND_CONFIG, podman_lane)
