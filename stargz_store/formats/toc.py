@@ -58,6 +58,7 @@ _CANONICAL_TYPES = {t: t for t in ENTRY_TYPES}
 _PERMISSIONS = tuple(range(0o10000))
 _new_tuple = tuple.__new__
 
+
 class Chunk(NamedTuple):
     """One independently compressed piece of a regular file.
 
