@@ -1,11 +1,12 @@
-# stargz-store: make deps | test | test-podman5 | podman5-chroot | demo | bench | lint
+# stargz-store: make deps | test | test-podman5 | podman5-chroot | demo | bench | fuzz | lint
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := podman runc docker-registry skopeo fuse3 libfuse3-3 iproute2 busybox-static curl ca-certificates python3-venv uidmap zstd openssl strace tar gzip debootstrap
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 300
 
-.PHONY: deps apt-deps py-deps test test-podman5 podman5-chroot demo bench lint clean
+.PHONY: deps apt-deps py-deps test test-podman5 podman5-chroot demo bench fuzz lint clean
 
 deps: apt-deps py-deps
 
@@ -45,6 +46,12 @@ demo: deps
 bench: deps
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Coverage-guided fuzzing of the format parsers (atheris, libFuzzer) for FUZZ_SECONDS; not part of
+# `make test` nor of CI. A finding is written to fuzz-artifacts/: see tests/fuzz/fuzz_formats.py.
+fuzz: py-deps
+	$(PY) -m pip install -q -e '.[test,fuzz]'
+	$(PY) -m tests.fuzz.fuzz_formats -max_total_time=$(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 lint: py-deps
 	$(PY) -m compileall -q stargz_store tests benchmarks

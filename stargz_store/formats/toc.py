@@ -6,7 +6,9 @@ turns that list into a validated tree; the format modules only locate, authentic
 decompress the TOC, and decompress chunks.
 
 Invariants once a `Toc` is built:
-- names are normalised (`./a/b/` -> `a/b`; the root is `""`), none escapes the root;
+- names are normalised (`./a/b/` -> `a/b`; the root is `""`), none escapes the root, and each
+  is a name the kernel can have: no NUL, no empty, `.` or `..` component;
+- no more entries (implied directories included) and no deeper names than `TocLimits` allow;
 - every regular file's chunks cover `[0, size)` exactly, in order, each with a sha256 digest;
 - every chunk's compressed extent `[blob_offset, blob_end)` lies inside the blob's data area;
 - hardlink names resolve to their target's entry (same object, same inode);
@@ -34,7 +36,8 @@ import time
 from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
-from .errors import EntryEscapesRootError, InvalidTocError
+from .errors import InvalidTocError, TooManyEntriesError
+from .toc_rules import DEFAULT_LIMITS, TocLimits, normalize_name  # noqa: F401  (normalize_name: re-exported)
 
 DIR, REG, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO, CHUNK = (
     "dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk",
@@ -54,7 +57,6 @@ _CANONICAL_TYPES = {t: t for t in ENTRY_TYPES}
 # One shared int object per permission value (ints above 256 are otherwise one object per entry).
 _PERMISSIONS = tuple(range(0o10000))
 _new_tuple = tuple.__new__
-
 
 
 class Chunk(NamedTuple):
@@ -120,27 +122,6 @@ def _chunk_file_offset(c: Chunk) -> int:
     return c.file_offset
 
 
-def normalize_name(raw: str, *, what: str = "entry") -> str:
-    """`./a//b/` -> `a/b`; the root is `""`. Absolute names and `..` components are refused.
-
-    The Go reader silently rewrites `../x` to `x`; we refuse it, since a TOC that tries to leave
-    the root is either broken or hostile.
-    """
-    if raw.startswith("/"):
-        raw_rel = raw.lstrip("/")
-        if raw_rel not in ("", "."):
-            raise EntryEscapesRootError(f"{what} {raw!r} is an absolute path")
-        return ""
-    parts = []
-    for part in raw.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            raise EntryEscapesRootError(f"{what} {raw!r} escapes the layer root with '..'")
-        parts.append(part)
-    return "/".join(parts)
-
-
 _TIME_RE = re.compile(
     r"^(-?\d{4,})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})$"
 )
@@ -162,7 +143,12 @@ def parse_time_ns(text: str) -> int:
         return 0
     frac = m.group(7) or ""
     ns = int(frac.ljust(9, "0")) if frac else 0
-    secs = calendar.timegm((year, mon, day, hh, mm, ss, 0, 0, 0))
+    if not (1 <= mon <= 12 and 1 <= day <= 31 and hh <= 23 and mm <= 59 and ss <= 60):
+        raise InvalidTocError(f"modtime {text!r} is not a date")
+    try:
+        secs = calendar.timegm((year, mon, day, hh, mm, ss, 0, 0, 0))
+    except (ValueError, OverflowError):  # February 30th, year 10000
+        raise InvalidTocError(f"modtime {text!r} is not a date") from None
     zone = m.group(8)
     if zone not in ("Z", "z"):
         sign = 1 if zone[0] == "+" else -1
@@ -255,7 +241,7 @@ _UID_OF = operator.itemgetter(TocEntry._fields.index("uid"))
 _GID_OF = operator.itemgetter(TocEntry._fields.index("gid"))
 
 
-def build_toc(raw_entries: Iterable[Mapping[str, Any]], *, data_end: int) -> Toc:
+def build_toc(raw_entries: Iterable[Mapping[str, Any]], *, data_end: int, limits: TocLimits = DEFAULT_LIMITS) -> Toc:
     """Validate the TOC's `entries` list and build the tree.
 
     `data_end` is where file data must end: the TOC's offset in the blob (nothing after it holds
@@ -267,23 +253,40 @@ def build_toc(raw_entries: Iterable[Mapping[str, Any]], *, data_end: int) -> Toc
     after them, and a hardlink has its target's. `entries()` yields the root first when it is
     implicit, explicit entries in TOC order, then implicit directories, then hardlink names.
     """
+    raw_entries = raw_entries if isinstance(raw_entries, list) else list(raw_entries)
+    limits.check_count(len(raw_entries))
     with _gc_paused():
         if _msgspec is None:
-            return toc_dicts.build_from_dicts(raw_entries, data_end)
-        return toc_records.build_from_records(toc_records.records_from_dicts(raw_entries), data_end)
+            return toc_dicts.build_from_dicts(raw_entries, data_end, limits)
+        return toc_records.build_from_records(toc_records.records_from_dicts(raw_entries), data_end, limits)
 
 
-def parse_toc_document(toc_json: bytes, *, data_end: int) -> Toc:
-    """Decode a TOC JSON document (`{"version": 1, "entries": [...]}`) and build the tree.
+class TocDocument(NamedTuple):
+    """A decoded TOC document: the tree, and zstd:chunked's `tarSplitDigest` ("" when absent)."""
+
+    toc: Toc
+    tar_split_digest: str
+
+
+def parse_toc_document(toc_json: bytes | bytearray, *, data_end: int, limits: TocLimits = DEFAULT_LIMITS) -> Toc:
+    """Decode a TOC JSON document (`{"version": 1, "entries": [...]}`) and build the tree."""
+    return read_toc_document(toc_json, data_end=data_end, limits=limits).toc
+
+
+def read_toc_document(toc_json: bytes | bytearray, *, data_end: int, limits: TocLimits = DEFAULT_LIMITS) -> TocDocument:
+    """Decode a TOC JSON document and build the tree, within `limits`.
 
     Same result and errors as `json.loads` + `build_toc`, but with msgspec installed the JSON is
     decoded straight into typed records (types checked in C, no dict per entry): about twice as
-    fast and half the transient memory on a 100,000-entry TOC.
+    fast and half the transient memory on a 100,000-entry TOC. Either way the entries are counted
+    before they are decoded (`count_objects`), so a TOC of millions of tiny entries is refused
+    before it costs gigabytes.
     """
+    count_objects(toc_json, limits)
     if _msgspec is None:
         try:
-            doc = json.loads(toc_json)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            doc = json.loads(toc_json, parse_constant=_not_json)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
         if not isinstance(doc, dict):
             raise InvalidTocError("TOC JSON is not an object")
@@ -292,9 +295,43 @@ def parse_toc_document(toc_json: bytes, *, data_end: int) -> Toc:
             entries = []
         if not isinstance(entries, list):
             raise InvalidTocError("TOC 'entries' is not a list")
-        return build_toc(entries, data_end=data_end)
+        tar_split_digest = doc.get("tarSplitDigest")
+        if tar_split_digest is None:
+            tar_split_digest = ""
+        if not isinstance(tar_split_digest, str):
+            raise InvalidTocError("TOC 'tarSplitDigest' is not a string")
+        return TocDocument(build_toc(entries, data_end=data_end, limits=limits), tar_split_digest)
     with _gc_paused():
-        return toc_records.build_from_records(toc_records.records_from_json(toc_json), data_end)
+        records, tar_split_digest = toc_records.records_from_json(toc_json)
+        limits.check_count(len(records))
+        return TocDocument(toc_records.build_from_records(records, data_end, limits), tar_split_digest)
+
+
+def _not_json(constant: str) -> None:
+    """`json.loads` accepts NaN and Infinity, which JSON (and msgspec) does not."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+def count_objects(toc_json: bytes | bytearray, limits: TocLimits) -> None:
+    """Refuse, before decoding, a TOC that may hold more than `limits.max_entries` entries.
+
+    Every entry is a JSON object, so the `{` bytes bound the entry count from above: one for the
+    document, one per entry, one per entry with xattrs, any inside names. Counting them costs
+    ~0.5 ns a byte, so it is skipped for documents too short to hold that many entries at all
+    (an entry takes at least 3 bytes: `{},`). Above twice the cap, no TOC of at most the cap can
+    produce that many (its xattr objects are at most one per entry); between the two, the
+    entries are counted exactly by a decode that keeps 24 bytes per entry, not ~400.
+    """
+    cap = limits.max_entries
+    if len(toc_json) < 3 * cap + 16:
+        return
+    objects = toc_json.count(b"{") - 1
+    if objects <= cap:
+        return
+    if objects > 2 * cap:
+        raise TooManyEntriesError(f"TOC JSON holds {objects} objects, too many for the cap of {cap} entries")
+    if _msgspec is not None:  # without msgspec, json.loads decodes them all anyway and build_toc counts
+        limits.check_count(toc_records.count_entries(toc_json))
 
 
 @contextlib.contextmanager

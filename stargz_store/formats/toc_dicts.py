@@ -9,9 +9,9 @@ from __future__ import annotations
 import base64
 import bisect
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, MissingHardlinkTargetError, OutOfBoundsError
+from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, OutOfBoundsError
 from .toc import (
     _CANONICAL_TYPES,
     _DIGEST_RE,
@@ -28,8 +28,18 @@ from .toc import (
     TocEntry,
     _new_tuple,
     _settle,
-    normalize_name,
     parse_time_ns,
+)
+from .toc_rules import (
+    INT64_MAX,
+    INT64_MIN,
+    ImpliedDirectories,
+    TocLimits,
+    check_depth,
+    check_link_target,
+    check_xattr_names,
+    normalize_name,
+    resolve_hardlinks,
 )
 
 
@@ -37,12 +47,10 @@ from .toc import (
 # has the right type) and calls these only to turn None into the zero value or to raise.
 def _int(raw: Mapping[str, Any], key: str) -> int:
     v = raw.get(key, 0)
-    if type(v) is int:
-        return v
     if v is None:
         return 0
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidTocError(f"entry {raw.get('name')!r}: {key} must be an integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not INT64_MIN <= v <= INT64_MAX:
+        raise InvalidTocError(f"entry {raw.get('name')!r}: {key} must be a 64-bit integer, got {v!r}")
     return v
 
 
@@ -63,10 +71,32 @@ def _xattrs(raw: Mapping[str, Any]) -> Mapping[str, bytes]:
         return _NO_XATTRS
     if not isinstance(x, dict):
         raise InvalidTocError(f"entry {raw.get('name')!r}: xattrs must be an object")
+    check_xattr_names(str(raw.get("name")), x)
     try:
         return MappingProxyType({k: base64.b64decode(v, validate=True) for k, v in x.items()})
     except (ValueError, TypeError) as e:
         raise InvalidTocError(f"entry {raw.get('name')!r}: xattr value is not base64: {e}") from None
+
+
+# Every field of an entry, with the type msgspec's record gives it (`toc_records._RawEntry`): the
+# builder reads only the fields an entry's type uses, the record checks them all.
+_INT_FIELDS = ("size", "offset", "endOffset", "devMajor", "devMinor", "chunkOffset", "chunkSize", "innerOffset",
+               "mode", "uid", "gid")
+_STR_FIELDS = ("name", "modtime", "linkName", "digest", "chunkDigest", "chunkType")
+
+
+def _check_field_types(raw: Mapping[str, Any]) -> None:
+    """Refuse a field of the wrong type even where this entry's type does not use it, as the
+    msgspec path does (both must accept and refuse the same TOCs)."""
+    for key in _INT_FIELDS:
+        if key in raw:
+            _int(raw, key)
+    for key in _STR_FIELDS:
+        if key in raw:
+            _str(raw, key)
+    x = raw.get("xattrs")
+    if x is not None and not (isinstance(x, dict) and all(type(v) is str for v in x.values())):
+        raise InvalidTocError(f"entry {raw.get('name')!r}: xattrs must map names to strings, got {x!r}")
 
 
 def _digest(raw: Mapping[str, Any], key: str, seen: dict[str, str]) -> str:
@@ -84,8 +114,9 @@ def _digest(raw: Mapping[str, Any], key: str, seen: dict[str, str]) -> str:
     return shared
 
 
-def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) -> Toc:
-    """The pure-Python build over JSON objects (dicts), checking each field's type as it reads it."""
+def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int, limits: TocLimits) -> Toc:
+    """The pure-Python build over JSON objects (dicts), checking each field's type as it reads it.
+    The caller has checked the entry count against `limits`."""
     # Pass 1: one record (name, type, raw, pieces) per non-chunk entry.
     records: list[tuple[str, str, Mapping[str, Any], list[Mapping[str, Any]] | None]] = []
     by_name: dict[str, tuple[str, str, Mapping[str, Any], list[Mapping[str, Any]] | None]] = {}
@@ -93,9 +124,13 @@ def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
     offsets: list[int] = []
     last_pieces: list[Mapping[str, Any]] | None = None
     types = _CANONICAL_TYPES
+    long_name = limits.long_name
+    listed = 0
     for raw in raw_entries:
+        listed += 1
         if not isinstance(raw, dict):
             raise InvalidTocError(f"TOC entry is not an object: {raw!r}")
+        _check_field_types(raw)
         get = raw.get
         raw_type = get("type")
         etype = types.get(raw_type) if type(raw_type) is str else None
@@ -112,11 +147,14 @@ def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
                 offsets.append(off)
             continue
         name = get("name", "")
-        if type(name) is str and name and name[0] not in "./" and "//" not in name and "/." not in name:
+        if (type(name) is str and name and name[0] not in "./" and "//" not in name and "/." not in name
+                and "\0" not in name):
             if name[-1] == "/":
                 name = name.rstrip("/")
         else:
             name = normalize_name(name if type(name) is str else _str(raw, "name"))
+        if len(name) > long_name:
+            check_depth(name, limits)
         if name in by_name:
             if name == "" and etype is DIR and by_name[""][1] is DIR:
                 continue  # `./` and `/` both name the root; a repeat of the root is harmless
@@ -146,10 +184,11 @@ def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
 
     # Hardlinks: resolve chains to the final non-hardlink target.
     link_count: dict[str, int] = {}
-    hardlink_target: dict[str, str] = {}
-    for rec in hardlinks:
-        target = _resolve_hardlink(rec, by_name, _dict_link_name)
-        hardlink_target[rec[0]] = target
+    hardlink_target = resolve_hardlinks(
+        {rec[0]: _str(rec[2], "linkName") for rec in hardlinks},
+        lambda target: None if (rec := by_name.get(target)) is None or rec[1] is HARDLINK else rec[1],
+    )
+    for target in hardlink_target.values():
         link_count[target] = link_count.get(target, 1) + 1
 
     # Pass 2: entries, parent checks, subdirectory counts, child lists.
@@ -160,6 +199,7 @@ def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
     child_names: dict[str, list[str]] = {}
     implicit: list[str] = []
     implicit_set: set[str] = set()
+    implied = ImpliedDirectories(limits, listed)
     if "" not in by_name:
         implicit.append("")
         implicit_set.add("")
@@ -176,7 +216,7 @@ def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
             parent = name.rpartition("/")[0]
             siblings = child_names.get(parent)
             if siblings is None:
-                _check_parent(name, parent, by_name, implicit, implicit_set, subdirs, child_names)
+                _check_parent(name, parent, by_name, implicit, implicit_set, subdirs, child_names, implied)
                 siblings = child_names.setdefault(parent, [])
             siblings.append(name)
             if etype is DIR:
@@ -226,6 +266,8 @@ def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
             link_name = get("linkName", "")
             if type(link_name) is not str:
                 link_name = _str(raw, "linkName")
+            if "\0" in link_name:
+                check_link_target(name, link_name)
         elif etype is DIR:
             dirs.append(len(built))
         e = _new_tuple(
@@ -246,28 +288,6 @@ def build_from_dicts(raw_entries: Iterable[Mapping[str, Any]], data_end: int) ->
     return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, child_names, landmark_offset)
 
 
-def _resolve_hardlink(rec: tuple, by_name: Mapping[str, tuple], link_of: Callable[[Any], str]) -> str:
-    """The name of the non-hardlink entry a hardlink (chain) ends at; `link_of(raw)` is its linkName."""
-    hardlink = rec[0]
-    seen = {hardlink}
-    while rec[1] is HARDLINK:
-        target = normalize_name(link_of(rec[2]), what=f"hardlink {rec[0]!r} target")
-        if target in seen:
-            raise InvalidTocError(f"hardlink loop at {rec[0]!r}")
-        seen.add(target)
-        found = by_name.get(target)
-        if found is None:
-            raise MissingHardlinkTargetError(f"hardlink {rec[0]!r} points to missing {target!r}")
-        rec = found
-    if rec[1] is DIR:
-        raise InvalidTocError(f"hardlink {hardlink!r} points to a directory")
-    return rec[0]
-
-
-def _dict_link_name(raw: Mapping[str, Any]) -> str:
-    return _str(raw, "linkName")
-
-
 def _check_parent(
     name: str,
     parent: str,
@@ -276,6 +296,7 @@ def _check_parent(
     implicit_set: set[str],
     subdirs: dict[str, int],
     child_names: dict[str, list[str]],
+    implied: ImpliedDirectories,
 ) -> None:
     """Refuse a non-directory parent; create missing ancestors as implicit directories."""
     while True:
@@ -286,6 +307,7 @@ def _check_parent(
             return
         if parent in implicit_set:
             return
+        implied.add(parent)
         implicit.append(parent)
         implicit_set.add(parent)
         grandparent = parent.rpartition("/")[0]
@@ -332,8 +354,8 @@ def _build_chunks(
             raise OutOfBoundsError(
                 f"file {name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
             )
-        if inner < 0:
-            raise OutOfBoundsError(f"file {name!r}: negative innerOffset {inner}")
+        if inner < 0 or inner + csize > INT64_MAX:
+            raise OutOfBoundsError(f"file {name!r}: innerOffset {inner} is negative or too large")
         if file_offset != expected_start or csize <= 0:
             raise ChunkCoverageError(
                 f"file {name!r}: piece at file offset {file_offset} (size {csize}), expected one at {expected_start}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..formats.toc import TocLimits
+
 
 @dataclass
 class LayerConfig:
@@ -27,7 +29,10 @@ class LayerConfig:
     disable_verification: bool = False
     max_concurrency: int = 8                # parallel ranged requests per layer
     fetch_timeout: float = 30.0             # a reader gets LayerReadError after this, never hangs
-    max_toc_size: int = 150 << 20
+    max_toc_size: int = 150 << 20          # a TOC's bytes, compressed and inflated (checked while inflating);
+                                           # also the names of directories a TOC implies without listing
+    max_toc_entries: int = 1_000_000       # TOC entries, implied directories included (see formats.toc.TocLimits)
+    max_path_depth: int = 2048             # components of an entry name (PATH_MAX / 2)
     tail_size: int = 13 << 10               # the first ranged request of the blob tail (footer + TOC guess):
                                             # what a fresh TCP connection delivers in its first round trip
                                             # (10 segments of 1448 bytes) with room for the response headers
@@ -56,3 +61,9 @@ class LayerConfig:
                                            # layers without the registry (re-verified every time)
     readahead_size: int = 0                # a sequential file read also fetches this many compressed
                                            # bytes of the file's next chunks (0: only what is read)
+
+    @property
+    def toc_limits(self) -> TocLimits:
+        return TocLimits(
+            max_entries=self.max_toc_entries, max_depth=self.max_path_depth, max_implicit_names=self.max_toc_size
+        )

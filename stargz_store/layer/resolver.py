@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable, Mapping
 
@@ -178,22 +179,45 @@ class LayerResolver:
         self, source: BlobSource, descriptor: Mapping, *, key_digest: str | None = None,
         early_tail: EarlyTail | None = None,
     ) -> Layer:
+        try:
+            parsed = self._read_toc(source, descriptor, key_digest, early_tail)
+        except BaseException as e:
+            release_frames(e)
+            raise
+        layer = Layer(source, parsed, descriptor, self.cache, self.config, scheduler=self.scheduler)
+        cfg = self.config
+        if not cfg.no_prefetch:
+            layer.prefetch(cfg.prefetch_timeout if cfg.prefetch_wait else None)
+        if not cfg.no_background_fetch:
+            self.scheduler.note_activity()
+            layer.start_background_fetch()
+        return layer
+
+    def _read_toc(
+        self, source: BlobSource, descriptor: Mapping, key_digest: str | None, early_tail: EarlyTail | None
+    ) -> ParsedToc:
+        """The verified TOC, its bytes kept for the next open. Everything it reads and builds
+        (up to the caps: the TOC's bytes, its JSON, the decoded records) lives in this frame
+        and the format readers' below it, which `release_frames` empties when it fails."""
         cfg = self.config
         size = int(descriptor.get("size") or source.size)
         digest = descriptor.get("digest")
         store = self.cache.blob_cache if cfg.keep_toc_bytes and isinstance(digest, str) else None
+        limits = cfg.toc_limits
 
         def parse(read_at: TailCachedReadAt) -> ParsedToc:
             return read_layer_toc(
-                read_at, size, descriptor, key_digest=key_digest, max_toc_size=cfg.max_toc_size, tail_size=cfg.tail_size
+                read_at, size, descriptor, key_digest=key_digest, max_toc_size=cfg.max_toc_size,
+                tail_size=cfg.tail_size, limits=limits,
             )
 
         read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, early_tail=early_tail)
         try:
             parsed = parse(read_at)
-        except FormatError:
+        except FormatError as e:
             if not (read_at.reused or read_at.early_used):
                 raise
+            release_frames(e)
             # Kept bytes that no longer verify (a damaged cache), or an early tail that did not make
             # a TOC (a mirror's other blob): drop them, ask the source.
             log.warning("layer %s: %s TOC bytes did not verify; fetching them again", digest,
@@ -206,10 +230,24 @@ class LayerResolver:
             "layer %s: %s TOC %s, %d entries, %d request(s), %d kept range(s) reused",
             digest, parsed.format, parsed.toc_digest, len(parsed.toc), read_at.requests, len(read_at.reused),
         )
-        layer = Layer(source, parsed, descriptor, self.cache, cfg, scheduler=self.scheduler)
-        if not cfg.no_prefetch:
-            layer.prefetch(cfg.prefetch_timeout if cfg.prefetch_wait else None)
-        if not cfg.no_background_fetch:
-            self.scheduler.note_activity()
-            layer.start_background_fetch()
-        return layer
+        return parsed
+
+
+def release_frames(error: BaseException) -> None:
+    """Empty the finished frames `error` (and the errors it chains) passed through.
+
+    A refused TOC raises from deep in a reader whose locals hold what it had read and built so
+    far: the compressed TOC, its inflated JSON, decoded records, up to the caps (hundreds of MB).
+    The error outlives the open (a future's result, a negative-cache entry, a traceback cycle
+    the pool's `except` makes), and its traceback would keep all of that resident after every
+    refused lookup. The frames still running (this one's caller and up) are left alone.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        pending += (e.__cause__, e.__context__)

@@ -14,7 +14,8 @@ import pytest
 
 from stargz_store.formats import toc as toc_module
 from stargz_store.formats.errors import FormatError, InvalidTocError
-from stargz_store.formats.estargz import _extract_toc_json, parse_footer
+from stargz_store.formats.estargz import parse_footer
+from stargz_store.formats.toc_member import extract_toc_json
 from stargz_store.formats.toc import Toc, build_toc, parse_toc_document
 
 D1 = "sha256:" + "1" * 64
@@ -193,7 +194,7 @@ def _reference_tocs() -> list[tuple[str, bytes, int]]:
             toc_offset, footer_size = parse_footer(data[-51:])
         except FormatError:
             continue
-        found.append((blob.parent.parent.parent.name, _extract_toc_json(data[toc_offset : len(data) - footer_size], 1 << 26), toc_offset))
+        found.append((blob.parent.parent.parent.name, extract_toc_json(data[toc_offset : len(data) - footer_size], 1 << 26), toc_offset))
     return found
 
 
