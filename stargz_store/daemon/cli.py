@@ -1,4 +1,4 @@
-"""`stargz-store [--config PATH] [--root DIR] [--log-level LEVEL] MOUNTPOINT`: the store daemon.
+"""`stargz-store [--config PATH] [--root DIR] [--log-level LEVEL] [--create-mountpoint] MOUNTPOINT`: the store daemon.
 
 Same flags and defaults as the Go stargz-store (`-flag` and `--flag`, with `=` or a space), so
 units and scripts can switch. Exit codes: 0 after a clean unmount (SIGINT/SIGTERM), 1 when the
@@ -58,14 +58,60 @@ class StartupError(Exception):
     """Something that stops the daemon before it mounts; the message is for the operator."""
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's flags; its help is the whole program's overview (the commands of `stargz_store.cli`)."""
+    from ..cli import PROG, overview, package_version
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} [flags] MOUNTPOINT\n       {PROG} COMMAND [flags] ...\n       {PROG} --version",
+        description="Lazy-pulling Additional Layer Store for Podman and CRI-O (eStargz, zstd:chunked).\n\n" + overview(),
+        epilog=f"`{PROG} COMMAND --help` shows a command's own flags. The daemon exits 0 after a clean unmount,\n"
+        "1 when the mount fails, 2 for usage, configuration, lock or mountpoint problems.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", "-version", action="version", version=f"{PROG} {package_version()}")
+    parser.add_argument("--config", "-config", default=None, metavar="PATH",
+                        help=f"TOML config (default {DEFAULT_CONFIG_PATH}; missing there = all defaults)")
+    parser.add_argument("--root", "-root", default=DEFAULT_ROOT, metavar="DIR",
+                        help=f"data directory: cache, metadata, lock (default {DEFAULT_ROOT})")
+    parser.add_argument("--log-level", "-log-level", default="info", choices=sorted(_LEVELS), metavar="LEVEL",
+                        help=f"one of {', '.join(sorted(_LEVELS))} (default info)")
+    parser.add_argument("--addr", "-addr", default=None, metavar="SOCKET", help="credential socket of the Go store; accepted and ignored")
+    parser.add_argument("--create-mountpoint", "-create-mountpoint", action="store_true",
+                        help="create MOUNTPOINT (and its parents) if it does not exist")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT",
+                        help="an existing directory to mount the store on (see --create-mountpoint)")
+    return parser
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="stargz-store", description="Additional Layer Store for lazily pulled eStargz/zstd:chunked layers")
-    parser.add_argument("--config", "-config", default=None, help=f"TOML config (default {DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--root", "-root", default=DEFAULT_ROOT, help=f"data directory (default {DEFAULT_ROOT})")
-    parser.add_argument("--log-level", "-log-level", default="info", choices=sorted(_LEVELS), help="log level (default info)")
-    parser.add_argument("--addr", "-addr", default=None, help="credential socket of the Go store; accepted and ignored")
-    parser.add_argument("mountpoint", help="where to mount the store (created if absent)")
-    return parser.parse_args(argv)
+    """Flags and a MOUNTPOINT that is an existing directory, or may be created (exit 2 otherwise).
+
+    A word that is not a directory is refused here, before anything is created: `stargz-store
+    version` must not mount a new `./version`, nor create the data root.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = mountpoint_problem(args.mountpoint, create=args.create_mountpoint)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def mountpoint_problem(mountpoint: str, create: bool) -> str | None:
+    """Why MOUNTPOINT cannot be used, or None. A path that cannot be stat'ed for another reason (a
+    dead FUSE mount answers ENOTCONN) is left to `prepare_mountpoint`, which clears dead mounts."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(mountpoint).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        if create:
+            return None
+        hint = "" if os.sep in mountpoint else "; it is not a command either (`stargz-store --help` lists them)"
+        return f"mountpoint {mountpoint!r} does not exist: create the directory or pass --create-mountpoint{hint}"
+    except OSError:
+        return None
+    return None if is_dir else f"mountpoint {mountpoint!r} is not a directory"
 
 
 def setup_logging(level: str) -> None:

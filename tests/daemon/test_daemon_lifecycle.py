@@ -39,6 +39,7 @@ def test_sigterm_unmounts_and_exits_zero(store_daemon_factory):
 def test_second_daemon_on_the_same_root_is_refused(store_daemon_factory, tmp_path):
     first = store_daemon_factory(FAST_CONFIG)
     other_mnt = tmp_path / "other-mnt"
+    other_mnt.mkdir()
     result = run_cli("--root", str(first.root), "--config", str(first.config_path), str(other_mnt))
     assert result.returncode == 2
     assert "already using root" in result.stderr
@@ -49,6 +50,7 @@ def test_second_daemon_on_the_same_root_is_refused(store_daemon_factory, tmp_pat
 def test_bad_config_is_refused(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("noprefetch = [unterminated\n")
+    (tmp_path / "mnt").mkdir()
     for config in (bad, tmp_path / "missing.toml"):
         result = run_cli("--root", str(tmp_path / "root"), "--config", str(config), str(tmp_path / "mnt"))
         assert result.returncode == 2, result.stderr
