@@ -78,7 +78,6 @@ def test_config_from_toml_and_endpoints():
         "resolver": {"request_timeout_sec": 12, "host": {"docker.io": {"mirrors": [
             {"host": "mirror.example.com:5000", "insecure": True, "request_timeout_sec": 3,
              "header": {"X-Foo": "bar", "X-Multi": ["a", "b"]}},
-            {"host": "bad/path"},
         ]}, "quay.io": {"ca_file": "/etc/ca.pem", "header": {"X-Q": "1"}}}},
         "blob": {"max_retries": 7, "min_wait_msec": 50, "max_wait_msec": 2000, "force_single_range_mode": True},
     })
