@@ -10,7 +10,6 @@ import gc
 import hashlib
 import json
 import stat
-import time
 import weakref
 
 import pytest
@@ -25,6 +24,8 @@ from stargz_store.fs.errors import (
     ReadOnly,
 )
 from stargz_store.fs.model import StoreModel
+
+from tests.fixtures.waiting import wait_for
 
 from .layout_source import LayoutClient, LayoutResolver, blob_file
 from .overlay_check import compare_overlay, snapshot_model
@@ -192,9 +193,7 @@ def test_negative_answers_are_cached(store, testdata):
         with pytest.raises(EntryNotFound):
             model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")
     # one image resolution (all three layers tried once, in parallel), no retries
-    deadline = time.monotonic() + 10
-    while pool.stats()["pool"]["layer_open_failures"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for(lambda: pool.stats()["pool"]["layer_open_failures"] >= 3)
     for _ in range(3):
         with pytest.raises(EntryNotFound):
             model.getattr(f"/{b64(ref)}/{desc['digest']}/diff")

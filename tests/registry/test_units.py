@@ -92,6 +92,9 @@ def test_config_from_toml_and_endpoints():
     [quay] = endpoints_for(cfg, "quay.io")
     assert (quay.verify, quay.default_scheme(), dict(quay.headers)) == ("/etc/ca.pem", "https", {"X-Q": "1"})
     assert [e.host for e in endpoints_for(cfg, "docker.io", pull=False)] == ["registry-1.docker.io"]
+    # config.toml refuses a mirror with a path at start; one given in code is skipped with a warning
+    coded = RegistryConfig(mirrors={"docker.io": ["bad/path", "m.example:5000"]})
+    assert [e.host for e in endpoints_for(coded, "docker.io")] == ["m.example:5000", "registry-1.docker.io"]
 
 
 @pytest.mark.parametrize("host,expected", [
