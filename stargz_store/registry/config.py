@@ -234,8 +234,8 @@ class RegistryConfig:
         cfg.ca_bundle = resolver.string("ca_file") or None
         retries = blob.number("max_retries", minimum=0, maximum=MAX_RETRIES, integer=True)
         cfg.max_retries = cfg.max_retries if retries is None else retries
-        cfg.min_wait = (blob.number("min_wait_msec", minimum=0, maximum=MAX_SECONDS * 1000) or cfg.min_wait * 1000) / 1000
-        cfg.max_wait = (blob.number("max_wait_msec", minimum=0, maximum=MAX_SECONDS * 1000) or cfg.max_wait * 1000) / 1000
+        cfg.min_wait = (_msec(blob, "min_wait_msec") or cfg.min_wait * 1000) / 1000
+        cfg.max_wait = (_msec(blob, "max_wait_msec") or cfg.max_wait * 1000) / 1000
         # retries never outlast a fetch's budget
         cfg.max_retry_time = float(_seconds(blob, "fetching_timeout_sec") or cfg.max_retry_time)
         cfg.redirect_valid_interval = float(_seconds(blob, "valid_interval") or cfg.redirect_valid_interval)
@@ -271,6 +271,10 @@ BLOB_NO_EFFECT = {"chunk_size": "int", "prefetch_chunk_size": "int"}
 
 def _seconds(table: ConfigTable, key: str) -> float | None:
     return table.number(key, minimum=0, maximum=MAX_SECONDS)
+
+
+def _msec(table: ConfigTable, key: str) -> float | None:
+    return table.number(key, minimum=0, maximum=MAX_SECONDS * 1000)
 
 
 def _timeout(table: ConfigTable, key: str) -> float | None:

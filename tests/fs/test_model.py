@@ -15,6 +15,7 @@ import weakref
 import pytest
 
 from stargz_store.daemon.pool import ImagePool, PoolConfig
+from stargz_store.formats import toc as toc_module
 from stargz_store.fs.errors import (
     EntryNotFound,
     InvalidName,
@@ -267,8 +268,15 @@ def test_a_closed_layer_frees_its_tree(store, testdata):
     free a closed layer's tree, also when something it held was part of a reference cycle."""
     model, pool, client, resolver = store
     ref = ref_of(testdata, "multilayer-esgz")
-    digest = manifest_of(testdata, "multilayer-esgz")["layers"][1]["digest"]
+    layers = manifest_of(testdata, "multilayer-esgz")["layers"]
+    digest = layers[1]["digest"]
     model.getattr(f"/{b64(ref)}/{digest}/diff/etc")
+    # Quiesce what could keep the tree alive past the reap: the image's other layers are opened
+    # in the background, and while any TOC build runs (here, or a closed pool's thread of an
+    # earlier test) the reaper defers its collection (formats.toc.release_frozen).
+    for other in layers:
+        model.getattr(f"/{b64(ref)}/{other['digest']}/diff")
+    assert wait_for(lambda: toc_module._gc_pauses == 0)
     served = pool.layer(ref, digest)
     tree = weakref.ref(served.layer.toc)
     cycle: list = [served.layer.toc]
