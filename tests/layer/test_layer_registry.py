@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 import uuid
 
 import pytest
@@ -12,6 +11,7 @@ from stargz_store.layer import LayerConfig, LayerReadError, LayerResolver
 from stargz_store.registry.client import RegistryClient
 from stargz_store.registry.config import RegistryConfig
 from stargz_store.registry.reference import parse_reference
+from tests.fixtures.answered import AnsweredRequests
 from tests.formats.expected import load_expected, load_oci_image
 
 from .conftest import lazy_config
@@ -31,26 +31,16 @@ def client():
     c.close()
 
 
-class BlobGets:
-    """GETs of one blob that the watched clients sent and got an answer to, counted as each answer
-    arrives, so the count is exact whenever a call has returned. (The registry writes its access
-    log after the response: a count taken from the log can lag the client by a moment.)"""
+class BlobGets(AnsweredRequests):
+    """GETs of one blob that the watched clients sent and got an answer to."""
 
     def __init__(self, digest: str, *clients: RegistryClient) -> None:
+        super().__init__(*clients)
         self.digest = digest
-        self.count = 0
-        self._lock = threading.Lock()
-        for c in clients:
-            self.watch(c)
 
-    def watch(self, client: RegistryClient) -> None:
-        client.transport.session.hooks["response"].append(self._answered)
-
-    def _answered(self, response, *args, **kwargs) -> None:
-        request = response.request
-        if request.method == "GET" and f"/blobs/{self.digest}" in request.url:
-            with self._lock:
-                self.count += 1
+    @property
+    def count(self) -> int:
+        return self.blob_gets(self.digest)
 
 
 def read_all(layer, files: dict[str, bytes]) -> None:
