@@ -457,7 +457,10 @@ class ImagePool:
             future = slot.future
             if future is not None and not (future.done() and slot.served is None and time.monotonic() >= slot.failed_until):
                 return future
-            future = self._layer_executor.submit(self._open_slot, image, slot)
+            # The early tail goes to the open now, under the lock: taken when the open task runs,
+            # it could be dropped first as "taken by no layer" once the image is resolved.
+            early_tail = self._early_tails.pop((str(image.ref), slot.blob_digest), None)
+            future = self._layer_executor.submit(self._open_slot, image, slot, early_tail)
             slot.future = future
             return future
 
@@ -474,9 +477,7 @@ class ImagePool:
                     self._counters["negative_hits"] += 1
             raise _fresh(e) from None
 
-    def _open_slot(self, image: _Image, slot: _Slot) -> ServedLayer:
-        with self._lock:
-            early_tail = self._early_tails.pop((str(image.ref), slot.blob_digest), None)
+    def _open_slot(self, image: _Image, slot: _Slot, early_tail: Future | None = None) -> ServedLayer:
         try:
             layer = self._with_config(image, self.resolver.open_layer(image.ref, slot.descriptor, early_tail=early_tail))
         except Exception as e:

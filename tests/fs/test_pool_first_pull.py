@@ -9,8 +9,6 @@ blob, a config that never comes) changes nothing but the timing.
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -20,24 +18,17 @@ from stargz_store.fs.errors import EntryNotFound
 from stargz_store.fs.model import StoreModel
 from stargz_store.registry.errors import NotFoundError
 
+from tests.fixtures.waiting import wait_for
+
 from .layout_source import LayoutClient, LayoutResolver
 from .test_model import HOST, b64, config_of, layout_tag, manifest_of, read_all
 
 NAME = "multilayer-esgz"
 
 
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 class GatedClient(LayoutClient):
     """Holds the manifest until `manifest_gate()` is true, the config until `config_gate()` is
-    (or 5 s pass), and remembers whether each gate opened before the timeout."""
+    (or `wait_for`'s bound passes), and remembers whether each gate opened before that."""
 
     def __init__(self, layouts, manifest_gate=lambda: True, config_gate=lambda: True, config_error=None):
         super().__init__(layouts)

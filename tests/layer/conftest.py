@@ -29,12 +29,15 @@ def lazy_config(**kw) -> LayerConfig:
 
 @pytest.fixture
 def open_layer(cache):
-    """open_layer(built, source=None, config=None, cache=None) -> (layer, source); closes them after."""
+    """open_layer(built, source=None, config=None, cache=None, scheduler=None) -> (layer, source);
+    closes them after. `scheduler` replaces the resolver's (e.g. a WatchedScheduler)."""
     opened = []
 
-    def _open(built: BuiltLayer, *, source=None, config: LayerConfig | None = None, cache_=None):
+    def _open(built: BuiltLayer, *, source=None, config: LayerConfig | None = None, cache_=None, scheduler=None):
         src = source or built.source()
         resolver = LayerResolver(None, cache_ or cache, config or lazy_config())
+        if scheduler is not None:
+            resolver.scheduler = scheduler
         layer = resolver.open_layer_from_source(src, built.descriptor)
         opened.append(layer)
         return layer, src

@@ -6,7 +6,6 @@ import io
 import random
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from stargz_store.formats.toc import build_toc
 from stargz_store.layer.elf import MULTIARCH, dynamic_info, library_dirs
 
 from .conftest import lazy_config
-from .helpers import BuiltLayer
+from .helpers import BuiltLayer, wait_until
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
 
@@ -115,9 +114,7 @@ def test_reading_a_program_fetches_its_libraries_before_the_loader_asks(tmp_path
         bottom_src.reset_counters()
         prog = top.toc.lookup("usr/bin/prog")
         assert top.read(prog, 0, 4096) == program[:4096]  # what the kernel reads first when it execs
-        deadline = time.monotonic() + 30
-        while readahead.libraries == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: readahead.libraries > 0)  # looked up on a readahead thread
         assert readahead.programs == 1 and readahead.libraries == 1  # libc here; libselinux is not in the image
         assert bottom.drain(30)
         assert bottom_src.calls == 1
