@@ -23,23 +23,25 @@ def _granted_after(scheduler: FetchScheduler) -> float:
 
 def test_background_waits_for_the_quiet_period_after_a_foreground_fetch():
     scheduler = FetchScheduler(background_slots=2, quiet_period=0.3)
-    scheduler.foreground_started()
-    scheduler.foreground_finished()
+    with scheduler.foreground():
+        pass
     finished = time.monotonic()
     assert _granted_after(scheduler) - finished >= 0.3
 
 
 def test_background_waits_while_a_foreground_fetch_is_in_flight():
     scheduler = FetchScheduler(background_slots=2)
-    scheduler.foreground_started()
+    counted = threading.Event()
     release_at: list[float] = []
 
     def finish_later() -> None:
-        time.sleep(0.2)
-        release_at.append(time.monotonic())
-        scheduler.foreground_finished()
+        with scheduler.foreground():
+            counted.set()
+            time.sleep(0.2)
+            release_at.append(time.monotonic())
 
     threading.Thread(target=finish_later).start()
+    assert counted.wait(10)
     granted = _granted_after(scheduler)
     assert release_at and granted >= release_at[0]
 
