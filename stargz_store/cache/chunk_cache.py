@@ -95,6 +95,16 @@ class MemoryLru:
         return len(self._items)
 
 
+class _DiskLoad:
+    """One disk read (and hash) of a chunk in progress; `data` is set before `done`."""
+
+    __slots__ = ("data", "done")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.done = threading.Event()
+
+
 class ChunkCache:
     """Verified uncompressed chunks by digest; thread-safe; shared by all layers of a daemon.
 
@@ -118,7 +128,9 @@ class ChunkCache:
         self._blob_cache: BlobRangeCache | None = None
         self._blob_cache_lock = threading.Lock()
         self._stats_lock = threading.Lock()
-        self._stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "puts": 0, "bad_files": 0}
+        self._stats = dict.fromkeys(("memory_hits", "disk_hits", "shared_disk_reads", "misses", "puts", "bad_files"), 0)
+        self._loads: dict[str, _DiskLoad] = {}  # digest -> the disk read in progress
+        self._loads_lock = threading.Lock()
 
     @property
     def blob_cache(self) -> BlobRangeCache:
@@ -133,11 +145,32 @@ class ChunkCache:
         return self.chunk_dir / hexd[:2] / hexd
 
     def get(self, digest: str, size: int | None = None, *, keep_in_memory: bool = True) -> bytes | None:
-        """The chunk's bytes, verified against `digest` (and `size`, when known), or None."""
+        """The chunk's bytes, verified against `digest` (and `size`, when known), or None.
+
+        Concurrent gets of one chunk that is not in memory share one disk read and one hash (the
+        kernel sends a sequential reader's readahead as several parallel reads of one chunk)."""
         data = self.memory.get(digest)
         if data is not None:
             self._count("memory_hits")
             return data
+        with self._loads_lock:
+            load = self._loads.get(digest)
+            leading = load is None
+            if leading:
+                load = self._loads[digest] = _DiskLoad()
+        if not leading:
+            self._count("shared_disk_reads")
+            load.done.wait()
+            return load.data
+        try:
+            load.data = self._read_verified(digest, size, keep_in_memory)
+        finally:
+            with self._loads_lock:
+                del self._loads[digest]
+            load.done.set()
+        return load.data
+
+    def _read_verified(self, digest: str, size: int | None, keep_in_memory: bool) -> bytes | None:
         path = self.path_for(digest)
         data = read_if_present(path, "chunk cache")
         if data is None:

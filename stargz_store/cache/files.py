@@ -96,14 +96,15 @@ def read_if_complete(path: Path, expected_len: int, what: str) -> bytes | None:
     return data
 
 
-def sweep_temp_files(pattern_dirs: Iterable[Path], what: str) -> int:
-    """Remove temp files of interrupted writes in `pattern_dirs` (`.*.tmp`, see `atomic_write`);
+def sweep_temp_files(directories: Iterable[Path], what: str) -> int:
+    """Remove temp files of interrupted writes in `directories` (`.*.tmp`, see `atomic_write`);
     returns how many. Temp files of this process are left alone, so this is safe while the cache
     is in use (a write in progress here is never removed under its writer)."""
     removed = 0
-    for directory in pattern_dirs:
+    for directory in directories:
         try:
-            names = [e.name for e in os.scandir(directory) if e.name.startswith(".") and e.name.endswith(".tmp")]
+            with os.scandir(directory) as entries:
+                names = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(".tmp")]
         except OSError:  # gone or unreadable: nothing to sweep there
             continue
         for name in names:

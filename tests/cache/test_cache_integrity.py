@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 from stargz_store.cache import BlobRangeCache, ChunkCache, files
@@ -137,3 +139,38 @@ def test_temp_files_of_interrupted_writes_are_swept_from_both_caches(tmp_path):
     assert fresh.blob_cache.get(blob, 1024, 0, 1024) == b"k" * 1024
     assert fresh.blob_cache.get_range(blob, 10, 9) == b"toc bytes"
 
+
+
+def test_concurrent_reads_of_one_chunk_share_one_disk_read_and_hash(tmp_path, monkeypatch):
+    # The kernel sends a sequential reader's readahead as parallel reads of one chunk: each
+    # re-reading and re-hashing it would multiply the cost of verifying disk reads.
+    from stargz_store.cache import chunk_cache
+
+    data = os.urandom(1 << 20)
+    d = digest_of(data)
+    ChunkCache(tmp_path).put(d, data)
+    cache = ChunkCache(tmp_path)
+    release = threading.Event()
+    disk_reads: list[Path] = []
+    real_read = chunk_cache.read_if_present
+
+    def slow_disk(path: Path, what: str) -> bytes | None:
+        disk_reads.append(path)
+        assert release.wait(10)
+        return real_read(path, what)
+
+    monkeypatch.setattr(chunk_cache, "read_if_present", slow_disk)
+    results: list[bytes | None] = []
+    readers = [threading.Thread(target=lambda: results.append(cache.get(d, len(data)))) for _ in range(4)]
+    for t in readers:
+        t.start()
+    deadline = time.monotonic() + 10
+    while cache.stats().get("shared_disk_reads", 0) < 3:  # three readers wait for the first one's read
+        assert time.monotonic() < deadline, "readers did not join the read in progress"
+        time.sleep(0.005)
+    release.set()
+    for t in readers:
+        t.join(10)
+    assert results == [data] * 4
+    assert len(disk_reads) == 1
+    assert cache.stats()["disk_hits"] == 1
