@@ -66,13 +66,13 @@ def unlink_quietly(path: Path) -> None:
         log.warning("cache: cannot remove %s: %s", path, e)
 
 
-def read_if_present(path: Path, what: str) -> bytes | None:
+def read_if_present(path: Path | str, what: str) -> bytes | None:
     """The file's bytes, or None when it is missing or unreadable: either way a cache miss."""
     parts = read_parts_if_present(path, what, 0)
     return None if parts is None else parts[1]
 
 
-def read_parts_if_present(path: Path, what: str, header_len: int) -> tuple[bytes, bytes] | None:
+def read_parts_if_present(path: Path | str, what: str, header_len: int) -> tuple[bytes, bytes] | None:
     """The file's first `header_len` bytes (fewer if it is shorter) and the rest, each its own
     bytes object (no copy of a large body to split it); None when missing or unreadable."""
     try:

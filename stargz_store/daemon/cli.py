@@ -30,9 +30,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, TYPE_CHECKING, Callable
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
+
+if TYPE_CHECKING:
+    from ..cache.chunk_cache import ChunkCache
 
 log = logging.getLogger("stargz_store.daemon")
 
@@ -129,7 +132,7 @@ def build_store(cfg: StoreConfig, root: Path):
     return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access)
 
 
-def start_cache_sweep(cache) -> threading.Thread:
+def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
     """Remove the temp files interrupted cache writes left (a crash, a power cut), on a thread:
     a large cache takes a while to list, and the sweep spares this process's own writes, so the
     store need not wait for it before serving."""
