@@ -17,14 +17,15 @@ every chunk it reads from disk (sha256) and serves it, or puts it in the memory 
 matches its digest and the expected size; a bad file is removed, counted (`bad_files`), logged at
 warning, and missed, so the caller fetches the chunk again. The memory LRU only ever holds bytes
 that were verified (fetched and hashed, or read and hashed), so its hits are not hashed again.
-Every disk read is hashed, not only the first after a write or a start: measured with `python -m
-benchmarks store` (2026-12, 2 shared cores), sha256 costs ~0.13 s of CPU per 200 MiB read from
-disk, and concurrent reads of one chunk (the kernel's readahead) share one read and one hash, which
-saves about as much: the daemon's CPU for the warm 200 MiB read was 0.32-0.34 s, against 0.29-0.43
-s unverified and 0.83-0.85 s verified without the sharing; the 20,000-file warm walk stayed within
-its noise. "First read after a write or a start" costs the same on that pass (it is the first read
-after the write) and saves only on later disk reads, for a record per chunk that grows with the
-cache, and it misses damage done while the daemon runs.
+Every disk read is hashed, not only the first after a write or a start. Measured with `python -m
+benchmarks store` (2026-12, 2 cores shared at load 5-20, so the daemon's CPU time is the figure to
+trust): sha256 costs ~0.13 s of CPU per 200 MiB read from disk; concurrent reads of one chunk (the
+kernel's readahead) share one read and one hash, which saves about as much. The daemon's CPU for
+the warm 200 MiB read was 0.31-0.46 s in 5 runs, against 0.29-0.51 s unverified (7 runs) and
+0.83-0.85 s verified without the sharing; the warm walk of 20,000 small files took 5.1-8.4 s of
+CPU against 5.5-9.1 s. "First read after a write or a start" costs the same on that pass (it is
+the first read after the write) and saves only on later disk reads, for a record per chunk that
+grows with the cache, and it misses damage done while the daemon runs.
 
 The disk cache is never evicted by this class (as in the Go store); its size is the operator's to
 manage. Memory use is bounded by `memory_bytes`.
@@ -102,8 +103,8 @@ class MemoryLru:
 
 class _DiskLoad:
     """One disk read (and hash) of a chunk in progress. `running` is held by the reader until
-    `data` is set (a lock, not an Event: a miss on every small file of a walk makes one, and an
-    Event costs 30 times as much)."""
+    `data` is set (a lock, not an Event: every small file of a walk makes one, and an Event costs
+    more than ten times as much)."""
 
     __slots__ = ("data", "running")
 
