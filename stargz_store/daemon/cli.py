@@ -36,9 +36,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, TYPE_CHECKING, Callable
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
+
+if TYPE_CHECKING:
+    from ..cache.chunk_cache import ChunkCache
 
 log = logging.getLogger("stargz_store.daemon")
 
@@ -186,10 +189,27 @@ def build_store(cfg: StoreConfig, root: Path):
 
     client = RegistryClient(cfg.registry)
     cache = ChunkCache(root / "cache", memory_bytes=cfg.memory_cache_bytes)
+    start_cache_sweep(cache)
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
     return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access)
+
+
+def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
+    """Remove the temp files interrupted cache writes left (a crash, a power cut), on a thread:
+    a large cache takes a while to list, and the sweep spares this process's own writes, so the
+    store need not wait for it before serving."""
+
+    def sweep() -> None:
+        try:
+            cache.sweep_temp_files()
+        except OSError as e:
+            log.warning("cache: sweeping temp files failed: %s", e)
+
+    thread = threading.Thread(target=sweep, name="cache-sweep", daemon=True)
+    thread.start()
+    return thread
 
 
 def write_stats(pool, root: Path) -> None:

@@ -13,7 +13,7 @@ class LayerConfig:
     `disable_verification` is accepted for config compatibility and changes nothing: every chunk
     is hashed against its TOC digest before use (hashing costs little next to decompression, and
     the Go store at HEAD refuses to run with verification off). Entries read back from the disk
-    cache are trusted, see `ChunkCache`.
+    cache are hashed again before use, see `ChunkCache`.
 
     `readahead_size` is off by default so a read fetches only the chunks it covers; the daemon
     may turn it on (a few MiB roughly doubles cold sequential throughput from a local registry).

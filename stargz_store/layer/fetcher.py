@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import LayerReadError
 from .flight import Flight, FlightTable
@@ -101,8 +101,8 @@ class _StreamLander:
 
 class Fetcher:
     """Ranged reads of one blob for one layer. `max_concurrency` worker threads (created on
-    demand); foreground batches are reported to the shared `FetchScheduler` so background
-    batches of every layer wait for them."""
+    demand); foreground work items report themselves to the shared `FetchScheduler` while they
+    run, so background batches of every layer wait for them."""
 
     def __init__(
         self,
@@ -147,48 +147,57 @@ class Fetcher:
 
     def submit(self, batch: list[Request], flights: dict[str, Flight]) -> None:
         """Run one batch (one `read_ranges` call) on a worker thread, as foreground work."""
-        with self._active:
-            self._active_batches += 1
-        self.scheduler.foreground_started()
-        try:
-            self._executor.submit(self.run_batch, batch, flights, True)
-        except RuntimeError as e:  # executor shut down: the layer is closing
-            self._foreground_done()
-            err = LayerReadError(f"{self.name}: closed ({e})")
-            for req in batch:
-                for ext in req.extents:
-                    self.flights.finish(ext.key, flights[ext.key], error=err)
+        self._submit_foreground(lambda: self.run_batch(batch, flights, True), batch, flights)
 
     def submit_in_order(self, requests: list[Request], flights: dict[str, Flight]) -> None:
         """Run requests one after the other on one worker thread (each its own `read_ranges`
         call), so a very large region never sits in memory whole."""
-        with self._active:
-            self._active_batches += 1
-        self.scheduler.foreground_started()
 
         def run_all() -> None:
             try:
                 for req in requests:
-                    self.run_batch([req], flights)
+                    self.run_batch([req], flights, True)
             finally:
                 err = LayerReadError(f"fetch of {self.name} abandoned")
                 for req in requests:
                     for ext in req.extents:
                         self.flights.finish(ext.key, flights[ext.key], error=err)
-                self._foreground_done()
+
+        self._submit_foreground(run_all, requests, flights)
+
+    def _submit_foreground(self, work: Callable[[], None], requests: list[Request], flights: dict[str, Flight]) -> None:
+        """Queue `work` for a worker thread as one foreground work item.
+
+        Counts are scoped so none can leak: the scheduler's foreground count is taken by the item
+        when it starts running on its worker and given back in its own `finally` (as the Go
+        store's `DoPrioritizedTask` + `defer Done`), so an item cancelled while queued (`close`)
+        never held it; the item's place in `drain`'s count is given back exactly once, by the item
+        when it ran, or by its future's callback when it was cancelled unrun."""
+        with self._active:
+            self._active_batches += 1
+
+        def item() -> None:
+            try:
+                with self.scheduler.foreground():
+                    work()
+            finally:
+                self._item_ended()
 
         try:
-            self._executor.submit(run_all)
-        except RuntimeError as e:
-            self._foreground_done()
+            future = self._executor.submit(item)
+        except RuntimeError as e:  # executor shut down: the layer is closing
+            self._item_ended()
             err = LayerReadError(f"{self.name}: closed ({e})")
             for req in requests:
                 for ext in req.extents:
                     self.flights.finish(ext.key, flights[ext.key], error=err)
+            return
+        future.add_done_callback(lambda f: self._item_ended() if f.cancelled() else None)
 
     def run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool = False) -> None:
         """Fetch one batch with one `read_ranges` call and land every flight in it. Runs on a
-        worker thread for foreground work, on the caller's thread for background work."""
+        worker thread for foreground work (inside its item's scheduler scope), on the caller's
+        thread for background work (inside its `background_turn`)."""
         all_keys = [ext.key for req in batch for ext in req.extents]
         try:
             live = self._drop_cached(batch, flights)
@@ -204,8 +213,6 @@ class Fetcher:
             err = LayerReadError(f"fetch of {self.name} abandoned")
             for key in all_keys:
                 self.flights.finish(key, flights[key], error=err)  # no-op for landed flights
-            if foreground:
-                self._foreground_done()
 
     def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool) -> None:
         stream = getattr(self.source, "stream_range", None)
@@ -326,8 +333,7 @@ class Fetcher:
         self.flights.fail_all(error)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _foreground_done(self) -> None:
-        self.scheduler.foreground_finished()
+    def _item_ended(self) -> None:
         with self._active:
             self._active_batches -= 1
             self._active.notify_all()

@@ -2,7 +2,9 @@
 
 Invariants:
 - no byte leaves `read` unless the whole chunk holding it was decompressed from its own compressed
-  extent and hashed to the chunk's digest (by the format's `decompress_chunk`), before it was cached;
+  extent and hashed to the chunk's digest (by the format's `decompress_chunk`), before it was cached,
+  and hashed again when read back from the disk cache (`ChunkCache.get`); a raw blob block read
+  back from disk matches the sha256 recorded when it arrived (`BlobRangeCache.get`);
 - at most one fetch per chunk (or blob block) is in the air at a time; readers that need one being
   fetched wait for it, whoever started it (a read, the prefetch or the background fetch);
 - every wait is bounded by `LayerConfig.fetch_timeout`: fetches run on worker threads and readers

@@ -4,6 +4,7 @@ What is waited for is observed (`WatchedScheduler.refused`), never slept on; the
 duration, so its tests measure the time before its start, which makes the lower bound exact
 however late the threads run.
 """
+import contextlib
 import threading
 import time
 
@@ -35,19 +36,18 @@ def _granted_after(scheduler: FetchScheduler) -> float:
 
 def test_background_waits_for_the_quiet_period_after_a_foreground_fetch():
     scheduler = FetchScheduler(background_slots=2, quiet_period=0.3)
-    scheduler.foreground_started()
-    before_finish = time.monotonic()
-    scheduler.foreground_finished()
+    with scheduler.foreground():
+        before_finish = time.monotonic()
     assert _granted_after(scheduler) - before_finish >= 0.3
 
 
 def test_background_waits_while_a_foreground_fetch_is_in_flight():
     scheduler = WatchedScheduler(background_slots=2)
-    scheduler.foreground_started()
-    t, granted = _enter_background_turn(scheduler)
-    assert scheduler.refused.wait(30), "the background turn never asked"
-    assert not granted  # refused while the foreground fetch runs, and it still runs
-    scheduler.foreground_finished()
+    with contextlib.ExitStack() as foreground:
+        foreground.enter_context(scheduler.foreground())
+        t, granted = _enter_background_turn(scheduler)
+        assert scheduler.refused.wait(30), "the background turn never asked"
+        assert not granted  # refused while the foreground fetch runs, and it still runs
     t.join(30)
     assert granted, "background turn never granted once the foreground fetch ended"
 
