@@ -1,4 +1,5 @@
-"""`stargz-store`: the daemon (`stargz-store [flags] MOUNTPOINT`) and its tools (`stargz-store convert ...`)."""
+"""`stargz-store`: the daemon (`stargz-store [flags] MOUNTPOINT`) and its tools (`stargz-store convert ...`,
+`stargz-store auth-helper`, which is also installed as `stargz-store-helper`)."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +11,10 @@ def main(argv: list[str] | None = None) -> int:
         from .convert.cli import main as convert_main
 
         return convert_main(args[1:])
+    if args and args[0] == "auth-helper":
+        from .daemon.auth_helper import main as helper_main
+
+        return helper_main(args[1:], prog="stargz-store auth-helper")
     from .daemon.cli import main as daemon_main
 
     return daemon_main(args)

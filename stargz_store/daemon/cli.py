@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import IO, Callable
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
+from .control import SOCKET_NAME as CONTROL_SOCKET_NAME
+from .control_ops import start_control_socket
 
 log = logging.getLogger("stargz_store.daemon")
 
@@ -63,7 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", "-config", default=None, help=f"TOML config (default {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--root", "-root", default=DEFAULT_ROOT, help=f"data directory (default {DEFAULT_ROOT})")
     parser.add_argument("--log-level", "-log-level", default="info", choices=sorted(_LEVELS), help="log level (default info)")
-    parser.add_argument("--addr", "-addr", default=None, help="credential socket of the Go store; accepted and ignored")
+    parser.add_argument("--addr", "-addr", default=None,
+                        help="control socket for stargz-store-helper and commands (default ROOT/store.sock)")
     parser.add_argument("mountpoint", help="where to mount the store (created if absent)")
     return parser.parse_args(argv)
 
@@ -304,8 +307,6 @@ def main(argv: list[str]) -> int:
     setup_logging(args.log_level)
     root = Path(args.root).absolute()
     mountpoint = Path(args.mountpoint).absolute()
-    if args.addr:
-        log.info("--addr %s ignored: this store takes credentials from resolver.auth_file", args.addr)
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG_PATH, explicit=args.config is not None)
         prepare_root(root)
@@ -324,6 +325,7 @@ def main(argv: list[str]) -> int:
     trim = tune_malloc()
     Lifecycle.block_signals()
     pool, model = build_store(cfg, root)
+    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool)
     trimmer = MemoryTrimmer(trim) if trim is not None else None
     if trimmer is not None:
         trimmer.start()
@@ -342,6 +344,7 @@ def main(argv: list[str]) -> int:
             code = EXIT_MOUNT_FAILED
     finally:
         lifecycle.loop_ended.set()
+        control.close()
         if trimmer is not None:
             trimmer.stop()
         pool.close()
