@@ -17,11 +17,10 @@ Exit status: 0 the daemon took the credentials; 1 no daemon answered, or it refu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from .control import DEFAULT_ROOT, SOCKET_NAME, ControlError, ControlUnavailable, call, socket_path
+from .control import DEFAULT_ROOT, SOCKET_NAME, ControlError, ControlUnavailable, call, json_object, socket_path
 
 HELPER_TIMEOUT = 2.0
 MAX_INPUT = 48 * 1024  # what fits a control request (64 KiB) with room for the envelope
@@ -56,15 +55,8 @@ def read_credentials(stream, limit: int = MAX_INPUT) -> dict:
     data = stream.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"more than {limit} bytes on stdin")
-    if not data.strip():
-        raise ValueError("nothing on stdin (containers/image writes the credentials there)")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("stdin is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise ValueError("stdin must be a JSON object of image reference -> credentials")
-    return doc
+    return json_object(data, "stdin", empty="nothing on stdin (containers/image writes the credentials there)",
+                       kind="a JSON object of image reference -> credentials")
 
 
 def main(argv: list[str] | None = None, prog: str = "stargz-store-helper") -> int:

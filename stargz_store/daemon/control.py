@@ -238,17 +238,27 @@ class ControlServer:
         line = bytes(data).split(b"\n", 1)[0]
         if len(line) > self.max_request:
             raise ControlRequestError(f"request larger than {self.max_request} bytes")
-        if not line.strip():
-            raise ControlRequestError("empty request")
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            raise ControlRequestError("request is not valid JSON") from None
-        if not isinstance(request, dict):
-            raise ControlRequestError("request must be a JSON object")
+            request = json_object(line, "request", empty="empty request")
+        except ValueError as exc:
+            raise ControlRequestError(str(exc)) from None
         if not isinstance(request.get("op"), str) or not request["op"]:
             raise ControlRequestError('request has no "op"')
         return request
+
+
+def json_object(data: bytes, what: str, *, empty: str, kind: str = "a JSON object") -> dict[str, Any]:
+    """`data` parsed as a JSON object; ValueError("<what> is not valid JSON" ...) that never quotes it
+    (requests carry secrets)."""
+    if not data.strip():
+        raise ValueError(empty)
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} must be {kind}")
+    return doc
 
 
 def _send_line(conn: socket.socket, doc: Mapping[str, Any]) -> None:
