@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "auth-helper":
         from .daemon.auth_helper import main as helper_main
 
-        return helper_main(args[1:], prog="stargz-store auth-helper")
+        return helper_main(args[1:])
     from .daemon.cli import main as daemon_main
 
     return daemon_main(args)

@@ -59,7 +59,15 @@ def read_credentials(stream, limit: int = MAX_INPUT) -> dict:
                        kind="a JSON object of image reference -> credentials")
 
 
-def main(argv: list[str] | None = None, prog: str = "stargz-store-helper") -> int:
+def default_prog() -> str:
+    """How the user called it, for messages: `stargz-store auth-helper` or `stargz-store-helper`."""
+    return "stargz-store auth-helper" if os.path.basename(sys.argv[0]) in ("stargz-store", "cli.py") \
+        else "stargz-store-helper"
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`stargz-store-helper ARGS` (console script) or `stargz-store auth-helper ARGS` (`main(ARGS)`)."""
+    prog = prog or default_prog()
     args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     try:
         address = socket_path(socket_address(args))

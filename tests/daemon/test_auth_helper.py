@@ -68,6 +68,13 @@ def test_no_daemon_is_one_line_and_exit_1(tmp_path):
     assert SECRET.encode() not in result.stderr + result.stdout
 
 
+def test_messages_name_the_command_as_it_was_called(tmp_path):
+    missing = ["--addr", str(tmp_path / "nothing.sock")]
+    assert run_helper(missing, b"{}").stderr.startswith(b"stargz-store-helper: no stargz-store daemon")
+    sub = run_helper(missing, b"{}", program=[sys.executable, "-m", "stargz_store.cli", "auth-helper"])
+    assert sub.returncode == 1 and sub.stderr.startswith(b"stargz-store auth-helper: no stargz-store daemon")
+
+
 def test_a_daemon_that_never_answers_is_given_up_on(tmp_path):
     """A listening socket nobody accepts on: the helper waits --timeout, then exits 1 (the pull goes on)."""
     path = tmp_path / "stuck.sock"
