@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
+from .control import SOCKET_NAME as CONTROL_SOCKET_NAME
+from .control_ops import start_control_socket
 
 if TYPE_CHECKING:
     from ..cache.chunk_cache import ChunkCache
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"data directory: cache, metadata, lock (default {DEFAULT_ROOT})")
     parser.add_argument("--log-level", "-log-level", default="info", choices=sorted(_LEVELS), metavar="LEVEL",
                         help=f"one of {', '.join(sorted(_LEVELS))} (default info)")
-    parser.add_argument("--addr", "-addr", default=None, metavar="SOCKET", help="credential socket of the Go store; accepted and ignored")
+    parser.add_argument("--addr", "-addr", default=None, metavar="SOCKET", 
+                        help="control socket for stargz-store-helper and commands (default ROOT/store.sock)")
     parser.add_argument("--create-mountpoint", "-create-mountpoint", action="store_true",
                         help="create MOUNTPOINT (and its parents) if it does not exist")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT",
@@ -370,8 +373,6 @@ def main(argv: list[str]) -> int:
     setup_logging(args.log_level)
     root = Path(args.root).absolute()
     mountpoint = Path(args.mountpoint).absolute()
-    if args.addr:
-        log.info("--addr %s ignored: this store takes credentials from resolver.auth_file", args.addr)
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG_PATH, explicit=args.config is not None)
         prepare_root(root)
@@ -390,6 +391,7 @@ def main(argv: list[str]) -> int:
     trim = tune_malloc()
     Lifecycle.block_signals()
     pool, model = build_store(cfg, root)
+    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool)
     trimmer = MemoryTrimmer(trim) if trim is not None else None
     if trimmer is not None:
         trimmer.start()
@@ -408,6 +410,7 @@ def main(argv: list[str]) -> int:
             code = EXIT_MOUNT_FAILED
     finally:
         lifecycle.loop_ended.set()
+        control.close()
         if trimmer is not None:
             trimmer.stop()
         pool.close()

@@ -213,6 +213,16 @@ class ImagePool:
                 self._refcounts[(ref, key)] = count - 1
         log.debug("release %s %s (count was %d)", ref, key, count)
 
+    def forget_failures(self, ref: str) -> None:
+        """Drop the remembered failures of `ref` (a canonical reference): something that decides
+        whether it can be resolved changed (the runtime sent new credentials for it), so the next
+        lookup tries the registry again instead of answering the old error for `negative_ttl`."""
+        with self._lock:
+            self._negative.pop(ref, None)
+            image = self._images.get(ref)
+            for slot in image.slots.values() if image is not None else ():
+                slot.failed_until = 0.0
+
     def known_refs(self) -> list[str]:
         with self._lock:
             return list(self._images)
