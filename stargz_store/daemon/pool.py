@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..formats.errors import FormatError, NotLazyFormatError
-from ..formats.toc import release_frozen
 from ..fs.errors import EntryNotFound, FsError, InvalidName, LayerUnavailable
 from ..fs.layer_tree import LayerTree
 from ..fs.model import ImageFiles, ServedLayer
+from ..layer import release_frozen
 from ..registry.client import Manifest, RegistryClient
 from ..registry.errors import (
     InvalidReferenceError,

@@ -1,10 +1,11 @@
-"""Building a `Toc` from typed records that msgspec decodes straight from the TOC JSON.
+"""The one TOC builder: a `Toc` from typed records that msgspec decodes straight from the JSON.
 
 msgspec checks every field's type in C while decoding (a string where an int belongs, a bool, a
 float: all refused) and makes no dict per entry, so the build is one Python pass over compact
-records: about twice as fast as `json.loads` + `toc_dicts`, with half the transient memory. The
-tree and the typed errors are the same (tests/formats/test_toc_paths.py holds both to that).
-Call it through `toc.build_toc` / `toc.parse_toc_document`, which pause the GC.
+records: about twice as fast as `json.loads` over dicts, with half the transient memory. Entries
+already decoded as dicts (`toc.build_toc`) are converted to the same records first, so both entry
+points give the same tree and the same typed errors (tests/formats/test_toc_paths.py).
+Call it through `toc.build_toc` / `toc.parse_toc_document`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Iterable, Literal, Mapping
 import msgspec
 
 from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, OutOfBoundsError
-from .toc import (
+from .toc_model import (
     _DIGEST_RE,
     _NO_XATTRS,
     _PERMISSIONS,

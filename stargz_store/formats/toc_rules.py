@@ -1,6 +1,6 @@
 """What a TOC may hold: names the kernel can have, and caps on what a build may allocate.
 
-Pure rules, shared by both TOC builders (`toc_records`, `toc_dicts`) and the writers (which
+Pure rules, shared by the TOC builder (`toc_records`) and the writers (which
 refuse in their input what the readers would refuse in a TOC). Issue 11: a hostile TOC must be
 refused with a typed error before it costs more than the caps, whatever it holds.
 """

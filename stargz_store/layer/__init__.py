@@ -4,8 +4,9 @@ from .errors import LayerReadError
 from .layer import Layer
 from .resolver import BlobSource, LayerResolver, RegistryBlobSource, TailCachedReadAt
 from .sources import FileBlobSource
+from .trees import release_frozen
 
 __all__ = [
     "BlobSource", "FileBlobSource", "Layer", "LayerConfig", "LayerReadError", "LayerResolver",
-    "RegistryBlobSource", "TailCachedReadAt",
+    "RegistryBlobSource", "TailCachedReadAt", "release_frozen",
 ]

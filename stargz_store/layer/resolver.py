@@ -16,6 +16,7 @@ from .config import LayerConfig
 from .layer import Layer
 from .scheduler import FetchScheduler
 from .sources import BlobSource
+from .trees import building_trees
 
 if TYPE_CHECKING:
     from ..registry.client import RegistryClient
@@ -213,7 +214,8 @@ class LayerResolver:
 
         read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, early_tail=early_tail)
         try:
-            parsed = parse(read_at)
+            with building_trees():
+                parsed = parse(read_at)
         except FormatError as e:
             if not (read_at.reused or read_at.early_used):
                 raise
@@ -224,7 +226,8 @@ class LayerResolver:
                         "kept" if read_at.reused else "early")
             read_at.forget_reused()
             read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, reuse=False)
-            parsed = parse(read_at)
+            with building_trees():
+                parsed = parse(read_at)
         read_at.persist()
         log.debug(
             "layer %s: %s TOC %s, %d entries, %d request(s), %d kept range(s) reused",
