@@ -52,7 +52,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
     "kubeconfig_keychain": (set(), {"enable_keychain": "bool", "kubeconfig_path": "str"}),
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
-         "max_toc_size_mb", "max_toc_entries", "max_path_depth", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
+         "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb"},
         {},
@@ -152,6 +152,7 @@ def _build(doc: ConfigTable) -> StoreConfig:
     layer.max_toc_size = _int(store, "max_toc_size_mb", layer.max_toc_size >> 20, minimum=1) << 20
     layer.max_toc_entries = _int(store, "max_toc_entries", layer.max_toc_entries, minimum=1)
     layer.max_path_depth = _int(store, "max_path_depth", layer.max_path_depth, minimum=1)
+    layer.max_chunk_size = _int(store, "max_chunk_size_mb", layer.max_chunk_size >> 20, minimum=1) << 20
     layer.readahead_size = _int(store, "sequential_readahead_kb", DAEMON_READAHEAD_KB, minimum=0) << 10
     if layer.disable_verification:
         log.warning("disable_verification = true: chunk digests are still checked when chunks are decoded")

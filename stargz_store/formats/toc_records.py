@@ -307,6 +307,7 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
     n_starts = len(starts)
     chunk_cls = Chunk
     bisect_right = bisect.bisect_right
+    max_chunk, max_extent = limits.max_chunk_size, 2 * limits.max_chunk_size
     for pos, raw, pieces in with_data:
         f = built[pos]
         name = f[0]
@@ -317,7 +318,7 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
             inner = raw.inner_offset or 0
             csize = raw.chunk_size or size - file_offset  # 0 means "to the end of the file"
             if offset < 0 or offset >= data_end or inner < 0 or file_offset != 0 or csize != size or inner + size > INT64_MAX:
-                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)  # its error
+                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)  # its error
             else:
                 chunk_digest = raw.chunk_digest
                 if not chunk_digest or chunk_digest == raw.digest:  # the file's, already checked and shared
@@ -333,12 +334,14 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
                 end_offset = raw.end_offset or 0
                 if offset < end_offset < blob_end:
                     blob_end = end_offset
+                if inner + size > max_chunk or blob_end - offset > max_extent:
+                    limits.check_chunk(name, 0, inner + size, blob_end - offset)
                 zeros = raw.chunk_type == "zeros"
                 chunks = (  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
                     new_tuple(chunk_cls, (0, size, offset + 0, blob_end + 0, inner + 0, chunk_digest, zeros)),
                 )
         else:
-            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)
+            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)
         built[pos] = entries[name] = new_tuple(entry_cls, (*f[:12], chunks, f[13], 1))
 
     # Hardlinks: resolve chains to the final non-hardlink target; count its links.
@@ -424,6 +427,7 @@ def _build_chunks_structs(
     starts: list[int],
     data_end: int,
     digests: dict[str, str],
+    limits: TocLimits,
 ) -> tuple[Chunk, ...]:
     end_offset = raw.end_offset or 0
     last = len(pieces) - 1
@@ -458,6 +462,7 @@ def _build_chunks_structs(
         blob_end = starts[j] if j < n_starts else data_end
         if i == last and offset < end_offset <= data_end:
             blob_end = min(blob_end, end_offset)
+        limits.check_chunk(name, file_offset, inner + csize, blob_end - offset)
         chunks.append(  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
             _new_tuple(
                 Chunk,

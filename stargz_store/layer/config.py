@@ -33,6 +33,8 @@ class LayerConfig:
                                            # also the names of directories a TOC implies without listing
     max_toc_entries: int = 1_000_000       # TOC entries, implied directories included (see formats.toc.TocLimits)
     max_path_depth: int = 2048             # components of an entry name (PATH_MAX / 2)
+    max_chunk_size: int = 64 << 20         # bytes one chunk inflates to (twice that compressed): a chunk is
+                                           # fetched, inflated and verified whole in memory (TocLimits)
     tail_size: int = 13 << 10               # the first ranged request of the blob tail (footer + TOC guess):
                                             # what a fresh TCP connection delivers in its first round trip
                                             # (10 segments of 1448 bytes) with room for the response headers
@@ -65,5 +67,6 @@ class LayerConfig:
     @property
     def toc_limits(self) -> TocLimits:
         return TocLimits(
-            max_entries=self.max_toc_entries, max_depth=self.max_path_depth, max_implicit_names=self.max_toc_size
+            max_entries=self.max_toc_entries, max_depth=self.max_path_depth, max_implicit_names=self.max_toc_size,
+            max_chunk_size=self.max_chunk_size,
         )

@@ -86,8 +86,8 @@ def build_outcome(build: Callable[[], Toc]) -> tuple[str, object, object]:
     return kind, snapshot(value) if kind == "ok" else value, value  # type: ignore[arg-type]
 
 
-# Files larger than this are not read back: the read path holds a whole chunk in memory, and a
-# TOC may declare a chunk of any size (see the report of issue 11: not capped yet).
+# Files larger than this are not read back: a file is read whole here, and its chunks, though each
+# within `TocLimits.max_chunk_size`, may be many.
 READ_BACK_LIMIT = 16 << 20
 
 

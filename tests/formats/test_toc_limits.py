@@ -18,6 +18,7 @@ from stargz_store.formats import toc as toc_module
 from stargz_store.formats import toc_records, toc_rules
 from stargz_store.formats.errors import (
     BadEntryNameError,
+    ChunkTooLargeError,
     EntryEscapesRootError,
     InvalidTocError,
     OutOfBoundsError,
@@ -282,3 +283,55 @@ def test_a_chain_of_hardlinks_is_followed_once(monkeypatch):
     toc = build_both_ways([{"name": "f", "type": "fifo"}, *chain], TocLimits())
     assert toc.lookup("h0") is toc.lookup("f") and toc.lookup("f").nlink == n + 1
     assert calls[0] <= 2 * 3 * n  # two builds, each ~once per name and once per link (not n * n / 2)
+
+
+# --- chunk size ----------------------------------------------------------------------------------------
+
+
+def _piece(name: str, size: int, offset: int, **extra) -> dict:
+    return {"name": name, "type": "reg", "size": size, "offset": offset, "digest": D1, "chunkDigest": D1, **extra}
+
+
+def test_a_chunk_at_the_cap_is_accepted_one_byte_over_is_refused():
+    limits = TocLimits(max_chunk_size=900)
+    toc = build_both_ways([_piece("f", 900, 10)], limits)
+    assert toc.lookup("f").chunks[0].size == 900
+    with pytest.raises(ChunkTooLargeError, match="over the chunk cap of 900"):
+        build_both_ways([_piece("f", 901, 10)], limits)
+    with pytest.raises(ChunkTooLargeError):  # the skipped inner bytes are inflated too
+        build_both_ways([_piece("f", 800, 10, innerOffset=101)], limits)
+
+
+def test_every_piece_of_a_file_is_capped():
+    limits = TocLimits(max_chunk_size=500)
+    pieces = [_piece("f", 1000, 10, chunkSize=500),
+              {"name": "f", "type": "chunk", "offset": 400, "chunkOffset": 500, "chunkSize": 500, "chunkDigest": D1}]
+    assert len(build_both_ways(pieces, limits).lookup("f").chunks) == 2
+    pieces = [_piece("f", 1000, 10, chunkSize=400),
+              {"name": "f", "type": "chunk", "offset": 400, "chunkOffset": 400, "chunkDigest": D1}]  # 600 to the end
+    with pytest.raises(ChunkTooLargeError, match="file offset 400"):
+        build_both_ways(pieces, limits)
+
+
+def test_a_huge_zeros_chunk_is_refused_before_anything_is_allocated():
+    """A zstd:chunked hole is made locally as `bytes(size)`: a TOC may declare a terabyte of it."""
+    hole = _piece("sparse", 1 << 40, 10, chunkType="zeros")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChunkTooLargeError):
+            build_both_ways([hole], TocLimits())
+        assert tracemalloc.get_traced_memory()[1] < 64 * MB
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_compressed_extent_may_take_twice_the_cap():
+    """An extent runs to the next data offset: a one-byte file followed by 2 MB of blob is one
+    fetch of 2 MB, in memory, whatever the file's size."""
+    limits = TocLimits(max_chunk_size=1000)
+    assert build_toc([_piece("f", 1, 10)], data_end=2010, limits=limits).lookup("f").chunks[0].blob_end == 2010
+    with pytest.raises(ChunkTooLargeError):
+        build_toc([_piece("f", 1, 10)], data_end=2011, limits=limits)
+    doc = json.dumps({"entries": [_piece("f", 1, 10)]}).encode()
+    with pytest.raises(ChunkTooLargeError):
+        parse_toc_document(doc, data_end=2011, limits=limits)
