@@ -7,10 +7,8 @@ an executable, then the rest of a small layer join the request being planned in 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
-
 from .background import BackgroundFetch
-from .base import HOOKS, FetchPolicy
+from .base import HOOKS, FetchPolicy, PolicyFactory, PolicyHost
 from .executable import ExecutableFetch
 from .libraries import LibraryReadahead, LibraryReadaheadPolicy, resolve_in_layers, shared_worker
 from .neighbour import NeighbourFetch
@@ -18,16 +16,14 @@ from .prefetch import Prefetch
 from .readahead import SequentialReadahead
 from .small_layer import SmallLayerFetch
 
-if TYPE_CHECKING:
-    from ..layer import Layer
-
 __all__ = [
     "HOOKS", "BackgroundFetch", "ExecutableFetch", "FetchPolicy", "LibraryReadahead", "LibraryReadaheadPolicy",
+    "PolicyHost",
     "NeighbourFetch", "POLICY_CLASSES", "Prefetch", "SequentialReadahead", "SmallLayerFetch", "resolve_in_layers",
     "shared_worker",
 ]
 
-POLICY_CLASSES: dict[str, Callable[[Layer], FetchPolicy]] = {
+POLICY_CLASSES: dict[str, PolicyFactory] = {
     "neighbour": NeighbourFetch,
     "executable": ExecutableFetch,
     "small_layer": SmallLayerFetch,

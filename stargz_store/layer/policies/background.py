@@ -13,13 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING
 
 from ...formats.toc import Chunk
-from .base import FetchPolicy
-
-if TYPE_CHECKING:
-    from ..layer import Layer
+from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +25,7 @@ _MAX_FAILURES = 5
 class BackgroundFetch(FetchPolicy):
     name = "background"
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: PolicyHost) -> None:
         self.reader = layer.reader
         self.toc = layer.toc
         self.config = layer.config

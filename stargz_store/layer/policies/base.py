@@ -14,16 +14,42 @@ Hooks, in the order a layer calls them:
 - `close()`: the layer is closing; stop.
 
 The layer calls only the hooks a policy overrides, so a policy costs nothing on the paths it does
-not hook.
+not hook. A policy is made from the layer it serves, seen through `PolicyHost` (what a policy may
+use of it), so this package does not depend on `layer.py`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
-from ...formats.toc import Chunk, TocEntry
+from ...formats.layer_toc import ParsedToc
+from ...formats.toc import Chunk, Toc, TocEntry
 
 if TYPE_CHECKING:
-    from ..reader import FetchPlan
+    from ..config import LayerConfig
+    from ..fetcher import Counters
+    from ..reader import ChunkReader, FetchPlan
+    from ..scheduler import FetchScheduler
+
+
+class PolicyHost(Protocol):
+    """What a fetch policy may use of its layer (`Layer` implements it)."""
+
+    reader: ChunkReader
+    parsed: ParsedToc
+    toc: Toc
+    config: LayerConfig
+    scheduler: FetchScheduler
+    counters: Counters
+    library_worker: Any
+
+    def read(self, entry: TocEntry, offset: int, size: int) -> bytes: ...
+
+    def fetch_ahead(self, entry: TocEntry) -> bool: ...
+
+    def image_layers(self) -> Sequence[Any]: ...
+
+
+PolicyFactory = Callable[[PolicyHost], "FetchPolicy"]
 
 HOOKS = ("on_open", "on_miss", "on_read", "on_data", "close")
 

@@ -11,17 +11,16 @@ from typing import TYPE_CHECKING, Mapping
 
 from ...formats.toc import Chunk, TocEntry
 from ..blob_index import stored_size
-from .base import FetchPolicy
+from .base import FetchPolicy, PolicyHost
 
 if TYPE_CHECKING:
-    from ..layer import Layer
     from ..reader import FetchPlan
 
 
 class ExecutableFetch(FetchPolicy):
     name = "executable"
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: PolicyHost) -> None:
         self.reader = layer.reader
         self.limit = layer.config.executable_fetch_limit
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ...formats.toc import DIR, REG, SYMLINK, TocEntry
 from ..elf import ELF_MAGIC, dynamic_info, library_dirs
-from .base import FetchPolicy
-
-if TYPE_CHECKING:
-    from ..layer import Layer
+from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +141,7 @@ def shared_worker() -> LibraryReadahead:
 class LibraryReadaheadPolicy(FetchPolicy):
     name = "library_readahead"
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: PolicyHost) -> None:
         self.layer = layer
         self.worker = layer.library_worker
         self._seen: set[int] = set()

@@ -13,17 +13,16 @@ from typing import TYPE_CHECKING, Mapping
 
 from ...formats.toc import Chunk, TocEntry
 from ..blob_index import stored_size
-from .base import FetchPolicy
+from .base import FetchPolicy, PolicyHost
 
 if TYPE_CHECKING:
-    from ..layer import Layer
     from ..reader import FetchPlan
 
 
 class NeighbourFetch(FetchPolicy):
     name = "neighbour"
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: PolicyHost) -> None:
         self.reader = layer.reader
         self.window = layer.config.neighbour_fetch_size
 

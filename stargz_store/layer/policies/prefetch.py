@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from ...formats.toc import Chunk
 from ..errors import LayerReadError
 from ..ranges import Request
-from .base import FetchPolicy
-
-if TYPE_CHECKING:
-    from ..layer import Layer
+from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +22,7 @@ log = logging.getLogger(__name__)
 class Prefetch(FetchPolicy):
     name = "prefetch"
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: PolicyHost) -> None:
         self.reader = layer.reader
         self.toc = layer.toc
         self.toc_offset = layer.parsed.toc_offset

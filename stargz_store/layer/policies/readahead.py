@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from ...formats.toc import TocEntry
 from ..reader import FetchPlan
-from .base import FetchPolicy
-
-if TYPE_CHECKING:
-    from ..layer import Layer
+from .base import FetchPolicy, PolicyHost
 
 _TRACKED = 256  # files whose last read end is remembered
 
@@ -25,7 +21,7 @@ _TRACKED = 256  # files whose last read end is remembered
 class SequentialReadahead(FetchPolicy):
     name = "sequential_readahead"
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: PolicyHost) -> None:
         self.reader = layer.reader
         self.size = layer.config.readahead_size
         # ino -> (offset the next sequential read starts at, last chunk index already read ahead)

@@ -13,17 +13,16 @@ import threading
 from typing import TYPE_CHECKING, Mapping
 
 from ...formats.toc import Chunk, TocEntry
-from .base import FetchPolicy
+from .base import FetchPolicy, PolicyHost
 
 if TYPE_CHECKING:
-    from ..layer import Layer
     from ..reader import FetchPlan
 
 
 class SmallLayerFetch(FetchPolicy):
     name = "small_layer"
 
-    def __init__(self, layer: Layer) -> None:
+    def __init__(self, layer: PolicyHost) -> None:
         self.reader = layer.reader
         self.toc = layer.toc
         self._pending = 0 < layer.parsed.toc_offset <= layer.config.small_layer_fetch_size
