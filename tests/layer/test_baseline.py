@@ -101,3 +101,17 @@ def test_kept_blocks_make_chunks_without_a_request_after_a_restart(tmp_path, ope
         e = second.toc.lookup(name)
         assert second.read(e, 0, e.size) == built.files[name]
     assert src.calls == 0
+
+
+def test_prefetch_and_background_fetch_complete_in_the_baseline(tmp_path, open_layer):
+    files = _files()
+    built = build_layer(tmp_path / "l", files, prioritized=("pkg/m3.py", "bin/tool"))
+    config = LayerConfig(fetch_timeout=10.0, prefetch_wait=True, background_quiet_period=0.0).baseline()
+    layer, src = open_layer(built, config=config)
+    assert layer.wait_background(60) and layer.background_state == "done"
+    assert layer.stats()["fetch_errors"] == layer.stats()["verify_failures"] == 0
+    src.reset_counters()
+    for name, data in files.items():
+        entry = layer.toc.lookup(name)
+        assert layer.read(entry, 0, entry.size) == data
+    assert src.calls == 0

@@ -62,11 +62,13 @@ class Prefetch(FetchPolicy):
             extents = [self.reader.chunk_extent(missing[k], keep_in_memory=False) for k in mine]
             flights = dict(mine)  # chunks the planner adds between extents join these
             piece = self.config.prefetch_request_size
-            if len(mine) == len(chunks) and limit <= piece:  # the whole region is ours: one request from 0
-                requests = [Request(0, limit, extents)]
+            whole = len(mine) == len(chunks)  # nothing of the region cached or in flight elsewhere
+            end = max(limit, max(e.end for e in extents))  # (block-aligned extents may end past it)
+            if whole and end <= piece:  # one request from 0: the tar headers before the first file come along
+                requests = [Request(0, end, extents)]
             else:  # around what is cached or in flight elsewhere; a huge region one piece at a time
                 requests = self.reader.plan_requests(extents, flights, gap=piece, max_size=piece)
-                if len(mine) == len(chunks):
+                if whole:
                     requests[0].start = 0
             self.counters.add("prefetch_bytes", sum(r.length for r in requests))
             log.debug("layer %s: prefetching %d request(s) up to %d", self.reader.blob_digest, len(requests), limit)
