@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..formats.errors import FormatError, NotLazyFormatError
-from ..formats.toc import release_frozen
 from ..fs.errors import EntryNotFound, FsError, InvalidName, LayerUnavailable
 from ..fs.layer_tree import LayerTree
 from ..fs.model import ImageFiles, ServedLayer
+from ..layer import release_frozen
 from ..registry.client import Manifest, RegistryClient
 from ..registry.errors import (
     InvalidReferenceError,
@@ -46,7 +46,6 @@ from ..registry.errors import (
 )
 from ..registry.manifest import sha256_digest
 from ..registry.reference import Reference, parse_reference
-from .libraries import LibraryReadahead
 from .info import info_for_blob_key, info_for_toc_key, toc_digest_annotation
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ class PoolConfig:
     resolve_workers: int = 8  # layers opened in parallel (TOC fetch + prefetch)
     platform: str | None = None  # None = the host platform
     reap_interval: float = 5.0
-    library_readahead: bool = True  # fetch the libraries a program loads when it is first read
 
 
 class _Slot:
@@ -147,7 +145,6 @@ class ImagePool:
         self._image_executor = ThreadPoolExecutor(4, thread_name_prefix="resolve-image")
         self._layer_executor = ThreadPoolExecutor(max(1, self.config.resolve_workers), thread_name_prefix="resolve-layer")
         self._stop = threading.Event()
-        self._libraries = LibraryReadahead() if self.config.library_readahead else None
         self._reaper = threading.Thread(target=self._reap_loop, name="layer-reaper", daemon=True)
         self._reaper.start()
         if callable(getattr(client, "learn_schemes", None)):
@@ -500,13 +497,7 @@ class ImagePool:
             else:
                 log.warning("%s", error)
             raise error from None
-        if self._libraries is not None and hasattr(layer, "on_program_read"):
-            readahead = self._libraries
-
-            def program_read(layer: Any, entry: Any, image: _Image = image) -> None:
-                readahead.program_read(lambda: self._open_layers_top_first(image), layer, entry)
-
-            layer.on_program_read = program_read
+        layer.attach_image(lambda image=image: self._open_layers_top_first(image))  # for library readahead
         parsed = layer.parsed
         toc = layer.toc
         infos: Mapping[str, bytes] = _LayerInfos(slot, parsed) if slot.diff_id else {}
@@ -585,8 +576,6 @@ class ImagePool:
         timeouts; the daemon does not wait for them.
         """
         self._stop.set()
-        if self._libraries is not None:
-            self._libraries.close()
         with self._lock:
             served = [s.served for img in self._images.values() for s in img.slots.values() if s.served]
             self._images.clear()

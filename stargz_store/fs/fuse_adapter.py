@@ -86,7 +86,7 @@ class MountOptions:
     default_permissions: bool = True  # the kernel enforces modes and owners (not a config key: always on)
     debug: bool = False
     fsname: str = "stargzstore"
-    read_ahead_kb: int = 4096  # 0 = leave the kernel's default
+    read_ahead_kb: int | None = 4096  # 0 = no readahead; None = leave the kernel's default (128)
     no_open: bool = True  # let the kernel skip OPEN/RELEASE (one round trip less per file opened)
 
 
@@ -188,7 +188,7 @@ class StoreOperations(fuse.Operations):
         if wait_for_mount(self.mountpoint) is None:
             log.warning("mount at %s did not appear in /proc/self/mountinfo", self.mountpoint)
             return
-        if self.options.read_ahead_kb > 0:
+        if self.options.read_ahead_kb is not None:
             set_read_ahead(self.mountpoint, self.options.read_ahead_kb)
         if self.on_ready is not None:
             try:
@@ -462,7 +462,7 @@ def wait_for_mount(mountpoint: str, wait: float = 10.0) -> str | None:
 
 
 def set_read_ahead(mountpoint: str, kb: int) -> None:
-    """Raise the readahead of our mount's backing device (`/sys/class/bdi/<major:minor>`)."""
+    """Set the readahead of our mount's backing device (`/sys/class/bdi/<major:minor>`)."""
     device = mount_device(mountpoint)
     try:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:

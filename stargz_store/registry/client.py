@@ -18,7 +18,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from .blob_stream import BlobStream
+from .blob_stream import BlobStream, ResumePolicy
 from .config import Endpoint, HostConfig, MirrorConfig, RegistryConfig, endpoints_for
 from .credentials import CredentialStore
 from .runtime_credentials import RuntimeCredentials
@@ -267,7 +267,14 @@ class RegistryClient:
         """A streaming reader of the whole blob. It resumes with a Range request when the connection
         breaks and raises DigestMismatchError at EOF when the content is not `digest`."""
         check_digest(digest)
-        return io.BufferedReader(BlobStream(self, ref, digest), buffer_size=READ_CHUNK)  # type: ignore[return-value]
+        path = f"/v2/{ref.repository}/blobs/{digest}"
+        what = f"blob {digest} in {ref.name}"
+
+        def get(headers: dict[str, str], consume: Callable[[requests.Response], requests.Response]) -> requests.Response:
+            return self._pull(ref, path, "GET", consume, what, headers)[0]
+
+        resume = ResumePolicy(self.config.max_retries, self.config.min_wait, self.config.max_wait)
+        return io.BufferedReader(BlobStream(get, digest, what, resume), buffer_size=READ_CHUNK)  # type: ignore[return-value]
 
     def blob_size(self, ref: Reference, digest: str) -> int:
         """Size from HEAD; some storage backends refuse HEAD, then a 1-byte ranged GET tells the total."""

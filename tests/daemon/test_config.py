@@ -87,3 +87,13 @@ def test_go_style_flags_are_accepted():
     assert (args.config, args.root, args.log_level, args.mountpoint) == ("/c.toml", "/r", "debug", "/mnt")
     args = parse_args(["--config", "/c.toml", "--log-level", "warn", "/mnt"])
     assert args.root == "/var/lib/stargz-store" and args.log_level == "warn"
+
+
+def test_sizes_documented_zero_off_are_off_at_zero():
+    """`read_ahead_kb` and `memory_cache_size_mb` say "0 = off" in config.toml: 0 is not "the default"."""
+    cfg = config_from_toml({"store": {"read_ahead_kb": 0, "memory_cache_size_mb": 0, "sequential_readahead_kb": 0,
+                                      "neighbour_fetch_kb": 0}})
+    assert cfg.mount.read_ahead_kb == 0 and cfg.memory_cache_bytes == 0
+    assert cfg.layer.readahead_size == 0 and cfg.layer.neighbour_fetch_size == 0
+    defaults = config_from_toml({})
+    assert defaults.mount.read_ahead_kb == 4096 and defaults.memory_cache_bytes == 64 << 20

@@ -15,7 +15,7 @@ import weakref
 import pytest
 
 from stargz_store.daemon.pool import ImagePool, PoolConfig
-from stargz_store.formats import toc as toc_module
+from stargz_store.layer import trees
 from stargz_store.fs.caller import ROOT
 from stargz_store.fs.errors import (
     EntryNotFound,
@@ -265,7 +265,7 @@ def test_unused_layers_are_closed_and_reopened(store, testdata):
 
 
 def test_a_closed_layer_frees_its_tree(store, testdata):
-    """Built trees are frozen out of the cyclic GC (formats.toc._gc_paused); reaping must still
+    """Built trees are frozen out of the cyclic GC (layer.trees.building_trees); reaping must still
     free a closed layer's tree, also when something it held was part of a reference cycle."""
     model, pool, client, resolver = store
     ref = ref_of(testdata, "multilayer-esgz")
@@ -274,10 +274,10 @@ def test_a_closed_layer_frees_its_tree(store, testdata):
     model.getattr(f"/{b64(ref)}/{digest}/diff/etc", caller=ROOT)
     # Quiesce what could keep the tree alive past the reap: the image's other layers are opened
     # in the background, and while any TOC build runs (here, or a closed pool's thread of an
-    # earlier test) the reaper defers its collection (formats.toc.release_frozen).
+    # earlier test) the reaper defers its collection (layer.trees.release_frozen).
     for other in layers:
         model.getattr(f"/{b64(ref)}/{other['digest']}/diff", caller=ROOT)
-    assert wait_for(lambda: toc_module._gc_pauses == 0)
+    assert wait_for(lambda: trees.builds_running() == 0)
     served = pool.layer(ref, digest)
     tree = weakref.ref(served.layer.toc)
     cycle: list = [served.layer.toc]
