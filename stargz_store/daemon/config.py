@@ -23,7 +23,7 @@ from ..registry.config import (
 )
 from ..registry.errors import InvalidReferenceError
 from ..registry.platforms import parse_platform
-from .pool import PoolConfig
+from .pool_config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
-         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb"},
+         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
+         "idle_layers", "max_images", "max_use_counts"},
         {},
     ),
 }
@@ -162,6 +163,9 @@ def _build(doc: ConfigTable) -> StoreConfig:
     pool.resolve_timeout = float(_num(store, "resolve_timeout_sec", pool.resolve_timeout))
     pool.resolve_workers = _int(store, "resolve_workers", pool.resolve_workers, minimum=1, maximum=MAX_WORKERS)
     pool.library_readahead = _bool(store, "library_readahead", pool.library_readahead)
+    pool.idle_layers = _int_or_off(store, "idle_layers", pool.idle_layers)
+    pool.max_images = _positive(store, "max_images", pool.max_images)
+    pool.max_use_counts = _positive(store, "max_use_counts", pool.max_use_counts)
     pool.platform = _platform(store, "platform")
 
     cfg.mount = MountOptions(
@@ -197,6 +201,12 @@ def _int(table: ConfigTable, key: str, default: int, *, minimum: int, maximum: i
 def _int_or_off(table: ConfigTable, key: str, default: int) -> int:
     """An integer >= 0 of our own keys, where 0 turns the feature off (not "the default")."""
     value = table.number(key, minimum=0, maximum=MAX_INTEGER, integer=True)
+    return default if value is None else value
+
+
+def _positive(table: ConfigTable, key: str, default: int) -> int:
+    """An integer >= 1 of our own keys (a bound: 0 would mean nothing can be kept)."""
+    value = table.number(key, minimum=1, maximum=MAX_INTEGER, integer=True)
     return default if value is None else value
 
 
