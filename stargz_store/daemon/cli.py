@@ -273,7 +273,7 @@ def main(argv: list[str]) -> int:
     trimmer = MemoryTrimmer(trim) if trim is not None else None
     if trimmer is not None:
         trimmer.start()
-    lifecycle = Lifecycle(pool, root, mountpoint, read_ahead_kb=cfg.mount.read_ahead_kb)
+    lifecycle = Lifecycle(pool, root, mountpoint, read_ahead_kb=cfg.mount.read_ahead_kb, model=model)
     lifecycle.start()
     log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
     code = EXIT_OK

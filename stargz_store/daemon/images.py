@@ -26,7 +26,7 @@ import logging
 import re
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -115,16 +115,27 @@ class Shutdown:
         return self.event.is_set()
 
     def wait_result(self, future: Future[T], deadline: float) -> T:
-        """`future.result()` until `deadline` (FutureTimeout), cut short by shutdown (EIO)."""
+        """`future.result()` until `deadline` (FutureTimeout), cut short by shutdown (EIO).
+
+        A failed future's error (always an `FsError` here) is kept by the future, answering every
+        later wait; each wait raises a new copy of it. Raising the kept one would add this wait's
+        frames, which hold the future, to its traceback: a reference cycle (error -> frame ->
+        future -> error) that only the cyclic GC could free, with everything those frames hold."""
         while True:
             if self.event.is_set():
                 raise LayerUnavailable("the store is shutting down")
             remaining = deadline - time.monotonic()
             try:
-                return future.result(max(0.0, min(0.2, remaining)))
+                error = future.exception(max(0.0, min(0.2, remaining)))
             except FutureTimeout:
                 if remaining <= 0.2:
                     raise
+                continue
+            except CancelledError:
+                raise LayerUnavailable("the store is shutting down") from None
+            if error is None:
+                return future.result()
+            raise _fresh(error if isinstance(error, FsError) else as_fs_error(error, "resolving"))
 
 
 class ImageResolver:
@@ -205,8 +216,6 @@ class ImageResolver:
             return self.shutdown.wait_result(future, deadline or time.monotonic() + self.config.resolve_timeout)
         except FutureTimeout:
             raise LayerUnavailable(f"resolving {ref} takes longer than {self.config.resolve_timeout:g} s") from None
-        except FsError as e:
-            raise _fresh(e) from None
 
     def known_refs(self) -> list[str]:
         with self._lock:

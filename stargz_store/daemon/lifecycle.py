@@ -49,8 +49,9 @@ class Lifecycle:
     """Signals, readiness and shutdown of one mounted daemon (see the module docstring)."""
 
     def __init__(self, pool: ImagePool, root: Path, mountpoint: Path, read_ahead_kb: int = 0,
-                 abort_after: float = 5.0) -> None:
+                 abort_after: float = 5.0, model: StoreModel | None = None) -> None:
         self.pool = pool
+        self.model = model
         self.root = root
         self.mountpoint = mountpoint
         self.read_ahead_kb = read_ahead_kb
@@ -88,7 +89,10 @@ class Lifecycle:
             sig = signal.sigwait(SIGNALS)
             if sig == signal.SIGUSR1:
                 try:
-                    write_stats(self.pool.stats(), self.root)
+                    document = self.pool.stats()
+                    if self.model is not None:
+                        document["fs"] = self.model.stats()
+                    write_stats(document, self.root)
                 except Exception:
                     log.exception("writing stats failed")
                 continue

@@ -222,10 +222,10 @@ class ImagePool:
             return self.shutdown.wait_result(future, deadline)
         except FutureTimeout:
             raise LayerUnavailable(f"{image.ref}: layer {slot.blob_digest} not ready after {self.config.resolve_timeout:g} s") from None
-        except FsError as e:
+        except FsError:
             if remembered:
                 self.counters.add("negative_hits")
-            raise type(e)(str(e)) from None  # a new instance: re-raising one would grow its traceback forever
+            raise
 
     def _open_slot(self, image: Image, slot: Slot, early_tail: EarlyTail | None = None) -> ServedLayer:
         try:

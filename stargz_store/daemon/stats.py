@@ -5,7 +5,8 @@ document is what tests and operators read (`tests/fixtures/store.py`)::
 
     {"pool": {<counter>: n, "images": n, "open_layers": n, ...},
      "refcounts": {"<ref> <key>": n},          # use notifications not yet released
-     "layers": {"<ref>@<blob digest>": Layer.stats()}}
+     "layers": {"<ref>@<blob digest>": Layer.stats()},
+     "fs": {"nodes": n, "open_files": n}}       # the filesystem model's bookkeeping (`StoreModel.stats`)
 
 A metrics exporter (issue 16) reads the same sources: `PoolCounters.snapshot()`, the pool's
 gauges and each open layer's `stats()`.

@@ -390,6 +390,15 @@ class DiffEntry(Node):
             raise IsADirectory(node.path)
         return LayerOpened(self.scope.provider, self.served.number, node.entry if node.is_reg else None)
 
+    def read_held(self, offset: int, size: int) -> bytes:
+        """A read while the caller holds the layer (`LayerProvider.hold`)."""
+        node = self.node
+        if node.is_dir:
+            raise IsADirectory(node.path)
+        if not node.is_reg:
+            return b""  # devices, FIFOs, symlinks, whiteouts: no data through read
+        return read_layer(self.served, node.entry, offset, size)
+
     def describe(self) -> str:
         return f"{self.served.ref} {self.served.key_of(self.view)} diff/{self.node.path}"
 

@@ -17,6 +17,7 @@ import pytest
 from stargz_store.fuse import MountSpec, Session, SessionOptions, abi, mount, unmount
 from stargz_store.fuse.mount import is_dead_mount, mount_device
 from tests.fixtures.store import private_tmpdir, remove_tmpdir
+from tests.fixtures.waiting import wait_for
 
 from .memfs import MemFS, Node, sample_tree
 
@@ -275,3 +276,17 @@ def test_a_directory_that_may_change_is_listed_afresh(mounted):
     fs.nodes[9000] = Node(9000, stat.S_IFREG | 0o644, size=1, data=b"x")
     fs.nodes[d0].children[b"late"] = 9000
     assert "late" in os.listdir(m.path / "d0")
+
+
+def test_an_invalidated_entry_is_forgotten_by_the_kernel(mounted):
+    """`notify_inval_entry` (sent from outside any request: the kernel holds the parent locked
+    while it waits for an answer) makes the kernel drop the name and FORGET its node."""
+    m = mounted()
+    hello = m.fs.nodes[abi.ROOT_ID].children[b"hello"]
+    os.stat(m.path / "hello")
+    assert m.fs.forgotten.get(hello, 0) == 0
+    m.session.notify_inval_entry(abi.ROOT_ID, b"hello")
+    assert wait_for(lambda: m.fs.forgotten.get(hello, 0) == 1)
+    lookups = m.fs.calls["lookup"]
+    os.stat(m.path / "hello")  # looked up anew
+    assert m.fs.calls["lookup"] == lookups + 1
