@@ -36,37 +36,25 @@ from .. import fuse
 from ..fuse.mount import mount_device
 from .attrs import Attr
 from .caller import Caller
-from .errors import (
-    BadHandle,
-    EntryNotFound,
-    FsError,
-    InvalidName,
-    IsADirectory,
-    LayerUnavailable,
-    NoSuchAttribute,
-    NotADirectory,
-    NotASymlink,
-    PermissionDenied,
-    ReadOnly,
-    StaleNode,
-)
+from . import errors
+from .errors import FsError
 from .inodes import is_diff_nodeid
 from .model import StoreModel
 
 log = logging.getLogger(__name__)
 
 ERRNO: dict[type[FsError], int] = {
-    EntryNotFound: errno.ENOENT,
-    InvalidName: errno.EINVAL,
-    LayerUnavailable: errno.EIO,
-    ReadOnly: errno.EROFS,
-    NoSuchAttribute: errno.ENODATA,
-    NotADirectory: errno.ENOTDIR,
-    IsADirectory: errno.EISDIR,
-    NotASymlink: errno.EINVAL,
-    BadHandle: errno.EBADF,
-    PermissionDenied: errno.EACCES,
-    StaleNode: errno.ESTALE,
+    errors.EntryNotFound: errno.ENOENT,
+    errors.InvalidName: errno.EINVAL,
+    errors.LayerUnavailable: errno.EIO,
+    errors.ReadOnly: errno.EROFS,
+    errors.NoSuchAttribute: errno.ENODATA,
+    errors.NotADirectory: errno.ENOTDIR,
+    errors.IsADirectory: errno.EISDIR,
+    errors.NotASymlink: errno.EINVAL,
+    errors.BadHandle: errno.EBADF,
+    errors.PermissionDenied: errno.EACCES,
+    errors.StaleNode: errno.ESTALE,
 }
 UNKNOWN_INO = 0xFFFFFFFF  # d_ino of a listed name without attributes (libfuse's FUSE_UNKNOWN_INO)
 DT_DIR = 4
