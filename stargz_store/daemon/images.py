@@ -278,7 +278,7 @@ class ImageResolver:
             self._drop_early_tails(key)  # a guess no layer took (a TOC digest, a stale key)
         self._on_indexed(image, list(image.slots.values()))
         log.info("resolved %s: manifest %s, %d layers", key, image.manifest.digest, len(image.slots))
-        self._forget_unheld()
+        self._forget_unheld(keep=key)
         return image
 
     def _manifest_known(self, key: str) -> None:
@@ -371,16 +371,17 @@ class ImageResolver:
         while len(self._negative) > self.config.max_images:
             del self._negative[next(iter(self._negative))]
 
-    def _forget_unheld(self) -> None:
-        """Beyond `max_images`: forget the least recently used images nothing holds, with their
-        kept metadata and layer numbers (the kernel holds no node of them: it would pin them)."""
+    def _forget_unheld(self, keep: str) -> None:
+        """Beyond `max_images`: forget the least recently used images nothing holds (never `keep`,
+        the one just resolved), with their kept metadata and layer numbers (the kernel holds no
+        node of them: it would pin them)."""
         dropped: list[Image] = []
         with self._lock:
             excess = len(self.images) - self.config.max_images
             for key in list(self.images):
                 if excess <= 0:
                     break
-                if self._holds(key) or self._pending.get(key) is not None:
+                if key == keep or self._holds(key) or self._pending.get(key) is not None:
                     continue
                 dropped.append(self.images.pop(key))
                 excess -= 1
@@ -388,7 +389,7 @@ class ImageResolver:
             log.info("forgetting unused image %s (more than %d images)", image.key, self.config.max_images)
             self._on_dropped(image)
             self.metadata.remove(image.key)
-        removed = [i.key for i in dropped] + self.metadata.prune(lambda ref: ref in self.images or self._holds(ref))
+        removed = [i.key for i in dropped] + self.metadata.prune(lambda ref: ref == keep or ref in self.images or self._holds(ref))
         if removed:
             self.numbers.prune(removed)
             self.counters.add("images_dropped", len(dropped))

@@ -249,10 +249,18 @@ class ImagePool:
         served = ServedLayer(layer, LayerTree(parsed.toc, diff_ino(slot.number, 0)), infos, ref=image.key,
                              number=slot.number, blob_digest=slot.blob_digest, toc_digest=parsed.toc_digest)
         with self._lock:
-            slot.toc_digest = parsed.toc_digest
-            slot.served = served
-            image.by_toc.setdefault(parsed.toc_digest, slot.blob_digest)
-            self.handles.opened(slot)
+            current = self._numbered.get(slot.number)
+            if current is None or current[1] is not slot:  # its image was forgotten meanwhile
+                forgotten = True
+            else:
+                forgotten = False
+                slot.toc_digest = parsed.toc_digest
+                slot.served = served
+                image.by_toc.setdefault(parsed.toc_digest, slot.blob_digest)
+                self.handles.opened(slot)
+        if forgotten:
+            _close_quietly(layer)
+            raise LayerUnavailable(f"{image.ref} was forgotten while its layer {slot.blob_digest} opened")
         self.counters.add("layer_opens")
         log.info("%s: layer %s ready (%s, %d entries)", image.ref, slot.blob_digest, parsed.format, len(parsed.toc))
         return served

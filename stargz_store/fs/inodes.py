@@ -91,19 +91,15 @@ class NodeTable(Generic[N]):
         (the one made at the first lookup: later lookups reuse it)."""
         if nodeid == ROOT_ID:
             return self._nodes[ROOT_ID]
-        with self._lock:
+        with self._lock:  # held() and let_go() under it too: a FORGET racing a LOOKUP keeps them paired
             known = self._nodes.get(nodeid)
             if known is not None and known.key != node.key:
                 log.error("node id %#x of %r is taken by %r", nodeid, node.key, known.key)
                 raise LayerUnavailable(f"node id collision for {node.key!r}")
             if known is None:
                 self._nodes[nodeid] = known = node
-                first = True
-            else:
-                first = False
+                node.held()
             self._counts[nodeid] = self._counts.get(nodeid, 0) + 1
-        if first:
-            known.held()
         return known
 
     def forget(self, nodeid: int, count: int) -> None:
@@ -117,8 +113,7 @@ class NodeTable(Generic[N]):
                 self._counts[nodeid] = left
                 return
             del self._counts[nodeid]
-            node = self._nodes.pop(nodeid)
-        node.let_go()
+            self._nodes.pop(nodeid).let_go()
 
     def __len__(self) -> int:
         return len(self._nodes)
