@@ -25,6 +25,7 @@ from ..formats.layer_toc import (
     ANNOTATION_UNCOMPRESSED_SIZE,
     ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
 )
+from ..formats.toc import Toc
 
 
 def toc_digest_annotation(descriptor: Mapping[str, Any]) -> str | None:
@@ -97,11 +98,13 @@ class LayerOfImage(Protocol):
 
 
 class ParsedLayer(Protocol):
+    """What `LayerInfos` needs of a parsed layer (`formats.layer_toc.ParsedToc`)."""
+
     toc_digest: str
     compression: int
 
     @property
-    def toc(self) -> Any: ...
+    def toc(self) -> Toc: ...
 
 
 class LayerInfos(Mapping[str, bytes]):
