@@ -33,7 +33,6 @@ from .errors import (
     InvalidName,
     IsADirectory,
     LayerUnavailable,
-    NoSuchAttribute,
     NotADirectory,
     NotASymlink,
     PermissionDenied,
