@@ -23,7 +23,7 @@ from ..registry.config import (
 )
 from ..registry.errors import InvalidReferenceError
 from ..registry.platforms import parse_platform
-from .pool import PoolConfig
+from .pool_config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
-         "fetch_policy"},
+         "fetch_policy", "idle_layers", "max_images", "max_use_counts"},
         {},
     ),
 }
@@ -158,6 +158,9 @@ def _build(doc: ConfigTable) -> StoreConfig:
     pool.negative_ttl = float(_num(store, "negative_cache_ttl_sec", pool.negative_ttl))
     pool.resolve_timeout = float(_num(store, "resolve_timeout_sec", pool.resolve_timeout))
     pool.resolve_workers = _int(store, "resolve_workers", pool.resolve_workers, minimum=1, maximum=MAX_WORKERS)
+    pool.idle_layers = _int_or_off(store, "idle_layers", pool.idle_layers)
+    pool.max_images = _positive(store, "max_images", pool.max_images)
+    pool.max_use_counts = _positive(store, "max_use_counts", pool.max_use_counts)
     pool.platform = _platform(store, "platform")
 
     cfg.mount = MountOptions(
@@ -205,6 +208,12 @@ def _choice(table: ConfigTable, key: str, allowed: tuple[str, ...], default: str
         raise ConfigValueError(f"{table.key_path(key)} must be one of {', '.join(map(repr, allowed))}, "
                                f"not {describe(value)}")
     return value
+
+
+def _positive(table: ConfigTable, key: str, default: int) -> int:
+    """An integer >= 1 of our own keys (a bound: 0 would mean nothing can be kept)."""
+    value = table.number(key, minimum=1, maximum=MAX_INTEGER, integer=True)
+    return default if value is None else value
 
 
 def _bool(table: ConfigTable, key: str, default: bool) -> bool:

@@ -57,6 +57,17 @@ def test_daemon_defaults_of_the_latency_features():
     assert (off.neighbour_fetch_size, off.executable_fetch_limit, off.small_layer_fetch_size) == (0, 0, 0)
 
 
+def test_pool_bounds_reach_the_pool_and_idle_layers_0_is_off():
+    pool = config_from_toml({"store": {"idle_layers": 3, "max_images": 5, "max_use_counts": 7}}).pool
+    assert (pool.idle_layers, pool.max_images, pool.max_use_counts) == (3, 5, 7)
+    assert config_from_toml({"store": {"idle_layers": 0}}).pool.idle_layers == 0
+    defaults = config_from_toml({}).pool
+    assert (defaults.idle_layers, defaults.max_images, defaults.max_use_counts) == (64, 256, 65536)
+    for key in ("max_images", "max_use_counts"):  # a bound of 0 would keep nothing: refused, not "the default"
+        with pytest.raises(ConfigError, match=f"store.{key}"):
+            config_from_toml({"store": {key: 0}})
+
+
 def test_unknown_keys_are_warned_not_fatal(caplog):
     with caplog.at_level(logging.WARNING):
         config_from_toml({"metrics_address": "127.0.0.1:8234", "blob": {"chunk_sise": 1}})
