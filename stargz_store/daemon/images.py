@@ -5,7 +5,9 @@ What must hold (additional-layer-store.md §4, §8, §9):
   once; the pool then opens *all* its layers in parallel, because podman asks for every layer in
   a row. The layers' TOCs are fetched while the config is (they do not need it; only their `info`
   files do, for the DiffID), and the tail of the layer podman looks up first goes out with the
-  manifest request (`_start_early_tail`);
+  manifest request (`_start_early_tail`) once the store has seen that the runtime names layers by
+  their blob digest (`LookupKeys`): a TOC digest (podman 5.1+) names no blob, and guessing it
+  would cost a 404 on every first pull;
 - a layer is found by its compressed blob digest (Podman <= 5.0) or its TOC digest (5.1+);
 - failures are remembered for `negative_ttl` seconds (`_negative`), so a retry storm does not
   reach the registry;
@@ -27,6 +29,7 @@ import re
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from pathlib import Path
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -45,6 +48,7 @@ from .stats import PoolCounters
 log = logging.getLogger(__name__)
 
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+LOOKUP_KEYS_FILE = "lookup-keys"  # under the metadata directory: what the runtime's layer keys are
 T = TypeVar("T")
 
 
@@ -138,6 +142,48 @@ class Shutdown:
             raise _fresh(error if isinstance(error, FsError) else as_fs_error(error, "resolving"))
 
 
+class LookupKeys:
+    """What the runtime's layer keys are: compressed blob digests (Podman <= 5.0, CRI-O) or TOC
+    digests (Podman 5.1+), learned from the first lookup that a manifest answers and kept in
+    `path` across restarts (a node runs one runtime).
+
+    Why: the early tail guesses that the key is a blob digest before the manifest says so. Right,
+    it saves a round trip; wrong, it is a request the registry answers 404. So it is guessed only
+    once this store has seen blob-digest keys, and never while it has seen TOC-digest keys.
+    """
+
+    BLOB = "blob"
+    TOC = "toc"
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.kind: str | None = None
+        if path is not None:
+            try:
+                text = path.read_text().strip()
+            except OSError:
+                text = ""
+            self.kind = text if text in (self.BLOB, self.TOC) else None
+
+    def names_blobs(self) -> bool:
+        return self.kind == self.BLOB
+
+    def learn(self, image: "Image", key: str) -> None:
+        """`key` was looked up in `image`: note whether it named a blob or a TOC."""
+        kind = self.BLOB if key in image.slots else self.TOC if key in image.by_toc else None
+        if kind is None or kind == self.kind:
+            return
+        log.info("the runtime names layers by their %s digest", "blob" if kind == self.BLOB else "TOC")
+        self.kind = kind
+        if self.path is not None:
+            try:
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text(kind + "\n")
+                tmp.replace(self.path)
+            except OSError as e:
+                log.warning("cannot keep %s: %s", self.path, e)
+
+
 class ImageResolver:
     """References to `Image`s (see the module docstring). `on_indexed(image, slots)` is called
     with new layer slots (the pool opens them); `holds(ref)` says whether something holds an
@@ -179,6 +225,8 @@ class ImageResolver:
         self._early_tails: dict[tuple[str, str], Future] = {}
         self._manifest_pending: set[str] = set()
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="resolve-image")
+        directory = metadata.directory
+        self.lookup_keys = LookupKeys(directory / LOOKUP_KEYS_FILE if directory is not None else None)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -213,7 +261,10 @@ class ImageResolver:
             if first_key is not None and ref in self._manifest_pending and (ref, first_key) not in self._early_tails:
                 self._start_early_tail(ref, reference, first_key)
         try:
-            return self.shutdown.wait_result(future, deadline or time.monotonic() + self.config.resolve_timeout)
+            image = self.shutdown.wait_result(future, deadline or time.monotonic() + self.config.resolve_timeout)
+            if first_key is not None:
+                self.lookup_keys.learn(image, first_key)
+            return image
         except FutureTimeout:
             raise LayerUnavailable(f"resolving {ref} takes longer than {self.config.resolve_timeout:g} s") from None
 
@@ -243,9 +294,10 @@ class ImageResolver:
         Its size is not known before the manifest, but a suffix range needs none; the bytes are
         used only if the manifest then lists that blob with that size, and verified against its
         TOC digest like any tail. Saves one round trip on the first pull of an image. A key that
-        is a TOC digest (podman 5.1+) names no blob: that guess costs one 404. Called with the
-        lock held."""
-        if not _DIGEST_RE.fullmatch(layer_key) or self.metadata.exists(key):
+        is a TOC digest (podman 5.1+) names no blob, and that guess would cost a 404: so only
+        once the runtime is known to name blobs (`LookupKeys`). Called with the lock held."""
+        if (not _DIGEST_RE.fullmatch(layer_key) or self.metadata.exists(key)
+                or not self.lookup_keys.names_blobs()):
             return
         try:
             self._early_tails[(key, layer_key)] = self._tail_executor.submit(self.opener.fetch_tail, ref, layer_key)

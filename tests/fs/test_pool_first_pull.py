@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from stargz_store.daemon.images import LOOKUP_KEYS_FILE
 from stargz_store.daemon.pool import ImagePool, PoolConfig
 from stargz_store.fs.caller import ROOT
 from stargz_store.fs.errors import EntryNotFound
@@ -51,7 +52,11 @@ class GatedClient(LayoutClient):
 def setup(testdata, tmp_path):
     made = []
 
-    def make(**client_kwargs):
+    def make(runtime_keys="blob", **client_kwargs):
+        """`runtime_keys`: what this store learned earlier that the runtime's layer keys are."""
+        if runtime_keys is not None:
+            (tmp_path / "pool").mkdir(exist_ok=True)
+            (tmp_path / "pool" / LOOKUP_KEYS_FILE).write_text(runtime_keys + "\n")
         client = GatedClient({NAME: testdata / NAME}, **client_kwargs)
         resolver = LayoutResolver(client, tmp_path / "cache")
         pool = ImagePool(client, resolver, PoolConfig(negative_ttl=60, release_grace=3600), metadata_dir=tmp_path / "pool")
@@ -139,7 +144,9 @@ def test_an_early_tail_that_does_not_fit_is_not_trusted(setup, testdata, spoil):
 
 
 def test_a_toc_digest_key_guess_is_dropped(setup, testdata):
-    """Podman 5.1+ looks layers up by TOC digest: the early tail of that 'blob' is a 404."""
+    """A store that believed the runtime names blobs meets a TOC-digest key (podman 5.1+): the
+    early tail of that 'blob' fails (a 404 from a registry), the layer is found all the same, and
+    the store learns not to guess again."""
     ref, layers = ref_and_layers(testdata)
     toc_key = layers[0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
     model, pool, client, resolver = setup()
@@ -147,11 +154,28 @@ def test_a_toc_digest_key_guess_is_dropped(setup, testdata):
     assert resolver.tails_fetched == [toc_key]
     assert tail_was_read(resolver, layers[0]["digest"])
     assert pool.images._early_tails == {}
+    assert not pool.images.lookup_keys.names_blobs()
+
+
+@pytest.mark.parametrize("known", [None, "toc"], ids=["first-pull-ever", "runtime-names-tocs"])
+def test_no_early_tail_unless_the_runtime_is_known_to_name_blobs(setup, testdata, tmp_path, known):
+    """Podman 5.1+ must see no 4xx: without knowing the runtime names blobs, no guess goes out;
+    a first lookup by blob digest teaches the store (kept on disk for the next start)."""
+    ref, layers = ref_and_layers(testdata)
+    toc_key = layers[0]["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+    model, pool, client, resolver = setup(runtime_keys=known)
+    key = toc_key if known == "toc" else layers[1]["digest"]
+    assert model.getattr(f"/{b64(ref)}/{key}/diff", caller=ROOT).mode
+    assert resolver.tails_fetched == []
+    expected = "toc" if known == "toc" else "blob"
+    assert (tmp_path / "pool" / LOOKUP_KEYS_FILE).read_text().strip() == expected
 
 
 def test_no_early_tail_for_an_image_known_on_disk(testdata, tmp_path):
     ref, layers = ref_and_layers(testdata)
     for run in range(2):
+        (tmp_path / "pool").mkdir(exist_ok=True)
+        (tmp_path / "pool" / LOOKUP_KEYS_FILE).write_text("blob\n")
         client = LayoutClient({NAME: testdata / NAME})
         resolver = LayoutResolver(client, tmp_path / "cache")
         pool = ImagePool(client, resolver, metadata_dir=tmp_path / "pool")
