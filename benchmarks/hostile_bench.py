@@ -251,12 +251,18 @@ REFUSED = ["over-cap TOC (230 MB JSON)", "gzip bomb (1 GiB)", "zstd bomb (1 GiB)
 AT_CAPS = ["1,000,000 entries (cap)", "2048 levels listed, 65-byte names (cap)", "2048 levels implied, 65-byte names (cap)"]
 
 
+def _chosen(kinds: list[str], wanted: list[str]) -> list[str]:
+    return [k for k in kinds if not wanted or any(w in k for w in wanted)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hostile_bench", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the images are built and kept")
     parser.add_argument("--lookups", type=int, default=20, help="lookups of each refused layer")
     parser.add_argument("--only", choices=["refused", "caps"], help="only one half")
     parser.add_argument("--keep", action="store_true", help="keep the registry data and store roots afterwards")
+    parser.add_argument("--case", action="append", default=[],
+                        help="only the cases whose name contains this text (repeatable)")
     args = parser.parse_args(argv or [])
     if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
         print("docker-registry and skopeo are needed: run `make deps`")
@@ -271,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         registry.start()
         if args.only in (None, "refused"):
-            images = build_images(args.workdir, registry, REFUSED)
+            images = build_images(args.workdir, registry, _chosen(REFUSED, args.case))
             print(f"\nrefused layers, {args.lookups} lookups each (load {os.getloadavg()[0]:.1f}):", flush=True)
             lines += ["refused layers:", *measure_refused(images, run_dir, args.lookups)]
         if args.only in (None, "caps"):
-            images = build_images(args.workdir, registry, AT_CAPS)
+            images = build_images(args.workdir, registry, _chosen(AT_CAPS, args.case))
             print(f"\nimages at the caps, a fresh daemon each (load {os.getloadavg()[0]:.1f}):", flush=True)
             lines += ["images at the caps:", *measure_caps(images, run_dir)]
     finally:
