@@ -157,6 +157,8 @@ def apply_rootless(cfg: StoreConfig, args: argparse.Namespace) -> None:
                  args.ownership.uids, args.ownership.gids, args.ownership.store_uid)
     if not args.rootless:
         return
+    log.info("rootless store of uid %d: root %s, config %s, mountpoint %s", os.getuid(), args.root, args.config_path,
+             args.mountpoint)
     cfg.mount = dataclasses.replace(cfg.mount, allow_other=False)
     warning = visibility_warning(Path(args.mountpoint).absolute())
     if warning:
