@@ -268,5 +268,7 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
             f.write(str(kb))
         log.debug("readahead of %s (%s) set to %d KiB", mountpoint, device, kb)
     except OSError as e:
-        log.warning("cannot raise the readahead of %s (%s): %s; sequential reads stay at the kernel default",
-                    mountpoint, device, e)
+        # Only root may write there: a rootless store expects this, and serves on at 128 KiB.
+        level = logging.WARNING if os.geteuid() == 0 else logging.INFO
+        log.log(level, "cannot raise the readahead of %s (%s): %s; sequential reads stay at the kernel default",
+                mountpoint, device, e)

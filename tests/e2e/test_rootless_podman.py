@@ -148,6 +148,21 @@ def test_lazy_pull_and_run_fetch_under_a_quarter_of_the_image(rootless):
     print(f"rootless lazy pull+run: {fetched} of {image.compressed_size} bytes, {elapsed:.1f} s")
 
 
+def test_a_normal_rootless_pull_fetches_the_whole_image(rootless_session, proxy, rootless_images):
+    """The baseline the lazy pull is measured against: the same image without the store."""
+    rootless_session.configure_podman(None)
+    rootless_session.proxy = proxy
+    image = rootless_images["owners"]
+    started = time.monotonic()
+    _pull(rootless_session, image)
+    assert _run(rootless_session, image) == APP_OUTPUT
+    elapsed = time.monotonic() - started
+    fetched = sum(r.bytes_sent for r in proxy.requests())
+    assert _store_links(rootless_session) == {}
+    assert fetched >= image.compressed_size
+    print(f"rootless normal pull+run: {fetched} of {image.compressed_size} bytes, {elapsed:.1f} s")
+
+
 def test_owners_inside_the_container_are_the_image_s(rootless):
     image = rootless_images_of(rootless)["owners"]
     _pull(rootless, image)
