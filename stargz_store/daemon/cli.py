@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import ctypes.util
+import dataclasses
 import errno
 import fcntl
 import logging
