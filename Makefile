@@ -3,9 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # What the store needs on a node (make install), then what the tests, the demo and the benchmarks add
-# (systemd: systemd-analyze, which checks the installed unit).
+# (systemd: systemd-analyze, which checks the installed unit; acl: setfacl, which lets the rootless
+# e2e tests' user open /dev/fuse on a host without udev, tests/fixtures/rootless.py).
 RUNTIME_APT_PACKAGES := python3 python3-venv python3-pip fuse3 ca-certificates
-APT_PACKAGES := $(RUNTIME_APT_PACKAGES) podman runc docker-registry skopeo iproute2 busybox-static curl uidmap zstd openssl strace tar gzip debootstrap systemd
+APT_PACKAGES := $(RUNTIME_APT_PACKAGES) podman runc docker-registry skopeo iproute2 busybox-static curl uidmap zstd openssl strace tar gzip debootstrap systemd acl
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 300
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["tests.fixtures.registry", "tests.fixtures.store", "tests.fixtures.registry_auth", "tests.fixtures.fault_proxy",
-                  "tests.fixtures.podman", "tests.fixtures.podman_made"]
+                  "tests.fixtures.podman", "tests.fixtures.podman_made", "tests.fixtures.rootless"]
 
 TESTDATA = Path(__file__).parent / "data"
 

@@ -33,7 +33,8 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
                                "(registries.conf: additional-layer-store-auth-helper)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--addr", "-addr", help="the daemon's control socket: PATH or unix://PATH "
-                                               f"(default {DEFAULT_ROOT}/{SOCKET_NAME}, or --root's)")
+                                               f"(default {DEFAULT_ROOT}/{SOCKET_NAME}; a user's: "
+                                               f"$XDG_DATA_HOME/stargz-store/{SOCKET_NAME}; or --root's)")
     where.add_argument("--root", "-root", help=f"the daemon's --root; the socket is ROOT/{SOCKET_NAME}")
     parser.add_argument("--timeout", type=float, default=HELPER_TIMEOUT,
                         help=f"seconds to wait for the daemon in all (default {HELPER_TIMEOUT:g})")
@@ -47,7 +48,17 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
 def socket_address(args: argparse.Namespace) -> str:
     if args.address or args.addr:
         return args.address or args.addr
-    return os.path.join(args.root or DEFAULT_ROOT, SOCKET_NAME)
+    return os.path.join(args.root or default_root(), SOCKET_NAME)
+
+
+def default_root() -> str:
+    """The daemon's default root for whoever runs the helper: a user's rootless store, also when
+    rootless Podman runs the helper as root of its user namespace; else the root store's."""
+    from .rootless import UserDefaults, in_user_namespace, is_rootless
+
+    if is_rootless() or in_user_namespace():
+        return str(UserDefaults.from_env().root)
+    return DEFAULT_ROOT
 
 
 def read_credentials(stream, limit: int = MAX_INPUT) -> dict:

@@ -1,5 +1,9 @@
 """`stargz-store [--config PATH] [--root DIR] [--log-level LEVEL] [--create-mountpoint] MOUNTPOINT`: the store daemon.
 
+Run by a user other than root (or with `--rootless`) it is a rootless store for that user's
+rootless Podman (`rootless`): per-user defaults (MOUNTPOINT may then be left out), `fusermount3`
+without `allow_other`, and owners mapped into the user's Podman namespace (`--uidmap/--gidmap`).
+
 Same flags and defaults as the Go stargz-store (`-flag` and `--flag`, with `=` or a space), so
 units and scripts can switch. Exit codes: 0 after a clean unmount (SIGINT/SIGTERM), 1 when the
 mount fails, 2 for usage, configuration, lock or mountpoint problems.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -38,6 +43,7 @@ from typing import IO, TYPE_CHECKING, Callable
 from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
 from .control import SOCKET_NAME as CONTROL_SOCKET_NAME
 from .control_ops import start_control_socket
+from .rootless import UserDefaults, is_rootless, ownership_from_flags, visibility_warning
 
 if TYPE_CHECKING:
     from ..cache.chunk_cache import ChunkCache
@@ -74,16 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", "-version", action="version", version=f"{PROG} {package_version()}")
     parser.add_argument("--config", "-config", default=None, metavar="PATH",
                         help=f"TOML config (default {DEFAULT_CONFIG_PATH}; missing there = all defaults)")
-    parser.add_argument("--root", "-root", default=DEFAULT_ROOT, metavar="DIR",
-                        help=f"data directory: cache, metadata, lock (default {DEFAULT_ROOT})")
+    parser.add_argument("--root", "-root", default=None, metavar="DIR",
+                        help=f"data directory: cache, metadata, lock (default {DEFAULT_ROOT}; rootless: "
+                        "$XDG_DATA_HOME/stargz-store)")
     parser.add_argument("--log-level", "-log-level", default="info", choices=sorted(_LEVELS), metavar="LEVEL",
                         help=f"one of {', '.join(sorted(_LEVELS))} (default info)")
     parser.add_argument("--addr", "-addr", default=None, metavar="SOCKET", 
                         help="control socket for stargz-store-helper and commands (default ROOT/store.sock)")
     parser.add_argument("--create-mountpoint", "-create-mountpoint", action="store_true",
                         help="create MOUNTPOINT (and its parents) if it does not exist")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT",
-                        help="an existing directory to mount the store on (see --create-mountpoint)")
+    parser.add_argument("--rootless", action="store_true",
+                        help="serve a rootless Podman of the user running the store (the default when not run "
+                        "as root): per-user defaults, fusermount3, owners mapped into the user's namespace")
+    parser.add_argument("--uidmap", default=None, metavar="C:H:N[,...]",
+                        help="container uid C..C+N-1 shows as host uid H..H+N-1 (podman's --uidmap format; "
+                        "rootless default: 0 is your uid, then your /etc/subuid ranges)")
+    parser.add_argument("--gidmap", default=None, metavar="C:H:N[,...]",
+                        help="the same for groups (rootless default: your gid, then your /etc/subgid ranges)")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                        help="an existing directory to mount the store on (see --create-mountpoint; rootless "
+                        "default: ROOT/store, created)")
     return parser
 
 
@@ -95,10 +111,58 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = mountpoint_problem(args.mountpoint, create=args.create_mountpoint)
+    problem = apply_mode(args)
+    if problem is None:
+        problem = mountpoint_problem(args.mountpoint, create=args.create_mountpoint)
     if problem:
         parser.error(problem)
     return args
+
+
+def apply_mode(args: argparse.Namespace) -> str | None:
+    """Fill in the defaults of the mode (root or rootless) and the id maps; a usage problem, or None.
+
+    Sets `rootless`, `root`, `mountpoint`, `config_path`/`config_explicit` (a default config path
+    may be missing) and `ownership` (None: owners as the layers have them)."""
+    from ..fs.idmap import IdMapError
+
+    rootless = args.rootless or is_rootless()
+    if args.rootless and not is_rootless():
+        return "--rootless is for a user's own store: run it as that user (as root, --uidmap/--gidmap map owners)"
+    args.rootless = rootless
+    defaults = UserDefaults.from_env() if rootless else None
+    if args.root is None:
+        args.root = str(defaults.root) if defaults else DEFAULT_ROOT
+    if args.mountpoint is None:
+        if defaults is None:
+            return "MOUNTPOINT is required (only a rootless store has a default one)"
+        args.mountpoint = str(Path(args.root) / "store")
+        args.create_mountpoint = True
+    args.config_explicit = args.config is not None
+    args.config_path = args.config or (str(defaults.config) if defaults else DEFAULT_CONFIG_PATH)
+    try:
+        args.ownership = ownership_from_flags(args.uidmap, args.gidmap, rootless=rootless)
+    except IdMapError as e:
+        return f"bad --uidmap/--gidmap: {e}"
+    return None
+
+
+def apply_rootless(cfg: StoreConfig, args: argparse.Namespace) -> None:
+    """What the mode changes in the loaded config: no `allow_other` for a rootless store (it
+    needs `user_allow_other` in /etc/fuse.conf, and the user's own Podman needs no other user),
+    the owners' maps; a warning when Podman may not see the mount."""
+    if args.ownership is not None:
+        cfg.ownership = args.ownership
+        log.info("owners shown through uid map %s, gid map %s; uid %d may resolve images",
+                 args.ownership.uids, args.ownership.gids, args.ownership.store_uid)
+    if not args.rootless:
+        return
+    log.info("rootless store of uid %d: root %s, config %s, mountpoint %s", os.getuid(), args.root, args.config_path,
+             args.mountpoint)
+    cfg.mount = dataclasses.replace(cfg.mount, allow_other=False)
+    warning = visibility_warning(Path(args.mountpoint).absolute())
+    if warning:
+        log.warning("%s", warning)
 
 
 def mountpoint_problem(mountpoint: str, create: bool) -> str | None:
@@ -192,7 +256,8 @@ def build_store(cfg: StoreConfig, root: Path):
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
-    return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access)
+    return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access,
+                            ownership=cfg.ownership)
 
 
 def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
@@ -273,7 +338,8 @@ def main(argv: list[str]) -> int:
     root = Path(args.root).absolute()
     mountpoint = Path(args.mountpoint).absolute()
     try:
-        cfg = load_config(args.config or DEFAULT_CONFIG_PATH, explicit=args.config is not None)
+        cfg = load_config(args.config_path, explicit=args.config_explicit)
+        apply_rootless(cfg, args)
         prepare_root(root)
         lock = acquire_root_lock(root)
         prepare_mountpoint(mountpoint)

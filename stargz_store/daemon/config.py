@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fs.fuse_adapter import MountOptions
+from ..fs.idmap import ROOTFUL, Ownership
 from ..layer.config import FETCH_POLICIES, LayerConfig
 from ..registry.config import (
     MAX_INTEGER, MAX_SECONDS, ConfigTable, ConfigValueError, RegistryConfig, describe,
@@ -74,6 +75,7 @@ class StoreConfig:
     mount: MountOptions = field(default_factory=MountOptions)
     memory_cache_bytes: int = 64 << 20
     log_file_access: bool = False
+    ownership: Ownership = ROOTFUL  # from the flags (--rootless, --uidmap/--gidmap), not from the file
 
 
 def load_config(path: str | Path, *, explicit: bool) -> StoreConfig:

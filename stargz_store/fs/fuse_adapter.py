@@ -2,8 +2,9 @@
 
 Requests come in as node ids, byte names and the caller's `Context`; they go to the model as node
 ids, `str` names (the file system encoding) and a `Caller`. Attributes (`Attr`) pass through
-unchanged, listings become `DirEntry`s, and model errors become `FuseError(errno)` in exactly one
-place (`ERRNO`). Mount decisions that matter for podman, for security and for speed
+with their owners shown as the model's `Ownership` says (unchanged for a root store; a rootless
+store's host ids for its user's Podman namespace: the one place ids are mapped), listings become
+`DirEntry`s, and model errors become `FuseError(errno)` in exactly one place (`ERRNO`). Mount decisions that matter for podman, for security and for speed
 (`MountOptions`, applied by `mount_spec` and `session_options`):
 - `default_permissions`: the kernel checks every access against the modes and owners we report
   (the layers' own, and root-only store files), as on a local filesystem; with `allow_other` and
@@ -38,6 +39,7 @@ from .attrs import Attr
 from .caller import Caller
 from . import errors
 from .errors import FsError
+from .idmap import ROOTFUL, Ownership
 from .inodes import is_diff_nodeid
 from .model import StoreModel
 
@@ -117,12 +119,18 @@ class StoreOperations:
         self._listings: dict[int, list[fuse.DirEntry] | None] = {}
         self._next_dir_handle = 1
         self._dir_lock = threading.Lock()
+        self.ownership: Ownership = getattr(model, "ownership", ROOTFUL)
+        self._store_uid = self.ownership.store_uid
+        self._owners = self.ownership.attr
+
+    def _caller(self, ctx: fuse.Context) -> Caller:
+        return Caller(ctx.uid, self._store_uid)
 
     # -- nodes --------------------------------------------------------------------------------
 
     def lookup(self, ctx: fuse.Context, parent: int, name: bytes) -> Attr:
         try:
-            return self.model.lookup(parent, os.fsdecode(name), caller=Caller(ctx.uid))
+            return self._owners(self.model.lookup(parent, os.fsdecode(name), caller=self._caller(ctx)))
         except FsError as e:
             raise _fuse_error(e, "lookup", parent) from None
 
@@ -131,25 +139,25 @@ class StoreOperations:
 
     def getattr(self, ctx: fuse.Context, ino: int) -> Attr:
         try:
-            return self.model.getattr(ino, caller=Caller(ctx.uid))
+            return self._owners(self.model.getattr(ino, caller=self._caller(ctx)))
         except FsError as e:
             raise _fuse_error(e, "getattr", ino) from None
 
     def readlink(self, ctx: fuse.Context, ino: int) -> bytes:
         try:
-            return os.fsencode(self.model.readlink(ino, caller=Caller(ctx.uid)))
+            return os.fsencode(self.model.readlink(ino, caller=self._caller(ctx)))
         except FsError as e:
             raise _fuse_error(e, "readlink", ino) from None
 
     def getxattr(self, ctx: fuse.Context, ino: int, name: bytes) -> bytes:
         try:
-            return self.model.getxattr(ino, os.fsdecode(name), caller=Caller(ctx.uid))
+            return self.model.getxattr(ino, os.fsdecode(name), caller=self._caller(ctx))
         except FsError as e:
             raise _fuse_error(e, "getxattr", ino) from None
 
     def listxattr(self, ctx: fuse.Context, ino: int) -> list[bytes]:
         try:
-            return [os.fsencode(n) for n in self.model.listxattr(ino, caller=Caller(ctx.uid))]
+            return [os.fsencode(n) for n in self.model.listxattr(ino, caller=self._caller(ctx))]
         except FsError as e:
             raise _fuse_error(e, "listxattr", ino) from None
 
@@ -172,12 +180,13 @@ class StoreOperations:
         entries = None if offset == 0 else self._listings.get(fh)
         if entries is None:
             try:
-                listing = self.model.readdir(ino, caller=Caller(ctx.uid))
+                listing = self.model.readdir(ino, caller=self._caller(ctx))
             except FsError as e:
                 raise _fuse_error(e, "readdir", ino) from None
             entries = [fuse.DirEntry(b".", 1, ino=UNKNOWN_INO, kind=DT_DIR),
                        fuse.DirEntry(b"..", 2, ino=UNKNOWN_INO, kind=DT_DIR)]
-            entries += [fuse.DirEntry(os.fsencode(name), i, attr=attr, ino=UNKNOWN_INO)
+            owners = self._owners
+            entries += [fuse.DirEntry(os.fsencode(name), i, attr=None if attr is None else owners(attr), ino=UNKNOWN_INO)
                         for i, (name, attr) in enumerate(listing, start=3)]
             with self._dir_lock:
                 if fh in self._listings:
@@ -192,14 +201,14 @@ class StoreOperations:
 
     def open(self, ctx: fuse.Context, ino: int, flags: int) -> fuse.OpenReply:
         try:
-            fh = self.model.open(ino, flags, caller=Caller(ctx.uid))
+            fh = self.model.open(ino, flags, caller=self._caller(ctx))
         except FsError as e:
             raise _fuse_error(e, "open", ino) from None
         return fuse.OpenReply(fh, keep_cache=self.options.kernel_cache)
 
     def read(self, ctx: fuse.Context, ino: int, fh: int, offset: int, size: int) -> bytes:
         try:
-            return self.model.read(ino, fh, offset, size, caller=Caller(ctx.uid))
+            return self.model.read(ino, fh, offset, size, caller=self._caller(ctx))
         except FsError as e:
             raise _fuse_error(e, "read", ino) from None
 
@@ -211,13 +220,13 @@ class StoreOperations:
 
     def create(self, ctx: fuse.Context, parent: int, name: bytes, mode: int, flags: int) -> None:
         try:
-            self.model.create(parent, os.fsdecode(name), caller=Caller(ctx.uid))
+            self.model.create(parent, os.fsdecode(name), caller=self._caller(ctx))
         except FsError as e:
             raise _fuse_error(e, "create", parent) from None
 
     def rmdir(self, ctx: fuse.Context, parent: int, name: bytes) -> None:
         try:
-            self.model.rmdir(parent, os.fsdecode(name), caller=Caller(ctx.uid))
+            self.model.rmdir(parent, os.fsdecode(name), caller=self._caller(ctx))
         except FsError as e:
             raise _fuse_error(e, "rmdir", parent) from None
 
@@ -259,5 +268,7 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
             f.write(str(kb))
         log.debug("readahead of %s (%s) set to %d KiB", mountpoint, device, kb)
     except OSError as e:
-        log.warning("cannot raise the readahead of %s (%s): %s; sequential reads stay at the kernel default",
-                    mountpoint, device, e)
+        # Only root may write there: a rootless store expects this, and serves on at 128 KiB.
+        level = logging.WARNING if os.geteuid() == 0 else logging.INFO
+        log.log(level, "cannot raise the readahead of %s (%s): %s; sequential reads stay at the kernel default",
+                mountpoint, device, e)

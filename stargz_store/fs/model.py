@@ -18,7 +18,10 @@ inside a container), but cannot list which images the node holds, nor read manif
 (they may hold secrets in `Env`) or raw blobs. Only root may make the store resolve: any other
 caller's lookup of an image that is not resolved yet, or of a layer key its image does not list,
 is EACCES before any registry request or any bookkeeping (`Node.admit`, checked on every request).
-The notifications need write access to their directory, which only root has.
+The notifications need write access to their directory, which only root has. A rootless store
+(`idmap.Ownership`) trusts its own user as it trusts root, and serves no layer with an owner its
+id maps cannot show (`diff`, `info` and `blob` are EIO, the reason logged: Podman pulls normally
+and fails as loudly as it does without the store).
 
 Ref and layer directories exist as soon as their names are valid, without any registry access, so
 that `use` and `rmdir` work for layers that were never resolved (and after a restart). Resolving
@@ -41,6 +44,7 @@ from typing import Callable
 from .attrs import Attr
 from .caller import Caller
 from .errors import BadHandle, NoSuchAttribute, ReadOnly, StaleNode
+from .idmap import ROOTFUL, Ownership
 from .inodes import NodeTable, is_diff_nodeid, split_diff_nodeid
 from .nodes import DiffEntry, Listing, Node, Opened, Root, Scope, StoreNode, decode_ref_name
 from .provider import ImageFiles, LayerProvider, ServedLayer
@@ -60,13 +64,15 @@ class StoreModel:
     directory, which ends the kernel's hold on the layer too (see `daemon.handles`).
     """
 
-    def __init__(self, provider: LayerProvider, *, pool_target: str | None = None, log_file_access: bool = False) -> None:
+    def __init__(self, provider: LayerProvider, *, pool_target: str | None = None, log_file_access: bool = False,
+                 ownership: Ownership = ROOTFUL) -> None:
         self.provider = provider
+        self.ownership = ownership
         self.pool_target = pool_target
         self.log_file_access = log_file_access
         self.on_released: Callable[[int, str], None] | None = None
         self._decode = lru_cache(maxsize=4096)(self._decode_ref_name)
-        self.scope = Scope(provider, pool_target, self._decode, self._released)
+        self.scope = Scope(provider, pool_target, self._decode, self._released, ownership)
         self.nodes: NodeTable[Node] = NodeTable(Root(self.scope))
         self._handles: dict[int, Opened] = {}
         self._next_handle = itertools.count(1)

@@ -38,6 +38,7 @@ from .errors import (
     PermissionDenied,
     ReadOnly,
 )
+from .idmap import ROOTFUL, Ownership
 from .inodes import ROOT_ID, store_nodeid
 from .layer_tree import DiffNode
 from .provider import ImageFiles, LayerProvider, ServedLayer
@@ -57,7 +58,8 @@ Listing = list[tuple[str, Attr | None]]
 
 class Scope:
     """What every node may need of the model: the provider, the `pool` link's target, how a ref
-    directory name decodes, and who to tell when a layer is released (`StoreModel` makes one)."""
+    directory name decodes, who to tell when a layer is released, and how owners are shown
+    (`StoreModel` makes one)."""
 
     def __init__(
         self,
@@ -65,11 +67,29 @@ class Scope:
         pool_target: str | None,
         decode_ref: Callable[[str], str],
         on_released: Callable[[int, str], None],
+        ownership: Ownership = ROOTFUL,
     ) -> None:
         self.provider = provider
         self.pool_target = pool_target
         self.decode_ref = decode_ref
         self.on_released = on_released
+        self.ownership = ownership
+        self._refused: dict[tuple[str, str], str] = {}
+
+    def servable_layer(self, ref: str, key: str) -> ServedLayer:
+        """`provider.layer`, refused (`LayerUnavailable`, logged once per layer) when its owners
+        cannot be shown through the id maps: never with the wrong owners."""
+        served = self.provider.layer(ref, key)
+        if not self.ownership.maps_ids:
+            return served
+        problem = self.ownership.problem(served.tree.toc.uids(), served.tree.toc.gids())
+        if problem is not None:
+            if len(self._refused) > 4096:  # bounded: only the once-only log line depends on it
+                self._refused.clear()
+            if self._refused.setdefault((ref, key), problem) is problem:
+                log.warning("not serving layer %s of %s: %s", key, ref, problem)
+            raise LayerUnavailable(f"layer {key} of {ref}: {problem}")
+        return served
 
 
 class Opened:
@@ -292,7 +312,7 @@ class LayerDir(_InImage):
 
     def lookup(self, name: str) -> Node:
         if name == DIFF:
-            served = self.provider.layer(self.ref, self.layer_key)
+            served = self.scope.servable_layer(self.ref, self.layer_key)
             view = served.view_of(self.layer_key)
             return DiffEntry(self.scope, served, view, served.tree.node_for_ino(served.tree.toc.root.ino))
         if name in (INFO, BLOB):
@@ -326,7 +346,7 @@ class LayerFile(_InImage):
         self.which = which
 
     def _served(self) -> ServedLayer:
-        return self.provider.layer(self.ref, self.layer_key)
+        return self.scope.servable_layer(self.ref, self.layer_key)
 
     def attr(self) -> Attr:
         served = self._served()

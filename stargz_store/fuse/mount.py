@@ -17,6 +17,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import pwd
 import shutil
 import socket
 import stat
@@ -65,18 +66,33 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
+DEVICE = "/dev/fuse"
+
+
 def open_device() -> int:
     """A new connection (`/dev/fuse`), close-on-exec; a clear error when FUSE is not usable."""
     try:
-        return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        return os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise MountError("/dev/fuse does not exist: load the fuse module (modprobe fuse)") from None
+        raise MountError(f"{DEVICE} does not exist: load the fuse module (modprobe fuse)") from None
     except PermissionError:
-        mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-        raise MountError(
-            f"/dev/fuse is not usable by uid {os.getuid()} (mode {mode:04o}): make it 0666 "
-            "(`chmod 0666 /dev/fuse`, as udev does on most distributions)"
-        ) from None
+        raise MountError(device_unusable()) from None
+
+
+def device_unusable() -> str:
+    """The operator's message for a `/dev/fuse` this user may not open, with the fix."""
+    mode = stat.S_IMODE(os.stat(DEVICE).st_mode)
+    return (f"{DEVICE} is not usable by uid {os.getuid()} (mode {mode:04o}): make it 0666 as root "
+            f"(`chmod 0666 {DEVICE}`, what udev does on most distributions; persistent with a udev rule "
+            f"`KERNEL==\"fuse\", MODE=\"0666\"`), or grant this user alone "
+            f"(`setfacl -m u:{_user_name()}:rw {DEVICE}`)")
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 def mount(spec: MountSpec) -> int:
@@ -103,6 +119,8 @@ def _mount_with_fusermount(spec: MountSpec) -> int:
     """`fusermount3 -o OPTS MOUNTPOINT` with `_FUSE_COMMFD`: it sends the descriptor back."""
     if shutil.which(FUSERMOUNT) is None:
         raise MountError(f"{FUSERMOUNT} not found: install the fuse3 package to mount as a user")
+    if os.path.exists(DEVICE) and not os.access(DEVICE, os.R_OK | os.W_OK):
+        raise MountError(device_unusable())  # fusermount3 opens it as the user, not as root
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         opts = spec.options(None, os.getuid(), os.getgid())
