@@ -229,7 +229,7 @@ def run_link(kind: str, args: argparse.Namespace, built: list[images_mod.BuiltIm
                     print(f"  [{kind}] {image:9} {mode:13} {r.config:14} run {run}: pull {r.pull_s:6.2f}  "
                           f"create {r.create_s:5.2f}  run {r.run_s:5.2f}  total {r.total_s:6.2f} s  "
                           f"{r.link_bytes_first_output / 1e6:7.1f} MB, {r.registry_blob_gets_first_output:4d} GETs "
-                          f"@1st output{rss}  {status}", flush=True)
+                          f"@1st output{rss}  (prepared in {r.prepare_s:.1f} s)  {status}", flush=True)
                     results.append(r.to_json())
     emulator_cpu = link.emulator_cpu_seconds()
     store.stop()

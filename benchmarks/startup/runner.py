@@ -57,6 +57,7 @@ class RunResult:
     store_requests: int | None = None  # the store's own counters at exit, summed over the layers
     store_fetched_bytes: int | None = None
     first_line: str = ""
+    prepare_s: float = 0.0  # harness time before the pull: resets, store restart, dropping caches (not measured)
     store_stats: dict | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -131,15 +132,17 @@ def measure(envs: Environment, image: str, mode: str, run: int, marker: str, log
     env = envs.lazy_env if lazy else envs.plain_env
     repo, tag = repo_tag(image, mode)
     ref = f"{envs.registry.host}/{repo}:{tag}"
+    prepare_start = time.monotonic()
     try:
         podman.reset(envs.lazy_env)
         envs.store.wipe()
         if mode == "warm":
-            # the legacy run usually left the image behind: reuse it instead of a second full pull
+            # the legacy run left the image behind (lazy runs never touch the plain storage): reuse it
+            # instead of a second, untimed full pull
             podman.podman("rm", "-af", env=env, check=False)
             if podman.podman("image", "exists", ref, env=env, check=False).returncode != 0:
                 podman.podman("pull", "-q", "--tls-verify=false", ref, env=env)
-        else:
+        elif mode == "legacy":
             podman.reset(envs.plain_env)
         drop_caches()
         if lazy:
@@ -150,6 +153,7 @@ def measure(envs: Environment, image: str, mode: str, run: int, marker: str, log
         mark = envs.registry.log_mark()
 
         t0 = time.monotonic()
+        result.prepare_s = t0 - prepare_start
         if mode != "warm":
             podman.podman("pull", "-q", "--tls-verify=false", ref, env=env)
         t1 = time.monotonic()
