@@ -17,6 +17,7 @@ BENCHMARKS = {
     "layer": ("benchmarks.layer_bench", "layer data path: cold and warm reads through the chunk cache"),
     "store": ("benchmarks.store_bench", "mounted store: first lookup, RSS, cold/warm reads vs local disk (issue: store)"),
     "startup": ("benchmarks.startup_bench", "container start time, lazy vs full pull (issue: benchmark)"),
+    "hostile": ("benchmarks.hostile_bench", "daemon memory on refused hostile TOCs and on images at the caps (issue 11)"),
 }
 
 

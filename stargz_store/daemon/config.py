@@ -1,8 +1,12 @@
 """config.toml for the daemon: the stargz-store keys that apply (stargz-store-config.md §2), plus ours.
 
-The Go store ignores unknown keys silently; we accept the same files but warn about keys we do not
-know (a typo otherwise goes unnoticed) and about known keys that have no effect here. Every key
-with its default is documented in `config/config.toml`.
+Every key of the file is checked, with its full table path in the message: a value of the wrong
+type or out of range is an error at start (so is any unknown key under `[resolver]`, where hosts,
+mirrors, CAs and credentials live: see `registry.config`); an unknown key elsewhere and a valid
+stargz-store key without effect here are warnings, once each. The Go store ignores unknown keys
+silently; we accept the same files but a typo must not go unnoticed. A file that cannot be used
+is a ConfigError with one line of text, whatever it holds. Every key with its default is
+documented in `config/config.toml`.
 """
 from __future__ import annotations
 
@@ -13,53 +17,49 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fs.fuse_adapter import MountOptions
-from ..layer.config import LayerConfig
-from ..registry.config import RegistryConfig
-from .pool import PoolConfig
+from ..layer.config import FETCH_POLICIES, LayerConfig
+from ..registry.config import (
+    MAX_INTEGER, MAX_SECONDS, ConfigTable, ConfigValueError, RegistryConfig, describe,
+)
+from ..registry.errors import InvalidReferenceError
+from ..registry.platforms import parse_platform
+from .pool_config import PoolConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = "/etc/stargz-store/config.toml"
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; this bounds what a wrong path (a device) costs
+MAX_WORKERS = 256  # max_concurrency, resolve_workers: threads
 
-# Keys per table: "used" ones change behaviour; "accepted" ones are valid stargz-store keys without
-# an effect in this implementation (logged once at start-up when set).
+# Keys per table: "used" ones change behaviour; the others are valid stargz-store keys without an
+# effect in this implementation (warned about when set), with their kind ("bool", "int", "str" or
+# the allowed strings), checked like any value. `[resolver]` and `[blob]` are RegistryConfig's.
 _TOP_USED = {
     "resolve_result_entry_ttl_sec", "prefetch_size", "prefetch_timeout_sec", "noprefetch",
     "no_background_fetch", "debug", "disable_verification", "max_concurrency", "log_file_access",
 }
-_TOP_ACCEPTED = {
-    "http_cache_type", "filesystem_cache_type", "prefetch_async_size", "allow_no_verification",
-    "no_prometheus", "resolve_result_entry", "metadata_store",
+_TOP_NO_EFFECT: dict[str, Any] = {
+    "http_cache_type": "str", "filesystem_cache_type": "str", "prefetch_async_size": "int",
+    "allow_no_verification": "bool", "no_prometheus": "bool", "resolve_result_entry": "int",
+    "metadata_store": ("memory", "db"),
 }
-_TABLES: dict[str, tuple[set[str], set[str]]] = {
-    "blob": (
-        {"fetching_timeout_sec", "max_retries", "min_wait_msec", "max_wait_msec", "valid_interval",
-         "check_always", "force_single_range_mode"},
-        {"chunk_size", "prefetch_chunk_size"},
-    ),
-    "directory_cache": (set(), {"max_lru_cache_entry", "max_cache_fds", "sync_add", "direct", "fadv_dontneed"}),
-    "fuse": ({"attr_timeout", "entry_timeout"}, {"passthrough", "merge_buffer_size", "merge_worker_count"}),
-    "kubeconfig_keychain": (set(), {"enable_keychain", "kubeconfig_path"}),
-    "resolver": ({"request_timeout_sec", "host", "connect_timeout_sec", "auth_file", "ca_file"}, set()),
+_REGISTRY_TABLES = {"resolver", "blob"}
+_TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
+    "directory_cache": (set(), {"max_lru_cache_entry": "int", "max_cache_fds": "int", "sync_add": "bool",
+                                "direct": "bool", "fadv_dontneed": "bool"}),
+    "fuse": ({"attr_timeout", "entry_timeout"}, {"passthrough": "bool", "merge_buffer_size": "int",
+                                                 "merge_worker_count": "int"}),
+    "kubeconfig_keychain": (set(), {"enable_keychain": "bool", "kubeconfig_path": "str"}),
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
-         "max_toc_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
+         "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
-         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb"},
-        set(),
+         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
+         "fetch_policy", "idle_layers", "max_images", "max_use_counts"},
+        {},
     ),
 }
 
-
-# `sequential_readahead_kb`: a read that continues where the previous read of the same file ended also starts fetching the
-# file's next chunks, this many KiB of compressed data ahead (random reads fetch only their chunks).
-DAEMON_READAHEAD_KB = 0
-# `neighbour_fetch_kb`: see LayerConfig.neighbour_fetch_size.
-DAEMON_NEIGHBOUR_FETCH_KB = 64
-# `executable_fetch_limit_mb`: see LayerConfig.executable_fetch_limit.
-DAEMON_EXECUTABLE_FETCH_MB = 64
-# `small_layer_fetch_kb`: see LayerConfig.small_layer_fetch_size.
-DAEMON_SMALL_LAYER_FETCH_KB = 2048
 
 
 class ConfigError(Exception):
@@ -81,126 +81,153 @@ def load_config(path: str | Path, *, explicit: bool) -> StoreConfig:
     p = Path(path)
     try:
         with open(p, "rb") as f:
-            doc = tomllib.load(f)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         if explicit and str(p) != DEFAULT_CONFIG_PATH:
             raise ConfigError(f"config file {p} does not exist") from None
         log.info("no config file at %s; using defaults", p)
-        doc = {}
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        return config_from_toml({})
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config {p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"cannot read config {p}: {e}") from None
-    return config_from_toml(doc)
+    except RecursionError:
+        raise ConfigError(f"cannot read config {p}: arrays or tables nested too deeply") from None
+    try:
+        return config_from_toml(doc)
+    except ConfigError as e:
+        raise ConfigError(f"config {p}: {e}") from None
 
 
 def config_from_toml(doc: Mapping[str, Any]) -> StoreConfig:
-    _warn_unknown(doc)
+    """Check every key of the parsed file (see the module docstring) and build the config."""
     try:
-        return _build(doc)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"invalid config value: {e}") from None
+        root = ConfigTable(doc)
+        _check_keys(root)
+        return _build(root)
+    except ConfigValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-def _build(doc: Mapping[str, Any]) -> StoreConfig:
+def _check_keys(root: ConfigTable) -> None:
+    root.check_keys(_TOP_USED | _REGISTRY_TABLES | set(_TABLES), _TOP_NO_EFFECT, strict=False)
+    for name, (used, no_effect) in _TABLES.items():
+        root.table(name).check_keys(used, no_effect, strict=False)
+
+
+def _build(doc: ConfigTable) -> StoreConfig:
     cfg = StoreConfig()
     cfg.registry = RegistryConfig.from_toml(doc)
-    blob = doc.get("blob") or {}
-    fuse = doc.get("fuse") or {}
-    store = doc.get("store") or {}
+    blob = doc.table("blob")
+    fuse = doc.table("fuse")
+    store = doc.table("store")
 
     layer = cfg.layer
     layer.prefetch_size = _int(doc, "prefetch_size", layer.prefetch_size, minimum=0)
     layer.prefetch_timeout = float(_num(doc, "prefetch_timeout_sec", layer.prefetch_timeout))
     layer.no_prefetch = _bool(doc, "noprefetch", layer.no_prefetch)
     layer.prefetch_wait = _bool(store, "wait_for_prefetch", layer.prefetch_wait)
-    layer.executable_fetch_limit = _int_or_off(store, "executable_fetch_limit_mb", DAEMON_EXECUTABLE_FETCH_MB) << 20
-    layer.neighbour_fetch_size = _int_or_off(store, "neighbour_fetch_kb", DAEMON_NEIGHBOUR_FETCH_KB) << 10
-    layer.small_layer_fetch_size = _int_or_off(store, "small_layer_fetch_kb", DAEMON_SMALL_LAYER_FETCH_KB) << 10
+    # The fetch policies' defaults are LayerConfig's (the one table, layer/config.py); 0 = off.
+    layer.executable_fetch_limit = _int_or_off(store, "executable_fetch_limit_mb", layer.executable_fetch_limit >> 20) << 20
+    layer.neighbour_fetch_size = _int_or_off(store, "neighbour_fetch_kb", layer.neighbour_fetch_size >> 10) << 10
+    layer.small_layer_fetch_size = _int_or_off(store, "small_layer_fetch_kb", layer.small_layer_fetch_size >> 10) << 10
+    layer.readahead_size = _int_or_off(store, "sequential_readahead_kb", layer.readahead_size >> 10) << 10
+    layer.library_readahead = _bool(store, "library_readahead", layer.library_readahead)
     layer.no_background_fetch = _bool(doc, "no_background_fetch", layer.no_background_fetch)
     layer.disable_verification = _bool(doc, "disable_verification", layer.disable_verification)
-    layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1)
+    layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1, maximum=MAX_WORKERS)
     layer.fetch_timeout = float(_num(blob, "fetching_timeout_sec", layer.fetch_timeout))
     layer.max_toc_size = _int(store, "max_toc_size_mb", layer.max_toc_size >> 20, minimum=1) << 20
-    layer.readahead_size = _int(store, "sequential_readahead_kb", DAEMON_READAHEAD_KB, minimum=0) << 10
+    layer.max_toc_entries = _int(store, "max_toc_entries", layer.max_toc_entries, minimum=1)
+    layer.max_path_depth = _int(store, "max_path_depth", layer.max_path_depth, minimum=1)
+    layer.max_chunk_size = _int(store, "max_chunk_size_mb", layer.max_chunk_size >> 20, minimum=1) << 20
     if layer.disable_verification:
         log.warning("disable_verification = true: chunk digests are still checked when chunks are decoded")
+    layer.fetch_policy = _choice(store, "fetch_policy", FETCH_POLICIES, layer.fetch_policy)
+    if layer.fetch_policy == "baseline":  # the Go store's way: the heuristics' keys no longer apply
+        cfg.layer = layer = layer.baseline()
 
     pool = cfg.pool
     pool.release_grace = float(_num(doc, "resolve_result_entry_ttl_sec", pool.release_grace))
     pool.negative_ttl = float(_num(store, "negative_cache_ttl_sec", pool.negative_ttl))
     pool.resolve_timeout = float(_num(store, "resolve_timeout_sec", pool.resolve_timeout))
-    pool.resolve_workers = _int(store, "resolve_workers", pool.resolve_workers, minimum=1)
-    pool.library_readahead = _bool(store, "library_readahead", pool.library_readahead)
-    platform = store.get("platform")
-    pool.platform = str(platform) if platform else None
+    pool.resolve_workers = _int(store, "resolve_workers", pool.resolve_workers, minimum=1, maximum=MAX_WORKERS)
+    pool.idle_layers = _int_or_off(store, "idle_layers", pool.idle_layers)
+    pool.max_images = _positive(store, "max_images", pool.max_images)
+    pool.max_use_counts = _positive(store, "max_use_counts", pool.max_use_counts)
+    pool.platform = _platform(store, "platform")
 
     cfg.mount = MountOptions(
         attr_timeout=float(_num(fuse, "attr_timeout", cfg.mount.attr_timeout)),
         entry_timeout=float(_num(fuse, "entry_timeout", cfg.mount.entry_timeout)),
         negative_timeout=float(_num(store, "negative_timeout", cfg.mount.negative_timeout)),
         kernel_cache=_bool(store, "kernel_cache", cfg.mount.kernel_cache),
-        read_ahead_kb=_int(store, "read_ahead_kb", cfg.mount.read_ahead_kb, minimum=0),
+        read_ahead_kb=_int_or_off(store, "read_ahead_kb", cfg.mount.read_ahead_kb),
         no_open=_bool(store, "fuse_no_open", cfg.mount.no_open),
         debug=_bool(doc, "debug", False),
     )
     cfg.log_file_access = _bool(doc, "log_file_access", False)
-    cfg.memory_cache_bytes = _int(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20, minimum=0) << 20
+    cfg.memory_cache_bytes = _int_or_off(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20) << 20
     return cfg
 
 
-def _warn_unknown(doc: Mapping[str, Any]) -> None:
-    for key, value in doc.items():
-        if key in _TABLES:
-            if not isinstance(value, dict):
-                raise ConfigError(f"[{key}] must be a table")
-            used, accepted = _TABLES[key]
-            for sub in value:
-                if sub in accepted:
-                    log.debug("config key %s.%s has no effect in this implementation", key, sub)
-                elif sub not in used:
-                    log.warning("unknown config key %s.%s (ignored)", key, sub)
-        elif key in _TOP_ACCEPTED:
-            if key == "metadata_store" and value not in ("memory", "db"):
-                raise ConfigError(f"metadata_store must be \"memory\" or \"db\", not {value!r}")
-            log.debug("config key %s has no effect in this implementation", key)
-        elif key not in _TOP_USED:
-            log.warning("unknown config key %s (ignored)", key)
-    if (doc.get("fuse") or {}).get("passthrough"):
-        log.warning("fuse.passthrough is not supported; reads go through the daemon")
-    if (doc.get("kubeconfig_keychain") or {}).get("enable_keychain"):
-        log.warning("kubeconfig_keychain is not supported; credentials come from resolver.auth_file")
+def _num(table: ConfigTable, key: str, default: float) -> float:
+    """A duration in seconds; 0 or absent means the default, as the Go code falls back on zero values."""
+    return table.number(key, minimum=0, maximum=MAX_SECONDS) or default
 
 
-def _num(table: Mapping[str, Any], key: str, default: float) -> float:
-    """A number; 0 or absent means the default, as the Go code falls back on zero values."""
-    value = table.get(key)
-    if value is None or value == 0:
+def _int(table: ConfigTable, key: str, default: int, *, minimum: int, maximum: int = MAX_INTEGER) -> int:
+    """An integer; 0 or absent means the default."""
+    value = table.number(key, minimum=0, maximum=maximum, integer=True)
+    if not value:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if value < 0:
-        raise ConfigError(f"{key} must not be negative, got {value!r}")
+    if value < minimum:
+        raise ConfigValueError(f"{table.key_path(key)} must be an integer from {minimum} to {maximum}, "
+                               f"not {describe(value)}")
     return value
 
 
-def _int(table: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
-    value = _num(table, key, default)
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _int_or_off(table: Mapping[str, Any], key: str, default: int) -> int:
+def _int_or_off(table: ConfigTable, key: str, default: int) -> int:
     """An integer >= 0 of our own keys, where 0 turns the feature off (not "the default")."""
-    value = table.get(key)
+    value = table.number(key, minimum=0, maximum=MAX_INTEGER, integer=True)
+    return default if value is None else value
+
+
+def _choice(table: ConfigTable, key: str, allowed: tuple[str, ...], default: str) -> str:
+    """One of `allowed`; absent means `default`."""
+    value = table.string(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+    if value not in allowed:
+        raise ConfigValueError(f"{table.key_path(key)} must be one of {', '.join(map(repr, allowed))}, "
+                               f"not {describe(value)}")
     return value
 
 
-def _bool(table: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+def _positive(table: ConfigTable, key: str, default: int) -> int:
+    """An integer >= 1 of our own keys (a bound: 0 would mean nothing can be kept)."""
+    value = table.number(key, minimum=1, maximum=MAX_INTEGER, integer=True)
+    return default if value is None else value
+
+
+def _bool(table: ConfigTable, key: str, default: bool) -> bool:
+    value = table.boolean(key)
+    return default if value is None else value
+
+
+def _platform(table: ConfigTable, key: str) -> str | None:
+    """`os/arch[/variant]`, checked now rather than at the first pull; "" or absent = this host's."""
+    value = table.string(key)
+    if not value:
+        return None
+    try:
+        parse_platform(value)
+    except InvalidReferenceError:
+        raise ConfigValueError(f"{table.key_path(key)} must be \"os/arch[/variant]\", not {describe(value)}") from None
     return value

@@ -27,6 +27,7 @@ from .layer_toc import (
     ParsedToc,
     ReadAt,
 )
+from .toc import DEFAULT_LIMITS, TocLimits
 
 _ZSTD_ANNOTATIONS = (
     ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
@@ -55,11 +56,13 @@ def read_layer_toc(
     key_digest: str | None = None,
     max_toc_size: int = 150 << 20,
     tail_size: int = 512 << 10,
+    limits: TocLimits = DEFAULT_LIMITS,
 ) -> ParsedToc:
     """The verified TOC of the layer `descriptor` describes; `read_at` reads its blob.
 
     Raises `NotLazyFormatError` for plain layers (at most one tail read), other `FormatError`s
-    for broken or mismatching ones.
+    for broken or mismatching ones. `max_toc_size` caps the TOC's bytes, compressed and inflated
+    (checked while inflating); `limits` its entries and depth.
     """
     annotations: Mapping[str, str] = descriptor.get("annotations") or {}
     blob_digest = descriptor.get("digest")
@@ -78,6 +81,7 @@ def read_layer_toc(
             key_digest=toc_key,
             max_toc_size=max_toc_size,
             tail_size=tail_size,
+            limits=limits,
         )
     from . import estargz
 
@@ -91,5 +95,5 @@ def read_layer_toc(
             f"layer {blob_digest} has no {ANNOTATION_TOC_DIGEST} annotation: not served lazily"
         )
     return estargz.read_toc(
-        read_at, blob_size, expected_toc_digest=expected, max_toc_size=max_toc_size, tail_size=tail_size
+        read_at, blob_size, expected_toc_digest=expected, max_toc_size=max_toc_size, tail_size=tail_size, limits=limits
     )

@@ -24,10 +24,29 @@ class InvalidTocError(FormatError):
 
 
 class TocTooLargeError(InvalidTocError):
-    """The TOC exceeds the configured size cap (protects memory against hostile blobs)."""
+    """The TOC exceeds one of the configured caps (bytes, entries, depth): protects memory
+    against hostile blobs. Raised before the excess is allocated, as far as it can be known."""
 
 
-class EntryEscapesRootError(InvalidTocError):
+class TooManyEntriesError(TocTooLargeError):
+    """The TOC holds more entries (implicit parent directories included) than the cap."""
+
+
+class PathTooDeepError(TocTooLargeError):
+    """An entry name has more components than the depth cap."""
+
+
+class ChunkTooLargeError(TocTooLargeError):
+    """A chunk would be inflated (or its compressed extent fetched) larger than the chunk cap: the
+    read path holds a whole chunk in memory, so its size is bounded like the TOC's."""
+
+
+class BadEntryNameError(InvalidTocError):
+    """A name the kernel cannot have: empty, with a NUL byte, or with an empty, `.` or `..`
+    component (a leading `./` and a trailing `/` are spellings tar uses, and are accepted)."""
+
+
+class EntryEscapesRootError(BadEntryNameError):
     """An entry name or hardlink target is absolute or contains a `..` component."""
 
 

@@ -97,4 +97,7 @@ def parse_footer(tail: bytes) -> tuple[int, int]:
             continue
         return offset, size
     assert first_error is not None
-    raise first_error
+    try:
+        raise first_error
+    finally:
+        del first_error  # else this frame, held by the error's traceback, holds the error: a cycle

@@ -1,10 +1,11 @@
-"""Building a `Toc` from typed records that msgspec decodes straight from the TOC JSON.
+"""The one TOC builder: a `Toc` from typed records that msgspec decodes straight from the JSON.
 
 msgspec checks every field's type in C while decoding (a string where an int belongs, a bool, a
 float: all refused) and makes no dict per entry, so the build is one Python pass over compact
-records: about twice as fast as `json.loads` + `toc_dicts`, with half the transient memory. The
-tree and the typed errors are the same (tests/formats/test_toc_paths.py holds both to that).
-Call it through `toc.build_toc` / `toc.parse_toc_document`, which pause the GC.
+records: about twice as fast as `json.loads` over dicts, with half the transient memory. Entries
+already decoded as dicts (`toc.build_toc`) are converted to the same records first, so both entry
+points give the same tree and the same typed errors (tests/formats/test_toc_paths.py).
+Call it through `toc.build_toc` / `toc.parse_toc_document`.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import base64
 import bisect
 from collections import defaultdict
 from types import MappingProxyType
-from typing import Any, Iterable, Literal, Mapping
+from typing import Annotated, Any, Iterable, Literal, Mapping
 
 import msgspec
 
-from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, MissingHardlinkTargetError, OutOfBoundsError
-from .toc import (
+from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, OutOfBoundsError
+from .toc_model import (
     _DIGEST_RE,
     _NO_XATTRS,
     _PERMISSIONS,
@@ -33,14 +34,26 @@ from .toc import (
     _copy_str,
     _new_tuple,
     _settle,
-    normalize_name,
     parse_time_ns,
+)
+from .toc_rules import (
+    INT64_MAX,
+    INT64_MIN,
+    ImpliedDirectories,
+    TocLimits,
+    check_depth,
+    check_link_target,
+    check_xattr_names,
+    normalize_name,
+    resolve_hardlinks,
 )
 
 
 # msgspec hands back these very objects for a Literal field (no string per entry, and `is`
 # compares against the module's constants); any other type string is a ValidationError.
 _EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"]
+# Go's TOCEntry fields are int64: a larger number is refused, not carried into offsets and sizes.
+_Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _RawEntry(msgspec.Struct, rename="camel", gc=False):
@@ -50,42 +63,61 @@ class _RawEntry(msgspec.Struct, rename="camel", gc=False):
 
     name: str | None = ""
     type: _EntryType | None = None
-    size: int | None = 0
+    size: _Int64 | None = 0
     modtime: str | None = ""
     link_name: str | None = ""
-    mode: int | None = 0
-    uid: int | None = 0
-    gid: int | None = 0
-    offset: int | None = 0
-    end_offset: int | None = 0
-    dev_major: int | None = 0
-    dev_minor: int | None = 0
+    mode: _Int64 | None = 0
+    uid: _Int64 | None = 0
+    gid: _Int64 | None = 0
+    offset: _Int64 | None = 0
+    end_offset: _Int64 | None = 0
+    dev_major: _Int64 | None = 0
+    dev_minor: _Int64 | None = 0
     xattrs: dict[str, str] | None = None
     digest: str | None = ""
-    chunk_offset: int | None = 0
-    chunk_size: int | None = 0
+    chunk_offset: _Int64 | None = 0
+    chunk_size: _Int64 | None = 0
     chunk_digest: str | None = ""
-    inner_offset: int | None = 0
+    inner_offset: _Int64 | None = 0
     chunk_type: str | None = ""
 
 
-class _RawDocument(msgspec.Struct):
+class _RawDocument(msgspec.Struct, rename="camel"):
     entries: list[_RawEntry] | None = None
+    tar_split_digest: str | None = ""
+
+
+class _Counted(msgspec.Struct, gc=False):
+    """An entry decoded only to be counted: 16 bytes, every field skipped."""
+
+
+class _CountedDocument(msgspec.Struct):
+    entries: list[_Counted] | None = None
 
 
 _DOC_DECODER = msgspec.json.Decoder(_RawDocument)
+_COUNT_DECODER = msgspec.json.Decoder(_CountedDocument)
 _RAW_ENTRIES = list[_RawEntry]
 
 
-def records_from_json(toc_json: bytes) -> list[Any]:
-    """The `entries` of a TOC document as `_RawEntry` records."""
+def _decode(decoder: msgspec.json.Decoder, toc_json: bytes | bytearray) -> Any:
     try:
-        doc = _DOC_DECODER.decode(toc_json)
+        return decoder.decode(toc_json)
     except msgspec.ValidationError as e:
         raise InvalidTocError(f"TOC has a wrong type: {e}") from None
     except msgspec.DecodeError as e:
         raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
-    return doc.entries or []
+
+
+def records_from_json(toc_json: bytes | bytearray) -> tuple[list[Any], str]:
+    """The `entries` of a TOC document as `_RawEntry` records, and its `tarSplitDigest`."""
+    doc = _decode(_DOC_DECODER, toc_json)
+    return doc.entries or [], doc.tar_split_digest or ""
+
+
+def count_entries(toc_json: bytes | bytearray) -> int:
+    """How many entries the document lists, at 24 bytes of memory each (see `toc.count_objects`)."""
+    return len(_decode(_COUNT_DECODER, toc_json).entries or ())
 
 
 def records_from_dicts(raw_entries: Iterable[Mapping[str, Any]]) -> list[Any]:
@@ -106,13 +138,14 @@ def _checked_digest(value: str, owner: str, key: str, seen: dict[str, str]) -> s
 
 
 def _struct_xattrs(name: str, x: Mapping[str, str]) -> Mapping[str, bytes]:
+    check_xattr_names(name, x)
     try:
         return MappingProxyType({k: base64.b64decode(v, validate=True) for k, v in x.items()})
     except (ValueError, TypeError) as e:
         raise InvalidTocError(f"entry {name!r}: xattr value is not base64: {e}") from None
 
 
-def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
+def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits) -> Toc:
     """The tree from `_RawEntry` records (field types already checked by msgspec), in one pass.
 
     Entries are made as they come; what needs the whole TOC (chunk extents, hardlink link counts,
@@ -121,7 +154,8 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
 
     This loop is most of a resolve's CPU time (~2 us per entry), hence the local bindings, the
     one-slot caches and the inline one-piece chunk path; `_build_chunks_structs` stays the
-    general rule (and the one that words a bad piece's error).
+    general rule (and the one that words a bad piece's error). The caller has checked the entry
+    count against `limits`; names are checked for depth here, implied directories counted.
     """
     # Data files hold their plain field tuple until their chunks are built. The root's slot is
     # reserved first, as the documented order wants an implicit root first (copying a 120,000-key
@@ -154,6 +188,7 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
     mtime_ns = 0
     hardlink_count = 0
     ino = 2  # the root is inode 1, explicit or implicit
+    long_name = limits.long_name
     for raw in raw_entries:
         etype = raw.type  # one of the module's constants (see _EntryType), or None
         if etype is None:
@@ -167,10 +202,12 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
                 add_offset(off)
             continue
         name = raw.name or ""
-        if name and name[0] not in "./" and "//" not in name and "/." not in name:
+        if name and name[0] not in "./" and "//" not in name and "/." not in name and "\0" not in name:
             name = name.rstrip("/") if name[-1] == "/" else name.join(("", ""))  # a copy: see _copy_str
         else:
             name = normalize_name(name)
+        if len(name) > long_name:
+            check_depth(name, limits)
         # Duplicate names are found after the loop, by counting (a lookup per entry costs more).
         last_pieces = None
         if name:
@@ -240,6 +277,8 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             if etype is SYMLINK:
                 link_name = raw.link_name
                 link_name = link_name.join(("", "")) if link_name else ""
+                if "\0" in link_name:
+                    check_link_target(name, link_name)
             elif etype is DIR:
                 dirs.append(len(built))
             e = new_tuple(
@@ -268,6 +307,7 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
     n_starts = len(starts)
     chunk_cls = Chunk
     bisect_right = bisect.bisect_right
+    max_chunk, max_extent = limits.max_chunk_size, 2 * limits.max_chunk_size
     for pos, raw, pieces in with_data:
         f = built[pos]
         name = f[0]
@@ -277,8 +317,8 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             offset = raw.offset or 0
             inner = raw.inner_offset or 0
             csize = raw.chunk_size or size - file_offset  # 0 means "to the end of the file"
-            if offset < 0 or offset >= data_end or inner < 0 or file_offset != 0 or csize != size:
-                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)  # its error
+            if offset < 0 or offset >= data_end or inner < 0 or file_offset != 0 or csize != size or inner + size > INT64_MAX:
+                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)  # its error
             else:
                 chunk_digest = raw.chunk_digest
                 if not chunk_digest or chunk_digest == raw.digest:  # the file's, already checked and shared
@@ -294,34 +334,23 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
                 end_offset = raw.end_offset or 0
                 if offset < end_offset < blob_end:
                     blob_end = end_offset
+                if inner + size > max_chunk or blob_end - offset > max_extent:
+                    limits.check_chunk(name, 0, inner + size, blob_end - offset)
                 zeros = raw.chunk_type == "zeros"
                 chunks = (  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
                     new_tuple(chunk_cls, (0, size, offset + 0, blob_end + 0, inner + 0, chunk_digest, zeros)),
                 )
         else:
-            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)
+            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)
         built[pos] = entries[name] = new_tuple(entry_cls, (*f[:12], chunks, f[13], 1))
 
     # Hardlinks: resolve chains to the final non-hardlink target; count its links.
     link_count: dict[str, int] = {}
-    hardlink_target: dict[str, str] = {}
-    for name, raw in hardlinks.items():
-        seen = {name}
-        link = raw
-        while True:
-            target = normalize_name(link.link_name or "", what=f"hardlink {name!r} target")
-            if target in seen:
-                raise InvalidTocError(f"hardlink loop at {name!r}")
-            seen.add(target)
-            found = entries.get(target)
-            if found is not None:
-                break
-            link = hardlinks.get(target)
-            if link is None:
-                raise MissingHardlinkTargetError(f"hardlink {name!r} points to missing {target!r}")
-        if found.type is DIR:
-            raise InvalidTocError(f"hardlink {name!r} points to a directory")
-        hardlink_target[name] = target
+    hardlink_target = resolve_hardlinks(
+        {name: raw.link_name or "" for name, raw in hardlinks.items()},
+        lambda target: None if (e := entries.get(target)) is None else e[1],
+    )
+    for target in hardlink_target.values():
         link_count[target] = link_count.get(target, 1) + 1
     for target, count in link_count.items():
         e = entries[target]
@@ -339,6 +368,7 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
             subdirs[parent] = subdirs.get(parent, 0) + 1
     implicit: list[str] = []
     implicit_set: set[str] = set()
+    implied = ImpliedDirectories(limits, len(raw_entries))
     if root_pos is None:
         implicit.append("")
         implicit_set.add("")
@@ -354,6 +384,7 @@ def build_from_records(raw_entries: list[Any], data_end: int) -> Toc:
                 raise InvalidTocError(f"entry {child!r} has a non-directory parent {parent!r}")
             if parent in implicit_set:
                 break
+            implied.add(parent)
             implicit.append(parent)
             implicit_set.add(parent)
             grandparent = parent.rpartition("/")[0]
@@ -396,6 +427,7 @@ def _build_chunks_structs(
     starts: list[int],
     data_end: int,
     digests: dict[str, str],
+    limits: TocLimits,
 ) -> tuple[Chunk, ...]:
     end_offset = raw.end_offset or 0
     last = len(pieces) - 1
@@ -413,8 +445,8 @@ def _build_chunks_structs(
             raise OutOfBoundsError(
                 f"file {name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
             )
-        if inner < 0:
-            raise OutOfBoundsError(f"file {name!r}: negative innerOffset {inner}")
+        if inner < 0 or inner + csize > INT64_MAX:
+            raise OutOfBoundsError(f"file {name!r}: innerOffset {inner} is negative or too large")
         if file_offset != expected_start or csize <= 0:
             raise ChunkCoverageError(
                 f"file {name!r}: piece at file offset {file_offset} (size {csize}), expected one at {expected_start}"
@@ -430,6 +462,7 @@ def _build_chunks_structs(
         blob_end = starts[j] if j < n_starts else data_end
         if i == last and offset < end_offset <= data_end:
             blob_end = min(blob_end, end_offset)
+        limits.check_chunk(name, file_offset, inner + csize, blob_end - offset)
         chunks.append(  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
             _new_tuple(
                 Chunk,

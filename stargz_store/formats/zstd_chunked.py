@@ -15,7 +15,6 @@ same way: each chunk is one or more zstd frames at `[blob_offset, blob_end)`.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -46,7 +45,7 @@ from .layer_toc import (
     ParsedToc,
     ReadAt,
 )
-from .toc import Chunk, Toc, build_toc
+from .toc import DEFAULT_LIMITS, Chunk, Toc, TocLimits, read_toc_document
 from .zstd_chunked_footer import (
     FOOTER_SIZE,
     LEGACY_FOOTER_SIZE,
@@ -183,22 +182,41 @@ def _fetch_toc(
     return _TocBytes(frame[SKIPPABLE_HEADER_SIZE:], toc_offset, usize, footer)
 
 
-def _decompress_bounded(data: bytes, limit: int, what: str) -> bytes:
-    """Decompress zstd `data` (frames may lack a content size), refusing more than `limit` bytes."""
+def _decompress_bounded(data: bytes, limit: int, what: str, declared: int = 0) -> bytes | bytearray:
+    """Decompress zstd `data` (frames may lack a content size), refusing more than `limit`
+    bytes, or more than `declared` when the position or footer gave the uncompressed size: a
+    bomb is stopped one byte past what it claims, while it is inflated."""
+    want = min(limit, declared) if declared > 0 else limit
     try:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as r:
-            out = _read_up_to(r, limit + 1)
+            out = _read_into_buffer(r, want + 1)
     except zstandard.ZstdError as e:
         raise InvalidTocError(f"{what} is not valid zstd: {e}") from None
     if len(out) > limit:
         raise TocTooLargeError(f"{what} decompresses to more than the cap of {limit} bytes")
+    if len(out) > want:
+        raise InvalidTocError(f"{what} decompresses to more than the {declared} bytes its position declares")
+    return out
+
+
+def _read_into_buffer(reader: Any, n: int) -> bytearray:
+    """Up to `n` bytes, read into one buffer in pieces of at most 4 MiB (a TOC is never held
+    twice while its pieces are joined)."""
+    out = bytearray()
+    while len(out) < n:
+        b = reader.read(min(n - len(out), 4 << 20))
+        if not b:
+            break
+        out += b
     return out
 
 
 def _read_up_to(reader: Any, n: int) -> bytes:
+    """Up to `n` bytes; each read asks for at most 4 MiB (the reader allocates what it is asked
+    for before it knows how much there is)."""
     parts = []
     while n > 0:
-        b = reader.read(n)
+        b = reader.read(min(n, 4 << 20))
         if not b:
             break
         parts.append(b)
@@ -206,35 +224,20 @@ def _read_up_to(reader: Any, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _parse_toc_document(toc_json: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(toc_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidTocError(f"zstd:chunked TOC is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidTocError("zstd:chunked TOC JSON is not an object")
-    entries = doc.get("entries") or []
-    if not isinstance(entries, list):
-        raise InvalidTocError("zstd:chunked TOC 'entries' is not a list")
-    tsd = doc.get("tarSplitDigest") or ""
-    if not isinstance(tsd, str):
-        raise InvalidTocError("zstd:chunked TOC 'tarSplitDigest' is not a string")
-    return doc
-
-
 def _finish(
     toc_bytes: _TocBytes,
-    toc_json: bytes,
+    toc_json: bytes | bytearray,
     toc_digest: str,
     flavour: str,
     annotations: Mapping[str, str],
+    limits: TocLimits,
 ) -> ZstdChunkedToc:
     if toc_bytes.uncompressed_size and len(toc_json) != toc_bytes.uncompressed_size:
         raise InvalidTocError(
             f"zstd:chunked TOC decompresses to {len(toc_json)} bytes, its position says {toc_bytes.uncompressed_size}"
         )
-    doc = _parse_toc_document(toc_json)
-    toc: Toc = build_toc(doc.get("entries") or [], data_end=toc_bytes.toc_offset - SKIPPABLE_HEADER_SIZE)
+    doc = read_toc_document(toc_json, data_end=toc_bytes.toc_offset - SKIPPABLE_HEADER_SIZE, limits=limits)
+    toc: Toc = doc.toc
     ts_offset = ts_size = ts_usize = 0
     ts_value = annotations.get(ANNOTATION_ZSTD_TARSPLIT_POSITION)
     if ts_value:
@@ -252,7 +255,7 @@ def _finish(
         toc_size=len(toc_json),
         flavour=flavour,
         toc_compressed_size=len(toc_bytes.compressed),
-        tar_split_digest=doc.get("tarSplitDigest") or "",
+        tar_split_digest=doc.tar_split_digest,
         tar_split_offset=ts_offset,
         tar_split_size=ts_size,
         tar_split_uncompressed_size=ts_usize,
@@ -260,24 +263,26 @@ def _finish(
 
 
 def _read_containers(
-    toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int
+    toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int,
+    limits: TocLimits,
 ) -> ZstdChunkedToc:
     toc_digest = sha256_digest(toc_bytes.compressed)
     if toc_digest != expected_toc_digest:
         raise DigestMismatchError("zstd:chunked TOC (compressed)", expected_toc_digest, toc_digest)
-    toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC")
-    return _finish(toc_bytes, toc_json, toc_digest, FLAVOUR_CONTAINERS, annotations)
+    toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC", toc_bytes.uncompressed_size)
+    return _finish(toc_bytes, toc_json, toc_digest, FLAVOUR_CONTAINERS, annotations, limits)
 
 
 def _read_stargz(
-    toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int
+    toc_bytes: _TocBytes, expected_toc_digest: str, annotations: Mapping[str, str], max_toc_size: int,
+    limits: TocLimits,
 ) -> ZstdChunkedToc:
-    toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC")
+    toc_json = _decompress_bounded(toc_bytes.compressed, max_toc_size, "zstd:chunked TOC", toc_bytes.uncompressed_size)
     parsed, _ = verified_parse(
         toc_json,
         expected_toc_digest,
         "stargz zstd:chunked TOC (uncompressed)",
-        lambda data: _finish(toc_bytes, data, expected_toc_digest, FLAVOUR_STARGZ, annotations),
+        lambda data: _finish(toc_bytes, data, expected_toc_digest, FLAVOUR_STARGZ, annotations, limits),
     )
     return parsed
 
@@ -295,6 +300,7 @@ def read_toc(
     expected_toc_digest: str | None,
     max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
     tail_size: int = DEFAULT_TAIL_SIZE,
+    limits: TocLimits = DEFAULT_LIMITS,
 ) -> ZstdChunkedToc:
     """Read a containers/storage zstd:chunked TOC (flavour A), authenticated by its compressed bytes.
 
@@ -308,7 +314,7 @@ def read_toc(
     toc_bytes = _fetch_toc(
         read_at, blob_size, manifest_position(annotations), max_toc_size=max_toc_size, tail_size=tail_size
     )
-    return _read_containers(toc_bytes, expected, annotations, max_toc_size)
+    return _read_containers(toc_bytes, expected, annotations, max_toc_size, limits)
 
 
 def read_stargz_toc(
@@ -319,6 +325,7 @@ def read_stargz_toc(
     expected_toc_digest: str | None,
     max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
     tail_size: int = DEFAULT_TAIL_SIZE,
+    limits: TocLimits = DEFAULT_LIMITS,
 ) -> ZstdChunkedToc:
     """Read a stargz-snapshotter zstdchunked TOC (flavour B), authenticated by its uncompressed JSON.
 
@@ -330,7 +337,7 @@ def read_stargz_toc(
     toc_bytes = _fetch_toc(
         read_at, blob_size, manifest_position(annotations), max_toc_size=max_toc_size, tail_size=tail_size
     )
-    return _read_stargz(toc_bytes, expected, annotations, max_toc_size)
+    return _read_stargz(toc_bytes, expected, annotations, max_toc_size, limits)
 
 
 def read_toc_any(
@@ -341,6 +348,7 @@ def read_toc_any(
     key_digest: str | None = None,
     max_toc_size: int = DEFAULT_MAX_TOC_SIZE,
     tail_size: int = DEFAULT_TAIL_SIZE,
+    limits: TocLimits = DEFAULT_LIMITS,
 ) -> ZstdChunkedToc:
     """Read either flavour, deciding as containers/image does (`GetTOCDigest`).
 
@@ -361,18 +369,18 @@ def read_toc_any(
     if stargz_digest or containers_digest or position:
         toc_bytes = _fetch_toc(read_at, blob_size, position, max_toc_size=max_toc_size, tail_size=tail_size)
         if stargz_digest:
-            return _read_stargz(toc_bytes, key_digest or stargz_digest, annotations, max_toc_size)
+            return _read_stargz(toc_bytes, key_digest or stargz_digest, annotations, max_toc_size, limits)
         expected = key_digest or containers_digest
         if not expected:
             raise UnauthenticatedTocError("zstd:chunked layer has a manifest position but no checksum")
-        return _read_containers(toc_bytes, expected, annotations, max_toc_size)
+        return _read_containers(toc_bytes, expected, annotations, max_toc_size, limits)
     if not key_digest:
         raise UnauthenticatedTocError("zstd:chunked layer without annotations and no TOC digest given")
     toc_bytes = _fetch_toc(read_at, blob_size, None, max_toc_size=max_toc_size, tail_size=tail_size)
     assert toc_bytes.footer is not None
     if toc_bytes.footer.size != LEGACY_FOOTER_SIZE or sha256_digest(toc_bytes.compressed) == key_digest:
-        return _read_containers(toc_bytes, key_digest, annotations, max_toc_size)
-    return _read_stargz(toc_bytes, key_digest, annotations, max_toc_size)
+        return _read_containers(toc_bytes, key_digest, annotations, max_toc_size, limits)
+    return _read_stargz(toc_bytes, key_digest, annotations, max_toc_size, limits)
 
 
 def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
@@ -418,7 +426,7 @@ def read_tar_split(read_at: ReadAt, parsed: ZstdChunkedToc, *, max_size: int = D
     actual = sha256_digest(data)
     if actual != parsed.tar_split_digest:
         raise DigestMismatchError("zstd:chunked tar-split", parsed.tar_split_digest, actual)
-    return _decompress_bounded(data, max_size, "zstd:chunked tar-split")
+    return bytes(_decompress_bounded(data, max_size, "zstd:chunked tar-split", parsed.tar_split_uncompressed_size))
 
 
 from .zstd_chunked_writer import build_zstd_chunked  # noqa: E402  (re-export for `convert`)

@@ -1,14 +1,16 @@
 """Fetching byte ranges of one blob: single flight, coalescing, worker threads, bounded waits.
 
-Knows nothing of chunks or formats: it moves `Extent`s (a key, a byte range, what to do with the
-bytes) from the source into flights. `Layer` decides what to fetch and how to verify it.
+Knows nothing of chunks or formats: it moves planned `Request`s of `Extent`s (a key, a byte range,
+what to do with the bytes) from the source into flights. The `ChunkReader` plans the requests and
+says how to verify what arrives.
 
 Invariants:
 - a key is fetched by at most one flight at a time (`FlightTable`); whoever claims a key lands it,
   with a value or an error, whatever happens (no waiter is ever left without an answer);
 - requests run on worker threads; callers only wait, with a deadline, so a stalled source turns
   into `LayerReadError` after the caller's timeout instead of a hung caller;
-- an extent that reached the cache between planning and sending is not fetched again.
+- an extent that reached the cache between planning and sending is not fetched again, and
+  neither are the bytes it spans: the request is cut there.
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import LayerReadError
 from .flight import Flight, FlightTable
-from .ranges import Extent, Request, coalesce, split_into_batches
+from .ranges import Extent, Request, split_into_batches
 from .scheduler import FetchScheduler
 from .sources import BlobSource
 
@@ -101,8 +103,8 @@ class _StreamLander:
 
 class Fetcher:
     """Ranged reads of one blob for one layer. `max_concurrency` worker threads (created on
-    demand); foreground batches are reported to the shared `FetchScheduler` so background
-    batches of every layer wait for them."""
+    demand); foreground work items report themselves to the shared `FetchScheduler` while they
+    run, so background batches of every layer wait for them."""
 
     def __init__(
         self,
@@ -110,16 +112,12 @@ class Fetcher:
         *,
         name: str,
         max_concurrency: int,
-        coalesce_gap: int,
-        max_request_size: int,
         scheduler: FetchScheduler,
         counters: Counters,
     ) -> None:
         self.source = source
         self.name = name
         self.max_concurrency = max(1, max_concurrency)
-        self.coalesce_gap = coalesce_gap
-        self.max_request_size = max_request_size
         self.scheduler = scheduler
         self.counters = counters
         self.flights = FlightTable()
@@ -132,63 +130,65 @@ class Fetcher:
     def claim(self, keys: Iterable[str]) -> tuple[dict[str, Flight], dict[str, Flight]]:
         return self.flights.claim(keys)
 
-    def dispatch(
-        self,
-        extents: list[Extent],
-        flights: dict[str, Flight],
-        *,
-        max_request_size: int | None = None,
-    ) -> None:
-        """Plan requests for claimed extents and run them on the worker threads (foreground)."""
-        max_size = self.max_request_size if max_request_size is None else max_request_size
-        requests = coalesce(extents, gap=self.coalesce_gap, max_size=max_size)
+    def submit_requests(self, requests: list[Request], flights: dict[str, Flight]) -> None:
+        """Run planned requests for claimed extents on the worker threads (foreground), spread
+        over up to `max_concurrency` `read_ranges` calls."""
         for batch in split_into_batches(requests, self.max_concurrency):
             self.submit(batch, flights)
 
     def submit(self, batch: list[Request], flights: dict[str, Flight]) -> None:
         """Run one batch (one `read_ranges` call) on a worker thread, as foreground work."""
-        with self._active:
-            self._active_batches += 1
-        self.scheduler.foreground_started()
-        try:
-            self._executor.submit(self.run_batch, batch, flights, True)
-        except RuntimeError as e:  # executor shut down: the layer is closing
-            self._foreground_done()
-            err = LayerReadError(f"{self.name}: closed ({e})")
-            for req in batch:
-                for ext in req.extents:
-                    self.flights.finish(ext.key, flights[ext.key], error=err)
+        self._submit_foreground(lambda: self.run_batch(batch, flights, True), batch, flights)
 
     def submit_in_order(self, requests: list[Request], flights: dict[str, Flight]) -> None:
         """Run requests one after the other on one worker thread (each its own `read_ranges`
         call), so a very large region never sits in memory whole."""
-        with self._active:
-            self._active_batches += 1
-        self.scheduler.foreground_started()
 
         def run_all() -> None:
             try:
                 for req in requests:
-                    self.run_batch([req], flights)
+                    self.run_batch([req], flights, True)
             finally:
                 err = LayerReadError(f"fetch of {self.name} abandoned")
                 for req in requests:
                     for ext in req.extents:
                         self.flights.finish(ext.key, flights[ext.key], error=err)
-                self._foreground_done()
+
+        self._submit_foreground(run_all, requests, flights)
+
+    def _submit_foreground(self, work: Callable[[], None], requests: list[Request], flights: dict[str, Flight]) -> None:
+        """Queue `work` for a worker thread as one foreground work item.
+
+        Counts are scoped so none can leak: the scheduler's foreground count is taken by the item
+        when it starts running on its worker and given back in its own `finally` (as the Go
+        store's `DoPrioritizedTask` + `defer Done`), so an item cancelled while queued (`close`)
+        never held it; the item's place in `drain`'s count is given back exactly once, by the item
+        when it ran, or by its future's callback when it was cancelled unrun."""
+        with self._active:
+            self._active_batches += 1
+
+        def item() -> None:
+            try:
+                with self.scheduler.foreground():
+                    work()
+            finally:
+                self._item_ended()
 
         try:
-            self._executor.submit(run_all)
-        except RuntimeError as e:
-            self._foreground_done()
+            future = self._executor.submit(item)
+        except RuntimeError as e:  # executor shut down: the layer is closing
+            self._item_ended()
             err = LayerReadError(f"{self.name}: closed ({e})")
             for req in requests:
                 for ext in req.extents:
                     self.flights.finish(ext.key, flights[ext.key], error=err)
+            return
+        future.add_done_callback(lambda f: self._item_ended() if f.cancelled() else None)
 
     def run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool = False) -> None:
         """Fetch one batch with one `read_ranges` call and land every flight in it. Runs on a
-        worker thread for foreground work, on the caller's thread for background work."""
+        worker thread for foreground work (inside its item's scheduler scope), on the caller's
+        thread for background work (inside its `background_turn`)."""
         all_keys = [ext.key for req in batch for ext in req.extents]
         try:
             live = self._drop_cached(batch, flights)
@@ -204,8 +204,6 @@ class Fetcher:
             err = LayerReadError(f"fetch of {self.name} abandoned")
             for key in all_keys:
                 self.flights.finish(key, flights[key], error=err)  # no-op for landed flights
-            if foreground:
-                self._foreground_done()
 
     def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool) -> None:
         stream = getattr(self.source, "stream_range", None)
@@ -265,20 +263,23 @@ class Fetcher:
 
     def _drop_cached(self, batch: list[Request], flights: dict[str, Flight]) -> list[Request]:
         """Land extents that reached the cache since they were planned (another flight finished
-        between the caller's cache check and its claim); shrink requests to what is left."""
+        between the caller's cache check and its claim); cut each request into the runs of
+        extents left between them, so the bytes of a landed extent are not fetched after all."""
         live: list[Request] = []
         for req in batch:
-            remaining = []
+            runs: list[list[Extent]] = [[]]
             for ext in req.extents:
                 hit = ext.cached() if ext.cached is not None else None
                 if hit is not None:
                     self.flights.finish(ext.key, flights[ext.key], result=hit)
+                    if runs[-1]:
+                        runs.append([])
                 else:
-                    remaining.append(ext)
-            if len(remaining) == len(req.extents):
+                    runs[-1].append(ext)
+            if len(runs) == 1 and len(runs[0]) == len(req.extents):
                 live.append(req)
-            elif remaining:
-                live.append(Request(min(e.start for e in remaining), max(e.end for e in remaining), remaining))
+                continue
+            live.extend(Request(min(e.start for e in run), max(e.end for e in run), run) for run in runs if run)
         return live
 
     def _land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:
@@ -326,8 +327,7 @@ class Fetcher:
         self.flights.fail_all(error)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _foreground_done(self) -> None:
-        self.scheduler.foreground_finished()
+    def _item_ended(self) -> None:
         with self._active:
             self._active_batches -= 1
             self._active.notify_all()

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 from ..cache.chunk_cache import ChunkCache
-from ..cache.blob_cache import BlobRangeCache
 from ..formats.detect import read_layer_toc
 from ..formats.errors import FormatError
 from ..formats.layer_toc import ParsedToc
 from .config import LayerConfig
 from .layer import Layer
+from .policies import LibraryReadahead
 from .scheduler import FetchScheduler
 from .sources import BlobSource
+from .trees import building_trees
 
 if TYPE_CHECKING:
     from ..registry.client import RegistryClient
@@ -53,6 +55,16 @@ EarlyTail = Future
 EARLY_TAIL_WAIT = 10.0
 
 
+class KeptRanges(Protocol):
+    """Where the bytes a TOC was read from are kept between opens (`ChunkCache`'s direct path)."""
+
+    def kept_range(self, blob_digest: str, offset: int, length: int) -> bytes | None: ...
+
+    def keep_range(self, blob_digest: str, offset: int, data: bytes) -> None: ...
+
+    def forget_range(self, blob_digest: str, offset: int, length: int) -> None: ...
+
+
 class TailCachedReadAt:
     """The `read_at` handed to the format readers: the blob's last `tail_size` bytes are fetched
     once, on first use, and serve every read inside them (whichever format is tried); anything
@@ -70,7 +82,7 @@ class TailCachedReadAt:
         blob_size: int,
         tail_size: int,
         *,
-        store: BlobRangeCache | None = None,
+        store: KeptRanges | None = None,
         blob_digest: str | None = None,
         reuse: bool = True,
         early_tail: EarlyTail | None = None,
@@ -119,7 +131,7 @@ class TailCachedReadAt:
 
     def _get(self, offset: int, length: int) -> bytes:
         if self.store is not None and self.reuse:
-            kept = self.store.get_range(self.blob_digest, offset, length)
+            kept = self.store.kept_range(self.blob_digest, offset, length)
             if kept is not None:
                 self.reused.append((offset, length))
                 return kept
@@ -134,7 +146,7 @@ class TailCachedReadAt:
             return
         for offset, data in self.fetched:
             try:
-                self.store.put_range(self.blob_digest, offset, data)
+                self.store.keep_range(self.blob_digest, offset, data)
             except OSError as e:
                 log.warning("cannot keep TOC bytes of %s: %s", self.blob_digest, e)
 
@@ -142,17 +154,22 @@ class TailCachedReadAt:
         """Drop kept ranges that were used (they did not make a valid TOC)."""
         if self.store is not None:
             for offset, length in self.reused:
-                self.store.discard_range(self.blob_digest, offset, length)
+                self.store.forget_range(self.blob_digest, offset, length)
 
 
 class LayerResolver:
     """Opens layers for the daemon. One per daemon; thread-safe (layers of an image are opened
-    in parallel)."""
+    in parallel). Its layers share one `FetchScheduler` (background fetch waits for every
+    layer's reads) and one library readahead worker (`library_worker`; None: the process's)."""
 
-    def __init__(self, client: RegistryClient | None, cache: ChunkCache, config: LayerConfig | None = None) -> None:
+    def __init__(
+        self, client: RegistryClient | None, cache: ChunkCache, config: LayerConfig | None = None,
+        *, library_worker: LibraryReadahead | None = None,
+    ) -> None:
         self.client = client
         self.cache = cache
         self.config = config or LayerConfig()
+        self.library_worker = library_worker
         self.scheduler = FetchScheduler(
             background_slots=self.config.background_slots,
             quiet_period=self.config.background_quiet_period,
@@ -178,38 +195,73 @@ class LayerResolver:
         self, source: BlobSource, descriptor: Mapping, *, key_digest: str | None = None,
         early_tail: EarlyTail | None = None,
     ) -> Layer:
+        try:
+            parsed = self._read_toc(source, descriptor, key_digest, early_tail)
+        except BaseException as e:
+            release_frames(e)
+            raise
+        layer = Layer(source, parsed, descriptor, self.cache, self.config, scheduler=self.scheduler,
+                      library_worker=self.library_worker)
+        layer.start()  # prefetch, background fetch: as the config says
+        return layer
+
+    def _read_toc(
+        self, source: BlobSource, descriptor: Mapping, key_digest: str | None, early_tail: EarlyTail | None
+    ) -> ParsedToc:
+        """The verified TOC, its bytes kept for the next open. Everything it reads and builds
+        (up to the caps: the TOC's bytes, its JSON, the decoded records) lives in this frame
+        and the format readers' below it, which `release_frames` empties when it fails."""
         cfg = self.config
         size = int(descriptor.get("size") or source.size)
         digest = descriptor.get("digest")
-        store = self.cache.blob_cache if cfg.keep_toc_bytes and isinstance(digest, str) else None
+        store = self.cache if cfg.keep_toc_bytes and isinstance(digest, str) else None
+        limits = cfg.toc_limits
 
         def parse(read_at: TailCachedReadAt) -> ParsedToc:
             return read_layer_toc(
-                read_at, size, descriptor, key_digest=key_digest, max_toc_size=cfg.max_toc_size, tail_size=cfg.tail_size
+                read_at, size, descriptor, key_digest=key_digest, max_toc_size=cfg.max_toc_size,
+                tail_size=cfg.tail_size, limits=limits,
             )
 
         read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, early_tail=early_tail)
         try:
-            parsed = parse(read_at)
-        except FormatError:
+            with building_trees():
+                parsed = parse(read_at)
+        except FormatError as e:
             if not (read_at.reused or read_at.early_used):
                 raise
+            release_frames(e)
             # Kept bytes that no longer verify (a damaged cache), or an early tail that did not make
             # a TOC (a mirror's other blob): drop them, ask the source.
             log.warning("layer %s: %s TOC bytes did not verify; fetching them again", digest,
                         "kept" if read_at.reused else "early")
             read_at.forget_reused()
             read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, reuse=False)
-            parsed = parse(read_at)
+            with building_trees():
+                parsed = parse(read_at)
         read_at.persist()
         log.debug(
             "layer %s: %s TOC %s, %d entries, %d request(s), %d kept range(s) reused",
             digest, parsed.format, parsed.toc_digest, len(parsed.toc), read_at.requests, len(read_at.reused),
         )
-        layer = Layer(source, parsed, descriptor, self.cache, cfg, scheduler=self.scheduler)
-        if not cfg.no_prefetch:
-            layer.prefetch(cfg.prefetch_timeout if cfg.prefetch_wait else None)
-        if not cfg.no_background_fetch:
-            self.scheduler.note_activity()
-            layer.start_background_fetch()
-        return layer
+        return parsed
+
+
+def release_frames(error: BaseException) -> None:
+    """Empty the finished frames `error` (and the errors it chains) passed through.
+
+    A refused TOC raises from deep in a reader whose locals hold what it had read and built so
+    far: the compressed TOC, its inflated JSON, decoded records, up to the caps (hundreds of MB).
+    The error outlives the open (a future's result, a negative-cache entry, a traceback cycle
+    the pool's `except` makes), and its traceback would keep all of that resident after every
+    refused lookup. The frames still running (this one's caller and up) are left alone.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        pending += (e.__cause__, e.__context__)

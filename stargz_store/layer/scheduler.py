@@ -10,7 +10,9 @@ from typing import Iterator
 class FetchScheduler:
     """Shared by every layer a resolver opens (a daemon serves many layers from one link).
 
-    On-demand and prefetch fetches report themselves with `foreground_started`/`_finished`; a
+    On-demand and prefetch fetches are counted while they run, by the work item itself on its
+    worker thread (`with scheduler.foreground():`, the only way to count one, so every count is
+    given back however the item ends; a queued item that is cancelled never held one). A
     background batch runs only inside `background_turn`, which waits until no foreground fetch is
     in flight anywhere, none has finished within the last `quiet_period` seconds, and fewer than
     `background_slots` batches are running (the Go store's `max_concurrency` for background tasks
@@ -35,15 +37,19 @@ class FetchScheduler:
         self._background = 0
         self._last_foreground_end = float("-inf")
 
-    def foreground_started(self) -> None:
+    @contextmanager
+    def foreground(self) -> Iterator[None]:
+        """Count one foreground fetch for the duration of the block; given back on every way out
+        of it (return, error)."""
         with self._cond:
             self._foreground += 1
-
-    def foreground_finished(self) -> None:
-        with self._cond:
-            self._foreground -= 1
-            self._last_foreground_end = time.monotonic()
-            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._foreground -= 1
+                self._last_foreground_end = time.monotonic()
+                self._cond.notify_all()
 
     def note_activity(self) -> None:
         """Restart the quiet period without a fetch (a layer was just opened)."""

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,26 @@ def _decode_auth_entry(entry: Any) -> Credentials | None:
     return None if creds.is_empty else creds
 
 
+class _Lookup:
+    """One lookup in progress: the threads asking for the same key meanwhile wait for its result."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Credentials | None = None
+        self.error: BaseException | None = None
+
+
 class CredentialStore:
     """Answers "which credentials for host H (and repository R)?" from files and helpers.
 
     Files are re-read on every lookup miss of the per-host cache; `forget(host)` drops the cache entry
     when a registry rejected what we sent, so an updated auth file is picked up without a restart.
+
+    Thread-safe: fetch threads of many layers ask at once. Each (host, repository) is looked up
+    once until it is forgotten, however many threads ask concurrently (the others wait for that
+    one lookup: a credential helper is a process run, and each run may prompt or rate-limit); a
+    failed lookup is not cached, and is reported to every thread that waited for it. Lookups of
+    different keys run in parallel (the lock is never held during one).
     """
 
     def __init__(self, auth_file: str | None = None, env: dict[str, str] | None = None,
@@ -97,17 +113,45 @@ class CredentialStore:
         self._configured = {_normalize_key(k): v for k, v in (configured or {}).items()}
         explicit = auth_file or self._env.get("REGISTRY_AUTH_FILE")
         self.files = [Path(explicit)] if explicit else default_auth_files(self._env)
+        self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], Credentials | None] = {}
+        self._running: dict[tuple[str, str], _Lookup] = {}
 
     def forget(self, host: str) -> None:
-        for key in [k for k in self._cache if k[0] == host]:
-            del self._cache[key]
+        """Drop what is cached for `host`; a lookup of it still running then answers its waiters
+        but is not cached (it may have read what the registry just rejected)."""
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == host]:
+                del self._cache[key]
+            for key in [k for k in self._running if k[0] == host]:
+                del self._running[key]
 
     def lookup(self, host: str, repository: str = "") -> Credentials | None:
         key = (host, repository)
-        if key not in self._cache:
-            self._cache[key] = self._lookup(host, repository)
-        return self._cache[key]
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+            running = self._running.get(key)
+            if running is None:
+                mine = self._running[key] = _Lookup()
+        if running is not None:
+            running.done.wait()
+            if running.error is not None:
+                raise running.error
+            return running.result
+        try:
+            mine.result = self._lookup(host, repository)
+        except BaseException as e:
+            mine.error = e
+            raise
+        finally:
+            with self._lock:
+                if self._running.get(key) is mine:
+                    del self._running[key]
+                    if mine.error is None:
+                        self._cache[key] = mine.result
+            mine.done.set()
+        return mine.result
 
     def _lookup(self, host: str, repository: str) -> Credentials | None:
         host = _normalize_key(host)

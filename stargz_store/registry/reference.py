@@ -78,6 +78,11 @@ def _check_tag(tag: str) -> None:
         )
 
 
+def is_registry_host(text: str) -> bool:
+    """True for what a reference's registry part may be: `host[:port]`, an IP or `[IPv6][:port]`."""
+    return bool(_DOMAIN_RE.match(text))
+
+
 def normalize_registry(host: str) -> str:
     """`index.docker.io` and `registry-1.docker.io` name Docker Hub: `docker.io`."""
     return DOCKER_HUB if host.lower() in DOCKER_HUB_ALIASES else host

@@ -70,18 +70,6 @@ def test_wrong_length_file_is_a_miss_and_removed(tmp_path):
     assert cache.stats()["bad_files"] == 1
 
 
-def test_verify_on_read_rejects_corrupted_file(tmp_path):
-    data = b"y" * 4096
-    d = digest_of(data)
-    ChunkCache(tmp_path).put(d, data)
-    ChunkCache(tmp_path).path_for(d).write_bytes(b"z" * 4096)
-    trusting = ChunkCache(tmp_path, memory_bytes=0)
-    assert trusting.get(d, len(data)) == b"z" * 4096  # documented: disk entries are trusted by default
-    checking = ChunkCache(tmp_path, memory_bytes=0, verify_on_read=True)
-    assert checking.get(d, len(data)) is None
-    assert not checking.path_for(d).exists()
-
-
 @pytest.mark.parametrize("key", ["", "sha256:abc", "sha512:" + "0" * 64, "sha256:../" + "0" * 61, "0" * 64])
 def test_non_digest_keys_are_refused(tmp_path, key):
     cache = ChunkCache(tmp_path)

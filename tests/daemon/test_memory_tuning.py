@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from stargz_store.daemon import cli
 
@@ -16,7 +15,13 @@ def test_tune_malloc_returns_a_working_trim():
 def test_trimmer_trims_only_after_work(monkeypatch):
     calls: list[float] = []
     cpu = [0.0]
-    monkeypatch.setattr(cli, "_cpu_seconds", lambda: cpu[0])
+    looks = threading.Semaphore(0)
+
+    def cpu_seconds() -> float:
+        looks.release()
+        return cpu[0]
+
+    monkeypatch.setattr(cli, "_cpu_seconds", cpu_seconds)
     done = threading.Event()
 
     def trim() -> int:
@@ -27,10 +32,13 @@ def test_trimmer_trims_only_after_work(monkeypatch):
     trimmer = cli.MemoryTrimmer(trim, interval=0.01)
     trimmer.start()
     try:
-        time.sleep(0.1)
+        # The trimmer reads the CPU time at start and at each check, and a trim decided at a check
+        # happens before the next read: after three reads an idle check was made and acted upon.
+        for _ in range(3):
+            assert looks.acquire(timeout=30)
         assert calls == []  # idle: no CPU used, no trim
         cpu[0] = 1.0
-        assert done.wait(5)
+        assert done.wait(30)
         assert calls[0] == 1.0
     finally:
         trimmer.stop()

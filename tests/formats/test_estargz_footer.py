@@ -1,6 +1,7 @@
 """Footers at byte level (estargz.md §3) and chunk decompression corner cases."""
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import io
@@ -80,6 +81,22 @@ def test_external_toc_footer_is_reported_as_not_lazy():
 def test_bad_footer_fields(corrupt):
     with pytest.raises(BadFooterError):
         parse_footer(corrupt(build_footer(1234)))
+
+
+def test_a_bad_footer_leaves_no_reference_cycle():
+    """The error must not hold the frame that holds the error: such cycles outlive a refused
+    lookup until a full collection, and forever once a later TOC build freezes them."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(3):
+            with pytest.raises(BadFooterError):
+                parse_footer(build_footer(1234)[:32] + b"STARGY" + build_footer(1234)[38:])
+        assert gc.collect() == 0
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_legacy_footer_blob_reads(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from stargz_store.formats.errors import (
+    BadEntryNameError,
     ChunkCoverageError,
     EntryEscapesRootError,
     InvalidTocError,
@@ -19,10 +20,16 @@ D3 = "sha256:" + "3" * 64
 
 @pytest.mark.parametrize(
     "raw, name",
-    [("./a/b/", "a/b"), ("a//b", "a/b"), ("./", ""), (".", ""), ("/", ""), ("a/./b", "a/b"), ("", "")],
+    [("./a/b/", "a/b"), ("./", ""), (".", ""), ("/", ""), ("a/.hidden", "a/.hidden"), ("a/..b", "a/..b"), ("é/x", "é/x")],
 )
 def test_normalize_name(raw, name):
     assert normalize_name(raw) == name
+
+
+@pytest.mark.parametrize("raw", ["a//b", "a/./b", "", "./a//", "././a", "a/.", "a/b//", "f\0.txt", "\0", "a/\0/b"])
+def test_normalize_name_refuses_names_the_kernel_cannot_have(raw):
+    with pytest.raises(BadEntryNameError):
+        normalize_name(raw)
 
 
 @pytest.mark.parametrize("raw", ["../a", "a/../../b", "a/..", "/etc/passwd"])

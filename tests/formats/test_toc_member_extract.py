@@ -8,7 +8,8 @@ import tarfile
 import pytest
 
 from stargz_store.formats.errors import InvalidTocError, TocTooLargeError
-from stargz_store.formats.estargz import _extract_toc_json, _extract_toc_json_direct
+from stargz_store.formats.toc_member import _extract_direct as _extract_toc_json_direct
+from stargz_store.formats.toc_member import extract_toc_json as _extract_toc_json
 from stargz_store.formats.toc import TOC_TAR_NAME
 
 

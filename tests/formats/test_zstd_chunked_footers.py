@@ -17,6 +17,7 @@ from stargz_store.formats import zstd_chunked as z
 from stargz_store.formats.errors import (
     BadFooterError,
     DigestMismatchError,
+    InvalidTocError,
     NotLazyFormatError,
     OutOfBoundsError,
     TocTooLargeError,
@@ -210,16 +211,19 @@ def test_toc_over_the_cap(layer):
         z.read_toc_any(_reader(blob), len(blob), {}, key_digest=result.toc_digest, max_toc_size=size - 1)
 
 
-def test_toc_that_decompresses_past_the_cap_is_stopped():
-    """A position that understates the TOC size cannot make us inflate more than the cap."""
+@pytest.mark.parametrize("declared, error", [(100, "more than the 100 bytes its position declares"),
+                                             (0, "more than the cap of 1048576 bytes")])
+def test_toc_that_decompresses_past_the_cap_is_stopped(declared, error):
+    """A position that understates the TOC size stops the inflation one byte past what it
+    declares; without a declared size, one byte past the cap."""
     bomb = zstandard.ZstdCompressor().compress(b'{"version":1,"entries":[]' + b" " * (4 << 20) + b"}")
     blob = zstandard.ZstdCompressor().compress(bytes(1024)) + z.skippable_frame(bomb)
     offset = len(blob) - len(bomb)
     annotations = {
         ANNOTATION_ZSTD_MANIFEST_CHECKSUM: _sha(bomb),
-        ANNOTATION_ZSTD_MANIFEST_POSITION: f"{offset}:{len(bomb)}:100:1",
+        ANNOTATION_ZSTD_MANIFEST_POSITION: f"{offset}:{len(bomb)}:{declared}:1",
     }
-    with pytest.raises(TocTooLargeError):
+    with pytest.raises(InvalidTocError, match=error):
         z.read_toc_any(_reader(blob), len(blob), annotations, max_toc_size=1 << 20)
 
 

@@ -9,8 +9,6 @@ blob, a config that never comes) changes nothing but the timing.
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 
@@ -20,24 +18,18 @@ from stargz_store.fs.errors import EntryNotFound
 from stargz_store.fs.model import StoreModel
 from stargz_store.registry.errors import NotFoundError
 
+from tests.fixtures.waiting import wait_for
+
 from .layout_source import LayoutClient, LayoutResolver
+from .paths import PathModel
 from .test_model import HOST, b64, config_of, layout_tag, manifest_of, read_all
 
 NAME = "multilayer-esgz"
 
 
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 class GatedClient(LayoutClient):
     """Holds the manifest until `manifest_gate()` is true, the config until `config_gate()` is
-    (or 5 s pass), and remembers whether each gate opened before the timeout."""
+    (or `wait_for`'s bound passes), and remembers whether each gate opened before that."""
 
     def __init__(self, layouts, manifest_gate=lambda: True, config_gate=lambda: True, config_error=None):
         super().__init__(layouts)
@@ -64,7 +56,7 @@ def setup(testdata, tmp_path):
         resolver = LayoutResolver(client, tmp_path / "cache")
         pool = ImagePool(client, resolver, PoolConfig(negative_ttl=60, release_grace=3600), metadata_dir=tmp_path / "pool")
         made.append(pool)
-        return StoreModel(pool), pool, client, resolver
+        return PathModel(StoreModel(pool)), pool, client, resolver
 
     yield make
     for pool in made:
@@ -100,7 +92,7 @@ def test_first_layer_tail_is_fetched_while_the_manifest_is(setup, testdata, ref_
     for d in layers:
         model.getattr(f"/{b64(ref)}/{d['digest']}/diff", caller=ROOT)
     assert all(tail_was_read(resolver, d["digest"]) for d in layers if d["digest"] != first)
-    assert pool._early_tails == {}
+    assert pool.images._early_tails == {}
 
 
 def test_layers_open_while_the_config_is_fetched(setup, testdata):
@@ -154,7 +146,7 @@ def test_a_toc_digest_key_guess_is_dropped(setup, testdata):
     assert model.getattr(f"/{b64(ref)}/{toc_key}/diff", caller=ROOT).mode
     assert resolver.tails_fetched == [toc_key]
     assert tail_was_read(resolver, layers[0]["digest"])
-    assert pool._early_tails == {}
+    assert pool.images._early_tails == {}
 
 
 def test_no_early_tail_for_an_image_known_on_disk(testdata, tmp_path):
@@ -164,7 +156,7 @@ def test_no_early_tail_for_an_image_known_on_disk(testdata, tmp_path):
         resolver = LayoutResolver(client, tmp_path / "cache")
         pool = ImagePool(client, resolver, metadata_dir=tmp_path / "pool")
         try:
-            StoreModel(pool).getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff", caller=ROOT)
+            PathModel(StoreModel(pool)).getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff", caller=ROOT)
             assert resolver.tails_fetched == ([layers[0]["digest"]] if run == 0 else [])
         finally:
             pool.close()

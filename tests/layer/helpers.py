@@ -11,6 +11,8 @@ from pathlib import Path
 from stargz_store.formats.estargz import build_estargz
 from stargz_store.formats.layer_toc import BuildResult
 from stargz_store.layer import FileBlobSource
+from stargz_store.layer.scheduler import FetchScheduler
+from tests.fixtures.waiting import wait_for
 
 
 def make_tar(files: dict[str, bytes], executables: tuple[str, ...] = ()) -> bytes:
@@ -140,3 +142,28 @@ def build_zstd_layer(path: Path, files: dict[str, bytes]) -> BuiltLayer:
     with open(path, "wb") as dst:
         result = build_zstd_chunked(io.BytesIO(make_tar(files)), dst)
     return BuiltLayer(path, result, files)
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    """Wait for a condition the test needs before going on (not a timing assertion)."""
+    if not wait_for(predicate, timeout):
+        raise AssertionError("condition not reached")
+
+
+class WatchedScheduler(FetchScheduler):
+    """The real scheduler, with its "background fetch must wait" answers made observable.
+
+    A test that asserts background fetch did *not* start waits for `refused` (a background batch
+    asked for its turn and was told to wait) instead of sleeping "long enough": once a batch has
+    been refused, it cannot fetch until the scheduler lets it.
+    """
+
+    def __init__(self, background_slots: int = 2, quiet_period: float = 0.0) -> None:
+        super().__init__(background_slots, quiet_period)
+        self.refused = threading.Event()
+
+    def _background_must_wait(self) -> bool:
+        must_wait = super()._background_must_wait()
+        if must_wait:
+            self.refused.set()
+        return must_wait

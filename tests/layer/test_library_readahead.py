@@ -6,18 +6,17 @@ import io
 import random
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
-from stargz_store.daemon.libraries import LibraryReadahead, resolve_in_layers
+from stargz_store.layer.policies.libraries import LibraryReadahead, resolve_in_layers
 from stargz_store.formats.estargz import build_estargz
 from stargz_store.formats.toc import build_toc
 from stargz_store.layer.elf import MULTIARCH, dynamic_info, library_dirs
 
 from .conftest import lazy_config
-from .helpers import BuiltLayer
+from .helpers import BuiltLayer, wait_until
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
 
@@ -106,18 +105,16 @@ def test_reading_a_program_fetches_its_libraries_before_the_loader_asks(tmp_path
         _member("usr", tarfile.DIRTYPE, mode=0o755), _member("usr/bin", tarfile.DIRTYPE, mode=0o755),
         _member("usr/bin/prog", size=len(program), mode=0o755),
     ], {"usr/bin/prog": program})
-    config = lazy_config(executable_fetch_limit=64 << 20)
-    bottom, bottom_src = open_layer(lower, config=config)
-    top, _ = open_layer(upper, config=config)
+    config = lazy_config(library_readahead=True)  # the policy alone
     readahead = LibraryReadahead()
+    bottom, bottom_src = open_layer(lower, config=config, library_worker=readahead)
+    top, _ = open_layer(upper, config=config, library_worker=readahead)
     try:
-        top.on_program_read = lambda layer, entry: readahead.program_read(lambda: [top, bottom], layer, entry)
+        top.attach_image(lambda: [top, bottom])  # as the daemon does once the image's layers are open
         bottom_src.reset_counters()
         prog = top.toc.lookup("usr/bin/prog")
         assert top.read(prog, 0, 4096) == program[:4096]  # what the kernel reads first when it execs
-        deadline = time.monotonic() + 30
-        while readahead.libraries == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: readahead.libraries > 0)  # looked up on a readahead thread
         assert readahead.programs == 1 and readahead.libraries == 1  # libc here; libselinux is not in the image
         assert bottom.drain(30)
         assert bottom_src.calls == 1
@@ -126,5 +123,6 @@ def test_reading_a_program_fetches_its_libraries_before_the_loader_asks(tmp_path
         assert bottom_src.calls == 1  # the loader's read finds it cached
         top.read(prog, 0, 4096)
         assert readahead.programs == 1  # a program is looked at once
+        assert top.stats()["programs_read"] == 1 and bottom.stats()["ahead_chunks"] == len(lib.chunks)
     finally:
         readahead.close()

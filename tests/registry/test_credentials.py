@@ -96,3 +96,111 @@ def test_helper_not_found_and_failing(env, tmp_path):
         store.lookup("a.example")
     assert "SECRET" not in str(info.value)
     assert store.lookup("b.example") is None  # helper missing from PATH: warn, no credentials
+
+
+def _gated_helper(tmp_path, name: str) -> tuple[str, object, object]:
+    """A docker-credential helper that logs each run and answers only once `gate` exists (bounded),
+    so lookups of the tests below overlap for as long as the test wants."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls, gate = tmp_path / f"{name}.calls", tmp_path / f"{name}.gate"
+    helper = bin_dir / f"docker-credential-{name}"
+    helper.write_text(
+        "#!/bin/sh\n"
+        "read host\n"
+        f"echo \"$host\" >> {calls}\n"
+        f"i=0; while [ ! -e {gate} ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done\n"
+        "printf '{\"Username\": \"user-%s\", \"Secret\": \"pw\"}' \"$host\"\n"
+    )
+    helper.chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin", calls, gate
+
+
+def test_concurrent_lookups_run_the_helper_once_per_host(env, tmp_path):
+    """Fetch threads of many layers ask at once: one helper run per host, every thread the answer."""
+    import threading
+
+    hosts = [f"r{i}.example" for i in range(6)]
+    path, calls, gate = _gated_helper(tmp_path, "gated")
+    write(tmp_path / "run/containers/auth.json", {"credHelpers": {h: "gated" for h in hosts}})
+    store = CredentialStore(env={**env, "PATH": path})
+    per_host = 8
+    asked = threading.Semaphore(0)
+    results: list[tuple[str, object]] = []
+
+    def ask(host: str) -> None:
+        asked.release()
+        results.append((host, store.lookup(host, "team/app")))
+
+    threads = [threading.Thread(target=ask, args=(h,)) for h in hosts for _ in range(per_host)]
+    for t in threads:
+        t.start()
+    for _ in threads:  # every thread is about to ask before the first helper may answer
+        assert asked.acquire(timeout=30)
+    gate.touch()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    runs = calls.read_text().split()
+    assert sorted(runs) == sorted(hosts), f"helper runs per host: {[runs.count(h) for h in hosts]}"
+    assert sorted(results, key=lambda r: r[0]) == sorted(
+        ((h, Credentials(f"user-{h}", "pw")) for h in hosts for _ in range(per_host)), key=lambda r: r[0])
+    assert store.lookup(hosts[0], "team/app") == Credentials(f"user-{hosts[0]}", "pw")  # cached: no new run
+    assert len(calls.read_text().split()) == len(hosts)
+
+
+def test_forget_during_a_lookup_does_not_cache_its_answer(env, tmp_path):
+    import threading
+
+    path, calls, gate = _gated_helper(tmp_path, "slow")
+    write(tmp_path / "run/containers/auth.json", {"credHelpers": {"a.example": "slow"}})
+    store = CredentialStore(env={**env, "PATH": path})
+    first = threading.Thread(target=store.lookup, args=("a.example",))
+    first.start()
+    while not calls.exists():  # the helper runs: the lookup is in flight
+        assert first.is_alive()
+        threading.Event().wait(0.01)
+    store.forget("a.example")  # e.g. a 401 for what it is reading
+    gate.touch()
+    first.join(60)
+    assert store.lookup("a.example") == Credentials("user-a.example", "pw")
+    assert calls.read_text().split() == ["a.example", "a.example"]  # asked again after forget
+
+
+def test_a_failed_lookup_reaches_every_waiter_and_is_not_cached(env, tmp_path):
+    import threading
+
+    from stargz_store.registry.errors import CredentialHelperError
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gate, calls = tmp_path / "gate", tmp_path / "calls"
+    helper = bin_dir / "docker-credential-broken"
+    helper.write_text(f"#!/bin/sh\necho run >> {calls}\n"
+                      f"i=0; while [ ! -e {gate} ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done\nexit 3\n")
+    helper.chmod(0o755)
+    write(tmp_path / "run/containers/auth.json", {"credHelpers": {"a.example": "broken"}})
+    store = CredentialStore(env={**env, "PATH": f"{bin_dir}:/usr/bin:/bin"})
+    errors: list[BaseException] = []
+    asked = threading.Semaphore(0)
+
+    def ask() -> None:
+        asked.release()
+        try:
+            store.lookup("a.example")
+        except CredentialHelperError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert asked.acquire(timeout=30)
+    gate.touch()
+    for t in threads:
+        t.join(60)
+    assert len(errors) == 4  # a waiter gets the error, not "no credentials"
+    runs = len(calls.read_text().split())
+    with pytest.raises(CredentialHelperError):
+        store.lookup("a.example")  # not cached: the helper runs again
+    assert len(calls.read_text().split()) == runs + 1

@@ -6,6 +6,7 @@ import pytest
 from stargz_store.registry import RegistryClient, RegistryConfig, parse_reference
 from stargz_store.registry.client import sha256_digest
 from stargz_store.registry.config import HostConfig, MirrorConfig
+from tests.fixtures.answered import AnsweredRequests
 from tests.fixtures.registry import Registry, need_registry_binary
 
 from .imagetools import push_image, random_blob
@@ -20,10 +21,6 @@ def mirror(private_registry, tmp_path):
     reg.stop()
 
 
-def mirror_log_lines(mirror: Registry, needle: str) -> list[str]:
-    return [line for line in mirror.log_path.read_text().splitlines() if '"GET /v2/' in line and needle in line]
-
-
 def test_pull_through_mirror_then_origin(private_registry, mirror):
     origin = private_registry
     ref = parse_reference(f"{origin.host}/mirrored/app:v1")
@@ -34,23 +31,24 @@ def test_pull_through_mirror_then_origin(private_registry, mirror):
 
     config = RegistryConfig(max_retries=1, min_wait=0.01, mirrors={origin.host: [mirror.host]})
     with RegistryClient(config) as client:
+        answered = AnsweredRequests(client)
         assert client.get_manifest(ref).digest == digest
         assert client.read_blob_range(ref, layer_digest, 10, 100) == layer[10:110]
         assert client.read_blob_ranges(ref, layer_digest, [(0, 5), (90_000, 5)]) == [layer[:5], layer[90_000:90_005]]
         assert client.get_blob(ref, layer_digest) == layer
-    manifest_gets = mirror_log_lines(mirror, "/manifests/v1")
-    assert manifest_gets and all(f"ns={origin.host}" in line for line in manifest_gets)
+    manifest_gets = answered.urls("GET", "/manifests/v1")
+    assert manifest_gets and all(f"//{mirror.host}/" in u and f"ns={origin.host}" in u for u in manifest_gets)
     # The first ranged GET is answered 200 with the whole blob (the proxy is still caching it): the
     # client must skip to the offset itself. Three reads, three GETs, none to the origin by the client.
-    blob_gets = mirror_log_lines(mirror, f"/blobs/{layer_digest}")
-    assert len(blob_gets) == 3 and all(f"ns={origin.host}" in line for line in blob_gets)
+    blob_gets = answered.urls("GET", f"/blobs/{layer_digest}")
+    assert len(blob_gets) == 3 and all(f"//{mirror.host}/" in u and f"ns={origin.host}" in u for u in blob_gets)
 
     mirror.stop()
-    before = origin.blob_get_count(layer_digest)
     with RegistryClient(config) as client:
+        answered = AnsweredRequests(client)
         assert client.get_manifest(ref).digest == digest
         assert client.read_blob_range(ref, layer_digest, 10, 100) == layer[10:110]
-    assert origin.blob_get_count(layer_digest) == before + 1
+    assert answered.blob_gets(layer_digest, f"//{origin.host}") == 1
 
 
 def test_mirror_list_order_and_rich_host_config(private_registry, mirror):
@@ -65,7 +63,8 @@ def test_mirror_list_order_and_rich_host_config(private_registry, mirror):
         hosts={origin.host: HostConfig(mirrors=[MirrorConfig(host=mirror.host, headers={"X-Test": "yes"})])},
     )
     with RegistryClient(config) as client:
+        answered = AnsweredRequests(client)
         assert client.get_manifest(ref).digest == digest
         assert client.get_manifest(ref).digest == digest
         assert list(client._mirror_down_until) == ["127.0.0.1:1"], "the dead mirror is skipped for a while"
-    assert len(mirror_log_lines(mirror, "/manifests/v1")) == 2
+    assert len(answered.urls("GET", f"//{mirror.host}/", "/manifests/v1")) == 2

@@ -27,6 +27,7 @@ from stargz_store.registry.errors import (
     UnsupportedManifestError,
 )
 from stargz_store.registry.platforms import host_platform
+from tests.fixtures.answered import AnsweredRequests
 
 from .imagetools import push_image, push_index, random_blob
 
@@ -125,12 +126,12 @@ def test_read_blob_range_returns_exactly_the_bytes(client, repo, blob):
         client.read_blob_range(repo, digest, -1, 10)
 
 
-def test_read_blob_tail_needs_no_size(client, repo, blob, registry):
+def test_read_blob_tail_needs_no_size(client, repo, blob):
     data, digest = blob
-    before = registry.blob_get_count(digest)
+    answered = AnsweredRequests(client)
     assert client.read_blob_tail(repo, digest, 13 << 10) == (len(data) - (13 << 10), len(data), data[-(13 << 10):])
     assert client.read_blob_tail(repo, digest, 1 << 20) == (0, len(data), data)  # shorter blob: all of it
-    assert registry.blob_get_count(digest) == before + 2
+    assert answered.blob_gets(digest) == 2
     with pytest.raises(NotFoundError):
         client.read_blob_tail(repo, "sha256:" + "0" * 64, 100)
     with pytest.raises(ValueError):
@@ -140,20 +141,20 @@ def test_read_blob_tail_needs_no_size(client, repo, blob, registry):
 def test_read_blob_ranges_uses_one_multipart_request(client, repo, blob, registry):
     data, digest = blob
     ranges = [(250_000, 100), (10, 20), (25, 100), (10, 20), (100_000, 50_000), (299_990, 10), (500, 0)]
-    before = registry.blob_get_count(digest)
+    answered = AnsweredRequests(client)
     got = client.read_blob_ranges(repo, digest, ranges)
     assert got == [data[o:o + n] for o, n in ranges]
-    assert registry.blob_get_count(digest) == before + 1
+    assert answered.blob_gets(digest) == 1
     assert registry.host not in client._single_range_hosts
 
 
 def test_single_range_mode_sends_one_request_per_region(repo, blob, registry):
     data, digest = blob
     ranges = [(0, 10), (5, 10), (1000, 10), (200_000, 10)]
-    before = registry.blob_get_count(digest)
     with RegistryClient(RegistryConfig(force_single_range=True)) as client:
+        answered = AnsweredRequests(client)
         assert client.read_blob_ranges(repo, digest, ranges) == [data[o:o + n] for o, n in ranges]
-    assert registry.blob_get_count(digest) == before + 3  # (0,10) and (5,10) merge
+    assert answered.blob_gets(digest) == 3  # (0,10) and (5,10) merge
 
 
 def test_index_platform_selection(client, repo):

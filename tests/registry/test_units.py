@@ -78,7 +78,6 @@ def test_config_from_toml_and_endpoints():
         "resolver": {"request_timeout_sec": 12, "host": {"docker.io": {"mirrors": [
             {"host": "mirror.example.com:5000", "insecure": True, "request_timeout_sec": 3,
              "header": {"X-Foo": "bar", "X-Multi": ["a", "b"]}},
-            {"host": "bad/path"},
         ]}, "quay.io": {"ca_file": "/etc/ca.pem", "header": {"X-Q": "1"}}}},
         "blob": {"max_retries": 7, "min_wait_msec": 50, "max_wait_msec": 2000, "force_single_range_mode": True},
     })
@@ -93,6 +92,9 @@ def test_config_from_toml_and_endpoints():
     [quay] = endpoints_for(cfg, "quay.io")
     assert (quay.verify, quay.default_scheme(), dict(quay.headers)) == ("/etc/ca.pem", "https", {"X-Q": "1"})
     assert [e.host for e in endpoints_for(cfg, "docker.io", pull=False)] == ["registry-1.docker.io"]
+    # config.toml refuses a mirror with a path at start; one given in code is skipped with a warning
+    coded = RegistryConfig(mirrors={"docker.io": ["bad/path", "m.example:5000"]})
+    assert [e.host for e in endpoints_for(coded, "docker.io")] == ["m.example:5000", "registry-1.docker.io"]
 
 
 @pytest.mark.parametrize("host,expected", [

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -287,17 +286,12 @@ def test_link_carries_tcp_into_the_namespace_and_leaves_nothing_behind(tmp_path,
     try:
         server = subprocess.Popen(link_mod.Link.netns_command(
             sys.executable, "-c",
-            "import socket; s = socket.create_server(('%s', 8077)); c, _ = s.accept(); c.sendall(c.recv(5) * 1000)"
-            % link_mod.REGISTRY_ADDRESS))
+            "import socket; s = socket.create_server(('%s', 8077)); print('listening', flush=True); "
+            "c, _ = s.accept(); c.sendall(c.recv(5) * 1000)" % link_mod.REGISTRY_ADDRESS), stdout=subprocess.PIPE)
         rx_before = link.received_bytes()
-        for _ in range(100):
-            try:
-                conn = socket.create_connection((link_mod.REGISTRY_ADDRESS, 8077), timeout=5)
-                break
-            except OSError:
-                threading.Event().wait(0.05)
-        else:
-            pytest.fail("server in the namespace never answered")
+        # the server says when it listens (a connect before that would be refused)
+        assert server.stdout.readline() == b"listening\n", "server in the namespace never listened"
+        conn = socket.create_connection((link_mod.REGISTRY_ADDRESS, 8077), timeout=30)
         with conn:
             conn.sendall(b"hello")
             got = b""
@@ -313,6 +307,7 @@ def test_link_carries_tcp_into_the_namespace_and_leaves_nothing_behind(tmp_path,
         if server is not None:
             server.kill()
             server.wait()
+            server.stdout.close()
         link.down()
         request_cleanup()
     assert not link_mod.netns_exists()

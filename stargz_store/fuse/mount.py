@@ -1,0 +1,168 @@
+"""Getting a `/dev/fuse` connection mounted, and unmounting it.
+
+Two ways, as libfuse does them:
+- as root, `mount(2)` directly with the opened `/dev/fuse` descriptor in the options (`fd=N`);
+- as a user, `fusermount3` mounts (it is setuid) and hands the descriptor back over a unix socket
+  (`_FUSE_COMMFD`, `SCM_RIGHTS`); unmounting is `fusermount3 -u`.
+
+The descriptor is the connection: whoever holds it may serve the mount, in this process or after
+being passed to another (`session.ConnectionState` says how to resume serving it). The mount
+lives until it is unmounted, or until the last holder of the descriptor closes it (then the kernel
+aborts it and leaves a dead mount that answers ENOTCONN: `is_dead_mount`, `unmount`).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+import socket
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MNT_DETACH = 0x2
+FUSERMOUNT = "fusermount3"
+
+
+class MountError(Exception):
+    """The mount could not be made (the message says why, for an operator)."""
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """How to mount. `allow_other` lets other users (podman's processes, the containers) in;
+    `default_permissions` makes the kernel check modes and owners like a local filesystem."""
+
+    mountpoint: str
+    fsname: str = "stargzstore"
+    subtype: str = "stargz-store"
+    allow_other: bool = True
+    default_permissions: bool = True
+    max_read: int = 0  # 0: the kernel's default (max_pages * page size)
+
+    def options(self, fd: int | None, uid: int, gid: int, rootmode: int = 0o40000) -> str:
+        opts = []
+        if fd is not None:
+            opts += [f"fd={fd}", f"rootmode={rootmode:o}", f"user_id={uid}", f"group_id={gid}"]
+        if self.allow_other:
+            opts.append("allow_other")
+        if self.default_permissions:
+            opts.append("default_permissions")
+        if self.max_read:
+            opts.append(f"max_read={self.max_read}")
+        return ",".join(opts)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def open_device() -> int:
+    """A new connection (`/dev/fuse`), close-on-exec; a clear error when FUSE is not usable."""
+    try:
+        return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError("/dev/fuse does not exist: load the fuse module (modprobe fuse)") from None
+    except PermissionError:
+        mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        raise MountError(
+            f"/dev/fuse is not usable by uid {os.getuid()} (mode {mode:04o}): make it 0666 "
+            "(`chmod 0666 /dev/fuse`, as udev does on most distributions)"
+        ) from None
+
+
+def mount(spec: MountSpec) -> int:
+    """Mount a new connection at `spec.mountpoint`; returns its `/dev/fuse` descriptor."""
+    if os.geteuid() == 0:
+        return _mount_as_root(spec)
+    return _mount_with_fusermount(spec)
+
+
+def _mount_as_root(spec: MountSpec) -> int:
+    fd = open_device()
+    source = spec.fsname.encode()
+    fstype = f"fuse.{spec.subtype}".encode() if spec.subtype else b"fuse"
+    data = spec.options(fd, os.getuid(), os.getgid()).encode()
+    libc = _libc()
+    if libc.mount(source, spec.mountpoint.encode(), fstype, ctypes.c_ulong(MS_NOSUID | MS_NODEV), data) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise MountError(f"mount of {spec.mountpoint} failed: {os.strerror(err)}")
+    return fd
+
+
+def _mount_with_fusermount(spec: MountSpec) -> int:
+    """`fusermount3 -o OPTS MOUNTPOINT` with `_FUSE_COMMFD`: it sends the descriptor back."""
+    if shutil.which(FUSERMOUNT) is None:
+        raise MountError(f"{FUSERMOUNT} not found: install the fuse3 package to mount as a user")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        opts = spec.options(None, os.getuid(), os.getgid())
+        opts = ",".join(o for o in (opts, f"fsname={spec.fsname}", f"subtype={spec.subtype}") if o)
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        proc = subprocess.Popen([FUSERMOUNT, "-o", opts, "--", spec.mountpoint], env=env,
+                                pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+        theirs.close()
+        try:
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        except OSError:
+            fds = []
+        _, stderr = proc.communicate(timeout=30)
+        if proc.returncode != 0 or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise MountError(f"{FUSERMOUNT} could not mount {spec.mountpoint}: {stderr.strip() or proc.returncode}")
+        os.set_inheritable(fds[0], False)
+        return fds[0]
+    finally:
+        ours.close()
+        if theirs.fileno() != -1:
+            theirs.close()
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount (root: umount2; a user: fusermount3 -u). Lazy detaches a busy or dead mount."""
+    if os.geteuid() == 0:
+        libc = _libc()
+        if libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+            err = ctypes.get_errno()
+            raise MountError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
+        return
+    args = [FUSERMOUNT, "-u"] + (["-z"] if lazy else []) + ["--", mountpoint]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """`major:minor` of the newest mount at `mountpoint` (from /proc/self/mountinfo), if any."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == target:
+                found = fields[2].decode()
+    return found
+
+
+def _unescape(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040...)."""
+    return field.decode("unicode_escape", "replace")
+
+
+def is_dead_mount(mountpoint: str | Path) -> bool:
+    """True for a FUSE mount whose server is gone (every access answers ENOTCONN)."""
+    try:
+        os.listdir(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False

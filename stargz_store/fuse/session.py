@@ -1,0 +1,637 @@
+"""Serving one FUSE connection: read requests from `/dev/fuse`, call `Operations`, write replies.
+
+Why our own loop instead of libfuse: a connection must be able to outlive the process serving it
+(restart and upgrade of the store under running containers), and libfuse 3.14 cannot resume a
+connection another process initialised (it answers every request with EIO until it has seen an
+INIT, which the kernel sends once per mount). Here the negotiated parameters are a small value
+(`ConnectionState`) that the next process is given with the descriptor; it then serves the same
+mount, and asks the kernel to send again (`FUSE_NOTIFY_RESEND`, Linux 6.9+) whatever its
+predecessor had read but not answered. The same loop gives us FUSE passthrough (Linux 6.9+):
+an OPEN answered with a backing file lets the kernel read that file directly.
+
+Threads: every worker reads the one descriptor (the kernel hands each request to one reader) and
+answers on it; a request that blocks (a fetch from the registry) holds only its worker, and a new
+worker is started when none is idle, up to `max_threads`. Workers wait with `poll` and read
+non-blockingly, so `stop()` takes effect within `POLL_INTERVAL` without losing a request: what a
+worker has read it answers before it checks the flag again. All workers read the same open file
+description (no per-thread clones): requests a dead server had read stay queued on it, where
+`FUSE_NOTIFY_RESEND` finds them, instead of being aborted with the clone's release.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import select
+import threading
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Protocol, Sequence
+
+from . import abi
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.5
+_U64 = (1 << 64) - 1
+
+
+class FuseError(Exception):
+    """Raised by an operation: the request is answered with `errno`."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(code))
+        self.errno = code
+
+
+class StatLike(Protocol):
+    """The attributes a reply needs (`stargz_store.fs.attrs.Attr` has them). `nodeid` is the
+    number the kernel names the node by in later requests; `ino` is what stat(2) shows. They
+    differ when one file is shown at two places that must not be one kernel inode (a directory
+    tree served under two names: the kernel allows a directory one dentry only)."""
+
+    nodeid: int
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int
+
+    @property
+    def blocks(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who asked: the caller's ids as the kernel saw them (in the mount's user namespace)."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenReply:
+    """How a file is opened. `backing_fd`: serve it by passthrough from this file (the session
+    registers it with the kernel and closes it); `keep_cache`: the page cache stays valid across
+    opens (our content never changes)."""
+
+    fh: int = 0
+    keep_cache: bool = True
+    direct_io: bool = False
+    backing_fd: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    """One listing entry; `attr` None lists the name without attributes (the kernel looks it up
+    when it needs it). `offset` is what the kernel hands back to continue after this entry."""
+
+    name: bytes
+    offset: int
+    attr: StatLike | None = None
+    ino: int = 0
+    kind: int = 0  # DT_* type when `attr` is None
+
+
+@dataclass
+class ConnectionState:
+    """What INIT negotiated: enough for another process to serve the connection."""
+
+    proto_minor: int
+    flags: int
+    max_readahead: int
+    max_write: int
+    max_pages: int
+    passthrough: bool
+    no_open: bool = False  # the first OPEN is answered ENOSYS: the kernel then opens files without asking
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ConnectionState:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Cache lifetimes in seconds (our content is immutable: long ones are right)."""
+
+    attr_timeout: float = 3600.0
+    entry_timeout: float = 3600.0
+    negative_timeout: float = 0.0
+    readdirplus: bool = True
+    max_pages: int = 256  # largest READ the kernel sends: 1 MiB
+    max_readahead: int = 0  # 0: what the kernel offers
+    passthrough: bool = False
+    min_threads: int = 2
+    max_threads: int = 64
+    max_write: int = 4096  # we refuse writes; this only sizes the read buffer
+    no_open: bool = False  # files need no OPEN: see `_open` (off when passthrough is on: it needs OPEN)
+    debug: bool = False  # log every request and every error answer (at DEBUG level)
+
+
+class Operations(Protocol):
+    """What the session calls, by inode number (`abi.ROOT_ID` is the root). Every method may raise
+    `FuseError`; any other exception is logged and answered with EIO."""
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> StatLike: ...
+
+    def forget(self, ino: int, nlookup: int) -> None: ...
+
+    def getattr(self, ctx: Context, ino: int) -> StatLike: ...
+
+    def readlink(self, ctx: Context, ino: int) -> bytes: ...
+
+    def open(self, ctx: Context, ino: int, flags: int) -> OpenReply: ...
+
+    def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview: ...
+
+    def release(self, ino: int, fh: int) -> None: ...
+
+    def opendir(self, ctx: Context, ino: int) -> OpenReply: ...
+
+    def readdir(self, ctx: Context, ino: int, fh: int, offset: int) -> Sequence[DirEntry]: ...
+
+    def releasedir(self, ino: int, fh: int) -> None: ...
+
+    def getxattr(self, ctx: Context, ino: int, name: bytes) -> bytes: ...
+
+    def listxattr(self, ctx: Context, ino: int) -> Iterable[bytes]: ...
+
+    def statfs(self, ctx: Context, ino: int) -> tuple[int, int, int]: ...  # (bsize, namelen, frsize)
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int) -> None: ...
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None: ...
+
+    def refuse_write(self, ctx: Context, ino: int, name: bytes | None) -> None: ...
+
+
+def _split_seconds(seconds: float) -> tuple[int, int]:
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1e9)
+
+
+class Session:
+    """One served connection. `state=None`: a fresh mount, INIT is expected first; otherwise the
+    connection was initialised by an earlier process and `state` is what it negotiated."""
+
+    def __init__(self, fd: int, ops: Operations, options: SessionOptions | None = None,
+                 state: ConnectionState | None = None) -> None:
+        self.fd = fd
+        self.ops = ops
+        self.options = options or SessionOptions()
+        self.state = state
+        self.initialized = threading.Event()
+        if state is not None:
+            self.initialized.set()
+        self._stop = threading.Event()
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._idle = 0
+        self._busy = 0
+        self._backing: dict[int, list[int]] = {}  # ino -> [backing id, open files]
+        self._backing_lock = threading.Lock()
+        self._entry_valid = _split_seconds(self.options.entry_timeout)
+        self._attr_valid = _split_seconds(self.options.attr_timeout)
+        self._negative_valid = _split_seconds(self.options.negative_timeout)
+        self._buffer_size = max(abi.MIN_READ_BUFFER, 4096 + self.options.max_write, 64 << 10)
+        self.on_init: Callable[[ConnectionState], None] | None = None
+        self.requests = 0
+        self._handlers: dict[int, Callable[[int, Context, int, memoryview], None]] = self._handler_table()
+        os.set_blocking(fd, False)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until unmounted, aborted or `stop()`ped. Returns once every worker has ended."""
+        with self._lock:
+            for _ in range(max(1, self.options.min_threads)):
+                self._start_worker()
+        self._ended.wait()
+
+    def stop(self) -> None:
+        """Stop reading requests; those being answered are answered first (see `wait_stopped`)."""
+        self._stop.set()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._ended.wait(timeout)
+
+    @property
+    def busy(self) -> int:
+        """Requests being answered right now."""
+        return self._busy
+
+    def _start_worker(self) -> None:
+        self._workers += 1
+        self._idle += 1
+        threading.Thread(target=self._worker, name=f"fuse-{self._workers}", daemon=True).start()
+
+    def _worker(self) -> None:
+        buf = bytearray(self._buffer_size)
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        try:
+            while not self._stop.is_set():
+                try:
+                    ready = poller.poll(POLL_INTERVAL * 1000)
+                    if not ready:
+                        continue
+                    if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                        self._ended_by_kernel("the connection was closed")
+                        return
+                    n = os.readv(self.fd, [buf])
+                except BlockingIOError:
+                    continue  # another worker took the request
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ENOENT:  # the request was interrupted before we read it
+                        continue
+                    if e.errno in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):
+                        self._ended_by_kernel(os.strerror(e.errno))
+                        return
+                    raise
+                with self._lock:
+                    self._idle -= 1
+                    self._busy += 1
+                    if self._idle == 0 and self._workers < self.options.max_threads:
+                        self._start_worker()
+                try:
+                    self._handle(view[:n])
+                finally:
+                    with self._lock:
+                        self._idle += 1
+                        self._busy -= 1
+        except Exception:
+            log.exception("FUSE worker failed")
+        finally:
+            with self._lock:
+                self._workers -= 1
+                self._idle -= 1
+                if self._workers == 0:
+                    self._ended.set()
+
+    def _ended_by_kernel(self, why: str) -> None:
+        if not self._stop.is_set():
+            log.info("FUSE connection ended: %s", why)
+        self._stop.set()
+
+    # -- one request ---------------------------------------------------------------------------
+
+    def _handle(self, request: memoryview) -> None:
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = abi.IN_HEADER.unpack_from(request)
+        self.requests += 1
+        body = request[abi.IN_HEADER.size : length]
+        if extlen:
+            body = body[: len(body) - extlen * 8]
+        handler = self._handlers.get(opcode)
+        if not self.initialized.is_set() and opcode != abi.INIT:
+            self._reply_error(unique, errno.EIO)
+            return
+        if handler is None:
+            self._reply_error(unique, errno.ENOSYS)
+            return
+        if self.options.debug:
+            log.debug("FUSE %s node %d uid %d pid %d", abi.OPCODE_NAMES.get(opcode, opcode), nodeid, uid, pid)
+        try:
+            handler(unique, Context(uid, gid, pid), nodeid, body)
+        except FuseError as e:
+            if self.options.debug:
+                log.debug("FUSE %s node %d: %s", abi.OPCODE_NAMES.get(opcode, opcode), nodeid, errno.errorcode.get(e.errno, e.errno))
+            self._reply_error(unique, e.errno)
+        except Exception:
+            log.exception("FUSE %s on node %d failed", abi.OPCODE_NAMES.get(opcode, opcode), nodeid)
+            self._reply_error(unique, errno.EIO)
+
+    def _reply(self, unique: int, *parts: bytes | memoryview) -> None:
+        total = abi.OUT_HEADER.size + sum(len(p) for p in parts)
+        try:
+            os.writev(self.fd, [abi.OUT_HEADER.pack(total, 0, unique), *parts])
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the caller was interrupted and gave up
+                raise
+
+    def _reply_error(self, unique: int, code: int) -> None:
+        try:
+            os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -code, unique))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+    def _attr(self, a: StatLike) -> bytes:
+        sec, nsec = divmod(a.mtime_ns, 1_000_000_000)
+        sec &= _U64  # times before 1970: the kernel reads the field back as a signed 64-bit number
+        return abi.ATTR.pack(a.ino, a.size, a.blocks, sec, sec, sec, nsec, nsec, nsec,
+                             a.mode, a.nlink, a.uid, a.gid, a.rdev, 4096, 0)
+
+    def _entry(self, a: StatLike) -> bytes:
+        ev, evn = self._entry_valid
+        av, avn = self._attr_valid
+        return abi.ENTRY_OUT_HEAD.pack(a.nodeid, 0, ev, av, evn, avn) + self._attr(a)
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _handler_table(self) -> dict[int, Callable[[int, Context, int, memoryview], None]]:
+        refused = (abi.SETATTR, abi.MKDIR, abi.MKNOD, abi.UNLINK, abi.SYMLINK, abi.LINK, abi.RENAME, abi.RENAME2,
+                   abi.SETXATTR, abi.REMOVEXATTR, abi.WRITE, abi.FALLOCATE, abi.TMPFILE)
+        table = {
+            abi.INIT: self._init,
+            abi.LOOKUP: self._lookup,
+            abi.FORGET: self._forget,
+            abi.BATCH_FORGET: self._batch_forget,
+            abi.GETATTR: self._getattr,
+            abi.READLINK: self._readlink,
+            abi.OPEN: self._open,
+            abi.READ: self._read,
+            abi.RELEASE: self._release,
+            abi.OPENDIR: self._opendir,
+            abi.READDIR: self._readdir,
+            abi.READDIRPLUS: self._readdir,
+            abi.RELEASEDIR: self._releasedir,
+            abi.GETXATTR: self._getxattr,
+            abi.LISTXATTR: self._listxattr,
+            abi.STATFS: self._statfs,
+            abi.CREATE: self._create,
+            abi.RMDIR: self._rmdir,
+            abi.FLUSH: self._enosys,  # the kernel stops sending FLUSH at every close
+            abi.FSYNC: self._ok,
+            abi.FSYNCDIR: self._ok,
+            abi.INTERRUPT: self._no_reply,
+            abi.DESTROY: self._destroy,
+            abi.IOCTL: self._ioctl_unsupported,
+        }
+        for op in refused:
+            table[op] = self._refuse
+        return table
+
+    def _init(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        major, minor, max_readahead, flags = abi.INIT_IN.unpack_from(body)
+        if major != abi.KERNEL_MAJOR:
+            log.error("kernel FUSE protocol %d.%d is not supported", major, minor)
+            self._reply_error(unique, errno.EPROTO)
+            return
+        if minor < abi.OLDEST_MINOR:
+            log.error("kernel FUSE protocol 7.%d is older than 7.%d", minor, abi.OLDEST_MINOR)
+            self._reply_error(unique, errno.EPROTO)
+            return
+        if flags & abi.INIT_EXT and len(body) >= abi.INIT_IN.size + 4:
+            flags |= int.from_bytes(body[abi.INIT_IN.size : abi.INIT_IN.size + 4], "little") << 32
+        opts = self.options
+        want = abi.ASYNC_READ | abi.BIG_WRITES | abi.PARALLEL_DIROPS | abi.MAX_PAGES | abi.CACHE_SYMLINKS
+        want |= abi.ABORT_ERROR | abi.INIT_EXT
+        if opts.readdirplus:
+            want |= abi.DO_READDIRPLUS  # always plus: see `_readdir`
+        passthrough = opts.passthrough and bool(flags & abi.PASSTHROUGH) and minor >= 40
+        if passthrough:
+            want |= abi.PASSTHROUGH
+        elif opts.passthrough:
+            log.warning("FUSE passthrough is not offered by this kernel (protocol 7.%d): reads go through the store",
+                        minor)
+        want &= flags
+        # No OPEN round trip per file: the kernel offers it (NO_OPEN_SUPPORT) and takes an ENOSYS
+        # answer to the first OPEN as "never ask again" (it then keeps the page cache, as
+        # FOPEN_KEEP_CACHE would). Passthrough needs an OPEN per file to hand over its backing file.
+        no_open = opts.no_open and bool(flags & abi.NO_OPEN_SUPPORT) and not passthrough
+        proto_minor = min(minor, abi.KERNEL_MINOR)
+        readahead = min(max_readahead, opts.max_readahead) if opts.max_readahead else max_readahead
+        state = ConnectionState(proto_minor, want, readahead, opts.max_write, opts.max_pages, passthrough, no_open)
+        out = abi.INIT_OUT.pack(
+            abi.KERNEL_MAJOR, proto_minor, readahead, want & 0xFFFFFFFF, 16, 12, opts.max_write, 1,
+            opts.max_pages, 0, want >> 32, 1 if passthrough else 0,
+        )
+        self.state = state
+        self._reply(unique, out)
+        self.initialized.set()
+        log.info("FUSE protocol 7.%d (kernel 7.%d), passthrough %s, no_open %s", proto_minor, minor,
+                 "on" if passthrough else "off", "on" if no_open else "off")
+        if self.on_init is not None:
+            self.on_init(state)
+
+    def _lookup(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        name = bytes(body[:-1]) if body and body[-1] == 0 else bytes(body)
+        try:
+            attr = self.ops.lookup(ctx, nodeid, name)
+        except FuseError as e:
+            if e.errno == errno.ENOENT and self.options.negative_timeout > 0:
+                nv, nvn = self._negative_valid
+                self._reply(unique, abi.ENTRY_OUT_HEAD.pack(0, 0, nv, 0, nvn, 0), bytes(abi.ATTR.size))
+                return
+            raise
+        self._reply(unique, self._entry(attr))
+
+    def _forget(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        (nlookup,) = abi.FORGET_IN.unpack_from(body)
+        self.ops.forget(nodeid, nlookup)
+
+    def _batch_forget(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        count, _ = abi.BATCH_FORGET_IN.unpack_from(body)
+        for i in range(count):
+            ino, nlookup = abi.FORGET_ONE.unpack_from(body, abi.BATCH_FORGET_IN.size + i * abi.FORGET_ONE.size)
+            self.ops.forget(ino, nlookup)
+
+    def _getattr(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        av, avn = self._attr_valid
+        self._reply(unique, abi.ATTR_OUT_HEAD.pack(av, avn, 0), self._attr(self.ops.getattr(ctx, nodeid)))
+
+    def _readlink(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        self._reply(unique, self.ops.readlink(ctx, nodeid))
+
+    def _open(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        flags, _ = abi.OPEN_IN.unpack_from(body)
+        opened = self.ops.open(ctx, nodeid, flags)  # its refusals (EROFS, EACCES...) still answer this open
+        if self.state is not None and self.state.no_open:
+            if opened.backing_fd is not None:
+                os.close(opened.backing_fd)
+            self.ops.release(nodeid, opened.fh)
+            raise FuseError(errno.ENOSYS)  # success, and no OPEN (nor RELEASE) for any later open
+        backing_id = 0
+        open_flags = 0
+        if opened.backing_fd is not None and self.state is not None and self.state.passthrough:
+            backing_id = self._backing_acquire(nodeid, opened.backing_fd)
+        if backing_id:
+            open_flags = abi.FOPEN_PASSTHROUGH  # the kernel refuses KEEP_CACHE with it
+        else:
+            open_flags = (abi.FOPEN_KEEP_CACHE if opened.keep_cache else 0) | (abi.FOPEN_DIRECT_IO if opened.direct_io else 0)
+        if opened.backing_fd is not None:
+            os.close(opened.backing_fd)
+        self._reply(unique, abi.OPEN_OUT.pack(opened.fh, open_flags, backing_id))
+
+    def _backing_acquire(self, ino: int, fd: int) -> int:
+        """A backing id for inode `ino` (one per inode while it has open files: the kernel wants
+        every open of an inode in the same mode)."""
+        with self._backing_lock:
+            held = self._backing.get(ino)
+            if held is not None:
+                held[1] += 1
+                return held[0]
+            try:
+                backing_id = _ioctl(self.fd, abi.DEV_IOC_BACKING_OPEN, abi.BACKING_MAP.pack(fd, 0, 0))
+            except OSError as e:
+                log.warning("passthrough of inode %d refused by the kernel (%s): served by the store", ino, e.strerror)
+                return 0
+            self._backing[ino] = [backing_id, 1]
+            return backing_id
+
+    def _read(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        fh, offset, size = abi.READ_IN.unpack_from(body)[:3]
+        self._reply(unique, self.ops.read(ctx, nodeid, fh, offset, size))
+
+    def _release(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        (fh,) = abi.RELEASE_IN.unpack_from(body)[:1]
+        with self._backing_lock:
+            held = self._backing.get(nodeid)
+            if held is not None:
+                held[1] -= 1
+                if held[1] <= 0:
+                    del self._backing[nodeid]
+                    try:
+                        _ioctl(self.fd, abi.DEV_IOC_BACKING_CLOSE, held[0].to_bytes(4, "little"))
+                    except OSError as e:
+                        log.debug("closing backing id %d: %s", held[0], e.strerror)
+        self.ops.release(nodeid, fh)
+        self._reply(unique)
+
+    def _opendir(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        """`keep_cache`: the kernel may cache the listing across opens (an immutable directory);
+        without it every opendir lists afresh (a directory whose entries come and go)."""
+        opened = self.ops.opendir(ctx, nodeid)
+        flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_CACHE_DIR if opened.keep_cache else 0
+        self._reply(unique, abi.OPEN_OUT.pack(opened.fh, flags, 0))
+
+    def _readdir(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        """READDIR and READDIRPLUS. With plus, an entry that has attributes is sent complete:
+        the kernel makes it a dentry with cached attributes (one LOOKUP saved per file of a walk)
+        and counts it as a lookup, to be forgotten later like one."""
+        fh, offset, size = abi.READ_IN.unpack_from(body)[:3]
+        plus = self.state is not None and bool(self.state.flags & abi.DO_READDIRPLUS)
+        parts: list[bytes] = []
+        used = 0
+        for entry in self.ops.readdir(ctx, nodeid, fh, offset):
+            attr = entry.attr
+            ino = attr.ino if attr is not None else entry.ino
+            kind = (attr.mode >> 12) & 0xF if attr is not None else entry.kind
+            name = entry.name
+            record = abi.DIRENT.pack(ino, entry.offset, len(name), kind) + name
+            record += b"\0" * (-len(record) % 8)
+            if plus:
+                if attr is not None and name not in (b".", b".."):
+                    record = self._entry(attr) + record
+                else:
+                    record = bytes(abi.ENTRY_OUT_HEAD.size + abi.ATTR.size) + record
+            if used + len(record) > size:
+                break
+            parts.append(record)
+            used += len(record)
+        self._reply(unique, b"".join(parts))
+
+    def _releasedir(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        (fh,) = abi.RELEASE_IN.unpack_from(body)[:1]
+        self.ops.releasedir(nodeid, fh)
+        self._reply(unique)
+
+    def _getxattr(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        size, _ = abi.GETXATTR_IN.unpack_from(body)
+        name = bytes(body[abi.GETXATTR_IN.size :]).rstrip(b"\0")
+        value = self.ops.getxattr(ctx, nodeid, name)
+        self._reply_sized(unique, size, value)
+
+    def _listxattr(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        size, _ = abi.GETXATTR_IN.unpack_from(body)
+        names = b"".join(n + b"\0" for n in self.ops.listxattr(ctx, nodeid))
+        self._reply_sized(unique, size, names)
+
+    def _reply_sized(self, unique: int, size: int, value: bytes) -> None:
+        """xattr replies: size 0 asks for the length only; a short buffer is ERANGE."""
+        if size == 0:
+            self._reply(unique, abi.GETXATTR_OUT.pack(len(value), 0))
+        elif len(value) > size:
+            self._reply_error(unique, errno.ERANGE)
+        else:
+            self._reply(unique, value)
+
+    def _statfs(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        bsize, namelen, frsize = self.ops.statfs(ctx, nodeid)
+        self._reply(unique, abi.STATFS_OUT.pack(0, 0, 0, 0, 0, bsize, namelen, frsize, 0))
+
+    def _create(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        flags, mode, _umask, _ = abi.CREATE_IN.unpack_from(body)
+        name = bytes(body[abi.CREATE_IN.size :]).split(b"\0", 1)[0]
+        self.ops.create(ctx, nodeid, name, mode, flags)
+        raise FuseError(errno.EROFS)  # `create` raises its own answer; never create anything
+
+    def _rmdir(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        self.ops.rmdir(ctx, nodeid, bytes(body).split(b"\0", 1)[0])
+        self._reply(unique)
+
+    def _refuse(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        self.ops.refuse_write(ctx, nodeid, None)
+        raise FuseError(errno.EROFS)
+
+    def _ok(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        self._reply(unique)
+
+    def _enosys(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        raise FuseError(errno.ENOSYS)
+
+    def _no_reply(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        """INTERRUPT: our requests are short or bounded by their own timeouts; nothing to do."""
+
+    def _ioctl_unsupported(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        """No ioctl is ours (Python's `open()` asks isatty() of every file: TCGETS lands here)."""
+        raise FuseError(errno.ENOTTY)
+
+    def _destroy(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        self._reply(unique)
+        self._stop.set()
+
+    # -- notifications -------------------------------------------------------------------------
+
+    def notify_resend(self) -> bool:
+        """Ask the kernel to send again every request that was read but not answered (by a
+        process that died or was replaced). True if the kernel supports it (Linux 6.9+)."""
+        try:
+            os.write(self.fd, abi.OUT_HEADER.pack(abi.OUT_HEADER.size, abi.NOTIFY_RESEND, 0))
+        except OSError as e:
+            log.info("FUSE_NOTIFY_RESEND not supported here (%s): requests read by a dead server are lost", e.strerror)
+            return False
+        return True
+
+    def notify_inval_entry(self, parent: int, name: bytes) -> None:
+        """Make the kernel forget name `name` under `parent` (a node that changed meaning)."""
+        payload = abi.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
+        try:
+            os.writev(self.fd, [abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), abi.NOTIFY_INVAL_ENTRY, 0), payload])
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.debug("inval_entry %d/%r: %s", parent, name, e.strerror)
+
+
+def _ioctl(fd: int, request: int, arg: bytes) -> int:
+    """An ioctl whose result is its return value (fcntl.ioctl returns the buffer instead)."""
+    libc = _libc()
+    buf = ctypes.create_string_buffer(arg, len(arg))
+    result = libc.ioctl(fd, ctypes.c_ulong(request), buf)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _LIBC

@@ -1,0 +1,292 @@
+"""The FUSE session against the real kernel: a mounted `MemFS`, read by real system calls."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stargz_store.fuse import MountSpec, Session, SessionOptions, abi, mount, unmount
+from stargz_store.fuse.mount import is_dead_mount, mount_device
+from tests.fixtures.store import private_tmpdir, remove_tmpdir
+from tests.fixtures.waiting import wait_for
+
+from .memfs import MemFS, Node, sample_tree
+
+pytestmark = [pytest.mark.root]
+NOBODY = 65534
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def workdir():
+    base = private_tmpdir("stargz-fuse-test-")
+    base.chmod(0o755)  # other users must be able to reach the mountpoint
+    yield base
+    remove_tmpdir(base)
+
+
+class Mounted:
+    def __init__(self, base: Path, fs: MemFS, options: SessionOptions) -> None:
+        self.path = base / "mnt"
+        self.path.mkdir()
+        self.fs = fs
+        self.fd = mount(MountSpec(str(self.path)))
+        self.session = Session(self.fd, fs, options)
+        self.thread = threading.Thread(target=self.session.serve, daemon=True)
+        self.thread.start()
+        assert self.session.initialized.wait(10)
+
+    def close(self) -> None:
+        if mount_device(str(self.path)) is not None:
+            unmount(str(self.path), lazy=True)
+        assert self.session.wait_stopped(10), "the session did not end after the unmount"
+        os.close(self.fd)
+
+
+@pytest.fixture
+def mounted(workdir):
+    made: list[Mounted] = []
+
+    def make(fs: MemFS | None = None, **options) -> Mounted:
+        m = Mounted(workdir, fs or MemFS(sample_tree()), SessionOptions(**options))
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def as_nobody(code: str) -> subprocess.CompletedProcess:
+    def drop() -> None:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+
+    # Debian's interpreter: ours may live under root's home, which other users cannot enter.
+    return subprocess.run(["/usr/bin/python3", "-c", code], preexec_fn=drop, capture_output=True, text=True,
+                          timeout=30, cwd="/")
+
+
+def test_files_directories_symlinks_and_xattrs_through_the_kernel(mounted):
+    m = mounted()
+    assert (m.path / "hello").read_bytes() == b"hello world\n"
+    assert sorted(os.listdir(m.path)) == ["d0", "d1", "d2", "hello", "link", "opaque", "private", "secret", "slow"]
+    assert os.readlink(m.path / "link") == "hello"
+    assert (m.path / "link").read_bytes() == b"hello world\n"
+    st = os.stat(m.path / "d1" / "f07")
+    assert (st.st_size, st.st_mtime_ns) == (len(b"file 1/7\n"), 1_700_000_000_123_456_789)
+    assert os.getxattr(m.path / "opaque", "user.overlay.opaque") == b"y"
+    assert os.listxattr(m.path / "opaque") == ["user.overlay.opaque"]
+    with pytest.raises(OSError) as e:
+        os.getxattr(m.path / "hello", "user.nothing")
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.path / "missing")
+    assert os.statvfs(m.path).f_namemax == 255
+
+
+def test_writes_are_refused_and_notifications_reach_the_operations(mounted):
+    m = mounted()
+    for attempt in (lambda: os.mkdir(m.path / "new"), lambda: os.unlink(m.path / "hello"),
+                    lambda: os.rename(m.path / "hello", m.path / "bye"), lambda: os.chmod(m.path / "hello", 0o777),
+                    lambda: os.setxattr(m.path / "hello", "user.x", b"1"), lambda: os.symlink("x", m.path / "sym")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    with pytest.raises(FileNotFoundError):  # containers/storage's "use" notification
+        open(m.path / "d0" / "use", "w")
+    assert m.fs.created == [b"use"]
+    with pytest.raises(FileNotFoundError):  # ... and its "release"
+        os.rmdir(m.path / "d0")
+    assert m.fs.removed == [b"d0"]
+
+
+def test_a_listing_brings_attributes_so_opening_every_file_sends_no_lookup(mounted):
+    m = mounted()
+    names = os.listdir(m.path / "d2")
+    lookups = m.fs.calls.get("lookup", 0)
+    for name in names:
+        os.stat(m.path / "d2" / name)
+        (m.path / "d2" / name).read_bytes()
+    assert m.fs.calls.get("lookup", 0) == lookups
+    assert m.fs.calls["read"] >= len(names)
+
+
+def test_the_kernel_enforces_modes_for_other_users(mounted):
+    m = mounted()
+    readable = as_nobody(f"print(open({str(m.path / 'hello')!r}).read(), end='')")
+    assert (readable.returncode, readable.stdout) == (0, "hello world\n"), readable.stderr
+    for path in (m.path / "secret", m.path / "private" / "inner"):
+        denied = as_nobody(f"open({str(path)!r}).read()")
+        assert denied.returncode != 0 and "PermissionError" in denied.stderr, denied.stderr
+    assert m.fs.calls.get("read", 0) == 1  # the refused opens never reached the filesystem
+
+
+def test_a_blocked_read_does_not_hold_up_other_requests(mounted):
+    fs = MemFS(sample_tree())
+    fs.read_gate = threading.Event()
+    m = mounted(fs)
+    result: dict[str, bytes] = {}
+    slow = threading.Thread(target=lambda: result.setdefault("slow", (m.path / "slow").read_bytes()))
+    slow.start()
+    try:
+        for i in range(20):  # served by other workers while one waits
+            assert (m.path / "d0" / f"f{i:02d}").read_bytes() == f"file 0/{i}\n".encode()
+        assert "slow" not in result
+    finally:
+        fs.read_gate.set()
+        slow.join(10)
+    assert result["slow"] == b"slow"
+
+
+def test_an_unmount_ends_the_session(workdir):
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    fd = mount(MountSpec(str(mnt)))
+    session = Session(fd, MemFS(sample_tree()))
+    thread = threading.Thread(target=session.serve, daemon=True)
+    thread.start()
+    assert session.initialized.wait(10)
+    assert (mnt / "hello").read_bytes() == b"hello world\n"
+    unmount(str(mnt))
+    assert session.wait_stopped(10)
+    thread.join(5)
+    assert not thread.is_alive()
+    os.close(fd)
+    assert mount_device(str(mnt)) is None
+
+
+def test_passthrough_serves_reads_from_the_backing_file(mounted, workdir):
+    backing = workdir / "backing.bin"
+    payload = os.urandom(3 << 20)
+    backing.write_bytes(payload)
+    fs = MemFS(sample_tree(str(backing)), passthrough=True)
+    m = mounted(fs, passthrough=True)
+    if not m.session.state.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    assert (m.path / "big").read_bytes() == payload
+    assert (m.path / "big").read_bytes() == payload  # a second open reuses nothing stale
+    assert fs.calls.get("read", 0) == 0, "the kernel read the backing file, not the store"
+    assert fs.calls["open"] == 2
+
+
+def _start_server(fd: int, mode: str, state: str | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "tests.fuse.memfs", str(fd), mode] + ([state] if state else [])
+    return subprocess.Popen(args, pass_fds=[fd], stdout=subprocess.PIPE, text=True, cwd=CHECKOUT)
+
+
+def _event(proc: subprocess.Popen, name: str) -> dict:
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == name:
+            return event
+    raise AssertionError(f"server ended without {name!r}")
+
+
+def test_a_new_process_resumes_the_mount_and_answers_what_a_dead_one_had_read(workdir):
+    """The holder (this test) keeps the descriptor; server A dies holding a READ; server B, given
+    only the descriptor and A's negotiated state, serves the mount and the READ is answered."""
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    fd = mount(MountSpec(str(mnt)))
+    os.set_inheritable(fd, True)
+    servers: list[subprocess.Popen] = []
+    reader = None
+    try:
+        first = _start_server(fd, "crash-on-read")
+        servers.append(first)
+        state = _event(first, "init")["state"]  # the kernel queues INIT when the mount is made
+        assert (mnt / "hello").read_bytes() == b"hello world\n"
+        # A process of its own: this one must hold no file of the mount while it starts servers
+        # (a child closing an inherited FUSE file would wait for a server that is not there yet).
+        reader = subprocess.Popen(["cat", str(mnt / "slow")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _event(first, "dying")
+        assert first.wait(10) == 9
+        second = _start_server(fd, "resume", state)
+        servers.append(second)
+        resumed = _event(second, "resumed")
+        out, err = reader.communicate(timeout=20)
+        if not resumed["resend"]:
+            pytest.skip("kernel without FUSE_NOTIFY_RESEND (Linux < 6.9)")
+        assert (reader.returncode, out, err) == (0, b"slow", b"")
+        assert not is_dead_mount(mnt)  # the holder kept the connection through A's death
+        assert (mnt / "d1" / "f03").read_bytes() == b"file 1/3\n"  # B serves new requests too
+    finally:
+        unmount(str(mnt), lazy=True)  # first: a mount nobody serves would hang whoever touches it
+        os.close(fd)
+        for proc in servers + ([reader] if reader else []):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_a_mount_whose_every_holder_is_gone_is_dead_and_can_be_detached(workdir):
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    fd = mount(MountSpec(str(mnt)))
+    os.close(fd)  # no server, no holder: the kernel aborts the connection
+    deadline = time.monotonic() + 5
+    while not is_dead_mount(mnt) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert is_dead_mount(mnt)
+    unmount(str(mnt), lazy=True)
+    assert mount_device(str(mnt)) is None
+
+
+def test_no_open_the_kernel_asks_for_the_first_open_only(mounted):
+    """With `no_open` the first OPEN is declined (ENOSYS, after the filesystem had its say): the
+    kernel then opens every file without asking and reads name the node, with no handle."""
+    m = mounted(no_open=True)
+    if not m.session.state.no_open:
+        pytest.skip("this kernel does not offer FUSE no_open")
+    for _ in range(3):
+        assert (m.path / "hello").read_bytes() == b"hello world\n"
+    assert (m.path / "d0" / "f01").read_bytes() == b"file 0/1\n"
+    assert m.fs.calls["open"] == 1 and m.fs.calls["release"] == 1  # the declined one, released at once
+    assert m.fs.calls["read"] >= 2
+
+
+def test_times_before_1970_reach_the_kernel(workdir, mounted):
+    nodes = sample_tree()
+    old = dataclasses.replace(nodes[2], mtime_ns=-86_400_000_000_000 + 5)  # "hello": a day before the epoch
+    nodes[2] = old
+    m = mounted(MemFS(nodes))
+    assert os.stat(m.path / "hello").st_mtime_ns == old.mtime_ns
+    assert os.listdir(m.path)  # a listing with full attributes carries it too
+
+
+def test_a_directory_that_may_change_is_listed_afresh(mounted):
+    """`opendir` without keep_cache: a name added later is in the next listing (the store's own
+    directories); with it, the kernel may serve the next listing from its cache."""
+    fs = MemFS(sample_tree())
+    fs.cache_listings = False
+    m = mounted(fs)
+    assert "late" not in os.listdir(m.path / "d0")
+    d0 = fs.nodes[abi.ROOT_ID].children[b"d0"]
+    fs.nodes[9000] = Node(9000, stat.S_IFREG | 0o644, size=1, data=b"x")
+    fs.nodes[d0].children[b"late"] = 9000
+    assert "late" in os.listdir(m.path / "d0")
+
+
+def test_an_invalidated_entry_is_forgotten_by_the_kernel(mounted):
+    """`notify_inval_entry` (sent from outside any request: the kernel holds the parent locked
+    while it waits for an answer) makes the kernel drop the name and FORGET its node."""
+    m = mounted()
+    hello = m.fs.nodes[abi.ROOT_ID].children[b"hello"]
+    os.stat(m.path / "hello")
+    assert m.fs.forgotten.get(hello, 0) == 0
+    m.session.notify_inval_entry(abi.ROOT_ID, b"hello")
+    assert wait_for(lambda: m.fs.forgotten.get(hello, 0) == 1)
+    lookups = m.fs.calls["lookup"]
+    os.stat(m.path / "hello")  # looked up anew
+    assert m.fs.calls["lookup"] == lookups + 1
