@@ -72,7 +72,7 @@ class StoreConfig:
     layer: LayerConfig = field(default_factory=LayerConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     mount: MountOptions = field(default_factory=MountOptions)
-    memory_cache_bytes: int = 64 << 20
+    memory_cache_bytes: int = 16 << 20  # see config.toml: the kernel's page cache keeps what was read
     log_file_access: bool = False
 
 
