@@ -345,3 +345,13 @@ def test_built_layout_converts_and_needed_bytes_count_only_recorded_files(tmp_pa
     assert needed is not None and 0 < needed < blob_size // 10  # the random 3 MiB file is not counted
     record.write_record(["app/small.txt", "app/big.bin"], record_path)
     assert needed_bytes(partial(oci_blob_path, dst), manifest, record_path) > needed + (3 << 20) * 0.99
+
+
+def test_replay_runs_the_variants_read_path_without_what_needs_a_running_image():
+    from benchmarks.startup import replay, variants
+
+    default = replay.layer_config(variants.builtin(variants.DEFAULT))
+    assert default.enabled_policies() == ("neighbour", "executable", "small_layer", "reads_hold_background")
+    baseline = replay.layer_config(variants.builtin(variants.BASELINE))
+    assert baseline.fetch_policy == "baseline" and baseline.max_concurrency == 2
+    assert baseline.enabled_policies() == () and baseline.fetch_block_size == 50_000
