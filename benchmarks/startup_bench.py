@@ -1,12 +1,16 @@
-"""Container start time, lazy against full pull, on a shaped link (HelloBench method; issue 6).
+"""Container start time, lazy against full pull, on a shaped link (HelloBench method; issues 6 and 13).
 
-    python -m benchmarks startup                      # 5 runs, 100 Mbit/s, 20 ms RTT
-    python -m benchmarks startup --runs 1 --images bigdata --modes legacy,estargz
+    python -m benchmarks startup                      # 5 runs, 100 Mbit/s, 20 ms RTT, whole corpus
+    python -m benchmarks startup --runs 1 --images held-out --modes legacy,estargz
+    python -m benchmarks startup --images java,node --configs default
     python -m benchmarks.startup_bench --link both --rate-mbit 50 --rtt-ms 40
 
-For each image (python, toolchain, bigdata) and mode (legacy, estargz-noopt,
+For each image of the corpus (benchmarks/startup/corpus.py: the tuning set python,
+toolchain, bigdata and the held-out workloads) and mode (legacy, estargz-noopt,
 estargz, warm) it measures pull, create and run-to-first-output seconds, the
-bytes that came from the registry, and the store's CPU seconds and peak RSS.
+bytes that came from the registry, and the store's CPU seconds and peak RSS; the
+lazy modes run once per store variant (--configs: our defaults and a Go-like
+baseline, side by side in the table).
 The registry runs in a network namespace behind a user-space link emulator
 (benchmarks/startup/linkemu.py); everything it sets up is removed at the end,
 on failure and on SIGINT/SIGTERM, and a crashed run's leftovers are swept at the
@@ -14,8 +18,8 @@ next start. Needs root, podman, runc, skopeo, docker-registry, strace, and
 Debian package lists (the images are built from .debs, cached in --cache-dir).
 Results: a Markdown table on stdout and in benchmarks/results/startup-*.md,
 the raw runs in startup-*.json, the chart in startup-*.png (needs matplotlib).
-STARGZ_BENCH_EXTRA_CONFIG (TOML text) is appended to the store's config.toml, to
-compare settings, e.g. $'[store]\nneighbour_fetch_kb = 0\n'.
+STARGZ_BENCH_EXTRA_CONFIG (TOML text) is merged into the store's config.toml of
+every variant (a variant's own keys win), e.g. $'[store]\nneighbour_fetch_kb = 0\n'.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.startup import images as images_mod
-from benchmarks.startup import leftovers, link as link_mod, podman, report, runner
+from benchmarks.startup import corpus, images as images_mod
+from benchmarks.startup import leftovers, link as link_mod, podman, report, runner, variants
 from benchmarks.startup.fill import PROBE_REPO, fill
 from benchmarks.startup.needed import manifest_from_storage, needed_bytes, registry_blob_path
 from benchmarks.startup.registry import Registry, free_port
@@ -81,8 +85,13 @@ def _raise_exit(signum, frame):  # noqa: ARG001 - signal handler signature
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks startup", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5, help="measured runs per image and mode (default 5)")
-    p.add_argument("--images", default=",".join(images_mod.RECIPES), help="comma-separated (default: all)")
+    p.add_argument("--images", default="all",
+                   help="comma-separated image names or groups: tuning, held-out, all (default: all)")
     p.add_argument("--modes", default=",".join(runner.MODES), help="comma-separated (default: all)")
+    p.add_argument("--configs", default=f"{variants.DEFAULT},{variants.BASELINE}",
+                   help="store variants of the lazy modes, one column each, the first the one compared: "
+                        f"{variants.DEFAULT}, {variants.BASELINE}, {variants.BASELINE_KNOBS} or NAME=FILE.toml "
+                        f"(default: {variants.DEFAULT},{variants.BASELINE})")
     p.add_argument("--link", choices=("shaped", "unshaped", "both"), default="shaped")
     p.add_argument("--rate-mbit", type=float, default=100.0, help="shaped link rate per direction (default 100)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="shaped link round-trip time (default 20)")
@@ -93,11 +102,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only redraw the table and chart of an earlier startup-*.json (no root needed)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    args.images = [i for i in args.images.split(",") if i]
+    groups = {"all": tuple(corpus.RECIPES), "tuning": corpus.TUNING, "held-out": corpus.HELD_OUT}
+    wanted = [name for item in args.images.split(",") if item for name in groups.get(item, (item,))]
+    args.images = list(dict.fromkeys(wanted))
     args.modes = [m for m in args.modes.split(",") if m]
     for name in args.images:
-        if name not in images_mod.RECIPES:
-            p.error(f"unknown image {name!r}; known: {', '.join(images_mod.RECIPES)}")
+        if name not in corpus.RECIPES:
+            p.error(f"unknown image {name!r}; known: {', '.join(corpus.RECIPES)} or {', '.join(groups)}")
+    try:
+        args.variants = [variants.parse(spec) for spec in args.configs.split(",") if spec]
+        variants.extra_settings()
+    except variants.VariantError as e:
+        p.error(str(e))
+    if not args.variants:
+        p.error("--configs names no store variant")
+    if len({v.name for v in args.variants}) < len(args.variants):
+        p.error("--configs names a variant twice")
     for mode in args.modes:
         if mode not in runner.MODES:
             p.error(f"unknown mode {mode!r}; known: {', '.join(runner.MODES)}")
@@ -202,12 +222,15 @@ def run_link(kind: str, args: argparse.Namespace, built: list[images_mod.BuiltIm
     for run in range(1, args.runs + 1):
         for image in args.images:
             for mode in args.modes:
-                r = runner.measure(envs, image, mode, run, markers[image], run_dir)
-                status = "ok" if r.ok else f"FAILED: {r.error[:300]}"
-                print(f"  [{kind}] {image:9} {mode:13} run {run}: pull {r.pull_s:6.2f}  create {r.create_s:5.2f}  "
-                      f"run {r.run_s:5.2f}  total {r.total_s:6.2f} s  "
-                      f"{r.link_bytes_first_output / 1e6:7.1f} MB @1st output  {status}", flush=True)
-                results.append(r.to_json())
+                for variant in (args.variants if mode in runner.LAZY_MODES else [None]):
+                    r = runner.measure(envs, image, mode, run, markers[image], run_dir, variant)
+                    status = "ok" if r.ok else f"FAILED: {r.error[:300]}"
+                    rss = f"  RSS {r.daemon_peak_rss_bytes / 1e6:4.0f} MB" if r.daemon_peak_rss_bytes else ""
+                    print(f"  [{kind}] {image:9} {mode:13} {r.config:14} run {run}: pull {r.pull_s:6.2f}  "
+                          f"create {r.create_s:5.2f}  run {r.run_s:5.2f}  total {r.total_s:6.2f} s  "
+                          f"{r.link_bytes_first_output / 1e6:7.1f} MB, {r.registry_blob_gets_first_output:4d} GETs "
+                          f"@1st output{rss}  (prepared in {r.prepare_s:.1f} s)  {status}", flush=True)
+                    results.append(r.to_json())
     emulator_cpu = link.emulator_cpu_seconds()
     store.stop()
     podman.cleanup(plain_env)
@@ -253,8 +276,8 @@ def run_all(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True)
         built = []
         for name in args.images:
-            image = images_mod.build(images_mod.RECIPES[name], args.cache_dir)
-            print(f"image {name}: {image.uncompressed_bytes / 1e6:.0f} MB uncompressed, "
+            image = images_mod.build(corpus.RECIPES[name], args.cache_dir, corpus.HOOKS)
+            print(f"image {name} ({image.group}): {image.uncompressed_bytes / 1e6:.0f} MB uncompressed, "
                   f"{image.compressed_bytes / 1e6:.0f} MB gzip, {len(image.layers)} layers, "
                   f"{image.record_paths} recorded paths", flush=True)
             built.append(image)
@@ -280,8 +303,11 @@ def run_all(args: argparse.Namespace) -> int:
 
 
 def write_results(args, started: str, built, filled: dict, links: list[dict], results: list[dict]) -> int:
-    doc = {"started": started, "args": {k: str(v) for k, v in vars(args).items()},
+    doc = {"started": started, "args": {k: str(v) for k, v in vars(args).items() if k != "variants"},
            "machine": machine_description(), "links": links, "images": [b.to_json() for b in built],
+           "groups": {group: [b.name for b in built if b.group == group] for group in images_mod.GROUPS},
+           "store_configs": [v.to_json() for v in args.variants],
+           "extra_config": os.environ.get(variants.EXTRA_CONFIG_ENV, ""),
            "registry": filled, "runs": results}
     render(doc, args.results_dir)
     return 1 if any(not r["ok"] for r in results) else 0
@@ -290,8 +316,13 @@ def write_results(args, started: str, built, filled: dict, links: list[dict], re
 def render(doc: dict, results_dir: Path) -> None:
     """Table (stdout and .md), JSON and chart of one benchmark document, as `startup-<time>` and `startup-latest`."""
     results = doc["runs"]
-    summaries = report.summarize(results, doc["registry"].get("needed_bytes"))
+    # a document from before the corpus had no groups: take them from today's recipes
+    groups = {image: group for group, names in doc.get("groups", {}).items() for image in names} or \
+        {name: recipe.group for name, recipe in corpus.RECIPES.items()}
+    summaries = report.summarize(results, doc["registry"].get("needed_bytes"), groups)
     doc["summary"] = [s.to_json() for s in summaries]
+    doc["group_verdicts"] = {link["kind"]: {group: report.group_verdicts(summaries, link["kind"], group)
+                                            for group in images_mod.GROUPS} for link in doc["links"]}
     shaped = next((l for l in doc["links"] if l["kind"] == "shaped"), None)
     # the Go reference was taken at 100 Mbit/s, 20 ms only
     reference_link = "shaped" if shaped and (shaped["spec"]["rate_mbit"], shaped["spec"]["rtt_ms"]) == (100, 20) else ""
@@ -303,11 +334,14 @@ def render(doc: dict, results_dir: Path) -> None:
     image_lines = "\n".join(
         f"- {b['name']}: {sum(x['tar_size'] for x in b['layers']) / 1e6:.0f} MB uncompressed, "
         f"{sum(x['size'] for x in b['layers']) / 1e6:.0f} MB gzip ({len(b['layers'])} layers), "
-        f"{b['record_paths']} recorded paths" for b in doc["images"])
+        f"{b['record_paths']} recorded paths ({groups.get(b['name'], 'held-out')})" for b in doc["images"])
+    variant_lines = "".join(f"\n- store variant {v['name']}: {v['description']}" for v in doc.get("store_configs", []))
+    if doc.get("extra_config"):
+        variant_lines += f"\n- {variants.EXTRA_CONFIG_ENV} (every variant): {doc['extra_config']!r}"
     header = (f"Startup benchmark {doc['started']}: {runs} run(s) per cell, the median run shown; "
               f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
               f"kernel {machine['kernel']}, Debian {machine['debian']}, {machine['podman']}.")
-    text = f"{header}\n\n{link_lines}\n{image_lines}\n\n{table}\n"
+    text = f"{header}\n\n{link_lines}\n{image_lines}{variant_lines}\n\n{table}"
     print("\n" + text, flush=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = doc["started"].replace(":", "").replace("-", "")

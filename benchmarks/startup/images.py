@@ -1,103 +1,45 @@
-"""The benchmark images: what is in them, what their workload does, and building them once into a cache.
+"""Building the benchmark images once into a cache: the recipe types and the builder.
 
 Each image is built layer by layer in one growing root filesystem, the way a
 Dockerfile build works: a layer holds what its step added or changed. Its
 workload is the image's default command; `marker` is a string its first output
-line must contain. A build is keyed by the resolved package versions and the
-recipe, so a rerun with the same Debian lists reuses the cached image.
+line must contain. A build is keyed by the resolved package versions, the recipe,
+the code of its hooks and the workload files it copies in, so a rerun with the
+same Debian lists reuses the cached image. What the images are: corpus.py.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import shutil
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from . import oci, rootfs
 from .record import build_record, write_record
 
 log = logging.getLogger(__name__)
 
-BUILD_FORMAT = 3  # bump when the builder changes what it writes
+BUILD_FORMAT = 4  # bump when the builder changes what it writes
 TAG = "latest"
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BUSYBOX_APPLETS = ("sh", "cat", "ls", "echo", "env", "mkdir", "rm", "sleep")
+WORKLOADS_DIR = Path(__file__).resolve().parent / "workloads"
+GROUPS = ("tuning", "held-out")  # what the fetch heuristics were designed on, and what they were not
 
-HELLO_C = b'#include <stdio.h>\nint main(void) { printf("hello, world\\n"); return 0; }\n'
-PYTHON_WORKLOAD = (
-    "import json, sqlite3, decimal, email.parser, numpy, yaml, requests, jinja2; "
-    "print('hello from python', numpy.__version__, flush=True)"
-)
-FILLER_FILES = 50
-FILLER_FILE_SIZE = 10 * 1024 * 1024
-
-
-def _skeleton(root: Path) -> None:
-    """What base-files and busybox's postinst would provide: directories, users, a shell."""
-    for d in ("bin", "dev", "etc", "proc", "root", "sys", "tmp", "usr/bin", "var/tmp"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    os.chmod(root / "tmp", 0o1777)
-    os.chmod(root / "var/tmp", 0o1777)
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
-    (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    for applet in BUSYBOX_APPLETS:
-        link = root / "bin" / applet
-        if not link.exists() and not link.is_symlink():
-            link.symlink_to("busybox")
-
-
-def _blas_alternatives(root: Path) -> None:
-    """The libblas.so.3/liblapack.so.3 links update-alternatives would make (numpy needs them)."""
-    libdir = root / "usr/lib/x86_64-linux-gnu"
-    for sub in ("blas", "lapack"):
-        for lib in sorted((libdir / sub).glob("lib*.so.3")):
-            link = libdir / lib.name
-            if not link.exists() and not link.is_symlink():
-                link.symlink_to(f"{sub}/{lib.name}")
-
-
-def _compile_python(root: Path) -> None:
-    """Byte-compile what py3compile would at install time, so the workload does not compile at start."""
-    dirs = [d for d in ("usr/lib/python3.11", "usr/lib/python3/dist-packages") if (root / d).is_dir()]
-    rootfs.chroot_run(root, ["python3", "-m", "compileall", "-q", "-j", "2", *(f"/{d}" for d in dirs)],
-                      {"PATH": IMAGE_PATH}, check=False)
-
-
-def _hello_source(root: Path) -> None:
-    (root / "src").mkdir(exist_ok=True)
-    (root / "src/hello.c").write_bytes(HELLO_C)
-
-
-def _filler(root: Path) -> None:
-    """500 MB of random (incompressible) data the workload never reads, then the one small file it does."""
-    data = root / "data"
-    (data / "filler").mkdir(parents=True, exist_ok=True)
-    for i in range(FILLER_FILES):
-        with open(data / "filler" / f"part-{i:03d}.bin", "wb") as f:
-            for _ in range(FILLER_FILE_SIZE // (1 << 20)):
-                f.write(os.urandom(1 << 20))
-    (data / "hello.txt").write_text("hello from bigdata\n")
-
-
-HOOKS: dict[str, Callable[[Path], None]] = {
-    "skeleton": _skeleton,
-    "blas_alternatives": _blas_alternatives,
-    "compile_python": _compile_python,
-    "hello_source": _hello_source,
-    "filler": _filler,
-}
+Hook = Callable[[Path], None]  # runs on the build tree after a step's packages and files are in
 
 
 @dataclass(frozen=True)
 class LayerStep:
-    """One layer: packages whose closure (minus earlier layers') it adds, then hooks run on the tree."""
+    """One layer: packages whose closure (minus earlier layers') it adds, workload files copied in
+    (a directory under workloads/ and where it goes in the image), then hooks run on the tree."""
 
     packages: tuple[str, ...] = ()
     hooks: tuple[str, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,41 +49,8 @@ class ImageRecipe:
     steps: tuple[LayerStep, ...]
     cmd: tuple[str, ...]
     marker: str  # the first output line contains it
+    group: str = "held-out"  # "tuning": the fetch heuristics were designed and measured on it
     env: tuple[str, ...] = (f"PATH={IMAGE_PATH}",)
-
-
-BASE = LayerStep(("libc6", "busybox-static"), ("skeleton",))
-
-RECIPES: dict[str, ImageRecipe] = {
-    "python": ImageRecipe(
-        name="python",
-        description="python3.11 + stdlib + numpy, scipy, pandas, sympy, django, ... (imports a few modules)",
-        steps=(
-            BASE,
-            LayerStep(("python3",), ("compile_python",)),
-            LayerStep(("python3-numpy", "python3-scipy", "python3-pandas", "python3-sympy", "python3-yaml",
-                       "python3-requests", "python3-jinja2", "python3-lxml", "python3-babel", "python3-django",
-                       "python3-cryptography", "python3-sqlalchemy", "python3-setuptools"),
-                      ("blas_alternatives", "compile_python")),
-        ),
-        cmd=("python3", "-c", PYTHON_WORKLOAD),
-        marker="hello from python",
-    ),
-    "toolchain": ImageRecipe(
-        name="toolchain",
-        description="gcc 12 + binutils + libc headers (compiles and runs hello world)",
-        steps=(BASE, LayerStep(("gcc", "libc6-dev"), ("hello_source",))),
-        cmd=("/bin/sh", "-c", "gcc -O2 -o /tmp/hello /src/hello.c && /tmp/hello"),
-        marker="hello, world",
-    ),
-    "bigdata": ImageRecipe(
-        name="bigdata",
-        description="busybox-static + 500 MB incompressible filler (reads one small file)",
-        steps=(LayerStep(("busybox-static",), ("skeleton",)), LayerStep((), ("filler",))),
-        cmd=("/bin/cat", "/data/hello.txt"),
-        marker="hello from bigdata",
-    ),
-}
 
 
 @dataclass
@@ -156,6 +65,7 @@ class BuiltImage:
     manifest_digest: str
     layers: list[dict] = field(default_factory=list)  # LayerBlob fields
     record_paths: int = 0
+    group: str = "held-out"
 
     @property
     def uncompressed_bytes(self) -> int:
@@ -190,22 +100,60 @@ def _step_packages(recipe: ImageRecipe) -> list[list[rootfs.Package]]:
     return per_step
 
 
-def _key(recipe: ImageRecipe, per_step: list[list[rootfs.Package]]) -> str:
-    doc = {"format": BUILD_FORMAT, "recipe": asdict(recipe), "packages": [[asdict(p) for p in s] for s in per_step],
-           "hooks": {name: HOOKS[name].__code__.co_code.hex() for step in recipe.steps for name in step.hooks}}
+def _code_fingerprint(code: types.CodeType, namespace: Mapping[str, object]) -> list[str]:
+    """What decides a hook's effect: its bytecode, its constants (nested functions too) and the plain
+    module-level values it names (a workload string, a file size), so editing any of them rebuilds."""
+    parts = [code.co_code.hex()]
+    for const in code.co_consts:
+        parts += _code_fingerprint(const, namespace) if isinstance(const, types.CodeType) else [repr(const)]
+    for name in code.co_names:
+        value = namespace.get(name)
+        if isinstance(value, (str, bytes, int, float, tuple, frozenset)):
+            parts.append(f"{name}={value!r}")
+    return parts
+
+
+def hook_fingerprint(hook: Hook) -> str:
+    parts = _code_fingerprint(hook.__code__, hook.__globals__)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def files_fingerprint(source: str) -> str:
+    """Every file under workloads/`source`, by relative path and content."""
+    h = hashlib.sha256()
+    base = WORKLOADS_DIR / source
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(base)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _key(recipe: ImageRecipe, per_step: list[list[rootfs.Package]], hooks: Mapping[str, Hook]) -> str:
+    content = {k: v for k, v in asdict(recipe).items() if k != "group"}  # the group is a label, not content
+    doc = {"format": BUILD_FORMAT, "recipe": content, "packages": [[asdict(p) for p in s] for s in per_step],
+           "hooks": {name: hook_fingerprint(hooks[name]) for step in recipe.steps for name in step.hooks},
+           "files": {source: files_fingerprint(source) for step in recipe.steps for source, _ in step.files}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build(recipe: ImageRecipe, cache_dir: Path) -> BuiltImage:
-    """The image of `recipe`, from the cache when its key matches, else built (minutes; network for .debs)."""
+def _copy_files(root: Path, files: tuple[tuple[str, str], ...]) -> None:
+    for source, destination in files:
+        shutil.copytree(WORKLOADS_DIR / source, root / destination.lstrip("/"), dirs_exist_ok=True)
+
+
+def build(recipe: ImageRecipe, cache_dir: Path, hooks: Mapping[str, Hook]) -> BuiltImage:
+    """The image of `recipe`, from the cache when its key matches, else built (minutes; network for .debs).
+
+    `hooks` maps the hook names the recipe's steps use to the functions (corpus.HOOKS)."""
     per_step = _step_packages(recipe)
-    key = _key(recipe, per_step)
+    key = _key(recipe, per_step, hooks)
     out = cache_dir / "images" / recipe.name
     stamp = out / "built.json"
     if stamp.exists():
         try:
             built = BuiltImage.from_json(json.loads(stamp.read_text()))
             if built.key == key and (built.layout / "index.json").exists():
+                built.group = recipe.group
                 return built
         except (ValueError, TypeError, KeyError):
             pass
@@ -221,8 +169,9 @@ def build(recipe: ImageRecipe, cache_dir: Path) -> BuiltImage:
         for step, packages in zip(recipe.steps, per_step):
             before = rootfs.snapshot(root)
             rootfs.unpack(rootfs.download(packages, cache_dir / "debs"), root)
+            _copy_files(root, step.files)
             for hook in step.hooks:
-                HOOKS[hook](root)
+                hooks[hook](root)
             paths = rootfs.changed_paths(before, rootfs.snapshot(root))
             image_paths.update(paths)
             layers.append(oci.write_layer(root, paths, layout, work))
@@ -231,7 +180,7 @@ def build(recipe: ImageRecipe, cache_dir: Path) -> BuiltImage:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     built = BuiltImage(recipe.name, layout, out / "record.jsonl", recipe.marker, key, manifest_digest,
-                       [asdict(layer) for layer in layers], record_paths)
+                       [asdict(layer) for layer in layers], record_paths, recipe.group)
     stamp.write_text(json.dumps(built.to_json(), indent=1))
     return built
 

@@ -3,8 +3,11 @@
 The workload is run once, chrooted in the image's union root filesystem under
 `strace -f` (open, openat, openat2, execve, execveat). The trace starts with the
 host-side `chroot` binary, so everything before its successful `chroot()` call is
-skipped. Each successfully opened or executed path is followed through its
-symlinks inside the root (the link and its target are both recorded), the ELF
+skipped. A relative path (a server that chdir'ed to its document root, a compiler
+opening a source beside it) is taken from strace's `-y` decoration of the returned
+descriptor, the path the kernel opened. Each successfully opened or executed path
+is followed through its symlinks inside the root (the link and its target are both
+recorded), the ELF
 interpreter of each executed binary is added (the kernel loads it without a
 traced call), and only paths that exist in the image's layers are kept. The
 result is the nerdctl/ctr-remote record format: one `{"path": "..."}` per line.
@@ -22,7 +25,8 @@ from .rootfs import elf_interpreter, resolve_in_root
 _CALL_RE = re.compile(r'^(\d+)\s+(chroot|open|openat|openat2|execve|execveat)\((.*)$')
 _RESUMED_RE = re.compile(r'^(\d+)\s+<\.\.\. (\w+) resumed>(.*)$')
 _PATH_RE = re.compile(r'"((?:[^"\\]|\\.)*)"')
-_RESULT_RE = re.compile(r'\)\s+=\s+(-?\d+)')
+# `= 3`, or with strace -y `= 3</host/path/of/the/file>`
+_RESULT_RE = re.compile(r'\)\s+=\s+(-?\d+)(?:<(.*)>)?\s*$')
 
 
 def _decode(text: str) -> str:
@@ -30,8 +34,13 @@ def _decode(text: str) -> str:
         "utf-8", "replace")
 
 
-def traced_paths(strace_text: str) -> list[str]:
-    """Paths opened or executed successfully after the chroot, in order, as the process saw them."""
+def traced_paths(strace_text: str, root: Path | None = None) -> list[str]:
+    """Paths opened or executed successfully after the chroot, in order, as the process saw them.
+
+    A relative path is replaced by the path the returned descriptor names (strace -y), made
+    relative to the chroot `root` again; without that decoration it is kept as it was.
+    """
+    prefix = str(Path(root).resolve()).rstrip("/") + "/" if root is not None else None
     chrooted = False
     pending: dict[str, tuple[str, str]] = {}
     events: list[str] = []
@@ -48,7 +57,11 @@ def traced_paths(strace_text: str) -> list[str]:
         if not chrooted or not paths:
             return
         # openat(dirfd, "path", ...) and execveat(dirfd, "path", ...): the first quoted string is the path
-        events.append(_decode(paths[0]))
+        path = _decode(paths[0])
+        opened = result.group(2)
+        if not path.startswith("/") and prefix is not None and opened and opened.startswith(prefix):
+            path = "/" + _decode(opened)[len(prefix):]
+        events.append(path)
 
     for line in strace_text.splitlines():
         m = _CALL_RE.match(line)
@@ -69,7 +82,7 @@ def traced_paths(strace_text: str) -> list[str]:
 def build_record(strace_text: str, root: Path, image_paths: set[str]) -> list[str]:
     """The ordered, de-duplicated image paths to prioritize."""
     ordered: dict[str, None] = {}
-    for raw in traced_paths(strace_text):
+    for raw in traced_paths(strace_text, root):
         if raw.startswith("/proc/") or raw.startswith("/dev/") or raw.startswith("/sys/"):
             continue
         resolved = resolve_in_root(root, raw)

@@ -49,6 +49,8 @@ class Registry(LocalRegistry):
         """Delete blobs no tag reaches any more (earlier conversions, the old probe); registry stopped."""
         if self.proc is not None:
             raise RegistryError("garbage collection needs the registry stopped")
+        if not (self.storage_dir / "docker/registry/v2/repositories").is_dir():
+            return  # nothing pushed yet: docker-registry's collector fails on an empty storage
         config = self.write_config()
         result = subprocess.run(["docker-registry", "garbage-collect", "--delete-untagged", str(config)],
                                 capture_output=True, text=True)

@@ -93,17 +93,21 @@ def unpack(debs: list[Path], root: Path) -> None:
 
 
 def chroot_command(root: Path, argv: list[str], strace_out: Path | None = None) -> list[str]:
-    """A command that runs `argv` chrooted in `root` with /dev and /proc, in a private mount namespace.
+    """A command that runs `argv` chrooted in `root` with /dev and /proc, in private mount and network
+    namespaces.
 
-    The namespace dies with the command, taking its mounts along, so nothing can be left mounted
-    inside the build tree. With `strace_out`, every open/exec of the chrooted process tree is traced.
+    The namespaces die with the command, taking its mounts along, so nothing can be left mounted
+    inside the build tree. The network namespace has only a loopback interface, as a container
+    started with `--network=none`: a workload's server listens there, never on the host.
+    With `strace_out`, every open/exec of the chrooted process tree is traced.
     """
-    script = 'mount --rbind /dev "$1/dev" && mount -t proc proc "$1/proc" && shift && exec "$@"'
+    script = ('ip link set lo up && mount --rbind /dev "$1/dev" && mount -t proc proc "$1/proc" '
+              '&& shift && exec "$@"')
     tracer: list[str] = []
     if strace_out is not None:
-        tracer = ["strace", "-f", "-qq", "-s", "4096", "-e", "signal=none",
+        tracer = ["strace", "-f", "-qq", "-y", "-s", "4096", "-e", "signal=none",
                   "-e", "trace=chroot,open,openat,openat2,execve,execveat", "-o", str(strace_out)]
-    return ["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh", str(root),
+    return ["unshare", "--mount", "--net", "--propagation", "private", "--fork", "sh", "-c", script, "sh", str(root),
             *tracer, "chroot", str(root), *argv]
 
 

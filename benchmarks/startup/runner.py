@@ -17,7 +17,8 @@ from typing import Callable
 from . import leftovers, podman
 from .link import Link
 from .registry import Registry
-from .store import Store, store_config
+from .store import Store
+from .variants import StoreVariant, store_config
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class RunResult:
     mode: str
     link: str
     run: int
+    config: str = ""  # the store variant of a lazy run ("" when no store runs)
     ok: bool = False
     error: str = ""
     pull_s: float = 0.0
@@ -49,9 +51,13 @@ class RunResult:
     registry_bytes_first_output: int = 0  # HTTP body bytes of requests completed before first output
     registry_bytes: int = 0  # HTTP body bytes the registry logged during the run (pull..exit)
     registry_blob_gets: int = 0
+    registry_blob_gets_first_output: int = 0
     daemon_cpu_s: float | None = None
-    daemon_peak_rss_bytes: int | None = None
+    daemon_peak_rss_bytes: int | None = None  # VmHWM of the store (fresh each run) at workload exit
+    store_requests: int | None = None  # the store's own counters at exit, summed over the layers
+    store_fetched_bytes: int | None = None
     first_line: str = ""
+    prepare_s: float = 0.0  # harness time before the pull: resets, store restart, dropping caches (not measured)
     store_stats: dict | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -108,30 +114,46 @@ def _first_output(cid: str, env: dict[str, str], marker: str, stderr_path: Path,
     return first, finished, text
 
 
-def measure(envs: Environment, image: str, mode: str, run: int, marker: str, log_dir: Path) -> RunResult:
-    result = RunResult(image, mode, envs.link_name, run)
+def _store_totals(stats: dict | None) -> tuple[int | None, int | None]:
+    """(requests, fetched bytes) summed over the layers of the store's stats, None where absent."""
+    layers = (stats or {}).get("layers") or {}
+    requests = [v["requests"] for v in layers.values() if isinstance(v, dict) and "requests" in v]
+    fetched = [v["fetched_bytes"] for v in layers.values() if isinstance(v, dict) and "fetched_bytes" in v]
+    return (sum(requests) if requests else None), (sum(fetched) if fetched else None)
+
+
+def measure(envs: Environment, image: str, mode: str, run: int, marker: str, log_dir: Path,
+            variant: StoreVariant | None = None) -> RunResult:
+    """One cold start; `variant` is the store configuration of a lazy mode (ignored for the others)."""
     lazy = mode in LAZY_MODES
+    if lazy and variant is None:
+        raise ValueError(f"a lazy mode ({mode}) needs a store variant")
+    result = RunResult(image, mode, envs.link_name, run, config=variant.name if lazy and variant else "")
     env = envs.lazy_env if lazy else envs.plain_env
     repo, tag = repo_tag(image, mode)
     ref = f"{envs.registry.host}/{repo}:{tag}"
+    prepare_start = time.monotonic()
     try:
         podman.reset(envs.lazy_env)
         envs.store.wipe()
         if mode == "warm":
-            # the legacy run usually left the image behind: reuse it instead of a second full pull
+            # the legacy run left the image behind (lazy runs never touch the plain storage): reuse it
+            # instead of a second, untimed full pull
             podman.podman("rm", "-af", env=env, check=False)
             if podman.podman("image", "exists", ref, env=env, check=False).returncode != 0:
                 podman.podman("pull", "-q", "--tls-verify=false", ref, env=env)
-        else:
+        elif mode == "legacy":
             podman.reset(envs.plain_env)
         drop_caches()
         if lazy:
-            envs.store.start(store_config(envs.registry.host, noprefetch=(mode == "estargz-noopt")))
+            assert variant is not None
+            envs.store.start(store_config(envs.registry.host, noprefetch=(mode == "estargz-noopt"), variant=variant))
         envs.link.check_alive()
         rx0 = envs.link.received_bytes()
         mark = envs.registry.log_mark()
 
         t0 = time.monotonic()
+        result.prepare_s = t0 - prepare_start
         if mode != "warm":
             podman.podman("pull", "-q", "--tls-verify=false", ref, env=env)
         t1 = time.monotonic()
@@ -146,7 +168,8 @@ def measure(envs: Environment, image: str, mode: str, run: int, marker: str, log
         first, finished, line = _first_output(cid, env, marker, log_dir / "workload.stderr", read_counters)
         result.link_bytes_exit = envs.link.received_bytes() - rx0
         result.link_bytes_first_output = at_first["rx"] - rx0
-        result.registry_bytes_first_output = envs.registry.fetched_between(mark, at_first["log"])[0]
+        result.registry_bytes_first_output, result.registry_blob_gets_first_output = \
+            envs.registry.fetched_between(mark, at_first["log"])
         result.pull_s, result.create_s, result.run_s = t1 - t0, t2 - t1, first
         result.total_s = result.pull_s + result.create_s + result.run_s
         result.exit_s = finished
@@ -156,10 +179,11 @@ def measure(envs: Environment, image: str, mode: str, run: int, marker: str, log
             usage = envs.store.usage()
             result.daemon_cpu_s, result.daemon_peak_rss_bytes = usage.cpu_seconds, usage.peak_rss_bytes
             result.store_stats = envs.store.stats()
+            result.store_requests, result.store_fetched_bytes = _store_totals(result.store_stats)
             if result.store_stats is not None and not result.store_stats.get("layers"):
                 raise RuntimeError("the store served no layer: podman fell back to a full pull")
         result.ok = True
     except Exception as e:  # one failed run must not lose the others' figures
-        log.error("%s/%s run %d failed: %s", image, mode, run, e)
+        log.error("%s/%s%s run %d failed: %s", image, mode, f" [{result.config}]" if result.config else "", run, e)
         result.error = str(e)[-2000:]
     return result

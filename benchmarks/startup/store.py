@@ -14,13 +14,7 @@ from stargz_store.localenv.store import StoreError, StoreProcess
 from ..procstat import ProcessUsage, process_usage
 from . import leftovers
 
-__all__ = ["ProcessUsage", "Store", "StoreError", "process_usage", "store_config"]
-
-
-def store_config(registry_host: str, noprefetch: bool) -> str:
-    """config.toml: plain HTTP to the benchmark registry; prefetch off for the unoptimized mode (as the Go benchmark)."""
-    return (f"noprefetch = {'true' if noprefetch else 'false'}\n"
-            f'[resolver.host."{registry_host}"]\ninsecure = true\n' + os.environ.get("STARGZ_BENCH_EXTRA_CONFIG", ""))
+__all__ = ["ProcessUsage", "Store", "StoreError", "process_usage"]
 
 
 class Store(StoreProcess):

@@ -56,7 +56,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
-         "fetch_policy", "idle_layers", "max_images", "max_use_counts"},
+         "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts"},
         {},
     ),
 }
@@ -73,7 +73,7 @@ class StoreConfig:
     layer: LayerConfig = field(default_factory=LayerConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     mount: MountOptions = field(default_factory=MountOptions)
-    memory_cache_bytes: int = 64 << 20
+    memory_cache_bytes: int = 16 << 20  # see config.toml: the kernel's page cache keeps what was read
     log_file_access: bool = False
     ownership: Ownership = ROOTFUL  # from the flags (--rootless, --uidmap/--gidmap), not from the file
 
@@ -141,6 +141,7 @@ def _build(doc: ConfigTable) -> StoreConfig:
     layer.small_layer_fetch_size = _int_or_off(store, "small_layer_fetch_kb", layer.small_layer_fetch_size >> 10) << 10
     layer.readahead_size = _int_or_off(store, "sequential_readahead_kb", layer.readahead_size >> 10) << 10
     layer.library_readahead = _bool(store, "library_readahead", layer.library_readahead)
+    layer.background_waits_for_reads = _bool(store, "background_waits_for_reads", layer.background_waits_for_reads)
     layer.no_background_fetch = _bool(doc, "no_background_fetch", layer.no_background_fetch)
     layer.disable_verification = _bool(doc, "disable_verification", layer.disable_verification)
     layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1, maximum=MAX_WORKERS)

@@ -14,6 +14,8 @@ The fetch policies (layer/policies/) and the knob that switches each:
 | small_layer          | `small_layer_fetch_size` > 0             | a whole small layer at its first miss      |
 | sequential_readahead | `readahead_size` > 0                     | a sequentially read file's next chunks     |
 | library_readahead    | `library_readahead`                      | the libraries an ELF program loads         |
+| reads_hold_background| `background_waits_for_reads`             | nothing: reads served from the cache hold  |
+|                      |                                          | background fetch back, as fetches do       |
 | prefetch             | not `no_prefetch`                        | the prioritized region, at open            |
 | background           | not `no_background_fetch`                | everything else, in the gaps               |
 
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 
 from ..formats.toc import TocLimits
 
-HEURISTICS = ("neighbour", "executable", "small_layer", "sequential_readahead", "library_readahead")
+HEURISTICS = ("neighbour", "executable", "small_layer", "sequential_readahead", "library_readahead",
+              "reads_hold_background")
 POLICIES = (*HEURISTICS, "prefetch", "background")
 FETCH_POLICIES = ("default", "baseline")
 
@@ -43,6 +46,7 @@ _OFF: dict[str, dict[str, object]] = {
     "small_layer": {"small_layer_fetch_size": 0},
     "sequential_readahead": {"readahead_size": 0},
     "library_readahead": {"library_readahead": False},
+    "reads_hold_background": {"background_waits_for_reads": False},
     "prefetch": {"no_prefetch": True},
     "background": {"no_background_fetch": True},
 }
@@ -70,6 +74,8 @@ class LayerConfig:
                                             # the file's next chunks (0: off; the kernel's readahead does it)
     library_readahead: bool = True          # the first read of an ELF program fetches the libraries it loads
     library_fetch_limit: int = 64 << 20     # ... each at most this many compressed bytes
+    background_waits_for_reads: bool = True  # every read, cached or not, restarts background fetch's quiet
+                                            # period (the Go store: only reads that fetch; the baseline)
     prefetch_timeout: float = 10.0          # seconds a layer open waits for its prefetch, with prefetch_wait
     prefetch_wait: bool = False             # False: a layer is ready once its TOC is verified; the prefetch
                                             # streams in and a read of a prefetched file waits for that file's

@@ -37,7 +37,7 @@ _SPANS_TRACKED = 256  # files whose chunk start offsets are kept, for a bisect p
 LAYER_COUNTERS = (
     "chunks_fetched", "cache_hits", "cache_misses", "gap_chunks", "prefetch_bytes", "neighbour_chunks",
     "executable_chunks", "small_layer_chunks", "readahead_chunks", "ahead_chunks", "programs_read",
-    "blob_cache_hits", "cache_write_errors",
+    "reads_holding_background", "blob_cache_hits", "cache_write_errors",
 )
 
 

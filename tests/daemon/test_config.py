@@ -107,4 +107,4 @@ def test_sizes_documented_zero_off_are_off_at_zero():
     assert cfg.mount.read_ahead_kb == 0 and cfg.memory_cache_bytes == 0
     assert cfg.layer.readahead_size == 0 and cfg.layer.neighbour_fetch_size == 0
     defaults = config_from_toml({})
-    assert defaults.mount.read_ahead_kb == 4096 and defaults.memory_cache_bytes == 64 << 20
+    assert defaults.mount.read_ahead_kb == 4096 and defaults.memory_cache_bytes == 16 << 20

@@ -77,3 +77,53 @@ def test_big_files_and_an_off_switch_fetch_only_what_is_read(tmp_path, open_laye
     b = off.toc.lookup("pkg/b.py")
     off.read(b, 0, b.size)
     assert offsrc.log == [(b.chunks[0].blob_offset, b.chunks[0].blob_end - b.chunks[0].blob_offset)]
+
+
+def _tree(dirs: int, *, unread_kb: int = 0) -> dict[str, bytes]:
+    """Directories stored one after another, each with two small modules a program reads in
+    turn (`m/dNN/a.js`, `m/dNN/b.js`); with `unread_kb`, each followed by a directory of sources
+    nobody reads (incompressible, three files of that many KiB)."""
+    rnd = random.Random(5)
+    files: dict[str, bytes] = {}
+    for i in range(dirs):
+        for name in ("a", "b"):
+            files[f"m/d{i:02}/{name}.js"] = b"".join(b"exports.f%d = %d;\n" % (k, k * i) for k in range(60))
+        if unread_kb:
+            for name in ("x", "y", "z"):
+                files[f"m/d{i:02}src/{name}.ts"] = rnd.randbytes(unread_kb << 10)
+    return files
+
+
+def _read_modules(layer, built, dirs: int) -> None:
+    for i in range(dirs):
+        for name in ("a", "b"):
+            e = layer.toc.lookup(f"m/d{i:02}/{name}.js")
+            assert layer.read(e, 0, e.size) == built.files[e.name]
+
+
+def test_a_layer_read_in_blob_order_brings_the_next_directories_along(tmp_path, open_layer):
+    """Module trees read one directory after another in the order they are stored (node's
+    require chains, a package's subpackages): the misses fall right after the previous fetch,
+    so neighbours come from the next directories too, not one round trip per directory."""
+    dirs = 20
+    built = build_layer(tmp_path / "l", _tree(dirs))
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
+    src.reset_counters()
+    _read_modules(layer, built, dirs)
+    assert layer.stats()["cache_misses"] <= 8, layer.stats()  # the directory rule alone: one per directory (20)
+    needed = sum(_compressed(layer, n) for n in built.files)
+    assert src.bytes_read <= needed + (64 << 10)
+
+
+def test_directories_nobody_reads_stop_the_crossing(tmp_path, open_layer):
+    """Read in blob order, but every other directory is never opened (sources beside compiled
+    files): what the crossing brought is not read, so it stops after a trial and the directory
+    rule takes over again."""
+    dirs = 30
+    built = build_layer(tmp_path / "l", _tree(dirs, unread_kb=16))
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
+    src.reset_counters()
+    _read_modules(layer, built, dirs)
+    needed = sum(_compressed(layer, n) for n in built.files if n.endswith(".js"))
+    unread_per_dir = 3 * (16 << 10)
+    assert src.bytes_read <= needed + (256 << 10) + 2 * unread_per_dir  # the trial, not 30 directories' worth

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from stargz_store.cache import ChunkCache
 from stargz_store.daemon.config import config_from_toml
 from stargz_store.layer import LayerConfig
 from stargz_store.layer.config import POLICIES
 from stargz_store.layer.elf import MULTIARCH, dynamic_info
 
-from .helpers import BuiltLayer, build_layer, wait_until
+from .helpers import BuiltLayer, WatchedScheduler, build_layer, wait_until
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
 
@@ -28,6 +30,7 @@ COUNTERS = {
     "small_layer": "small_layer_chunks",
     "sequential_readahead": "readahead_chunks",
     "library_readahead": "ahead_chunks",
+    "reads_hold_background": "reads_holding_background",
     "prefetch": "prefetch_bytes",
     "background": "background_bytes",
 }
@@ -39,7 +42,8 @@ def test_the_production_table_is_the_daemons():
     production = LayerConfig()
     assert config_from_toml({}).layer == production
     assert production.enabled_policies() == (
-        "neighbour", "executable", "small_layer", "library_readahead", "prefetch", "background")
+        "neighbour", "executable", "small_layer", "library_readahead", "reads_hold_background", "prefetch",
+        "background")
     assert set(COUNTERS) == set(POLICIES)
     off = production.with_policies()
     assert off.enabled_policies() == ()
@@ -113,3 +117,25 @@ def test_with_every_policy_off_only_what_is_read_is_fetched(busy_layer, open_lay
         start = entry.chunks[1].file_offset if offset is None else offset
         needed |= {(c.blob_offset, c.blob_end) for c in entry.chunks_for_range(start, size)}
     assert src.bytes_read == sum(end - start for start, end in needed)
+
+
+def test_reads_from_the_cache_hold_background_fetch_back(busy_layer, open_layer, tmp_path):
+    """A container reading prefetched files (no fetch at all) keeps background fetch off the CPU
+    until it stops reading for the quiet period; the baseline (Go store) counts fetches only."""
+    quiet = 1.5
+    for policies, held in ((("reads_hold_background", "prefetch", "background"), True),
+                           (("prefetch", "background"), False)):
+        scheduler = WatchedScheduler(quiet_period=quiet)
+        layer, _ = open_layer(busy_layer, config=LayerConfig().with_policies(*policies, fetch_timeout=30.0),
+                              scheduler=scheduler, cache_=ChunkCache(tmp_path / str(held)))
+        motd = layer.toc.lookup("etc/motd")
+        wait_until(lambda: layer.reader.cache.contains(motd.chunks[0].digest))  # the prefetch landed
+        assert layer.drain(30)
+        scheduler.refused.clear()
+        wait_until(scheduler.refused.is_set)  # background fetch is waiting for its turn
+        began = time.monotonic()
+        while time.monotonic() - began < 2.5 * quiet and layer.stats()["background_bytes"] == 0:
+            assert layer.read(motd, 0, motd.size) == busy_layer.files["etc/motd"]  # a cache hit
+            time.sleep(0.05)  # the container's pace between reads, not synchronisation
+        assert (layer.stats()["background_bytes"] == 0) is held, layer.stats()
+        assert layer.wait_background(60) and layer.background_state == "done"  # reads stopped: it runs

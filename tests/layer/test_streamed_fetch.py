@@ -2,11 +2,14 @@
 handed to its readers as soon as its last byte has arrived, not when the whole response has."""
 from __future__ import annotations
 
+import random
 import threading
+import tracemalloc
 
 from stargz_store.layer.sources import STREAM_PIECE, FileBlobSource
 
 from .conftest import lazy_config
+from .helpers import build_layer
 
 
 class GatedSource(FileBlobSource):
@@ -113,3 +116,50 @@ def test_by_default_a_layer_opens_without_waiting_for_its_prefetch(sample_layer,
     lib = layer.toc.lookup("usr/lib/lib.so")
     assert layer.read(lib, 0, lib.size) == sample_layer.files["usr/lib/lib.so"]
     assert src.log[1:] == [(0, layer.toc.prefetch_landmark_offset)]  # one request; the read waited for it
+
+
+class HeldSource(FileBlobSource):
+    """Streams a range until `hold_at` bytes of the blob have gone out, then holds the rest
+    until `gate` is set (`held` tells the test it is holding)."""
+
+    def __init__(self, path, hold_at: int) -> None:
+        super().__init__(path)
+        self.hold_at = hold_at
+        self.held = threading.Event()
+        self.gate = threading.Event()
+
+    def stream_range(self, offset, length, sink):
+        def held(off, piece):
+            if off >= self.hold_at and not self.gate.is_set():
+                self.held.set()
+                assert self.gate.wait(60), "test never opened the gate"
+            sink(off, piece)
+
+        super().stream_range(offset, length, held)
+
+
+def test_a_streamed_prefetch_holds_only_what_its_readers_still_need(tmp_path, open_layer):
+    """A 20 MiB prioritized region streamed in one request: the chunks that arrived are on disk
+    and nobody waits for them, so the store holds only the stream's own buffer, not every
+    inflated chunk until the request ends (the java image's 64 MB prefetch peaked at 288 MB)."""
+    rnd = random.Random(4)
+    names = [f"opt/lib/part{i:02}.bin" for i in range(20)]
+    files = {name: rnd.randbytes(1 << 20) for name in names}  # incompressible: inflated = fetched
+    built = build_layer(tmp_path / "big.blob", files, prioritized=tuple(names))
+    src = HeldSource(built.path, hold_at=18 << 20)
+    layer, _ = open_layer(built, source=src, config=lazy_config())
+    landmark = layer.toc.prefetch_landmark_offset
+    assert landmark > 19 << 20
+    tracemalloc.start()
+    try:
+        layer.prefetch(None)  # streams on a worker thread
+        assert src.held.wait(60)
+        held_bytes = tracemalloc.get_traced_memory()[0]
+    finally:
+        src.gate.set()
+        tracemalloc.stop()
+    assert layer.drain(60)
+    assert held_bytes < 6 << 20, f"{held_bytes / 2**20:.1f} MiB held with 18 MiB of the prefetch landed"
+    last = layer.toc.lookup(names[-1])
+    assert layer.read(last, 0, last.size) == files[names[-1]]
+    assert layer.stats()["fetched_bytes"] <= landmark + (1 << 20)  # read from the cache, not fetched again

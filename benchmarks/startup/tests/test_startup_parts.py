@@ -149,7 +149,9 @@ def test_registry_counts_get_bytes_between_marks(tmp_path):
 def _run(image: str, mode: str, total: float, ok: bool = True, **extra) -> dict:
     base = {"link": "shaped", "image": image, "mode": mode, "ok": ok, "pull_s": total - 0.3, "create_s": 0.1,
             "run_s": 0.2, "total_s": total, "link_bytes_first_output": 2_000_000, "registry_bytes": 3_000_000,
-            "daemon_cpu_s": None, "daemon_peak_rss_bytes": None}
+            "registry_blob_gets": 9, "registry_blob_gets_first_output": 7,
+            "daemon_cpu_s": None, "daemon_peak_rss_bytes": None,
+            "config": "default" if mode in ("estargz-noopt", "estargz") else ""}
     base.update(extra)
     return base
 
@@ -158,18 +160,109 @@ def test_summary_takes_medians_of_successful_runs_and_the_table_shows_failures()
     runs = [_run("python", "legacy", t) for t in (30.0, 10.0, 20.0)]
     runs += [_run("python", "estargz", t, daemon_cpu_s=1.0, daemon_peak_rss_bytes=80_000_000) for t in (5.0, 4.0)]
     runs += [_run("python", "estargz", 0.0, ok=False), _run("python", "warm", 0.0, ok=False)]
-    summaries = {s.mode: s for s in report.summarize(runs)}
+    summaries = {s.mode: s for s in report.summarize(runs, groups={"python": "tuning"})}
     legacy, lazy = summaries["legacy"], summaries["estargz"]
     assert (legacy.total, legacy.total_min, legacy.total_max) == (20.0, 10.0, 30.0)
     assert abs(legacy.pull + legacy.create + legacy.run - legacy.total) < 1e-9
     assert (lazy.total, lazy.failed, lazy.runs, lazy.daemon_rss_mb) == (4.0, 1, 3, 80.0)  # lower middle of 2
+    assert (lazy.gets_first_output, lazy.group, lazy.config) == (7, "tuning", "default")
     text = report.table(list(summaries.values()), "shaped")
-    assert "5.0x" in text and "5.23" in text and "failed (1/1)" in text and "≤4.71 met" in text
+    assert "5.0x" in text and "5.23" in text and "failed (1/1)" in text and "1 failed" in text
     with_needed = {s.mode: s for s in report.summarize(runs, {"python:estargz": 1_000_000})}
     assert with_needed["estargz"].fetch_ratio == 2.0 and with_needed["legacy"].fetch_ratio is None
     assert "2.00x" in report.table(list(with_needed.values()), "shaped")
-    header, rule, *rows = text.splitlines()
+    header, rule, *rows = [line for line in text.splitlines() if line.startswith("|")]
     assert all(row.count("|") == header.count("|") for row in rows + [rule])
+
+
+def test_table_puts_held_out_images_apart_and_the_baseline_beside_the_default():
+    runs = []
+    for image in ("python", "java"):
+        runs += [_run(image, "legacy", 20.0)]
+        # default: 2 MB fetched against 2 MB needed, 60 MB RSS; baseline: slower, 50 MB RSS
+        runs += [_run(image, "estargz-noopt", 3.0, daemon_peak_rss_bytes=60_000_000)]
+        runs += [_run(image, "estargz-noopt", 5.0 if image == "python" else 3.2, config="baseline-knobs",
+                      daemon_peak_rss_bytes=50_000_000, link_bytes_first_output=9_000_000)]
+    needed = {"python:estargz-noopt": 2_000_000, "java:estargz-noopt": 2_000_000}
+    summaries = report.summarize(runs, needed, {"python": "tuning", "java": "held-out"})
+    text = report.table(summaries, "shaped")
+    tuning_at, held_out_at = text.index("Tuning set"), text.index("Held-out")
+    assert tuning_at < text.index("| python |") < held_out_at < text.index("| java |")
+    header = next(line for line in text.splitlines() if line.startswith("| image"))
+    assert "baseline-knobs: total s (min–max)" in header and "default ÷ baseline-knobs" in header
+    python_row = next(line for line in text.splitlines() if "estargz-noopt" in line and "**3.00**" in line)
+    assert "**5.00**" in python_row and "| 0.60 |" in python_row and "missed: RSS" in python_row
+    verdicts = report.group_verdicts(summaries, "shaped", "held-out")
+    java = verdicts["estargz-noopt"]
+    assert (java["images"], java["time_met"], java["bytes_met"], java["rss_met"]) == (1, 0, 1, 0)
+    assert abs(java["time_ratio_geomean"] - 3.0 / 3.2) < 1e-9
+    assert "at least 10% faster on 0 of 1" in text
+
+
+def test_store_config_layers_extra_config_under_the_variant(monkeypatch):
+    import tomllib
+
+    from benchmarks.startup import variants
+
+    monkeypatch.setenv(variants.EXTRA_CONFIG_ENV, '[store]\nneighbour_fetch_kb = 128\nmemory_cache_size_mb = 32\n')
+    knobs = variants.builtin(variants.BASELINE_KNOBS)
+    doc = tomllib.loads(variants.store_config("10.213.77.2:5000", True, knobs))
+    assert doc["noprefetch"] is True and doc["max_concurrency"] == 2
+    assert doc["resolver"]["host"]["10.213.77.2:5000"]["insecure"] is True
+    assert doc["store"]["neighbour_fetch_kb"] == 0  # the baseline's own key wins
+    assert doc["store"]["memory_cache_size_mb"] == 32 and doc["store"]["library_readahead"] is False
+    default = tomllib.loads(variants.store_config("h:1", False, variants.builtin(variants.DEFAULT)))
+    assert default["store"] == {"neighbour_fetch_kb": 128, "memory_cache_size_mb": 32}
+
+
+def test_baseline_is_the_fetch_policy_once_the_store_documents_it(tmp_path):
+    from benchmarks.startup import variants
+
+    documented = tmp_path / "config.toml"
+    documented.write_text("max_concurrency = 8\n[store]\nneighbour_fetch_kb = 64\n")
+    assert variants.builtin(variants.BASELINE, documented).name == variants.BASELINE_KNOBS
+    documented.write_text('max_concurrency = 8\n[store]\nfetch_policy = "default"   # or "baseline"\n')
+    policy = variants.builtin(variants.BASELINE, documented)
+    assert policy.name == variants.BASELINE
+    assert policy.settings == {"max_concurrency": 2, "store": {"fetch_policy": "baseline"}}
+    assert variants.store_has_fetch_policy() == ("fetch_policy" in (Path(variants.DOCUMENTED_CONFIG).read_text()))
+    custom = tmp_path / "wide.toml"
+    custom.write_text("max_concurrency = 16\n")
+    assert variants.parse(f"wide={custom}").settings == {"max_concurrency": 16}
+    with pytest.raises(variants.VariantError):
+        variants.parse("fastest")
+
+
+def test_traced_paths_take_relative_opens_from_the_descriptor_strace_decorates(tmp_path):
+    root = tmp_path / "rootfs"
+    trace = (f'7 chroot("{root}") = 0\n'
+             f'7 openat(AT_FDCWD</{root}/srv/www>, "page.html", O_RDONLY) = 3<{root}/srv/www/page.html>\n'
+             f'7 openat(4<{root}/srv>, "www/a.css", O_RDONLY) = 5<{root}/srv/www/a.css>\n'
+             '7 openat(AT_FDCWD, "/etc/hosts", O_RDONLY) = 6</etc/hosts>\n')
+    assert record.traced_paths(trace, root) == ["/srv/www/page.html", "/srv/www/a.css", "/etc/hosts"]
+    assert record.traced_paths(trace) == ["page.html", "www/a.css", "/etc/hosts"]
+
+
+def test_corpus_has_the_tuning_set_and_at_least_five_held_out_workloads():
+    from benchmarks.startup import corpus, images
+
+    assert corpus.TUNING == ("python", "toolchain", "bigdata")
+    assert len(corpus.HELD_OUT) >= 5 and set(corpus.HELD_OUT).isdisjoint(corpus.TUNING)
+    for recipe in corpus.RECIPES.values():
+        assert recipe.group in images.GROUPS
+        for step in recipe.steps:
+            assert set(step.hooks) <= set(corpus.HOOKS)
+            for source, _ in step.files:
+                assert any((images.WORKLOADS_DIR / source).iterdir()), source
+
+
+def test_a_hook_fingerprint_follows_the_constants_it_uses(monkeypatch):
+    from benchmarks.startup import corpus, images
+
+    before = images.hook_fingerprint(corpus.HOOKS["model_files"])
+    monkeypatch.setattr(corpus, "MODEL_TEXT_SIZE", corpus.MODEL_TEXT_SIZE + 1)
+    assert images.hook_fingerprint(corpus.HOOKS["model_files"]) != before
+    assert images.hook_fingerprint(corpus.HOOKS["filler"]) == images.hook_fingerprint(corpus.HOOKS["filler"])
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
@@ -252,3 +345,13 @@ def test_built_layout_converts_and_needed_bytes_count_only_recorded_files(tmp_pa
     assert needed is not None and 0 < needed < blob_size // 10  # the random 3 MiB file is not counted
     record.write_record(["app/small.txt", "app/big.bin"], record_path)
     assert needed_bytes(partial(oci_blob_path, dst), manifest, record_path) > needed + (3 << 20) * 0.99
+
+
+def test_replay_runs_the_variants_read_path_without_what_needs_a_running_image():
+    from benchmarks.startup import replay, variants
+
+    default = replay.layer_config(variants.builtin(variants.DEFAULT))
+    assert default.enabled_policies() == ("neighbour", "executable", "small_layer", "reads_hold_background")
+    baseline = replay.layer_config(variants.builtin(variants.BASELINE))
+    assert baseline.fetch_policy == "baseline" and baseline.max_concurrency == 2
+    assert baseline.enabled_policies() == () and baseline.fetch_block_size == 50_000

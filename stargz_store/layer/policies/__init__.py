@@ -14,12 +14,13 @@ from .libraries import LibraryReadahead, LibraryReadaheadPolicy, resolve_in_laye
 from .neighbour import NeighbourFetch
 from .prefetch import Prefetch
 from .readahead import SequentialReadahead
+from .reads_hold_background import ReadsHoldBackground
 from .small_layer import SmallLayerFetch
 
 __all__ = [
     "HOOKS", "BackgroundFetch", "ExecutableFetch", "FetchPolicy", "LibraryReadahead", "LibraryReadaheadPolicy",
     "PolicyHost",
-    "NeighbourFetch", "POLICY_CLASSES", "Prefetch", "SequentialReadahead", "SmallLayerFetch", "resolve_in_layers",
+    "NeighbourFetch", "POLICY_CLASSES", "Prefetch", "ReadsHoldBackground", "SequentialReadahead", "SmallLayerFetch", "resolve_in_layers",
     "shared_worker",
 ]
 
@@ -29,6 +30,7 @@ POLICY_CLASSES: dict[str, PolicyFactory] = {
     "small_layer": SmallLayerFetch,
     "sequential_readahead": SequentialReadahead,
     "library_readahead": LibraryReadaheadPolicy,
+    "reads_hold_background": ReadsHoldBackground,
     "prefetch": Prefetch,
     "background": BackgroundFetch,
 }
