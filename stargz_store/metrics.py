@@ -99,14 +99,17 @@ def count_registry_error(exc: BaseException, *, registry_only: bool = False) -> 
 
 
 class FetchTimer:
-    """`with FetchTimer(kind) as t: ...; t.received(n)`: one registry fetch's latency, bytes and ranges."""
+    """`with FetchTimer(kind) as t: ...; t.received(n)`: one registry fetch's latency, bytes and ranges.
+    `guess`: a request that may well miss (the early tail, asked for under a key that may not be a
+    blob): its failure is no registry error."""
 
-    __slots__ = ("kind", "ranges", "began")
+    __slots__ = ("kind", "ranges", "began", "guess")
 
-    def __init__(self, kind: str, ranges: int = 1) -> None:
+    def __init__(self, kind: str, ranges: int = 1, *, guess: bool = False) -> None:
         self.kind = kind
         self.ranges = ranges
         self.began = 0.0
+        self.guess = guess
 
     def __enter__(self) -> FetchTimer:
         self.began = time.monotonic()
@@ -115,7 +118,7 @@ class FetchTimer:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         fetch_seconds.labels(self.kind).observe(time.monotonic() - self.began)
-        if exc is not None:
+        if exc is not None and not self.guess:
             count_registry_error(exc)
 
     def received(self, n: int) -> None:

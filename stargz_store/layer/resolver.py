@@ -192,7 +192,7 @@ class LayerResolver:
         """The first request `open_layer` would make, for a blob whose size is not known yet."""
         if self.client is None:
             raise RuntimeError("LayerResolver has no registry client")
-        with metrics.FetchTimer("toc") as timer:
+        with metrics.FetchTimer("toc", guess=True) as timer:
             tail = self.client.read_blob_tail(ref, digest, self.config.tail_size)
             timer.received(len(tail[2]))
         return tail
