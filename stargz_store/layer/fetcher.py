@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from .. import metrics
+from ..logs import Throttled
 from .errors import LayerReadError
 from .flight import Flight, FlightTable
 from .ranges import Extent, Request, split_into_batches
@@ -28,6 +29,7 @@ from .scheduler import FetchScheduler
 from .sources import BlobSource
 
 log = logging.getLogger(__name__)
+_repeated = Throttled(log)  # per-request warnings: once per cause and minute
 
 
 class Counters:
@@ -228,7 +230,8 @@ class Fetcher:
                     raise LayerReadError(f"short read at {off}: {len(buf)} of {length} bytes")
         except Exception as e:
             self.counters.add("fetch_errors")
-            log.warning("%s: fetching %d range(s) failed: %s", self.name, len(ranges), e)
+            _repeated.warning((self.name, type(e).__name__), "%s: fetching %d range(s) failed: %s", self.name,
+                              len(ranges), e)
             err = LayerReadError(f"fetching {len(ranges)} range(s) of {self.name} failed: {e}")
             err.__cause__ = e
             for req in live:
@@ -261,7 +264,8 @@ class Fetcher:
                 raise LayerReadError(f"short read: {lander.end - req.start} of {req.length} bytes at {req.start}")
         except Exception as e:
             self.counters.add("fetch_errors")
-            log.warning("%s: streaming [%d, %d) failed after %d bytes: %s", self.name, req.start, req.end,
+            _repeated.warning((self.name, type(e).__name__), "%s: streaming [%d, %d) failed after %d bytes: %s",
+                              self.name, req.start, req.end,
                         lander.received, e)
             err = LayerReadError(f"fetching [{req.start}, {req.end}) of {self.name} failed: {e}")
             err.__cause__ = e
