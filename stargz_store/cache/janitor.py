@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..sizes import size_text
 from .chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,8 @@ class CacheJanitor:
         began = time.monotonic()
         result, keep = self._prune(int(self.max_bytes * LOW_WATER))
         log.info("cache over its limit of %s: removed %d file(s), %s, in %.1f s; now %s (%s in use)",
-                 _size_text(self.max_bytes), result.removed_files, _size_text(result.removed_bytes),
-                 time.monotonic() - began, _size_text(result.size_after), _size_text(result.in_use_bytes))
+                 size_text(self.max_bytes), result.removed_files, size_text(result.removed_bytes),
+                 time.monotonic() - began, size_text(result.size_after), size_text(result.in_use_bytes))
         if result.size_after > self.max_bytes:
             self._stuck = keep
             with self._lock:  # not a pass per write while nothing can go: again after 10% of growth
@@ -239,15 +240,15 @@ class CacheJanitor:
             if not self._warned_over:
                 self._warned_over = True
                 log.warning("cache stays over its limit of %s: %s are chunks of layers in use (not removed); "
-                            "raise [store] cache_max_size_gb or stop containers", _size_text(self.max_bytes),
-                            _size_text(result.in_use_bytes))
+                            "raise [store] cache_max_size_gb or stop containers", size_text(self.max_bytes),
+                            size_text(result.in_use_bytes))
         else:
             self._stuck = None
             with self._lock:
                 self._wake_above = self.max_bytes
             if self._warned_over:
                 self._warned_over = False
-                log.info("cache is under its limit of %s again", _size_text(self.max_bytes))
+                log.info("cache is under its limit of %s again", size_text(self.max_bytes))
         return result
 
     # -- the thread -----------------------------------------------------------------------------
@@ -264,8 +265,8 @@ class CacheJanitor:
     def _run(self) -> None:
         try:
             size = self.measure()
-            log.info("disk cache %s: %s%s", self.cache.root, _size_text(size),
-                     f" (limit {_size_text(self.max_bytes)})" if self.max_bytes is not None else "")
+            log.info("disk cache %s: %s%s", self.cache.root, size_text(size),
+                     f" (limit {size_text(self.max_bytes)})" if self.max_bytes is not None else "")
         except OSError as e:
             log.warning("cannot measure the disk cache %s: %s", self.cache.root, e)
         while not self._stop.is_set():
@@ -315,12 +316,3 @@ def _stat(entry: os.DirEntry) -> os.stat_result | None:
         return entry.stat(follow_symlinks=False)
     except FileNotFoundError:
         return None
-
-
-def _size_text(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"

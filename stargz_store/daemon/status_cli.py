@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from ..sizes import size_text
 from .control import DEFAULT_ROOT, SOCKET_NAME, ControlError, ControlUnavailable, call
 
 EXIT_OK, EXIT_DAEMON, EXIT_USAGE = 0, 1, 2
@@ -44,15 +45,6 @@ def _ask(prog: str, args: argparse.Namespace, op: str, **fields: Any) -> dict[st
         return None
     reply.pop("ok", None)
     return reply
-
-
-def size_text(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
 
 
 def format_status(doc: dict[str, Any]) -> str:
