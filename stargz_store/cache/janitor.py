@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator
 
 from ..sizes import size_text
 from .chunk_cache import ChunkCache
@@ -85,12 +85,15 @@ class CacheJanitor:
     """Measures the cache and removes least recently used unprotected files; see the module docstring.
 
     `max_bytes` None: no limit (measures, and prunes only when asked). `protected()` is called at
-    each pass, after the scan."""
+    each pass, after the scan. `in_use()` is a cheap summary of what `protected()` depends on (the
+    layers in use): while the cache is stuck over its limit, a change in it wakes a pass."""
 
     def __init__(self, cache: ChunkCache, protected: Callable[[], Protected], *, max_bytes: int | None = None,
-                 interval: float = CHECK_INTERVAL, on_removed: Callable[[int], None] | None = None) -> None:
+                 interval: float = CHECK_INTERVAL, on_removed: Callable[[int], None] | None = None,
+                 in_use: Callable[[], Hashable] | None = None) -> None:
         self.cache = cache
         self.protected = protected
+        self.in_use = in_use or protected
         self.max_bytes = max_bytes
         self.interval = interval
         self.on_removed = on_removed
@@ -100,7 +103,7 @@ class CacheJanitor:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._warned_over = False
-        self._stuck: Protected | None = None  # what was in use when a pass could not get under the limit
+        self._stuck: Hashable | None = None  # `in_use()` when a pass could not get under the limit
         self._wake_above: int | None = max_bytes  # writes wake the thread once the size passes this
         self._thread: threading.Thread | None = None
         cache.on_write = self.written
@@ -173,9 +176,10 @@ class CacheJanitor:
         bytes (0: everything unprotected; None: only measure)."""
         return self._prune(target)[0]
 
-    def _prune(self, target: int | None) -> tuple[PruneResult, Protected]:
+    def _prune(self, target: int | None) -> tuple[PruneResult, Hashable]:
         with self._pass_lock:
             files = list(self.files())
+            in_use = self.in_use()
             keep = self.protected()
             result = PruneResult(target=target)
             result.size_before = sum(f.size for f in files)
@@ -208,7 +212,7 @@ class CacheJanitor:
                 self._size = size
             if result.removed_bytes and self.on_removed is not None:
                 self.on_removed(result.removed_bytes)
-            return result, keep
+            return result, in_use
 
     def _remove_empty_blob_dirs(self) -> None:
         blobs = self.cache.root / "blobs"
@@ -229,12 +233,12 @@ class CacheJanitor:
         if size <= self.max_bytes:
             return None
         began = time.monotonic()
-        result, keep = self._prune(int(self.max_bytes * LOW_WATER))
+        result, in_use = self._prune(int(self.max_bytes * LOW_WATER))
         log.info("cache over its limit of %s: removed %d file(s), %s, in %.1f s; now %s (%s in use)",
                  size_text(self.max_bytes), result.removed_files, size_text(result.removed_bytes),
                  time.monotonic() - began, size_text(result.size_after), size_text(result.in_use_bytes))
         if result.size_after > self.max_bytes:
-            self._stuck = keep
+            self._stuck = in_use
             with self._lock:  # not a pass per write while nothing can go: again after 10% of growth
                 self._wake_above = result.size_after + int(self.max_bytes * (1 - LOW_WATER))
             if not self._warned_over:
@@ -297,7 +301,7 @@ class CacheJanitor:
                 self._wake.clear()
                 return True
             try:
-                if self.protected() != stuck:
+                if self.in_use() != stuck:
                     return True
             except Exception:
                 log.exception("cache janitor: listing the layers in use failed")
