@@ -61,7 +61,7 @@ class StartupError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The daemon's flags; its help is the whole program's overview (the commands of `stargz_store.cli`)."""
-    from ..cli import PROG, overview, package_version
+    from ..commands import PROG, overview, package_version
 
     parser = argparse.ArgumentParser(
         prog=PROG,
