@@ -49,7 +49,7 @@ def total(samples: dict[tuple, float], **labels: str) -> float:
 def registry_blob_gets(log_text: str, config_digest: str) -> tuple[int, int]:
     """(GET requests, body bytes of the 200/206 answers) of the registry's access log lines for
     blobs other than the image config (which Podman fetches itself). A GET answered 404 counts as
-    a request: Podman 5 names layers by TOC digest, and the store's early guess at one is a miss."""
+    a request: an early tail asked for under a key that is no blob (a TOC digest) is one."""
     count = size = 0
     for line in log_text.splitlines():
         m = _ACCESS.search(line)
