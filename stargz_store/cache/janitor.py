@@ -115,7 +115,7 @@ class CacheJanitor:
         with self._lock:
             if self._size is None:
                 return
-            self._size += nbytes
+            self._size += (nbytes + 4095) & ~4095  # what the measure counts: allocated blocks, mostly 4 KiB
             over = self._wake_above is not None and self._size > self._wake_above
         if over:
             self._wake.set()
