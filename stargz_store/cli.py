@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = command_named(args[0]) if args else None
     if command is not None:
-        return importlib.import_module(command.module).main(args[1:])
+        return getattr(importlib.import_module(command.module), command.function)(args[1:])
     from .daemon.cli import main as daemon_main
 
     return daemon_main(args)

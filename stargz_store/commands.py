@@ -14,12 +14,13 @@ DISTRIBUTION = "stargz-store"  # the name in setup.cfg, for the version in the p
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: `stargz-store NAME ARGS...` runs `MODULE.main(ARGS)` (which returns the exit code)."""
+    """A subcommand: `stargz-store NAME ARGS...` runs `MODULE.FUNCTION(ARGS)` (which returns the exit code)."""
 
     name: str
     synopsis: str
     summary: str
     module: str
+    function: str = "main"
 
 
 DAEMON_SYNOPSIS = "[flags] MOUNTPOINT"
@@ -31,6 +32,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("auth-helper", "[--addr SOCKET | --root DIR]",
             "pass containers/image credentials on stdin to the running daemon (also stargz-store-helper)",
             "stargz_store.daemon.auth_helper"),
+    Command("status", "[--json] [flags]",
+            "what the running daemon serves: images, layers, how much is local, the cache (root only)",
+            "stargz_store.daemon.status_cli"),
+    Command("prune", "[--all | --to GB] [flags]",
+            "remove cached chunks of layers not in use now, least recently used first (root only)",
+            "stargz_store.daemon.status_cli", "prune_main"),
 )
 
 

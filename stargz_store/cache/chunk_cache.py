@@ -27,8 +27,8 @@ CPU against 5.5-9.1 s. "First read after a write or a start" costs the same on t
 the first read after the write) and saves only on later disk reads, for a record per chunk that
 grows with the cache, and it misses damage done while the daemon runs.
 
-The disk cache is never evicted by this class (as in the Go store); its size is the operator's to
-manage. Memory use is bounded by `memory_bytes` (hot chunks) plus `RECENT_BLOCKS_BYTES`.
+The disk cache is never evicted by this class; `janitor.CacheJanitor` measures it and holds it
+under `[store] cache_max_size_gb` (it learns of each new file through `on_write`). Memory use is bounded by `memory_bytes` (hot chunks) plus `RECENT_BLOCKS_BYTES`.
 
 The API has two paths. The chunk path (`get`, `put`, `hold`) keeps hot verified chunks in the
 memory LRU. The direct path never touches that LRU: raw blob blocks (`get_block`, `put_block`:
@@ -46,6 +46,7 @@ import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 from .blob_cache import BlobRangeCache
 from .files import atomic_write, digest_hex, read_if_present, sweep_temp_files, unlink_quietly
@@ -161,6 +162,7 @@ class ChunkCache:
         self._stats = dict.fromkeys(("memory_hits", "disk_hits", "shared_disk_reads", "misses", "puts", "bad_files"), 0)
         self._loads: dict[str, _DiskLoad] = {}  # digest -> the disk read in progress
         self._loads_lock = threading.Lock()
+        self.on_write: Callable[[int], None] | None = None  # told the size of each new file (the janitor)
 
     @property
     def blob_cache(self) -> BlobRangeCache:
@@ -236,6 +238,7 @@ class ChunkCache:
             return
         atomic_write(path, data, fsync=self.fsync)
         self._count("puts")
+        self._written(len(data))
 
     def hold(self, digest: str, data: bytes) -> None:
         """Keep verified bytes in the memory LRU only (a disk write of them follows, or they are
@@ -278,6 +281,7 @@ class ChunkCache:
         and in the recent buffer."""
         self._recent_blocks.put(_block_key(blob_digest, block_size, index), data)
         self.blob_cache.put(blob_digest, block_size, index, data)
+        self._written(len(data))
 
     def has_block(self, blob_digest: str, block_size: int, index: int) -> bool:
         """Whether a block is kept (not checked: only to skip a fetch ahead; `get_block` checks)."""
@@ -290,6 +294,12 @@ class ChunkCache:
 
     def keep_range(self, blob_digest: str, offset: int, data: bytes) -> None:
         self.blob_cache.put_range(blob_digest, offset, data)
+        self._written(len(data))
+
+    def _written(self, nbytes: int) -> None:
+        on_write = self.on_write
+        if on_write is not None:
+            on_write(nbytes)
 
     def forget_range(self, blob_digest: str, offset: int, length: int) -> None:
         self.blob_cache.discard_range(blob_digest, offset, length)

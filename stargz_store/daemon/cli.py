@@ -353,11 +353,13 @@ def main(argv: list[str]) -> int:
 
     from ..fuse import MountError
     from .lifecycle import Lifecycle, block_signals, mount_and_serve
+    from .operations import start_operations
 
     trim = tune_malloc()
     block_signals()
     pool, model = build_store(cfg, root)
-    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool)
+    ops = start_operations(cfg, pool)  # cache janitor, metrics endpoint, status and prune
+    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool, ops.control_operations())
     trimmer = MemoryTrimmer(trim) if trim is not None else None
     if trimmer is not None:
         trimmer.start()
@@ -372,6 +374,7 @@ def main(argv: list[str]) -> int:
         code = EXIT_MOUNT_FAILED
     finally:
         control.close()
+        ops.close()
         if trimmer is not None:
             trimmer.stop()
         pool.close()

@@ -38,10 +38,11 @@ MAX_WORKERS = 256  # max_concurrency, resolve_workers: threads
 _TOP_USED = {
     "resolve_result_entry_ttl_sec", "prefetch_size", "prefetch_timeout_sec", "noprefetch",
     "no_background_fetch", "debug", "disable_verification", "max_concurrency", "log_file_access",
+    "metrics_address", "no_prometheus",
 }
 _TOP_NO_EFFECT: dict[str, Any] = {
     "http_cache_type": "str", "filesystem_cache_type": "str", "prefetch_async_size": "int",
-    "allow_no_verification": "bool", "no_prometheus": "bool", "resolve_result_entry": "int",
+    "allow_no_verification": "bool", "resolve_result_entry": "int",
     "metadata_store": ("memory", "db"),
 }
 _REGISTRY_TABLES = {"resolver", "blob"}
@@ -56,7 +57,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
-         "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts"},
+         "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb"},
         {},
     ),
 }
@@ -76,6 +77,8 @@ class StoreConfig:
     memory_cache_bytes: int = 16 << 20  # see config.toml: the kernel's page cache keeps what was read
     log_file_access: bool = False
     ownership: Ownership = ROOTFUL  # from the flags (--rootless, --uidmap/--gidmap), not from the file
+    metrics_address: str | None = None  # host:port of the Prometheus endpoint; None = off
+    cache_max_bytes: int | None = None  # the disk cache's limit; None = none
 
 
 def load_config(path: str | Path, *, explicit: bool) -> StoreConfig:
@@ -177,7 +180,35 @@ def _build(doc: ConfigTable) -> StoreConfig:
     )
     cfg.log_file_access = _bool(doc, "log_file_access", False)
     cfg.memory_cache_bytes = _int_or_off(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20) << 20
+    cfg.metrics_address = _metrics_address(doc)
+    limit_gb = store.number("cache_max_size_gb", minimum=0, maximum=1 << 20)
+    cfg.cache_max_bytes = int(limit_gb * (1 << 30)) if limit_gb else None
     return cfg
+
+
+def _metrics_address(doc: ConfigTable) -> str | None:
+    """`metrics_address` ("host:port", "[v6]:port"; "" = off), unless `no_prometheus` turns it off."""
+    address = doc.string("metrics_address") or None
+    if address is not None:
+        try:
+            split_host_port(address)
+        except ValueError as e:
+            raise ConfigValueError(f"{doc.key_path('metrics_address')}: {e}") from None
+    if doc.boolean("no_prometheus"):
+        if address is not None:
+            log.warning("no_prometheus = true: no metrics endpoint, although metrics_address = %r is set", address)
+        return None
+    return address
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port" (an empty host: every address); ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port (e.g. \"127.0.0.1:9110\")")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def _num(table: ConfigTable, key: str, default: float) -> float:

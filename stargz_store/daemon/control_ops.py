@@ -6,6 +6,7 @@
 
 Operations (requests and replies as in `control`):
 - `ping` -> `{"pid": ..., "version": ...}`: is a daemon there, which one;
+- `status`, `prune`: see `operations` (`stargz-store status`, `stargz-store prune`);
 - `add-credentials` `{"credentials": {"<ref>": {"username", "password", "identityToken"}}}`
   -> `{"references": N}`: what `stargz-store-helper` forwards from containers/image. The
   credentials replace what was known for each reference (memory only, see
@@ -56,13 +57,14 @@ class AddCredentials:
         return {"references": len(entries)}
 
 
-def daemon_operations(pool: Any) -> dict[str, Operation]:
-    """The daemon's operations by name; later commands (status, record, hand-over) add theirs here."""
+def daemon_operations(pool: Any, more: Mapping[str, Operation] | None = None) -> dict[str, Operation]:
+    """The daemon's operations by name: these, and `more` (`operations.Operations`: status, prune)."""
     pid = os.getpid()
     version = _version()
     return {
         "ping": lambda request: {"pid": pid, "version": version},
         "add-credentials": AddCredentials(pool),
+        **(more or {}),
     }
 
 
@@ -73,11 +75,12 @@ class _NoControl:
         pass
 
 
-def start_control_socket(address: str | os.PathLike[str], pool: Any) -> ControlServer | _NoControl:
-    """Serve `daemon_operations(pool)` at `address`; on failure log why and go on without it
+def start_control_socket(address: str | os.PathLike[str], pool: Any,
+                         more: Mapping[str, Operation] | None = None) -> ControlServer | _NoControl:
+    """Serve `daemon_operations(pool, more)` at `address`; on failure log why and go on without it
     (lazy pulls of public images do not need it; credentials from the runtime then do not arrive)."""
     try:
-        return ControlServer(address, daemon_operations(pool)).start()
+        return ControlServer(address, daemon_operations(pool, more)).start()
     except (OSError, ValueError) as exc:
         log.error("cannot serve the control socket at %s (%s): credentials from Podman/CRI-O will not "
                   "reach this daemon", Path(os.fspath(address)), getattr(exc, "strerror", None) or exc)

@@ -180,6 +180,15 @@ class LayerHandles:
             self._collect()
         return count
 
+    def references(self, slot: Holdable) -> dict[str, int]:
+        """What holds `slot` now: kernel pins and use notifications (over its keys), reads and
+        open files in progress (`holds`); `idle` 1 when it is in the idle LRU."""
+        with self._lock:
+            ref, keys = slot.ref, slot.keys()
+            return {"pins": sum(self._pins.get((ref, k), 0) for k in keys),
+                    "uses": sum(self.uses.get((ref, k), 0) for k in keys),
+                    "holds": self._holds.get(slot, 0), "idle": int(slot in self._idle)}
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"open_layers": len({id(s) for s in self._open.values()}), "idle_layers": len(self._idle),

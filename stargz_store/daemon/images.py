@@ -33,6 +33,7 @@ from pathlib import Path
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Mapping, TypeVar
 
+from .. import metrics
 from ..formats.errors import FormatError, NotLazyFormatError
 from ..fs.errors import EntryNotFound, FsError, InvalidName, LayerUnavailable
 from ..fs.model import ImageFiles, ServedLayer
@@ -309,6 +310,7 @@ class ImageResolver:
         return self._early_tails.pop((image.key, slot.blob_digest), None)
 
     def _resolve(self, key: str, ref: Reference) -> Image:
+        began = time.monotonic()
         try:
             kept = self.metadata.load(key)
             if kept is None:
@@ -319,6 +321,8 @@ class ImageResolver:
                 self._manifest_known(key)
                 self._index_layers(image, image.manifest, _diff_ids(key, image.config_raw))
         except Exception as e:
+            metrics.resolve_seconds.labels("image").observe(time.monotonic() - began)
+            metrics.count_registry_error(e, registry_only=True)
             error = as_fs_error(e, f"resolving {key}")
             with self._lock:
                 self._pending.pop(key, None)
@@ -332,6 +336,7 @@ class ImageResolver:
                 raise error from None
             finally:
                 del error  # the raised error's traceback holds this frame: no error -> frame -> error cycle
+        metrics.resolve_seconds.labels("image").observe(time.monotonic() - began)
         with self._lock:
             self.images[key] = image
             self._pending.pop(key, None)

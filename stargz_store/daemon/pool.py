@@ -21,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
+from .. import metrics
 from ..fs.errors import EntryNotFound, FsError, LayerUnavailable, StaleNode
 from ..fs.inodes import MAX_LAYER_NUMBER, diff_ino
 from ..fs.layer_tree import LayerTree
@@ -227,9 +228,12 @@ class ImagePool:
             raise
 
     def _open_slot(self, image: Image, slot: Slot, early_tail: EarlyTail | None = None) -> ServedLayer:
+        began = time.monotonic()
         try:
             layer = self._with_config(image, self.resolver.open_layer(image.ref, slot.descriptor, early_tail=early_tail))
         except Exception as e:
+            metrics.resolve_seconds.labels("layer").observe(time.monotonic() - began)  # (its registry errors
+            # are counted where the TOC was fetched)
             error = as_fs_error(e, f"{image.ref}: layer {slot.blob_digest}")
             with self._lock:
                 slot.failed_until = time.monotonic() + self.config.negative_ttl
@@ -242,6 +246,7 @@ class ImagePool:
                 raise error from None
             finally:
                 del error  # its traceback holds this frame: no error -> traceback -> frame -> error cycle
+        metrics.resolve_seconds.labels("layer").observe(time.monotonic() - began)
         self._attach_image(layer, image)
         parsed = layer.parsed
         infos = LayerInfos(slot, parsed) if slot.diff_id else {}
@@ -322,6 +327,26 @@ class ImagePool:
                 _close_quietly(s.layer)
         self.images.close()
         self._layer_executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- what is served now (status, metrics, the cache janitor) -------------------------------
+
+    def served_layers(self) -> list[tuple[dict[str, Any], OpenLayer]]:
+        """Every open layer with what holds it: ({"image", "layer" (blob digest), "number",
+        "toc_digest", "pins", "uses", "holds", "idle"}, the layer)."""
+        with self._lock:
+            open_slots = [(slot, slot.served) for _, slot in self._numbered.values() if slot.served is not None]
+            rows = []
+            for slot, served in open_slots:
+                row: dict[str, Any] = {"image": slot.ref, "layer": slot.blob_digest, "number": slot.number,
+                                       "toc_digest": slot.toc_digest}
+                row.update(self.handles.references(slot))
+                rows.append((row, served.layer))
+        return rows
+
+    def image_refs(self) -> list[str]:
+        """The images resolved now."""
+        with self._lock:
+            return sorted(self.images.images)
 
     # -- counters -----------------------------------------------------------------------------
 

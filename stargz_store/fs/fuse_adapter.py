@@ -41,6 +41,7 @@ from . import errors
 from .errors import FsError
 from .idmap import ROOTFUL, Ownership
 from .inodes import is_diff_nodeid
+from .. import metrics
 from .model import StoreModel
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def session_options(options: MountOptions) -> fuse.SessionOptions:
         negative_timeout=options.negative_timeout,
         no_open=options.no_open,
         debug=options.debug,
+        observe=metrics.observe_fuse,
     )
 
 
@@ -208,9 +210,11 @@ class StoreOperations:
 
     def read(self, ctx: fuse.Context, ino: int, fh: int, offset: int, size: int) -> bytes:
         try:
-            return self.model.read(ino, fh, offset, size, caller=self._caller(ctx))
+            data = self.model.read(ino, fh, offset, size, caller=self._caller(ctx))
         except FsError as e:
             raise _fuse_error(e, "read", ino) from None
+        metrics.served_bytes.inc(len(data))
+        return data
 
     def release(self, ino: int, fh: int) -> None:
         if fh:

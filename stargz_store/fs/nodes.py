@@ -25,6 +25,7 @@ import stat
 from typing import Callable, Mapping
 
 from ..formats.toc import SYMLINK, TocEntry
+from ..logs import Throttled
 from .attrs import Attr, dir_attr, file_attr
 from .caller import Caller
 from .errors import (
@@ -44,6 +45,7 @@ from .layer_tree import DiffNode
 from .provider import ImageFiles, LayerProvider, ServedLayer
 
 log = logging.getLogger(__name__)
+_repeated = Throttled(log)  # per-request warnings: once per cause and minute
 
 POOL_LINK = "pool"
 DIFF, INFO, BLOB, USE = "diff", "info", "blob", "use"
@@ -461,7 +463,8 @@ def read_layer(served: ServedLayer, entry: TocEntry | None, offset: int, size: i
     except FsError:
         raise
     except Exception as e:  # LayerReadError and anything unexpected must become EIO
-        log.warning("read failed at offset %d (+%d): %s", offset, end - offset, e)
+        _repeated.warning((layer.blob_digest, type(e).__name__), "read failed at offset %d (+%d): %s", offset,
+                          end - offset, e)
         raise LayerUnavailable(str(e)) from e
 
 

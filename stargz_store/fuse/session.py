@@ -27,6 +27,7 @@ import logging
 import os
 import select
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
@@ -135,6 +136,9 @@ class SessionOptions:
     max_write: int = 4096  # we refuse writes; this only sizes the read buffer
     no_open: bool = False  # files need no OPEN: see `_open` (off when passthrough is on: it needs OPEN)
     debug: bool = False  # log every request and every error answer (at DEBUG level)
+    # Called after each answered request with (opcode, its name, seconds taken, errno sent or 0):
+    # the daemon's metrics. Must be quick and must not raise.
+    observe: Callable[[int, str, float, int], None] | None = None
 
 
 class Operations(Protocol):
@@ -303,15 +307,23 @@ class Session:
             return
         if self.options.debug:
             log.debug("FUSE %s node %d uid %d pid %d", abi.OPCODE_NAMES.get(opcode, opcode), nodeid, uid, pid)
+        observe = self.options.observe
+        began = time.monotonic() if observe is not None else 0.0
+        code = 0
         try:
             handler(unique, Context(uid, gid, pid), nodeid, body)
         except FuseError as e:
             if self.options.debug:
                 log.debug("FUSE %s node %d: %s", abi.OPCODE_NAMES.get(opcode, opcode), nodeid, errno.errorcode.get(e.errno, e.errno))
+            code = e.errno
             self._reply_error(unique, e.errno)
         except Exception:
             log.exception("FUSE %s on node %d failed", abi.OPCODE_NAMES.get(opcode, opcode), nodeid)
+            code = errno.EIO
             self._reply_error(unique, errno.EIO)
+        finally:
+            if observe is not None:
+                observe(opcode, abi.OPCODE_NAMES.get(opcode, str(opcode)), time.monotonic() - began, code)
 
     def _reply(self, unique: int, *parts: bytes | memoryview) -> None:
         total = abi.OUT_HEADER.size + sum(len(p) for p in parts)

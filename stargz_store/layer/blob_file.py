@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 
 from ..cache.chunk_cache import ChunkCache
+from ..logs import Throttled
 from .config import LayerConfig
 from .fetcher import Counters, Fetcher
 from .ranges import Extent, Request, coalesce
 
 log = logging.getLogger(__name__)
+_repeated = Throttled(log)  # per-request warnings: once per cause and minute
 
 
 class BlobFile:
@@ -94,7 +96,8 @@ class BlobFile:
                 self.cache.put_block(self.blob_digest, self.block_size, index, data)
             except OSError as e:
                 self.counters.add("cache_write_errors")
-                log.warning("layer %s: cannot cache blob block %d: %s", self.blob_digest, index, e)
+                _repeated.warning(("cache write", e.errno), "layer %s: cannot cache blob block %d: %s",
+                                  self.blob_digest, index, e)
             return data
 
         return Extent(key=self._key(index), start=start, end=start + self._block_len(index), finish=finish,

@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
+from .. import metrics
+from ..logs import Throttled
 from .errors import LayerReadError
 from .flight import Flight, FlightTable
 from .ranges import Extent, Request, split_into_batches
@@ -27,6 +29,7 @@ from .scheduler import FetchScheduler
 from .sources import BlobSource
 
 log = logging.getLogger(__name__)
+_repeated = Throttled(log)  # per-request warnings: once per cause and minute
 
 
 class Counters:
@@ -138,12 +141,13 @@ class Fetcher:
         for batch in split_into_batches(requests, self.max_concurrency):
             self._submit_foreground(lambda batch=batch: self.run_batch(batch, flights, True), batch, flights)
 
-    def submit(self, batch: list[Request], flights: dict[str, Flight]) -> None:
-        """Run one batch (one `read_ranges` call) on a worker thread, as foreground work."""
+    def submit(self, batch: list[Request], flights: dict[str, Flight], kind: str = "on_demand") -> None:
+        """Run one batch (one `read_ranges` call) on a worker thread, as foreground work; `kind`
+        is what the metrics count it as (`metrics.FETCH_KINDS`)."""
         flights = dict(flights)
-        self._submit_foreground(lambda: self.run_batch(batch, flights, True), batch, flights)
+        self._submit_foreground(lambda: self.run_batch(batch, flights, True, kind), batch, flights)
 
-    def submit_in_order(self, requests: list[Request], flights: dict[str, Flight]) -> None:
+    def submit_in_order(self, requests: list[Request], flights: dict[str, Flight], kind: str = "on_demand") -> None:
         """Run requests one after the other on one worker thread (each its own `read_ranges`
         call), so a very large region never sits in memory whole."""
         flights = dict(flights)
@@ -151,7 +155,7 @@ class Fetcher:
         def run_all() -> None:
             try:
                 for req in requests:
-                    self.run_batch([req], flights, True)
+                    self.run_batch([req], flights, True, kind)
             finally:
                 err = LayerReadError(f"fetch of {self.name} abandoned")
                 self._fail((ext.key for req in requests for ext in req.extents), flights, err)
@@ -185,16 +189,18 @@ class Fetcher:
             return
         future.add_done_callback(lambda f: self._item_ended() if f.cancelled() else None)
 
-    def run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool = False) -> None:
+    def run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool = False,
+                  kind: str | None = None) -> None:
         """Fetch one batch with one `read_ranges` call and land every flight in it. Runs on a
         worker thread for foreground work (inside its item's scheduler scope), on the caller's
         thread for background work (inside its `background_turn`). Landed flights are dropped
         from `flights` as they land: pass a dict of the batch's own."""
         all_keys = [ext.key for req in batch for ext in req.extents]
+        kind = kind or ("on_demand" if foreground else "background")
         try:
             live = self._drop_cached(batch, flights)
             if live:
-                self._fetch_and_land(live, flights, foreground)
+                self._fetch_and_land(live, flights, foreground, kind)
         except BaseException as e:  # never leave a flight unlanded, whatever happened
             log.exception("%s: fetch worker failed", self.name)
             self._fail(all_keys, flights, LayerReadError(f"internal error fetching {self.name}: {e}"))
@@ -202,16 +208,18 @@ class Fetcher:
         finally:
             self._fail(all_keys, flights, LayerReadError(f"fetch of {self.name} abandoned"))  # what is left
 
-    def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool) -> None:
+    def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool, kind: str) -> None:
         stream = getattr(self.source, "stream_range", None)
         if stream is not None and len(live) == 1 and len(live[0].extents) > 1:
-            self._stream_and_land(stream, live[0], flights, foreground)
+            self._stream_and_land(stream, live[0], flights, foreground, kind)
             return
         ranges = [(r.start, r.end - r.start) for r in live]
         try:
             self.counters.add("fetch_calls")
             self.counters.add("requests", len(ranges))
-            bufs = self.source.read_ranges(ranges)
+            with metrics.FetchTimer(kind, len(ranges)) as timer:
+                bufs = self.source.read_ranges(ranges)
+                timer.received(sum(len(b) for b in bufs))
             if len(bufs) != len(ranges):
                 raise LayerReadError(f"source returned {len(bufs)} buffers for {len(ranges)} ranges")
             for (off, length), buf in zip(ranges, bufs):
@@ -219,7 +227,8 @@ class Fetcher:
                     raise LayerReadError(f"short read at {off}: {len(buf)} of {length} bytes")
         except Exception as e:
             self.counters.add("fetch_errors")
-            log.warning("%s: fetching %d range(s) failed: %s", self.name, len(ranges), e)
+            _repeated.warning((self.name, type(e).__name__), "%s: fetching %d range(s) failed: %s", self.name,
+                              len(ranges), e)
             err = LayerReadError(f"fetching {len(ranges)} range(s) of {self.name} failed: {e}")
             err.__cause__ = e
             self._fail((ext.key for req in live for ext in req.extents), flights, err)
@@ -232,20 +241,26 @@ class Fetcher:
             for ext in req.extents:
                 self._land(ext, flights, view[ext.start - req.start : ext.end - req.start])
 
-    def _stream_and_land(self, stream, req: Request, flights: dict[str, Flight], foreground: bool) -> None:
+    def _stream_and_land(self, stream, req: Request, flights: dict[str, Flight], foreground: bool, kind: str) -> None:
         """One request of many extents (a prefetch, a long read), each landed as soon as its last
         byte has arrived, so a reader of the first file of a 20 MB prefetch waits for that file's
         bytes only. Extents landed before a failure stay landed; the rest get the error."""
         lander = _StreamLander(self, req, flights)
         self.counters.add("fetch_calls")
         self.counters.add("requests")
+        timer = metrics.FetchTimer(kind)
         try:
-            stream(req.start, req.length, lander.feed)
+            with timer:
+                try:
+                    stream(req.start, req.length, lander.feed)
+                finally:
+                    timer.received(lander.received)
             if lander.end < req.end:
                 raise LayerReadError(f"short read: {lander.end - req.start} of {req.length} bytes at {req.start}")
         except Exception as e:
             self.counters.add("fetch_errors")
-            log.warning("%s: streaming [%d, %d) failed after %d bytes: %s", self.name, req.start, req.end,
+            _repeated.warning((self.name, type(e).__name__), "%s: streaming [%d, %d) failed after %d bytes: %s",
+                              self.name, req.start, req.end,
                         lander.received, e)
             err = LayerReadError(f"fetching [{req.start}, {req.end}) of {self.name} failed: {e}")
             err.__cause__ = e
@@ -286,6 +301,7 @@ class Fetcher:
             value = ext.finish(raw)
         except Exception as e:
             self.counters.add("verify_failures")
+            metrics.verify_failures.inc()
             log.error("%s: bytes [%d, %d) rejected: %s", self.name, ext.start, ext.end, e)
             err = LayerReadError(f"{self.name} bytes [{ext.start}, {ext.end}): {e}")
             err.__cause__ = e

@@ -224,6 +224,27 @@ class Layer:
         out["in_flight"] = len(self.reader.fetcher.flights)
         return out
 
+    def chunk_sizes(self) -> dict[str, int]:
+        """Every chunk of this layer's files the cache may hold (digest -> bytes; holes, which
+        are made locally, left out): what the cache janitor must keep while the layer is in use."""
+        out: dict[str, int] = {}
+        for entry in self.toc.files_in_blob_order():
+            for c in entry.chunks:
+                if not c.zeros:
+                    out[c.digest] = c.size
+        return out
+
+    def local_share(self) -> tuple[int, int]:
+        """(bytes of its chunks on disk or in memory, bytes of all its chunks), uncompressed: how
+        much of the layer can be read without the registry. A stat per chunk: for `status`, not
+        for a hot path."""
+        total = local = 0
+        for digest, size in self.chunk_sizes().items():
+            total += size
+            if self.cache.contains(digest):
+                local += size
+        return local, total
+
     def drain(self, timeout: float) -> bool:
         """Wait until no on-demand or prefetch fetch is running (their cache writes included);
         True if that happened within `timeout` seconds."""

@@ -30,6 +30,7 @@ import time
 from typing import Iterable, Mapping
 
 from ..cache.chunk_cache import ChunkCache
+from ..logs import Throttled
 from ..formats.layer_toc import ParsedToc
 from ..formats.toc import Chunk
 from .blob_index import BlobIndex
@@ -42,6 +43,7 @@ from .scheduler import FetchScheduler
 from .sources import BlobSource
 
 log = logging.getLogger(__name__)
+_repeated = Throttled(log)  # per-request warnings: once per cause and minute
 
 
 class FetchPlan:
@@ -241,7 +243,8 @@ class ChunkReader:
                 self.cache.put(chunk.digest, data, keep_in_memory=False)  # memory: done in finish
             except OSError as e:  # a full or broken cache disk must not fail a verified read
                 self.counters.add("cache_write_errors")
-                log.warning("layer %s: cannot cache chunk %s: %s", self.blob_digest, chunk.digest, e)
+                _repeated.warning(("cache write", e.errno), "layer %s: cannot cache chunk %s: %s", self.blob_digest,
+                                  chunk.digest, e)
 
         def cached() -> bytes | None:
             return self.cache.get(chunk.digest, chunk.size, keep_in_memory=keep_in_memory)
@@ -289,7 +292,8 @@ class ChunkReader:
                     self.cache.put_block(self.blob_digest, size, i, block)
                 except OSError as e:
                     self.counters.add("cache_write_errors")
-                    log.warning("layer %s: cannot keep block %d: %s", self.blob_digest, i, e)
+                    _repeated.warning(("cache write", e.errno), "layer %s: cannot keep block %d: %s", self.blob_digest,
+                                      i, e)
             data = compressed(raw)
             if data is None:
                 raise LayerReadError(f"a kept block of chunk {chunk.digest} is gone; it is fetched again on the next read")

@@ -7,6 +7,7 @@ import traceback
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
+from .. import metrics
 from ..cache.chunk_cache import ChunkCache
 from ..formats.detect import read_layer_toc
 from ..formats.errors import FormatError
@@ -136,7 +137,9 @@ class TailCachedReadAt:
                 self.reused.append((offset, length))
                 return kept
         self.requests += 1
-        (data,) = self.source.read_ranges([(offset, length)])
+        with metrics.FetchTimer("toc") as timer:
+            (data,) = self.source.read_ranges([(offset, length)])
+            timer.received(len(data))
         self.fetched.append((offset, data))
         return data
 
@@ -189,7 +192,10 @@ class LayerResolver:
         """The first request `open_layer` would make, for a blob whose size is not known yet."""
         if self.client is None:
             raise RuntimeError("LayerResolver has no registry client")
-        return self.client.read_blob_tail(ref, digest, self.config.tail_size)
+        with metrics.FetchTimer("toc", guess=True) as timer:
+            tail = self.client.read_blob_tail(ref, digest, self.config.tail_size)
+            timer.received(len(tail[2]))
+        return tail
 
     def open_layer_from_source(
         self, source: BlobSource, descriptor: Mapping, *, key_digest: str | None = None,

@@ -70,9 +70,9 @@ def test_pool_bounds_reach_the_pool_and_idle_layers_0_is_off():
 
 def test_unknown_keys_are_warned_not_fatal(caplog):
     with caplog.at_level(logging.WARNING):
-        config_from_toml({"metrics_address": "127.0.0.1:8234", "blob": {"chunk_sise": 1}})
+        config_from_toml({"metrics_adress": "127.0.0.1:8234", "blob": {"chunk_sise": 1}})
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "metrics_address" in messages and "blob.chunk_sise" in messages
+    assert "metrics_adress" in messages and "blob.chunk_sise" in messages
 
 
 @pytest.mark.parametrize("doc", [

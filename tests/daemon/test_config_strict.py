@@ -91,13 +91,16 @@ REFUSED = [
     ('[store]\nplatform = "linux"', "store.platform"),
     # keys without effect still need a value of their type (Go refuses the file otherwise too)
     ('metadata_store = "sql"', "metadata_store"),
+    ('metrics_address = "localhost"', "metrics_address"),  # host:port
+    ("metrics_address = 8234", "metrics_address"),
+    ("[store]\ncache_max_size_gb = -1", "store.cache_max_size_gb"),
     ('[blob]\nchunk_size = "big"', "blob.chunk_size"),
     ('[kubeconfig_keychain]\nenable_keychain = "yes"', "kubeconfig_keychain.enable_keychain"),
 ]
 
 # (file text, the path the warning must name). Each starts, with exactly one warning naming it.
 WARNED = [
-    ('metrics_address = "127.0.0.1:8234"', "metrics_address"),  # the Go demo file's key
+    ('metrics_adress = "127.0.0.1:8234"', "metrics_adress"),
     ("[blob]\nchunk_sise = 1", "blob.chunk_sise"),
     ("[store]\nneighbor_fetch_kb = 1", "store.neighbor_fetch_kb"),
     ('[fuse]\n"odd key" = 1', 'fuse."odd key"'),
@@ -107,7 +110,7 @@ WARNED = [
     ("[kubeconfig_keychain]\nenable_keychain = true", "kubeconfig_keychain.enable_keychain"),
     ("[directory_cache]\nmax_cache_fds = 10", "directory_cache.max_cache_fds"),
     ('metadata_store = "db"', "metadata_store"),
-    ("no_prometheus = true", "no_prometheus"),
+    ('metrics_address = "127.0.0.1:8234"\nno_prometheus = true', "no_prometheus"),  # it wins: no endpoint
     ("[resolver]\nrequest_timeout_sec = -1", "resolver.request_timeout_sec"),  # Go: no timeout; here: the default
     ('[[resolver.host."r:5000".mirrors]]\nhost = "m:1"\nrequest_timeout_sec = -1',
      'resolver.host."r:5000".mirrors[0].request_timeout_sec'),

@@ -73,9 +73,9 @@ class Prefetch(FetchPolicy):
             self.counters.add("prefetch_bytes", sum(r.length for r in requests))
             log.debug("layer %s: prefetching %d request(s) up to %d", self.reader.blob_digest, len(requests), limit)
             if len(requests) == 1:
-                fetcher.submit(requests, flights)
+                fetcher.submit(requests, flights, "prefetch")
             else:  # consecutive requests, one in memory at a time
-                fetcher.submit_in_order(requests, flights)
+                fetcher.submit_in_order(requests, flights, "prefetch")
         if timeout is None:
             return
         began = time.monotonic()
