@@ -55,6 +55,7 @@ class _Log:
 def make_handler(upstream: str, log: _Log) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stalls
         upstream_conn: http.client.HTTPConnection | None = None
 
         def log_message(self, *args) -> None:
@@ -63,6 +64,8 @@ def make_handler(upstream: str, log: _Log) -> type[BaseHTTPRequestHandler]:
         def _connection(self) -> http.client.HTTPConnection:
             if self.upstream_conn is None:
                 self.upstream_conn = http.client.HTTPConnection(upstream, timeout=UPSTREAM_TIMEOUT)
+                self.upstream_conn.connect()
+                self.upstream_conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return self.upstream_conn
 
         def _drop_upstream(self) -> None:

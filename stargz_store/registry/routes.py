@@ -86,16 +86,19 @@ class BlobRoutes:
             state = route.mirrors.get(endpoint.host) if route else None
             return state.retry_at if state else 0.0
 
-    def failed(self, key: BlobKey, endpoint: Endpoint) -> float:
-        """A mirror could not serve this blob: skip it for it for a jittered, doubling back-off.
-        Returns the delay in seconds (0.0 for the origin, which is never skipped)."""
+    def failed(self, key: BlobKey, endpoint: Endpoint, at_least: float = 0.0) -> float:
+        """A mirror could not serve this blob: skip it for it for a jittered, doubling back-off
+        that starts at `retry_base`, or at `at_least` when that is longer (e.g. the time a mirror
+        needs to fill a large blob). Returns the delay in seconds (0.0 for the origin, which is
+        never skipped)."""
         if not endpoint.is_mirror:
             return 0.0
         with self._lock:
             state = self._route(key).mirrors.setdefault(endpoint.host, _MirrorState())
             state.failures += 1
             state.confirmed = False
-            delay = min(MAX_BACKOFF, self.retry_base * 2 ** (state.failures - 1)) * self._rng.uniform(0.5, 1.5)
+            base = max(self.retry_base, at_least)
+            delay = min(MAX_BACKOFF, base * 2 ** (state.failures - 1)) * self._rng.uniform(0.5, 1.5)
             state.retry_at = time.monotonic() + delay
             return delay
 

@@ -109,6 +109,21 @@ def test_cold_mirror_far_range_is_abandoned_then_the_mirror_serves_after_its_fil
     assert meter.read_from(site.mirror.host, 206) == [1000, 5000]
 
 
+def test_reads_during_the_fill_wait_for_the_mirror(site):
+    """The read that met the cold mirror went to the origin; the next one, while the mirror is in
+    back-off for the blob, waits for it (up to `mirror_fill_wait`) instead of asking the origin
+    too: in a fleet the origin would otherwise serve every node's reads on top of the fill."""
+    data = random_blob(LARGE)
+    ref, digest = site.push("fill/wait", data)
+    with site.client(whole_blob_limit=1 << 20, mirror_retry=2.0, mirror_fill_wait=10.0) as client:
+        answered = AnsweredRequests(client)
+        assert client.read_blob_range(ref, digest, 2_000_000, 1000) == data[2_000_000:2_001_000]
+        assert wait_for(lambda: site.filled(digest))
+        assert client.read_blob_range(ref, digest, 2_500_000, 1000) == data[2_500_000:2_501_000]
+    assert len(_origin_blob_gets(answered, site, digest)) == 1
+    assert len(_mirror_blob_gets(answered, site, digest)) == 2
+
+
 def test_small_blob_through_a_cold_mirror_is_read_whole_once(site):
     """A blob within the whole-blob limit: the mirror's whole body is read once, verified and held;
     the tail, ranges, multi-ranges and streamed ranges of it are all answered from memory."""

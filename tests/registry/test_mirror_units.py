@@ -108,9 +108,12 @@ def test_whole_blob_readers_wait_for_their_bytes_and_see_a_failure():
 
 def test_mirror_keys_from_config_toml():
     cfg = RegistryConfig.from_toml({"blob": {"whole_blob_limit_mb": 2, "whole_blob_memory_mb": 8,
-                                             "mirror_retry_msec": 250}})
-    assert (cfg.whole_blob_limit, cfg.whole_blob_memory, cfg.mirror_retry) == (2 << 20, 8 << 20, 0.25)
-    off = RegistryConfig.from_toml({"blob": {"whole_blob_limit_mb": 0}})
+                                             "mirror_retry_msec": 250, "mirror_fill_wait_msec": 1500}})
+    assert (cfg.whole_blob_limit, cfg.whole_blob_memory, cfg.mirror_retry, cfg.mirror_fill_wait) == \
+        (2 << 20, 8 << 20, 0.25, 1.5)
+    off = RegistryConfig.from_toml({"blob": {"whole_blob_limit_mb": 0, "mirror_fill_wait_msec": 0}})
     assert off.whole_blob_limit == 0 and not WholeBlobStore(off.whole_blob_limit, off.whole_blob_memory).fits(1)
+    assert off.mirror_fill_wait == 0.0
     defaults = RegistryConfig.from_toml({})
-    assert (defaults.whole_blob_limit, defaults.whole_blob_memory, defaults.mirror_retry) == (4 << 20, 32 << 20, 0.5)
+    assert (defaults.whole_blob_limit, defaults.whole_blob_memory, defaults.mirror_retry, defaults.mirror_fill_wait) == \
+        (4 << 20, 32 << 20, 0.5, 3.0)
