@@ -154,7 +154,7 @@ class Mirror:
 
     def __init__(self, work: Path, name: str, origin_host: str) -> None:
         self.work = work / name
-        self.registry = LocalRegistry(self.work, log_level="warn",
+        self.registry = LocalRegistry(self.work, log_level=os.environ.get("STARGZ_FLEET_MIRROR_LOG", "warn"),
                                       extra_config=f"proxy:\n  remoteurl: http://{origin_host}\n",
                                       preexec_fn=infra_preexec)
 
