@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # What the store needs on a node (make install), then what the tests, the demo and the benchmarks add
 # (systemd: systemd-analyze, which checks the installed unit).
-RUNTIME_APT_PACKAGES := python3 python3-venv python3-pip fuse3 libfuse3-3 ca-certificates
+RUNTIME_APT_PACKAGES := python3 python3-venv python3-pip fuse3 ca-certificates
 APT_PACKAGES := $(RUNTIME_APT_PACKAGES) podman runc docker-registry skopeo iproute2 busybox-static curl uidmap zstd openssl strace tar gzip debootstrap systemd
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 300

@@ -32,6 +32,9 @@ DAEMON_SUMMARY = "mount the store at MOUNTPOINT (an existing directory) and serv
 COMMANDS: tuple[Command, ...] = (
     Command("convert", "[flags] SRC DST", "make an eStargz or zstd:chunked copy of an image (see convert --help)",
             "stargz_store.convert.cli"),
+    Command("auth-helper", "[--addr SOCKET | --root DIR]",
+            "pass containers/image credentials on stdin to the running daemon (also stargz-store-helper)",
+            "stargz_store.daemon.auth_helper"),
 )
 
 

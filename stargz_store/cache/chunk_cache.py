@@ -28,7 +28,16 @@ the first read after the write) and saves only on later disk reads, for a record
 grows with the cache, and it misses damage done while the daemon runs.
 
 The disk cache is never evicted by this class (as in the Go store); its size is the operator's to
-manage. Memory use is bounded by `memory_bytes`.
+manage. Memory use is bounded by `memory_bytes` (hot chunks) plus `RECENT_BLOCKS_BYTES`.
+
+The API has two paths. The chunk path (`get`, `put`, `hold`) keeps hot verified chunks in the
+memory LRU. The direct path never touches that LRU: raw blob blocks (`get_block`, `put_block`:
+the ALS `blob` file, read whole and once by a push or save) go to disk and to a small buffer of
+recent blocks of their own, and a caller that fetches in bulk (background fetch, prefetch) passes
+`keep_in_memory=False`, so neither evicts the chunks a running container reads again and again
+(the Go store's `cache.Direct()`). The bytes a TOC was read from are kept on disk
+(`kept_range`, `keep_range`, `forget_range`). Nothing outside this package reaches into
+`memory` or `blob_cache`.
 """
 from __future__ import annotations
 
@@ -42,6 +51,12 @@ from .blob_cache import BlobRangeCache
 from .files import atomic_write, digest_hex, read_if_present, sweep_temp_files, unlink_quietly
 
 log = logging.getLogger(__name__)
+
+# Raw blob blocks recently read or fetched (direct path): a `blob` file is read in 128 KiB pieces,
+# so each 1 MiB block is asked for eight times in a row; without this each would re-read and
+# re-hash the block file. Separate from the chunk LRU, so a push never evicts hot chunks.
+RECENT_BLOCKS_BYTES = 8 << 20
+
 
 class MemoryLru:
     """A byte-bounded LRU of immutable values. Values larger than a quarter of the bound are not
@@ -139,6 +154,7 @@ class ChunkCache:
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.memory = MemoryLru(memory_bytes)
+        self._recent_blocks = MemoryLru(RECENT_BLOCKS_BYTES)
         self._blob_cache: BlobRangeCache | None = None
         self._blob_cache_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -221,10 +237,62 @@ class ChunkCache:
         atomic_write(path, data, fsync=self.fsync)
         self._count("puts")
 
+    def hold(self, digest: str, data: bytes) -> None:
+        """Keep verified bytes in the memory LRU only (a disk write of them follows, or they are
+        made locally, like a zstd:chunked hole). No-op for a chunk larger than `holds` allows."""
+        self.memory.put(digest, data)
+
+    def holds(self, size: int) -> bool:
+        """Whether the memory LRU keeps a chunk of `size` bytes at all."""
+        return self.memory.accepts(size)
+
+    def in_memory(self, digest: str) -> bool:
+        """Whether the chunk is in the memory LRU (its recency is not refreshed)."""
+        return digest in self.memory
+
+    def clear_memory(self) -> None:
+        """Drop everything held in memory (hot chunks, recent raw blocks); the disk stays."""
+        self.memory.clear()
+        self._recent_blocks.clear()
+
     def discard(self, digest: str) -> None:
         """Forget a chunk (memory and disk)."""
         self.memory.discard(digest)
         unlink_quietly(self.path_for(digest))
+
+    # ---- direct path: raw blob blocks and kept TOC bytes (never in the chunk LRU) ----------------
+
+    def get_block(self, blob_digest: str, block_size: int, index: int, length: int) -> bytes | None:
+        """Block `index` of a blob as received (from the recent buffer, else the disk, where it
+        is checked against the sha256 recorded when it arrived), or None."""
+        key = _block_key(blob_digest, block_size, index)
+        data = self._recent_blocks.get(key)
+        if data is None:
+            data = self.blob_cache.get(blob_digest, block_size, index, length)
+            if data is not None:
+                self._recent_blocks.put(key, data)
+        return data
+
+    def put_block(self, blob_digest: str, block_size: int, index: int, data: bytes) -> None:
+        """Keep a block as received from the registry: on disk (raises OSError when that fails)
+        and in the recent buffer."""
+        self._recent_blocks.put(_block_key(blob_digest, block_size, index), data)
+        self.blob_cache.put(blob_digest, block_size, index, data)
+
+    def has_block(self, blob_digest: str, block_size: int, index: int) -> bool:
+        """Whether a block is kept (not checked: only to skip a fetch ahead; `get_block` checks)."""
+        return (_block_key(blob_digest, block_size, index) in self._recent_blocks
+                or self.blob_cache.contains(blob_digest, block_size, index))
+
+    def kept_range(self, blob_digest: str, offset: int, length: int) -> bytes | None:
+        """Bytes of a blob kept by `keep_range` (the caller re-authenticates them)."""
+        return self.blob_cache.get_range(blob_digest, offset, length)
+
+    def keep_range(self, blob_digest: str, offset: int, data: bytes) -> None:
+        self.blob_cache.put_range(blob_digest, offset, data)
+
+    def forget_range(self, blob_digest: str, offset: int, length: int) -> None:
+        self.blob_cache.discard_range(blob_digest, offset, length)
 
     def sweep_temp_files(self) -> int:
         """Remove the temp files interrupted writes left in the chunk and blob caches (never
@@ -244,3 +312,7 @@ class ChunkCache:
     def _count(self, key: str) -> None:
         with self._stats_lock:
             self._stats[key] += 1
+
+
+def _block_key(blob_digest: str, block_size: int, index: int) -> str:
+    return f"{blob_digest}/{block_size}/{index}"

@@ -15,9 +15,10 @@ Privacy: the data root holds image metadata, counters and cached layer bytes of 
 one is tightened at start) and the daemon runs with umask 077 once the mountpoint exists, so
 everything it creates under the root is its own alone.
 
-Counters: SIGUSR1 writes `<root>/stats.json` (atomically). Signals are handled by `Lifecycle`.
-Once mounted, `main` ends the process with `os._exit` after unmounting: worker threads may still
-be inside registry requests, and a stopping daemon must not wait for their timeouts.
+Counters: SIGUSR1 writes `<root>/stats.json` (atomically). Mounting, serving and signals are
+`lifecycle`'s. Once mounted, `main` ends the process with `os._exit` after unmounting: worker
+threads may still be inside registry requests, and a stopping daemon must not wait for their
+timeouts.
 """
 from __future__ import annotations
 
@@ -26,19 +27,17 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import json
 import logging
 import os
-import signal
-import socket
 import stat
-import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
+from .control import SOCKET_NAME as CONTROL_SOCKET_NAME
+from .control_ops import start_control_socket
 
 if TYPE_CHECKING:
     from ..cache.chunk_cache import ChunkCache
@@ -50,7 +49,6 @@ EXIT_OK, EXIT_MOUNT_FAILED, EXIT_USAGE = 0, 1, 2
 LOCK_NAME = "stargz-store.lock"
 ROOT_MODE = 0o700
 PRIVATE_UMASK = 0o077
-LOOP_ENDED_WITH_ERROR = 8
 _LEVELS = {
     "trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
     "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL, "panic": logging.CRITICAL,
@@ -80,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"data directory: cache, metadata, lock (default {DEFAULT_ROOT})")
     parser.add_argument("--log-level", "-log-level", default="info", choices=sorted(_LEVELS), metavar="LEVEL",
                         help=f"one of {', '.join(sorted(_LEVELS))} (default info)")
-    parser.add_argument("--addr", "-addr", default=None, metavar="SOCKET", help="credential socket of the Go store; accepted and ignored")
+    parser.add_argument("--addr", "-addr", default=None, metavar="SOCKET", 
+                        help="control socket for stargz-store-helper and commands (default ROOT/store.sock)")
     parser.add_argument("--create-mountpoint", "-create-mountpoint", action="store_true",
                         help="create MOUNTPOINT (and its parents) if it does not exist")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT",
@@ -123,9 +122,6 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # mfusepy logs every error answer (ENOENT, ENODATA...) with a traceback at debug level; the
-    # answers that matter are logged by our adapter. `debug = true` in config.toml traces requests.
-    logging.getLogger("fuse").setLevel(max(_LEVELS[level], logging.INFO))
 
 
 def prepare_root(root: Path) -> None:
@@ -162,6 +158,8 @@ def prepare_mountpoint(mountpoint: Path) -> None:
     A dead mount is recognised by ENOTCONN from a readdir (a stat may still be answered from
     the kernel's attribute cache, since we ask for long cache timeouts).
     """
+    from ..fuse import MountError, unmount
+
     try:
         mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.stat(mountpoint)
@@ -172,9 +170,10 @@ def prepare_mountpoint(mountpoint: Path) -> None:
         if e.errno != errno.ENOTCONN:
             raise StartupError(f"mountpoint {mountpoint}: {e.strerror}") from None
         log.warning("%s is a dead mount from a previous run; unmounting it", mountpoint)
-        result = subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise StartupError(f"cannot unmount stale mount at {mountpoint}: {result.stderr.strip()}") from None
+        try:
+            unmount(str(mountpoint), lazy=True)
+        except MountError as e:
+            raise StartupError(f"cannot unmount stale mount at {mountpoint}: {e}") from None
         os.stat(mountpoint)
 
 
@@ -210,103 +209,6 @@ def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
     thread = threading.Thread(target=sweep, name="cache-sweep", daemon=True)
     thread.start()
     return thread
-
-
-def write_stats(pool, root: Path) -> None:
-    path = root / "stats.json"
-    tmp = root / ".stats.json.tmp"
-    tmp.write_text(json.dumps(pool.stats(), indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
-class Lifecycle:
-    """Signals and shutdown of a mounted daemon.
-
-    SIGINT/SIGTERM/SIGHUP/SIGUSR1 are blocked in every thread and taken by one thread with
-    `sigwait` (Python handlers cannot run while the main thread sits in libfuse's loop, and
-    libfuse's own handlers would only end the loop after every blocked lookup had timed out).
-    On a stop signal: close the pool (waiting lookups and reads get EIO at once), unmount (the
-    kernel then ends libfuse's loop), and if the mount is busy, detach it and abort the FUSE
-    connection after `abort_after` seconds so the process always exits.
-    """
-
-    SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
-
-    def __init__(self, pool, root: Path, mountpoint: Path, abort_after: float = 5.0) -> None:
-        self.pool = pool
-        self.root = root
-        self.mountpoint = mountpoint
-        self.abort_after = abort_after
-        self.device: str | None = None  # major:minor of our mount, known once it is live
-        self.stopping = threading.Event()
-        self.loop_ended = threading.Event()
-
-    @classmethod
-    def block_signals(cls) -> None:
-        """Call before any thread starts, so every thread inherits the mask."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, cls.SIGNALS)
-
-    def start(self) -> None:
-        threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
-
-    def on_ready(self) -> None:
-        from ..fs.fuse_adapter import mount_device
-
-        self.device = mount_device(str(self.mountpoint))
-        log.info("stargz-store is serving at %s", self.mountpoint)
-        notify_systemd("READY=1")
-
-    def _signal_loop(self) -> None:
-        while True:
-            sig = signal.sigwait(self.SIGNALS)
-            if sig == signal.SIGUSR1:
-                try:
-                    write_stats(self.pool, self.root)
-                except Exception:
-                    log.exception("writing stats failed")
-                continue
-            if self.stopping.is_set():
-                continue
-            log.info("%s received: unmounting %s", signal.Signals(sig).name, self.mountpoint)
-            self.stopping.set()
-            notify_systemd("STOPPING=1")
-            self.pool.close()
-            self._unmount()
-
-    def _unmount(self) -> None:
-        result = subprocess.run(["umount", str(self.mountpoint)], capture_output=True, text=True)
-        if result.returncode != 0:
-            log.warning("umount %s: %s; detaching it lazily", self.mountpoint, result.stderr.strip())
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-        if not self.loop_ended.wait(self.abort_after) and self.device:
-            self._abort_connection()
-
-    def _abort_connection(self) -> None:
-        """Last resort for a mount that stays busy: abort it through fusectl (mounted if needed)."""
-        control = Path("/sys/fs/fuse/connections")
-        minor = self.device.split(":")[1] if self.device else ""
-        log.warning("FUSE connection %s still busy after %g s; aborting it", self.device, self.abort_after)
-        if not (control / minor).exists() and not os.path.ismount(control):
-            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True)
-        try:
-            (control / minor / "abort").write_text("1")
-        except OSError as e:
-            log.error("cannot abort FUSE connection %s: %s", self.device, e)
-
-
-def notify_systemd(state: str) -> None:
-    """`sd_notify` for `Type=notify` units (as the Go store sends READY=1 once mounted)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(state.encode())
-    except OSError as e:
-        log.warning("cannot notify systemd (%s): %s", state, e)
 
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -370,8 +272,6 @@ def main(argv: list[str]) -> int:
     setup_logging(args.log_level)
     root = Path(args.root).absolute()
     mountpoint = Path(args.mountpoint).absolute()
-    if args.addr:
-        log.info("--addr %s ignored: this store takes credentials from resolver.auth_file", args.addr)
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG_PATH, explicit=args.config is not None)
         prepare_root(root)
@@ -385,29 +285,27 @@ def main(argv: list[str]) -> int:
         log.error("cannot prepare %s: %s", root, e)
         return EXIT_USAGE
 
-    from ..fs.fuse_adapter import mount
+    from ..fuse import MountError
+    from .lifecycle import Lifecycle, block_signals, mount_and_serve
 
     trim = tune_malloc()
-    Lifecycle.block_signals()
+    block_signals()
     pool, model = build_store(cfg, root)
+    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool)
     trimmer = MemoryTrimmer(trim) if trim is not None else None
     if trimmer is not None:
         trimmer.start()
-    lifecycle = Lifecycle(pool, root, mountpoint)
+    lifecycle = Lifecycle(pool, root, mountpoint, read_ahead_kb=cfg.mount.read_ahead_kb, model=model)
     lifecycle.start()
     log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
     code = EXIT_OK
     try:
-        mount(model, str(mountpoint), cfg.mount, on_ready=lifecycle.on_ready)
-    except RuntimeError as e:
-        # fuse_main_real: 1-7 = could not parse options, create or mount; 8 = the loop ended
-        # with an error (e.g. the connection was aborted while stopping).
-        libfuse_code = e.args[0] if e.args else None
-        if not (lifecycle.stopping.is_set() and libfuse_code == LOOP_ENDED_WITH_ERROR):
-            log.error("FUSE mount at %s failed (libfuse code %s)", mountpoint, libfuse_code)
-            code = EXIT_MOUNT_FAILED
+        mount_and_serve(model, lifecycle, cfg.mount)
+    except MountError as e:
+        log.error("%s", e)
+        code = EXIT_MOUNT_FAILED
     finally:
-        lifecycle.loop_ended.set()
+        control.close()
         if trimmer is not None:
             trimmer.stop()
         pool.close()

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fs.fuse_adapter import MountOptions
-from ..layer.config import LayerConfig
+from ..layer.config import FETCH_POLICIES, LayerConfig
 from ..registry.config import (
     MAX_INTEGER, MAX_SECONDS, ConfigTable, ConfigValueError, RegistryConfig, describe,
 )
 from ..registry.errors import InvalidReferenceError
 from ..registry.platforms import parse_platform
-from .pool import PoolConfig
+from .pool_config import PoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +52,14 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
     "kubeconfig_keychain": (set(), {"enable_keychain": "bool", "kubeconfig_path": "str"}),
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
-         "max_toc_size_mb", "max_toc_entries", "max_path_depth", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
+         "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
-         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb"},
+         "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
+         "fetch_policy", "idle_layers", "max_images", "max_use_counts"},
         {},
     ),
 }
 
-
-# `sequential_readahead_kb`: a read that continues where the previous read of the same file ended also starts fetching the
-# file's next chunks, this many KiB of compressed data ahead (random reads fetch only their chunks).
-DAEMON_READAHEAD_KB = 0
-# `neighbour_fetch_kb`: see LayerConfig.neighbour_fetch_size.
-DAEMON_NEIGHBOUR_FETCH_KB = 64
-# `executable_fetch_limit_mb`: see LayerConfig.executable_fetch_limit.
-DAEMON_EXECUTABLE_FETCH_MB = 64
-# `small_layer_fetch_kb`: see LayerConfig.small_layer_fetch_size.
-DAEMON_SMALL_LAYER_FETCH_KB = 2048
 
 
 class ConfigError(Exception):
@@ -142,9 +133,12 @@ def _build(doc: ConfigTable) -> StoreConfig:
     layer.prefetch_timeout = float(_num(doc, "prefetch_timeout_sec", layer.prefetch_timeout))
     layer.no_prefetch = _bool(doc, "noprefetch", layer.no_prefetch)
     layer.prefetch_wait = _bool(store, "wait_for_prefetch", layer.prefetch_wait)
-    layer.executable_fetch_limit = _int_or_off(store, "executable_fetch_limit_mb", DAEMON_EXECUTABLE_FETCH_MB) << 20
-    layer.neighbour_fetch_size = _int_or_off(store, "neighbour_fetch_kb", DAEMON_NEIGHBOUR_FETCH_KB) << 10
-    layer.small_layer_fetch_size = _int_or_off(store, "small_layer_fetch_kb", DAEMON_SMALL_LAYER_FETCH_KB) << 10
+    # The fetch policies' defaults are LayerConfig's (the one table, layer/config.py); 0 = off.
+    layer.executable_fetch_limit = _int_or_off(store, "executable_fetch_limit_mb", layer.executable_fetch_limit >> 20) << 20
+    layer.neighbour_fetch_size = _int_or_off(store, "neighbour_fetch_kb", layer.neighbour_fetch_size >> 10) << 10
+    layer.small_layer_fetch_size = _int_or_off(store, "small_layer_fetch_kb", layer.small_layer_fetch_size >> 10) << 10
+    layer.readahead_size = _int_or_off(store, "sequential_readahead_kb", layer.readahead_size >> 10) << 10
+    layer.library_readahead = _bool(store, "library_readahead", layer.library_readahead)
     layer.no_background_fetch = _bool(doc, "no_background_fetch", layer.no_background_fetch)
     layer.disable_verification = _bool(doc, "disable_verification", layer.disable_verification)
     layer.max_concurrency = _int(doc, "max_concurrency", layer.max_concurrency, minimum=1, maximum=MAX_WORKERS)
@@ -152,16 +146,21 @@ def _build(doc: ConfigTable) -> StoreConfig:
     layer.max_toc_size = _int(store, "max_toc_size_mb", layer.max_toc_size >> 20, minimum=1) << 20
     layer.max_toc_entries = _int(store, "max_toc_entries", layer.max_toc_entries, minimum=1)
     layer.max_path_depth = _int(store, "max_path_depth", layer.max_path_depth, minimum=1)
-    layer.readahead_size = _int(store, "sequential_readahead_kb", DAEMON_READAHEAD_KB, minimum=0) << 10
+    layer.max_chunk_size = _int(store, "max_chunk_size_mb", layer.max_chunk_size >> 20, minimum=1) << 20
     if layer.disable_verification:
         log.warning("disable_verification = true: chunk digests are still checked when chunks are decoded")
+    layer.fetch_policy = _choice(store, "fetch_policy", FETCH_POLICIES, layer.fetch_policy)
+    if layer.fetch_policy == "baseline":  # the Go store's way: the heuristics' keys no longer apply
+        cfg.layer = layer = layer.baseline()
 
     pool = cfg.pool
     pool.release_grace = float(_num(doc, "resolve_result_entry_ttl_sec", pool.release_grace))
     pool.negative_ttl = float(_num(store, "negative_cache_ttl_sec", pool.negative_ttl))
     pool.resolve_timeout = float(_num(store, "resolve_timeout_sec", pool.resolve_timeout))
     pool.resolve_workers = _int(store, "resolve_workers", pool.resolve_workers, minimum=1, maximum=MAX_WORKERS)
-    pool.library_readahead = _bool(store, "library_readahead", pool.library_readahead)
+    pool.idle_layers = _int_or_off(store, "idle_layers", pool.idle_layers)
+    pool.max_images = _positive(store, "max_images", pool.max_images)
+    pool.max_use_counts = _positive(store, "max_use_counts", pool.max_use_counts)
     pool.platform = _platform(store, "platform")
 
     cfg.mount = MountOptions(
@@ -169,12 +168,12 @@ def _build(doc: ConfigTable) -> StoreConfig:
         entry_timeout=float(_num(fuse, "entry_timeout", cfg.mount.entry_timeout)),
         negative_timeout=float(_num(store, "negative_timeout", cfg.mount.negative_timeout)),
         kernel_cache=_bool(store, "kernel_cache", cfg.mount.kernel_cache),
-        read_ahead_kb=_int(store, "read_ahead_kb", cfg.mount.read_ahead_kb, minimum=0),
+        read_ahead_kb=_int_or_off(store, "read_ahead_kb", cfg.mount.read_ahead_kb),
         no_open=_bool(store, "fuse_no_open", cfg.mount.no_open),
         debug=_bool(doc, "debug", False),
     )
     cfg.log_file_access = _bool(doc, "log_file_access", False)
-    cfg.memory_cache_bytes = _int(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20, minimum=0) << 20
+    cfg.memory_cache_bytes = _int_or_off(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20) << 20
     return cfg
 
 
@@ -197,6 +196,23 @@ def _int(table: ConfigTable, key: str, default: int, *, minimum: int, maximum: i
 def _int_or_off(table: ConfigTable, key: str, default: int) -> int:
     """An integer >= 0 of our own keys, where 0 turns the feature off (not "the default")."""
     value = table.number(key, minimum=0, maximum=MAX_INTEGER, integer=True)
+    return default if value is None else value
+
+
+def _choice(table: ConfigTable, key: str, allowed: tuple[str, ...], default: str) -> str:
+    """One of `allowed`; absent means `default`."""
+    value = table.string(key)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise ConfigValueError(f"{table.key_path(key)} must be one of {', '.join(map(repr, allowed))}, "
+                               f"not {describe(value)}")
+    return value
+
+
+def _positive(table: ConfigTable, key: str, default: int) -> int:
+    """An integer >= 1 of our own keys (a bound: 0 would mean nothing can be kept)."""
+    value = table.number(key, minimum=1, maximum=MAX_INTEGER, integer=True)
     return default if value is None else value
 
 

@@ -17,13 +17,15 @@ tar size cannot be derived from a TOC.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+import threading
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 from ..formats.layer_toc import (
     ANNOTATION_TOC_DIGEST,
     ANNOTATION_UNCOMPRESSED_SIZE,
     ANNOTATION_ZSTD_MANIFEST_CHECKSUM,
 )
+from ..formats.toc import Toc
 
 
 def toc_digest_annotation(descriptor: Mapping[str, Any]) -> str | None:
@@ -85,3 +87,62 @@ def info_for_toc_key(
 
 def encode(doc: Mapping[str, Any]) -> bytes:
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+class LayerOfImage(Protocol):
+    """What `LayerInfos` needs of a layer slot: its descriptor and the config's DiffID for it."""
+
+    blob_digest: str
+    descriptor: Mapping[str, Any]
+    diff_id: str | None
+
+
+class ParsedLayer(Protocol):
+    """What `LayerInfos` needs of a parsed layer (`formats.layer_toc.ParsedToc`)."""
+
+    toc_digest: str
+    compression: int
+
+    @property
+    def toc(self) -> Toc: ...
+
+
+class LayerInfos(Mapping[str, bytes]):
+    """The `info` JSON of a layer under both its keys (blob and TOC digest). The keys are known at
+    once (lookups check them); the JSON is built at the first read of an `info` file, because its
+    uid/gid sets take a pass over every TOC entry, which a first lookup should not wait for."""
+
+    def __init__(self, slot: LayerOfImage, parsed: ParsedLayer) -> None:
+        self._slot = slot
+        self._parsed = parsed
+        self._keys = (slot.blob_digest, parsed.toc_digest)
+        self._built: dict[str, bytes] | None = None
+        self._lock = threading.Lock()
+
+    def _build(self) -> dict[str, bytes]:
+        with self._lock:
+            if self._built is None:
+                slot, parsed = self._slot, self._parsed
+                assert slot.diff_id is not None
+                uids, gids = parsed.toc.uids(), parsed.toc.gids()
+                self._built = {
+                    slot.blob_digest: info_for_blob_key(slot.descriptor, slot.diff_id, parsed.compression, uids, gids),
+                    parsed.toc_digest: info_for_toc_key(
+                        parsed.toc_digest, slot.descriptor, slot.diff_id, parsed.compression, uids, gids
+                    ),
+                }
+            return self._built
+
+    def __getitem__(self, key: str) -> bytes:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._build()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(self._keys))
+
+    def __len__(self) -> int:
+        return len(set(self._keys))

@@ -36,6 +36,11 @@ class PathTooDeepError(TocTooLargeError):
     """An entry name has more components than the depth cap."""
 
 
+class ChunkTooLargeError(TocTooLargeError):
+    """A chunk would be inflated (or its compressed extent fetched) larger than the chunk cap: the
+    read path holds a whole chunk in memory, so its size is bounded like the TOC's."""
+
+
 class BadEntryNameError(InvalidTocError):
     """A name the kernel cannot have: empty, with a NUL byte, or with an empty, `.` or `..`
     component (a leading `./` and a trailing `/` are spellings tar uses, and are accepted)."""

@@ -1,10 +1,11 @@
-"""Building a `Toc` from typed records that msgspec decodes straight from the TOC JSON.
+"""The one TOC builder: a `Toc` from typed records that msgspec decodes straight from the JSON.
 
 msgspec checks every field's type in C while decoding (a string where an int belongs, a bool, a
 float: all refused) and makes no dict per entry, so the build is one Python pass over compact
-records: about twice as fast as `json.loads` + `toc_dicts`, with half the transient memory. The
-tree and the typed errors are the same (tests/formats/test_toc_paths.py holds both to that).
-Call it through `toc.build_toc` / `toc.parse_toc_document`, which pause the GC.
+records: about twice as fast as `json.loads` over dicts, with half the transient memory. Entries
+already decoded as dicts (`toc.build_toc`) are converted to the same records first, so both entry
+points give the same tree and the same typed errors (tests/formats/test_toc_paths.py).
+Call it through `toc.build_toc` / `toc.parse_toc_document`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Iterable, Literal, Mapping
 import msgspec
 
 from .errors import ChunkCoverageError, DuplicateEntryError, InvalidTocError, OutOfBoundsError
-from .toc import (
+from .toc_model import (
     _DIGEST_RE,
     _NO_XATTRS,
     _PERMISSIONS,
@@ -306,6 +307,7 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
     n_starts = len(starts)
     chunk_cls = Chunk
     bisect_right = bisect.bisect_right
+    max_chunk, max_extent = limits.max_chunk_size, 2 * limits.max_chunk_size
     for pos, raw, pieces in with_data:
         f = built[pos]
         name = f[0]
@@ -316,7 +318,7 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
             inner = raw.inner_offset or 0
             csize = raw.chunk_size or size - file_offset  # 0 means "to the end of the file"
             if offset < 0 or offset >= data_end or inner < 0 or file_offset != 0 or csize != size or inner + size > INT64_MAX:
-                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)  # its error
+                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)  # its error
             else:
                 chunk_digest = raw.chunk_digest
                 if not chunk_digest or chunk_digest == raw.digest:  # the file's, already checked and shared
@@ -332,12 +334,14 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
                 end_offset = raw.end_offset or 0
                 if offset < end_offset < blob_end:
                     blob_end = end_offset
+                if inner + size > max_chunk or blob_end - offset > max_extent:
+                    limits.check_chunk(name, 0, inner + size, blob_end - offset)
                 zeros = raw.chunk_type == "zeros"
                 chunks = (  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
                     new_tuple(chunk_cls, (0, size, offset + 0, blob_end + 0, inner + 0, chunk_digest, zeros)),
                 )
         else:
-            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests)
+            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)
         built[pos] = entries[name] = new_tuple(entry_cls, (*f[:12], chunks, f[13], 1))
 
     # Hardlinks: resolve chains to the final non-hardlink target; count its links.
@@ -423,6 +427,7 @@ def _build_chunks_structs(
     starts: list[int],
     data_end: int,
     digests: dict[str, str],
+    limits: TocLimits,
 ) -> tuple[Chunk, ...]:
     end_offset = raw.end_offset or 0
     last = len(pieces) - 1
@@ -457,6 +462,7 @@ def _build_chunks_structs(
         blob_end = starts[j] if j < n_starts else data_end
         if i == last and offset < end_offset <= data_end:
             blob_end = min(blob_end, end_offset)
+        limits.check_chunk(name, file_offset, inner + csize, blob_end - offset)
         chunks.append(  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
             _new_tuple(
                 Chunk,

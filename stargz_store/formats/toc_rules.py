@@ -1,6 +1,6 @@
 """What a TOC may hold: names the kernel can have, and caps on what a build may allocate.
 
-Pure rules, shared by both TOC builders (`toc_records`, `toc_dicts`) and the writers (which
+Pure rules, shared by the TOC builder (`toc_records`) and the writers (which
 refuse in their input what the readers would refuse in a TOC). Issue 11: a hostile TOC must be
 refused with a typed error before it costs more than the caps, whatever it holds.
 """
@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Mapping
 
 from .errors import (
     BadEntryNameError,
+    ChunkTooLargeError,
     EntryEscapesRootError,
     InvalidTocError,
     MissingHardlinkTargetError,
@@ -23,6 +24,9 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 DEFAULT_MAX_ENTRIES = 1_000_000
 DEFAULT_MAX_DEPTH = 2048
 DEFAULT_MAX_IMPLICIT_NAMES = 150 << 20
+# 16 times the 4 MiB eStargz and zstd:chunked default (our writers' and containers/storage's
+# largest chunk); above it only unchunked legacy stargz files and unusual --chunk-size values.
+DEFAULT_MAX_CHUNK_SIZE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,18 @@ class TocLimits:
     - `max_implicit_names`: total bytes of the names of implied parent directories. A listed
       name costs its bytes of JSON, an implied one nothing: one 4 KB name 2048 levels deep
       implies 4 MB of names. Real TOCs list their directories, or imply a few.
+    - `max_chunk_size`: bytes one chunk inflates to (its `innerOffset` included: the skipped
+      bytes are inflated too), and half the bytes its compressed extent may span. A chunk is
+      fetched, inflated and verified whole, in memory (a zstd `zeros` chunk is made whole too), so
+      a TOC declaring a 1 TB chunk must be refused here, not met with a MemoryError at the first
+      read. The extent gets twice the room: incompressible data grows a little, and an extent
+      runs to the next data offset, over the tar headers of the entries without data between.
     """
 
     max_entries: int = DEFAULT_MAX_ENTRIES
     max_depth: int = DEFAULT_MAX_DEPTH
     max_implicit_names: int = DEFAULT_MAX_IMPLICIT_NAMES
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
 
     @property
     def long_name(self) -> int:
@@ -53,6 +64,14 @@ class TocLimits:
     def check_count(self, count: int) -> None:
         if count > self.max_entries:
             raise TooManyEntriesError(f"TOC has {count} entries, more than the cap of {self.max_entries}")
+
+    def check_chunk(self, name: str, file_offset: int, inflated: int, extent: int) -> None:
+        """`inflated`: innerOffset + size of one chunk; `extent`: its compressed bytes in the blob."""
+        if inflated > self.max_chunk_size or extent > 2 * self.max_chunk_size:
+            raise ChunkTooLargeError(
+                f"file {name!r}: the chunk at file offset {file_offset} inflates to {inflated} bytes from "
+                f"{extent} compressed, over the chunk cap of {self.max_chunk_size} (and twice that compressed)"
+            )
 
 
 DEFAULT_LIMITS = TocLimits()

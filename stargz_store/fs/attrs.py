@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 BLOCK_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class Attr:
-    """stat(2) fields of one node. `mode` includes the file type bits; times are nanoseconds."""
+    """stat(2) fields of one node. `mode` includes the file type bits; times are nanoseconds.
+
+    `nodeid` is the number the kernel names the node by (`fs.inodes`); 0 means "the same as
+    `ino`". It is not part of equality: the same file seen through a layer's two keys has one
+    `ino` (what stat shows) and two node ids (the kernel must not see one directory twice)."""
 
     ino: int
     mode: int
@@ -19,6 +23,11 @@ class Attr:
     size: int = 0
     mtime_ns: int = 0
     rdev: int = 0
+    nodeid: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.nodeid:
+            object.__setattr__(self, "nodeid", self.ino)
 
     @property
     def blocks(self) -> int:

@@ -50,3 +50,7 @@ class NotASymlink(FsError):
 
 class BadHandle(FsError):
     """A file handle that was never issued or was already released (EBADF)."""
+
+
+class StaleNode(FsError):
+    """A node id the store does not know (ESTALE): never given out, or its layer was forgotten."""

@@ -7,7 +7,9 @@ The raw TOC holds OCI whiteouts as empty files; overlayfs wants them in its own 
   `user.overlay.opaque=y` (both, so rootful and `userxattr` overlay mounts agree);
 - landmark files at the root are hidden.
 Inode numbers are `ino_base + TocEntry.ino`, so they are stable for the life of the layer number,
-and hardlinks (one shared `TocEntry`) share one inode.
+and hardlinks (one shared `TocEntry`) share one inode. A node is found again from its inode
+number alone (`node_for_ino`: the kernel names nodes by number, `fs.inodes`), through an index
+built at the first such request.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class LayerTree:
         self._listings: OrderedDict[str, list[tuple[str, DiffNode]]] = OrderedDict()
         self._cached_entries = 0
         self._lock = threading.Lock()
+        self._by_ino: list[TocEntry | None] | None = None
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -106,6 +109,52 @@ class LayerTree:
         if whiteout is None or parent_entry is None:
             raise EntryNotFound(path)
         return DiffNode(path, whiteout, whiteout=True)
+
+    def child(self, parent: DiffNode, name: str) -> DiffNode:
+        """The node `name` in directory `parent` (a LOOKUP: the parent is known to be visible)."""
+        if not parent.is_dir:
+            raise NotADirectory(parent.path)
+        if name.startswith(WHITEOUT_PREFIX) or (not parent.path and name in HIDDEN_AT_ROOT):
+            raise EntryNotFound(name)
+        path = f"{parent.path}/{name}" if parent.path else name
+        entry = self.toc.lookup(path)
+        if entry is not None:
+            return DiffNode(path, entry)
+        prefix = f"{parent.path}/" if parent.path else ""
+        whiteout = self.toc.lookup(prefix + WHITEOUT_PREFIX + name)
+        if whiteout is None:
+            raise EntryNotFound(path)
+        return DiffNode(path, whiteout, whiteout=True)
+
+    def node_for_ino(self, entry_ino: int) -> DiffNode:
+        """The node whose inode number is `ino_base + entry_ino` (`EntryNotFound` if none is visible:
+        the kernel only holds numbers we gave it, so that means another layer had the number)."""
+        if entry_ino == self.toc.root.ino:
+            return DiffNode("", self.toc.root)
+        index = self._by_ino
+        if index is None:
+            index = self._build_index()
+        entry = index[entry_ino] if 0 <= entry_ino < len(index) else None
+        if entry is None:
+            raise EntryNotFound(f"no entry with inode {entry_ino}")
+        parent, _, base = entry.name.rpartition("/")
+        if base.startswith(WHITEOUT_PREFIX):  # only ever handed out as the whiteout it stands for
+            path = f"{parent}/{base[len(WHITEOUT_PREFIX):]}" if parent else base[len(WHITEOUT_PREFIX):]
+            return DiffNode(path, entry, whiteout=True)
+        return DiffNode(entry.name, entry)
+
+    def _build_index(self) -> list[TocEntry | None]:
+        """Entries by inode number: one pass over the TOC (about 10 ms per 100,000 entries), and
+        one list slot per entry (8 bytes) for the life of the layer."""
+        with self._lock:
+            if self._by_ino is None:
+                index: list[TocEntry | None] = [None] * (len(self.toc) + 2)
+                for _, entry in self.toc.entries():
+                    if entry.ino >= len(index):
+                        index.extend([None] * (entry.ino + 1 - len(index)))
+                    index[entry.ino] = entry
+                self._by_ino = index
+            return self._by_ino
 
     def _check_parent(self, parent: str) -> TocEntry:
         """Every ancestor must be a visible directory; a path through a file is ENOTDIR."""
@@ -159,14 +208,16 @@ class LayerTree:
 
     # -- attributes -------------------------------------------------------------------------
 
-    def attr(self, node: DiffNode) -> Attr:
+    def attr(self, node: DiffNode, view: int = 0) -> Attr:
+        """The node's attributes; `view` is or'ed into its node id (`fs.inodes.VIEW_BIT`)."""
         e = node.entry
+        ino = self.ino_base + e.ino
         if node.whiteout:
-            return Attr(ino=self.ino_base + e.ino, mode=stat.S_IFCHR, nlink=1, mtime_ns=e.mtime_ns, rdev=0)
+            return Attr(ino=ino, mode=stat.S_IFCHR, nlink=1, mtime_ns=e.mtime_ns, rdev=0, nodeid=ino | view)
         size = e.size if e.type == REG else len(e.link_name.encode("utf-8", "surrogateescape")) if e.type == SYMLINK else 0
         rdev = os.makedev(e.dev_major, e.dev_minor) if e.type in (CHAR, BLOCK) else 0
         return Attr(
-            ino=self.ino_base + e.ino,
+            ino=ino,
             mode=_TYPE_BITS[e.type] | (e.mode & 0o7777),
             nlink=max(e.nlink, 1),
             uid=e.uid,
@@ -174,6 +225,7 @@ class LayerTree:
             size=size,
             mtime_ns=e.mtime_ns,
             rdev=rdev,
+            nodeid=ino | view,
         )
 
     def xattrs(self, node: DiffNode) -> Mapping[str, bytes]:

@@ -35,6 +35,7 @@ from . import abi
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5
+_U64 = (1 << 64) - 1
 
 
 class FuseError(Exception):
@@ -46,8 +47,12 @@ class FuseError(Exception):
 
 
 class StatLike(Protocol):
-    """The attributes a reply needs (`stargz_store.fs.attrs.Attr` has them)."""
+    """The attributes a reply needs (`stargz_store.fs.attrs.Attr` has them). `nodeid` is the
+    number the kernel names the node by in later requests; `ino` is what stat(2) shows. They
+    differ when one file is shown at two places that must not be one kernel inode (a directory
+    tree served under two names: the kernel allows a directory one dentry only)."""
 
+    nodeid: int
     ino: int
     mode: int
     nlink: int
@@ -104,6 +109,7 @@ class ConnectionState:
     max_write: int
     max_pages: int
     passthrough: bool
+    no_open: bool = False  # the first OPEN is answered ENOSYS: the kernel then opens files without asking
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -127,6 +133,8 @@ class SessionOptions:
     min_threads: int = 2
     max_threads: int = 64
     max_write: int = 4096  # we refuse writes; this only sizes the read buffer
+    no_open: bool = False  # files need no OPEN: see `_open` (off when passthrough is on: it needs OPEN)
+    debug: bool = False  # log every request and every error answer (at DEBUG level)
 
 
 class Operations(Protocol):
@@ -147,7 +155,7 @@ class Operations(Protocol):
 
     def release(self, ino: int, fh: int) -> None: ...
 
-    def opendir(self, ctx: Context, ino: int) -> int: ...
+    def opendir(self, ctx: Context, ino: int) -> OpenReply: ...
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int) -> Sequence[DirEntry]: ...
 
@@ -293,9 +301,13 @@ class Session:
         if handler is None:
             self._reply_error(unique, errno.ENOSYS)
             return
+        if self.options.debug:
+            log.debug("FUSE %s node %d uid %d pid %d", abi.OPCODE_NAMES.get(opcode, opcode), nodeid, uid, pid)
         try:
             handler(unique, Context(uid, gid, pid), nodeid, body)
         except FuseError as e:
+            if self.options.debug:
+                log.debug("FUSE %s node %d: %s", abi.OPCODE_NAMES.get(opcode, opcode), nodeid, errno.errorcode.get(e.errno, e.errno))
             self._reply_error(unique, e.errno)
         except Exception:
             log.exception("FUSE %s on node %d failed", abi.OPCODE_NAMES.get(opcode, opcode), nodeid)
@@ -318,13 +330,14 @@ class Session:
 
     def _attr(self, a: StatLike) -> bytes:
         sec, nsec = divmod(a.mtime_ns, 1_000_000_000)
+        sec &= _U64  # times before 1970: the kernel reads the field back as a signed 64-bit number
         return abi.ATTR.pack(a.ino, a.size, a.blocks, sec, sec, sec, nsec, nsec, nsec,
                              a.mode, a.nlink, a.uid, a.gid, a.rdev, 4096, 0)
 
     def _entry(self, a: StatLike) -> bytes:
         ev, evn = self._entry_valid
         av, avn = self._attr_valid
-        return abi.ENTRY_OUT_HEAD.pack(a.ino, 0, ev, av, evn, avn) + self._attr(a)
+        return abi.ENTRY_OUT_HEAD.pack(a.nodeid, 0, ev, av, evn, avn) + self._attr(a)
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -385,9 +398,13 @@ class Session:
             log.warning("FUSE passthrough is not offered by this kernel (protocol 7.%d): reads go through the store",
                         minor)
         want &= flags
+        # No OPEN round trip per file: the kernel offers it (NO_OPEN_SUPPORT) and takes an ENOSYS
+        # answer to the first OPEN as "never ask again" (it then keeps the page cache, as
+        # FOPEN_KEEP_CACHE would). Passthrough needs an OPEN per file to hand over its backing file.
+        no_open = opts.no_open and bool(flags & abi.NO_OPEN_SUPPORT) and not passthrough
         proto_minor = min(minor, abi.KERNEL_MINOR)
         readahead = min(max_readahead, opts.max_readahead) if opts.max_readahead else max_readahead
-        state = ConnectionState(proto_minor, want, readahead, opts.max_write, opts.max_pages, passthrough)
+        state = ConnectionState(proto_minor, want, readahead, opts.max_write, opts.max_pages, passthrough, no_open)
         out = abi.INIT_OUT.pack(
             abi.KERNEL_MAJOR, proto_minor, readahead, want & 0xFFFFFFFF, 16, 12, opts.max_write, 1,
             opts.max_pages, 0, want >> 32, 1 if passthrough else 0,
@@ -395,7 +412,8 @@ class Session:
         self.state = state
         self._reply(unique, out)
         self.initialized.set()
-        log.info("FUSE protocol 7.%d (kernel 7.%d), passthrough %s", proto_minor, minor, "on" if passthrough else "off")
+        log.info("FUSE protocol 7.%d (kernel 7.%d), passthrough %s, no_open %s", proto_minor, minor,
+                 "on" if passthrough else "off", "on" if no_open else "off")
         if self.on_init is not None:
             self.on_init(state)
 
@@ -430,7 +448,12 @@ class Session:
 
     def _open(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
         flags, _ = abi.OPEN_IN.unpack_from(body)
-        opened = self.ops.open(ctx, nodeid, flags)
+        opened = self.ops.open(ctx, nodeid, flags)  # its refusals (EROFS, EACCES...) still answer this open
+        if self.state is not None and self.state.no_open:
+            if opened.backing_fd is not None:
+                os.close(opened.backing_fd)
+            self.ops.release(nodeid, opened.fh)
+            raise FuseError(errno.ENOSYS)  # success, and no OPEN (nor RELEASE) for any later open
         backing_id = 0
         open_flags = 0
         if opened.backing_fd is not None and self.state is not None and self.state.passthrough:
@@ -479,8 +502,11 @@ class Session:
         self._reply(unique)
 
     def _opendir(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
-        fh = self.ops.opendir(ctx, nodeid)
-        self._reply(unique, abi.OPEN_OUT.pack(fh, abi.FOPEN_KEEP_CACHE | abi.FOPEN_CACHE_DIR, 0))
+        """`keep_cache`: the kernel may cache the listing across opens (an immutable directory);
+        without it every opendir lists afresh (a directory whose entries come and go)."""
+        opened = self.ops.opendir(ctx, nodeid)
+        flags = abi.FOPEN_KEEP_CACHE | abi.FOPEN_CACHE_DIR if opened.keep_cache else 0
+        self._reply(unique, abi.OPEN_OUT.pack(opened.fh, flags, 0))
 
     def _readdir(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
         """READDIR and READDIRPLUS. With plus, an entry that has attributes is sent complete:

@@ -2,7 +2,7 @@
 
 The dynamic loader opens a program's libraries one after another, and a lazily pulled library is
 a round trip each; knowing the list as soon as the program's dynamic section is in lets the store
-fetch them all at once (`daemon.libraries`). Pure parsing of bytes handed over by a `read`
+fetch them all at once (`layer.policies.libraries`). Pure parsing of bytes handed over by a `read`
 callback; any malformed or unusual file gives None (this is only ever a hint).
 """
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Fetching byte ranges of one blob: single flight, coalescing, worker threads, bounded waits.
 
-Knows nothing of chunks or formats: it moves `Extent`s (a key, a byte range, what to do with the
-bytes) from the source into flights. `Layer` decides what to fetch and how to verify it.
+Knows nothing of chunks or formats: it moves planned `Request`s of `Extent`s (a key, a byte range,
+what to do with the bytes) from the source into flights. The `ChunkReader` plans the requests and
+says how to verify what arrives.
 
 Invariants:
 - a key is fetched by at most one flight at a time (`FlightTable`); whoever claims a key lands it,
   with a value or an error, whatever happens (no waiter is ever left without an answer);
 - requests run on worker threads; callers only wait, with a deadline, so a stalled source turns
   into `LayerReadError` after the caller's timeout instead of a hung caller;
-- an extent that reached the cache between planning and sending is not fetched again.
+- an extent that reached the cache between planning and sending is not fetched again, and
+  neither are the bytes it spans: the request is cut there.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Callable, Iterable
 
 from .errors import LayerReadError
 from .flight import Flight, FlightTable
-from .ranges import Extent, Request, coalesce, split_into_batches
+from .ranges import Extent, Request, split_into_batches
 from .scheduler import FetchScheduler
 from .sources import BlobSource
 
@@ -110,16 +112,12 @@ class Fetcher:
         *,
         name: str,
         max_concurrency: int,
-        coalesce_gap: int,
-        max_request_size: int,
         scheduler: FetchScheduler,
         counters: Counters,
     ) -> None:
         self.source = source
         self.name = name
         self.max_concurrency = max(1, max_concurrency)
-        self.coalesce_gap = coalesce_gap
-        self.max_request_size = max_request_size
         self.scheduler = scheduler
         self.counters = counters
         self.flights = FlightTable()
@@ -132,16 +130,9 @@ class Fetcher:
     def claim(self, keys: Iterable[str]) -> tuple[dict[str, Flight], dict[str, Flight]]:
         return self.flights.claim(keys)
 
-    def dispatch(
-        self,
-        extents: list[Extent],
-        flights: dict[str, Flight],
-        *,
-        max_request_size: int | None = None,
-    ) -> None:
-        """Plan requests for claimed extents and run them on the worker threads (foreground)."""
-        max_size = self.max_request_size if max_request_size is None else max_request_size
-        requests = coalesce(extents, gap=self.coalesce_gap, max_size=max_size)
+    def submit_requests(self, requests: list[Request], flights: dict[str, Flight]) -> None:
+        """Run planned requests for claimed extents on the worker threads (foreground), spread
+        over up to `max_concurrency` `read_ranges` calls."""
         for batch in split_into_batches(requests, self.max_concurrency):
             self.submit(batch, flights)
 
@@ -272,20 +263,23 @@ class Fetcher:
 
     def _drop_cached(self, batch: list[Request], flights: dict[str, Flight]) -> list[Request]:
         """Land extents that reached the cache since they were planned (another flight finished
-        between the caller's cache check and its claim); shrink requests to what is left."""
+        between the caller's cache check and its claim); cut each request into the runs of
+        extents left between them, so the bytes of a landed extent are not fetched after all."""
         live: list[Request] = []
         for req in batch:
-            remaining = []
+            runs: list[list[Extent]] = [[]]
             for ext in req.extents:
                 hit = ext.cached() if ext.cached is not None else None
                 if hit is not None:
                     self.flights.finish(ext.key, flights[ext.key], result=hit)
+                    if runs[-1]:
+                        runs.append([])
                 else:
-                    remaining.append(ext)
-            if len(remaining) == len(req.extents):
+                    runs[-1].append(ext)
+            if len(runs) == 1 and len(runs[0]) == len(req.extents):
                 live.append(req)
-            elif remaining:
-                live.append(Request(min(e.start for e in remaining), max(e.end for e in remaining), remaining))
+                continue
+            live.extend(Request(min(e.start for e in run), max(e.end for e in run), run) for run in runs if run)
         return live
 
     def _land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:

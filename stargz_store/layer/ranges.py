@@ -37,14 +37,22 @@ class Request:
         return self.end - self.start
 
 
-def coalesce(extents: Sequence[Extent], *, gap: int, max_size: int) -> list[Request]:
+def coalesce(
+    extents: Sequence[Extent], *, gap: int, max_size: int, bridge: Callable[[int, int], bool] | None = None
+) -> list[Request]:
     """Merge extents (in blob order) into requests: an extent joins the previous request when it
     overlaps it or starts at most `gap` bytes after it, unless the request would exceed `max_size`
-    (a single extent larger than that still gets its own request)."""
+    (a single extent larger than that still gets its own request), or `bridge(end, start)` says
+    the bytes between them may not be fetched (they belong to something fetched elsewhere)."""
     requests: list[Request] = []
     for ext in sorted(extents, key=lambda e: (e.start, e.end)):
         last = requests[-1] if requests else None
-        if last is not None and ext.start <= last.end + gap and max(last.end, ext.end) - last.start <= max_size:
+        if (
+            last is not None
+            and ext.start <= last.end + gap
+            and max(last.end, ext.end) - last.start <= max_size
+            and (ext.start <= last.end or bridge is None or bridge(last.end, ext.start))
+        ):
             last.end = max(last.end, ext.end)
             last.extents.append(ext)
         else:

@@ -5,17 +5,18 @@ import logging
 import threading
 import traceback
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 from ..cache.chunk_cache import ChunkCache
-from ..cache.blob_cache import BlobRangeCache
 from ..formats.detect import read_layer_toc
 from ..formats.errors import FormatError
 from ..formats.layer_toc import ParsedToc
 from .config import LayerConfig
 from .layer import Layer
+from .policies import LibraryReadahead
 from .scheduler import FetchScheduler
 from .sources import BlobSource
+from .trees import building_trees
 
 if TYPE_CHECKING:
     from ..registry.client import RegistryClient
@@ -54,6 +55,16 @@ EarlyTail = Future
 EARLY_TAIL_WAIT = 10.0
 
 
+class KeptRanges(Protocol):
+    """Where the bytes a TOC was read from are kept between opens (`ChunkCache`'s direct path)."""
+
+    def kept_range(self, blob_digest: str, offset: int, length: int) -> bytes | None: ...
+
+    def keep_range(self, blob_digest: str, offset: int, data: bytes) -> None: ...
+
+    def forget_range(self, blob_digest: str, offset: int, length: int) -> None: ...
+
+
 class TailCachedReadAt:
     """The `read_at` handed to the format readers: the blob's last `tail_size` bytes are fetched
     once, on first use, and serve every read inside them (whichever format is tried); anything
@@ -71,7 +82,7 @@ class TailCachedReadAt:
         blob_size: int,
         tail_size: int,
         *,
-        store: BlobRangeCache | None = None,
+        store: KeptRanges | None = None,
         blob_digest: str | None = None,
         reuse: bool = True,
         early_tail: EarlyTail | None = None,
@@ -120,7 +131,7 @@ class TailCachedReadAt:
 
     def _get(self, offset: int, length: int) -> bytes:
         if self.store is not None and self.reuse:
-            kept = self.store.get_range(self.blob_digest, offset, length)
+            kept = self.store.kept_range(self.blob_digest, offset, length)
             if kept is not None:
                 self.reused.append((offset, length))
                 return kept
@@ -135,7 +146,7 @@ class TailCachedReadAt:
             return
         for offset, data in self.fetched:
             try:
-                self.store.put_range(self.blob_digest, offset, data)
+                self.store.keep_range(self.blob_digest, offset, data)
             except OSError as e:
                 log.warning("cannot keep TOC bytes of %s: %s", self.blob_digest, e)
 
@@ -143,17 +154,22 @@ class TailCachedReadAt:
         """Drop kept ranges that were used (they did not make a valid TOC)."""
         if self.store is not None:
             for offset, length in self.reused:
-                self.store.discard_range(self.blob_digest, offset, length)
+                self.store.forget_range(self.blob_digest, offset, length)
 
 
 class LayerResolver:
     """Opens layers for the daemon. One per daemon; thread-safe (layers of an image are opened
-    in parallel)."""
+    in parallel). Its layers share one `FetchScheduler` (background fetch waits for every
+    layer's reads) and one library readahead worker (`library_worker`; None: the process's)."""
 
-    def __init__(self, client: RegistryClient | None, cache: ChunkCache, config: LayerConfig | None = None) -> None:
+    def __init__(
+        self, client: RegistryClient | None, cache: ChunkCache, config: LayerConfig | None = None,
+        *, library_worker: LibraryReadahead | None = None,
+    ) -> None:
         self.client = client
         self.cache = cache
         self.config = config or LayerConfig()
+        self.library_worker = library_worker
         self.scheduler = FetchScheduler(
             background_slots=self.config.background_slots,
             quiet_period=self.config.background_quiet_period,
@@ -184,13 +200,9 @@ class LayerResolver:
         except BaseException as e:
             release_frames(e)
             raise
-        layer = Layer(source, parsed, descriptor, self.cache, self.config, scheduler=self.scheduler)
-        cfg = self.config
-        if not cfg.no_prefetch:
-            layer.prefetch(cfg.prefetch_timeout if cfg.prefetch_wait else None)
-        if not cfg.no_background_fetch:
-            self.scheduler.note_activity()
-            layer.start_background_fetch()
+        layer = Layer(source, parsed, descriptor, self.cache, self.config, scheduler=self.scheduler,
+                      library_worker=self.library_worker)
+        layer.start()  # prefetch, background fetch: as the config says
         return layer
 
     def _read_toc(
@@ -202,7 +214,7 @@ class LayerResolver:
         cfg = self.config
         size = int(descriptor.get("size") or source.size)
         digest = descriptor.get("digest")
-        store = self.cache.blob_cache if cfg.keep_toc_bytes and isinstance(digest, str) else None
+        store = self.cache if cfg.keep_toc_bytes and isinstance(digest, str) else None
         limits = cfg.toc_limits
 
         def parse(read_at: TailCachedReadAt) -> ParsedToc:
@@ -213,7 +225,8 @@ class LayerResolver:
 
         read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, early_tail=early_tail)
         try:
-            parsed = parse(read_at)
+            with building_trees():
+                parsed = parse(read_at)
         except FormatError as e:
             if not (read_at.reused or read_at.early_used):
                 raise
@@ -224,7 +237,8 @@ class LayerResolver:
                         "kept" if read_at.reused else "early")
             read_at.forget_reused()
             read_at = TailCachedReadAt(source, size, cfg.tail_size, store=store, blob_digest=digest, reuse=False)
-            parsed = parse(read_at)
+            with building_trees():
+                parsed = parse(read_at)
         read_at.persist()
         log.debug(
             "layer %s: %s TOC %s, %d entries, %d request(s), %d kept range(s) reused",

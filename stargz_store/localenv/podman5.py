@@ -27,9 +27,12 @@ a path inside the chroot tree). Two test runs therefore never share mounts or st
 a session undoes its mounts deepest first.
 
 The chroot shares the host's network namespace: registries on 127.0.0.1 are reachable as they
-are, so a TLS registry with htpasswd can be added later the same way (its CA given to podman
-with `--cert-dir <a dir under /ci>`, a private `CONTAINERS_REGISTRIES_CONF` under /ci for
-`additional-layer-store-auth-helper`; a helper program must exist inside the chroot's PATH).
+are (a TLS registry's CA goes to podman with `--cert-dir <a dir under /ci>`). Programs podman
+runs that exist only on the host (the chroot has no Python: e.g. `stargz-store-helper`, named by
+`additional-layer-store-auth-helper` in a private `CONTAINERS_REGISTRIES_CONF`) run through
+`session.host_command(argv)`: `chroot /proc/<our pid>/root ARGV`, i.e. back in the host's root,
+so the very program installed on the host runs, with the host's Python, unchanged; the cached
+root stays as debootstrap made it.
 
 Command line (as root): `python -m stargz_store.localenv.podman5 build` builds the cache if
 missing, `... status` prints what is cached.
@@ -282,6 +285,12 @@ class ChrootSession:
         os.chmod(root / "tmp", 0o1777)
         os.chmod(root / "var/tmp", 0o1777)
         log.debug("Podman 5 chroot mounted at %s", root)
+
+    def host_command(self, argv: list[str]) -> list[str]:
+        """A command line that, run inside the chroot (as root, as podman runs its helpers), runs
+        `argv` in the host's root: `/proc/<pid>/root` of this process is the host's `/`. Valid as
+        long as this process lives (the session's lifetime)."""
+        return ["chroot", f"/proc/{os.getpid()}/root", *argv]
 
     def make_dir(self, prefix: str) -> Path:
         """A new directory under `/ci` (host path returned), short enough for podman's socket paths."""

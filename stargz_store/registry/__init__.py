@@ -30,7 +30,9 @@ Configuration comes from config.toml through `RegistryConfig.from_toml(doc)`:
     valid_interval = 60                 # a blob's redirect target (presigned URL) is reused this long
     force_single_range_mode = false
 
-Credentials, first match wins: config.toml (above), then $REGISTRY_AUTH_FILE or `auth_file` alone,
+Credentials, first match wins: what the container runtime sent for the exact image reference
+(`runtime_credentials`; pulls to that reference's own registry only, never a mirror), config.toml
+(above), then $REGISTRY_AUTH_FILE or `auth_file` alone,
 else ${XDG_RUNTIME_DIR}/containers/auth.json (or /run/containers/<uid>/auth.json),
 ~/.config/containers/auth.json, $DOCKER_CONFIG/config.json or ~/.docker/config.json, ~/.dockercfg;
 within a file `credHelpers[host]`, then `auths` (most specific key first), then `credsStore`

@@ -1,13 +1,19 @@
 """Registry authentication: WWW-Authenticate parsing, Basic, and the Bearer token flow.
 
 One `Authorizer` per client. It remembers the challenge each endpoint host answered with, so later
-requests carry credentials up front, and caches Bearer tokens per (host, realm, service, scope) until
-they expire or the registry rejects them. Credentials are only ever sent to the host they are
-configured for and to the token realm that host names. No secret is logged or put in an error.
+requests carry credentials up front, and caches Bearer tokens per (host, realm, service, scope,
+credentials) until they expire or the registry rejects them. Credentials are only ever sent to the
+host they are configured for and to the token realm that host names. No secret is logged or put in
+an error.
+
+Which credentials: those the runtime sent for the exact image reference of the request, when the
+transport allows them for this request (the reference's own registry, never a mirror); else those
+of the auth files and config for the endpoint's host (`CredentialStore`).
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import threading
@@ -19,6 +25,7 @@ import requests
 import urllib3
 
 from .credentials import Credentials, CredentialStore
+from .runtime_credentials import RuntimeCredentials
 from .errors import AuthError, RegistryError, RegistryTimeoutError, ServerError, UnreachableError, redact_url
 
 log = logging.getLogger(__name__)
@@ -132,6 +139,15 @@ def basic_header(creds: Credentials) -> str:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
+def _fingerprint(creds: Credentials | None) -> str | None:
+    """Tells credentials apart in the token cache without keeping the secret in the key: a token got
+    with one password or identity token is never reused for another (e.g. a refreshed one)."""
+    if creds is None:
+        return None
+    material = "\0".join((creds.username, creds.password, creds.identity_token)).encode("utf-8")
+    return hashlib.sha256(material).hexdigest()
+
+
 @dataclass
 class _Token:
     value: str
@@ -148,10 +164,12 @@ class Authorizer:
         timeout: Callable[[], tuple[float, float]],
         verify: Callable[[str], bool | str],
         retry: Callable[[Callable[[], _Token], str], _Token],
+        runtime_credentials: RuntimeCredentials | None = None,
     ) -> None:
         self._session = session
         self._retry = retry
         self._credentials = credentials
+        self._runtime = runtime_credentials
         self._timeout = timeout
         self._verify = verify
         self._challenges: dict[str, Challenge] = {}
@@ -162,18 +180,30 @@ class Authorizer:
     def known_challenge(self, host: str) -> Challenge | None:
         return self._challenges.get(host)
 
-    def authorization(self, host: str, repository: str, actions: tuple[str, ...], use_credentials: bool) -> str | None:
-        """The header value to send to `host` now, or None to go anonymous (no challenge seen yet)."""
+    def authorization(self, host: str, repository: str, actions: tuple[str, ...], use_credentials: bool,
+                      runtime_reference: str | None = None) -> str | None:
+        """The header value to send to `host` now, or None to go anonymous (no challenge seen yet).
+
+        `runtime_reference`: the image reference whose runtime credentials this request may carry
+        (the caller decides it is a request to that reference's own registry), None for none."""
         challenge = self._challenges.get(host)
         if challenge is None:
             return None
-        creds = self._credentials.lookup(host, repository) if use_credentials else None
+        creds = self._lookup(host, repository, runtime_reference) if use_credentials else None
         if challenge.scheme == "basic":
             if creds is None or not creds.username:
                 raise AuthError(f"{host} requires Basic authentication and no credentials are configured for it")
             return basic_header(creds)
         scopes = self._scopes(challenge, repository, actions)
         return "Bearer " + self._token(host, challenge, scopes, creds)
+
+    def _lookup(self, host: str, repository: str, runtime_reference: str | None) -> Credentials | None:
+        """Runtime credentials of the exact reference first, then the files and config for the host."""
+        if runtime_reference is not None and self._runtime is not None:
+            creds = self._runtime.lookup(runtime_reference)
+            if creds is not None:
+                return creds
+        return self._credentials.lookup(host, repository)
 
     def handle_unauthorized(self, host: str, response: requests.Response, repository: str,
                             actions: tuple[str, ...]) -> None:
@@ -201,8 +231,7 @@ class Authorizer:
         return tuple(sorted(scopes))
 
     def _token(self, host: str, challenge: Challenge, scopes: tuple[str, ...], creds: Credentials | None) -> str:
-        key = (host, challenge.realm, challenge.params.get("service", ""), scopes,
-               creds.username if creds else None)
+        key = (host, challenge.realm, challenge.params.get("service", ""), scopes, _fingerprint(creds))
         with self._lock:
             token = self._tokens.get(key)
             if token and token.expires_at > time.monotonic():

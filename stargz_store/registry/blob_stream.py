@@ -1,10 +1,16 @@
-"""A whole-blob reader that survives broken connections and verifies the digest at EOF."""
+"""A whole-blob reader that survives broken connections and verifies the digest at EOF.
+
+It knows nothing of the client: it is handed a `BlobGet` (send one GET with these headers, run
+`consume` on the response) and the retry settings, so `client` imports this module and not the
+other way round.
+"""
 from __future__ import annotations
 
 import io
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 import requests
 import urllib3
@@ -12,23 +18,32 @@ import urllib3
 from .auth import TransientError
 from .errors import DigestMismatchError, RegistryTimeoutError, ShortReadError
 from .multipart import parse_content_range
-from .reference import Reference
 from .responses import READ_CHUNK, hasher_for, read_exact_body
 from .transport import check_status
 
-if TYPE_CHECKING:
-    from .client import RegistryClient
-
 log = logging.getLogger(__name__)
+
+# One GET of the blob with extra `headers`; `consume` checks the response and returns it (open,
+# its body unread). The caller's endpoint choice (mirrors, then the origin) happens inside.
+BlobGet = Callable[[dict[str, str], Callable[[requests.Response], requests.Response]], requests.Response]
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """How often and how patiently a broken body is resumed (the client's `[blob]` settings)."""
+
+    max_retries: int
+    min_wait: float
+    max_wait: float
 
 
 class BlobStream(io.RawIOBase):
     """Whole-blob reader that resumes after a broken connection and verifies the digest at EOF."""
 
-    def __init__(self, client: RegistryClient, ref: Reference, digest: str) -> None:
+    def __init__(self, get: BlobGet, digest: str, what: str, resume: ResumePolicy) -> None:
         super().__init__()
-        self._client = client
-        self._ref = ref
+        self._get = get
+        self._resume = resume
         self._digest = digest
         self._hasher = hasher_for(digest)
         self._pos = 0
@@ -36,7 +51,7 @@ class BlobStream(io.RawIOBase):
         self._resp: requests.Response | None = None
         self._done = False
         self._failures = 0
-        self._what = f"blob {digest} in {ref.name}"
+        self._what = what
 
     def readable(self) -> bool:
         return True
@@ -63,8 +78,7 @@ class BlobStream(io.RawIOBase):
                     self._skip(resp, pos)
             return resp
 
-        self._resp, _ = self._client._pull(self._ref, f"/v2/{self._ref.repository}/blobs/{self._digest}", "GET",
-                                           consume, what, headers)
+        self._resp = self._get(headers, consume)
 
     def _skip(self, resp: requests.Response, n: int) -> None:
         while n > 0:
@@ -87,12 +101,12 @@ class BlobStream(io.RawIOBase):
             except (urllib3.exceptions.HTTPError, OSError, requests.exceptions.RequestException) as exc:
                 self._drop_response()
                 self._failures += 1
-                if self._failures > self._client.config.max_retries:
+                if self._failures > self._resume.max_retries:
                     if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
                         raise RegistryTimeoutError(f"{self._what}: read timed out at byte {self._pos}") from None
                     raise ShortReadError(f"{self._what}: connection broken at byte {self._pos}") from None
                 log.info("%s: connection broken at byte %d; resuming", self._what, self._pos)
-                time.sleep(min(self._client.config.max_wait, self._client.config.min_wait * 2 ** self._failures))
+                time.sleep(min(self._resume.max_wait, self._resume.min_wait * 2 ** self._failures))
                 continue
             if n == 0:
                 return self._finish()

@@ -16,9 +16,10 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from .blob_stream import BlobStream
+from .blob_stream import BlobStream, ResumePolicy
 from .config import Endpoint, HostConfig, MirrorConfig, RegistryConfig, endpoints_for
 from .credentials import CredentialStore
+from .runtime_credentials import RuntimeCredentials
 from .errors import (
     DigestMismatchError,
     InvalidReferenceError,
@@ -79,9 +80,12 @@ _UPLOAD_RETRYABLE = (UnreachableError, RegistryTimeoutError, ShortReadError, Ser
 class RegistryClient:
     """Thread-safe client; create one per process and share it (it owns the connection pool)."""
 
-    def __init__(self, config: RegistryConfig | None = None, credentials: CredentialStore | None = None) -> None:
+    def __init__(self, config: RegistryConfig | None = None, credentials: CredentialStore | None = None,
+                 runtime_credentials: RuntimeCredentials | None = None) -> None:
         self.config = config or RegistryConfig()
-        self.transport = Transport(self.config, credentials)
+        self.transport = Transport(self.config, credentials, runtime_credentials)
+        # What the runtime's auth helper sent, per image reference (used by pulls for that reference)
+        self.runtime_credentials = self.transport.runtime_credentials
         self._endpoint_cache: dict[tuple[str, bool], list[Endpoint]] = {}
         self._mirror_down_until: dict[str, float] = {}
         self._ranged = RangedReader(self.config, self.transport, self._live_endpoints, self._target, self._mirror_failed)
@@ -141,18 +145,21 @@ class RegistryClient:
         else:
             log.info("%s via mirror %s failed (%s); trying the next endpoint", what, endpoint.host, exc)
 
-    def _target(self, endpoint: Endpoint, path: str) -> Target:
+    def _target(self, endpoint: Endpoint, path: str, ref: Reference) -> Target:
         if endpoint.is_mirror:
             path += ("&" if "?" in path else "?") + f"ns={endpoint.registry}"
-        return Target(endpoint, path)
+        return Target(endpoint, path, reference=ref)
 
     def _pull(self, ref: Reference, path: str, method: str, consume: Callable[[requests.Response], T],
-              what: str, headers: dict[str, str] | None = None) -> tuple[T, Endpoint]:
-        """Try mirrors then the origin; a mirror's failure is logged and the next endpoint tried."""
+              what: str, headers: dict[str, str] | None = None, image: Reference | None = None) -> tuple[T, Endpoint]:
+        """Try mirrors then the origin; a mirror's failure is logged and the next endpoint tried.
+
+        `image`: the reference the runtime asked for when `ref` is derived from it (an index's
+        platform manifest); runtime credentials are chosen by it."""
         endpoints = self._live_endpoints(ref)
         for i, endpoint in enumerate(endpoints):
             try:
-                result = self.transport.call(self._target(endpoint, path), method, consume,
+                result = self.transport.call(self._target(endpoint, path, image or ref), method, consume,
                                              repository=ref.repository, headers=headers, what=what)
                 return result, endpoint
             except RegistryError as exc:
@@ -163,8 +170,10 @@ class RegistryClient:
 
     # ---- manifests -------------------------------------------------------------------------
 
-    def get_raw_manifest(self, ref: Reference) -> tuple[bytes, str, str]:
-        """(raw bytes, media type, digest); may be an index. Pinned digests are verified."""
+    def get_raw_manifest(self, ref: Reference, image: Reference | None = None) -> tuple[bytes, str, str]:
+        """(raw bytes, media type, digest); may be an index. Pinned digests are verified.
+
+        `image`: the reference `ref` was derived from, if any (see `_pull`)."""
         what = f"manifest {ref}"
         path = f"/v2/{ref.repository}/manifests/{ref.manifest_ref}"
 
@@ -175,7 +184,7 @@ class RegistryClient:
                 check_same_digest(ref.digest, raw, what)  # inside: a bad mirror falls back to the origin
             return raw, resp.headers.get("Content-Type", "")
 
-        (raw, content_type), _ = self._pull(ref, path, "GET", consume, what, {"Accept": MANIFEST_ACCEPT})
+        (raw, content_type), _ = self._pull(ref, path, "GET", consume, what, {"Accept": MANIFEST_ACCEPT}, image=image)
         digest = ref.digest or sha256_digest(raw)
         return raw, sniff_media_type(raw, content_type), digest
 
@@ -219,7 +228,7 @@ class RegistryClient:
                     for d in index.get("manifests") or [] if isinstance(d, dict)
                 })
                 raise PlatformNotFoundError(f"{ref} has no image for {wanted} (available: {', '.join(available)})")
-            raw, media_type, digest = self.get_raw_manifest(ref.with_digest(chosen["digest"]))
+            raw, media_type, digest = self.get_raw_manifest(ref.with_digest(chosen["digest"]), image=ref)
             if chosen.get("mediaType") and media_type not in IMAGE_MANIFEST_TYPES | INDEX_TYPES:
                 media_type = chosen["mediaType"]
         raise UnsupportedManifestError(f"{ref}: indexes nested deeper than {MAX_NESTED_INDEX}")
@@ -239,7 +248,14 @@ class RegistryClient:
         """A streaming reader of the whole blob. It resumes with a Range request when the connection
         breaks and raises DigestMismatchError at EOF when the content is not `digest`."""
         check_digest(digest)
-        return io.BufferedReader(BlobStream(self, ref, digest), buffer_size=READ_CHUNK)  # type: ignore[return-value]
+        path = f"/v2/{ref.repository}/blobs/{digest}"
+        what = f"blob {digest} in {ref.name}"
+
+        def get(headers: dict[str, str], consume: Callable[[requests.Response], requests.Response]) -> requests.Response:
+            return self._pull(ref, path, "GET", consume, what, headers)[0]
+
+        resume = ResumePolicy(self.config.max_retries, self.config.min_wait, self.config.max_wait)
+        return io.BufferedReader(BlobStream(get, digest, what, resume), buffer_size=READ_CHUNK)  # type: ignore[return-value]
 
     def blob_size(self, ref: Reference, digest: str) -> int:
         """Size from HEAD; some storage backends refuse HEAD, then a 1-byte ranged GET tells the total."""

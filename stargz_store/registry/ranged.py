@@ -181,7 +181,7 @@ class RangedReader:
         config: RegistryConfig,
         transport: Transport,
         endpoints: Callable[[Reference], list[Endpoint]],
-        target: Callable[[Endpoint, str], Target],
+        target: Callable[[Endpoint, str, Reference], Target],
         endpoint_failed: Callable[[Endpoint, RegistryError, str], None],
     ) -> None:
         self.config = config
@@ -309,7 +309,7 @@ class RangedReader:
                     return want.consume(resp, what, last)
 
                 try:
-                    result = self.transport.call(self.target(endpoint, path), "GET", consume,
+                    result = self.transport.call(self.target(endpoint, path, ref), "GET", consume,
                                                  repository=ref.repository, headers=headers, what=what)
                 except RangeNotSatisfiableError:
                     raise
@@ -433,7 +433,7 @@ class RangedReader:
             state.open(resp, what)
             state.copy(resp, sink, what)
 
-        self.transport.call(self.target(endpoint, f"/v2/{ref.repository}/blobs/{key[2]}"), "GET", consume,
+        self.transport.call(self.target(endpoint, f"/v2/{ref.repository}/blobs/{key[2]}", ref), "GET", consume,
                             repository=ref.repository, what=what, retries=0,
                             headers={"Range": f"bytes={state.pos}-", "Accept-Encoding": "identity"})
 

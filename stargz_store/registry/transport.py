@@ -24,6 +24,8 @@ from requests.adapters import HTTPAdapter
 from .auth import Authorizer, TransientError
 from .config import Endpoint, RegistryConfig
 from .credentials import Credentials, CredentialStore
+from .reference import Reference
+from .runtime_credentials import RuntimeCredentials
 from .errors import (
     AuthError,
     NotFoundError,
@@ -49,11 +51,25 @@ _NOT_FOUND_CODES = {"BLOB_UNKNOWN", "MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UP
 
 @dataclass
 class Target:
-    """Where a request goes: a registry endpoint plus path, or an absolute foreign URL (no auth)."""
+    """Where a request goes: a registry endpoint plus path, or an absolute foreign URL (no auth).
+
+    `reference`: the image the request is made for, when it is a pull; it selects the runtime's
+    credentials for that reference (`runtime_reference`)."""
 
     endpoint: Endpoint | None
     path: str = ""
     url: str = ""
+    reference: Reference | None = None
+
+
+def runtime_reference(target: Target) -> str | None:
+    """The reference whose runtime credentials `target` may carry: only a request to the reference's
+    own registry. A mirror never gets them (the runtime gave them for that registry alone), nor does
+    a foreign URL or an endpoint of another registry."""
+    endpoint, ref = target.endpoint, target.reference
+    if endpoint is None or ref is None or endpoint.is_mirror or endpoint.registry != ref.registry:
+        return None
+    return str(ref)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -114,7 +130,8 @@ def _no_netrc(request: requests.PreparedRequest) -> requests.PreparedRequest:
 class Transport:
     """Owns the pooled `requests.Session`; safe to share between threads."""
 
-    def __init__(self, config: RegistryConfig, credentials: CredentialStore | None = None) -> None:
+    def __init__(self, config: RegistryConfig, credentials: CredentialStore | None = None,
+                 runtime_credentials: RuntimeCredentials | None = None) -> None:
         self.config = config
         self.session = requests.Session()
         # Credentials come from the auth files and helpers (`CredentialStore`); this keeps requests
@@ -130,7 +147,9 @@ class Transport:
         self.credentials = credentials or CredentialStore(config.auth_file, configured={
             host: Credentials(cfg.username, cfg.password or "")
             for host, cfg in config.hosts.items() if cfg.username})
-        self.auth = Authorizer(self.session, self.credentials, self.timeout, self._verify_for_url, self.retrying)
+        self.runtime_credentials = runtime_credentials if runtime_credentials is not None else RuntimeCredentials()
+        self.auth = Authorizer(self.session, self.credentials, self.timeout, self._verify_for_url, self.retrying,
+                               self.runtime_credentials)
         self._schemes: dict[str, str] = {}  # scheme learned per endpoint host (automatic mode)
         insecure = set(config.insecure_hosts) | {h for h, c in config.hosts.items() if c.insecure}
         if insecure:
@@ -270,7 +289,8 @@ class Transport:
         hdrs: dict[str, str] = {}
         if endpoint is not None:
             hdrs.update(dict(endpoint.headers))
-            authorization = self.auth.authorization(endpoint.host, repository, actions, use_credentials=True)
+            authorization = self.auth.authorization(endpoint.host, repository, actions, use_credentials=True,
+                                                    runtime_reference=runtime_reference(target))
             if authorization:
                 hdrs["Authorization"] = authorization
         hdrs.update(headers or {})

@@ -57,6 +57,17 @@ def test_daemon_defaults_of_the_latency_features():
     assert (off.neighbour_fetch_size, off.executable_fetch_limit, off.small_layer_fetch_size) == (0, 0, 0)
 
 
+def test_pool_bounds_reach_the_pool_and_idle_layers_0_is_off():
+    pool = config_from_toml({"store": {"idle_layers": 3, "max_images": 5, "max_use_counts": 7}}).pool
+    assert (pool.idle_layers, pool.max_images, pool.max_use_counts) == (3, 5, 7)
+    assert config_from_toml({"store": {"idle_layers": 0}}).pool.idle_layers == 0
+    defaults = config_from_toml({}).pool
+    assert (defaults.idle_layers, defaults.max_images, defaults.max_use_counts) == (64, 256, 65536)
+    for key in ("max_images", "max_use_counts"):  # a bound of 0 would keep nothing: refused, not "the default"
+        with pytest.raises(ConfigError, match=f"store.{key}"):
+            config_from_toml({"store": {key: 0}})
+
+
 def test_unknown_keys_are_warned_not_fatal(caplog):
     with caplog.at_level(logging.WARNING):
         config_from_toml({"metrics_address": "127.0.0.1:8234", "blob": {"chunk_sise": 1}})
@@ -87,3 +98,13 @@ def test_go_style_flags_are_accepted():
     assert (args.config, args.root, args.log_level, args.mountpoint) == ("/c.toml", "/r", "debug", "/mnt")
     args = parse_args(["--config", "/c.toml", "--log-level", "warn", "/mnt"])
     assert args.root == "/var/lib/stargz-store" and args.log_level == "warn"
+
+
+def test_sizes_documented_zero_off_are_off_at_zero():
+    """`read_ahead_kb` and `memory_cache_size_mb` say "0 = off" in config.toml: 0 is not "the default"."""
+    cfg = config_from_toml({"store": {"read_ahead_kb": 0, "memory_cache_size_mb": 0, "sequential_readahead_kb": 0,
+                                      "neighbour_fetch_kb": 0}})
+    assert cfg.mount.read_ahead_kb == 0 and cfg.memory_cache_bytes == 0
+    assert cfg.layer.readahead_size == 0 and cfg.layer.neighbour_fetch_size == 0
+    defaults = config_from_toml({})
+    assert defaults.mount.read_ahead_kb == 4096 and defaults.memory_cache_bytes == 64 << 20

@@ -84,8 +84,10 @@ def test_caps_reach_the_toc_readers_from_the_config():
     from stargz_store.daemon.config import config_from_toml
     from stargz_store.formats.toc import TocLimits
 
-    layer = config_from_toml({"store": {"max_toc_size_mb": 3, "max_toc_entries": 5, "max_path_depth": 7}}).layer
+    layer = config_from_toml({"store": {"max_toc_size_mb": 3, "max_toc_entries": 5, "max_path_depth": 7,
+                                        "max_chunk_size_mb": 9}}).layer
     assert layer.max_toc_size == 3 << 20
-    assert layer.toc_limits == TocLimits(max_entries=5, max_depth=7, max_implicit_names=3 << 20)
+    assert layer.toc_limits == TocLimits(max_entries=5, max_depth=7, max_implicit_names=3 << 20,
+                                         max_chunk_size=9 << 20)
     assert config_from_toml({}).layer.toc_limits == TocLimits(max_entries=1_000_000, max_depth=2048,
                                                              max_implicit_names=150 << 20)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from stargz_store.daemon.pool import _LayerInfos, _Slot
+from stargz_store.daemon.images import Slot
+from stargz_store.daemon.info import LayerInfos
 
 BLOB = "sha256:" + "b" * 64
 TOC = "sha256:" + "c" * 64
@@ -27,9 +28,10 @@ def test_keys_are_known_without_building_and_json_is_built_once():
     toc = _CountingToc()
     descriptor = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": BLOB, "size": 123,
                   "annotations": {"containerd.io/snapshot/stargz/toc.digest": TOC}}
-    slot = _Slot(0, descriptor, DIFF, 1)
+    slot = Slot("registry.example/image:1", 0, descriptor, 1)
+    slot.diff_id = DIFF
     parsed = SimpleNamespace(toc=toc, toc_digest=TOC, compression="gzip")
-    infos = _LayerInfos(slot, parsed)
+    infos = LayerInfos(slot, parsed)
     assert BLOB in infos and TOC in infos and DIFF not in infos
     assert sorted(infos) == sorted([BLOB, TOC]) and len(infos) == 2
     assert infos.get(DIFF) is None

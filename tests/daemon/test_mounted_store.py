@@ -154,3 +154,13 @@ def test_pool_link_is_the_readiness_probe(shared_store):
     link = shared_store.mountpoint / "pool"
     assert os.readlink(link) == str(shared_store.root / "pool")
     os.listdir(link)  # what the Go store's scripts run to wait for the mount
+
+
+def test_the_mounts_readahead_window_is_raised(shared_store):
+    """`read_ahead_kb` (4096 by default) on the mount's backing device, set once the kernel's INIT
+    was answered (INIT itself would lower it again to the kernel's 128 KiB)."""
+    from stargz_store.fuse.mount import mount_device
+
+    device = mount_device(str(shared_store.mountpoint))
+    assert device is not None
+    assert open(f"/sys/class/bdi/{device}/read_ahead_kb").read().strip() == "4096"

@@ -20,7 +20,9 @@ _BLOB_PATH = re.compile(r"^/v2/(?P<repo>.+)/blobs/(?P<digest>sha256:[0-9a-f]{64}
 
 @dataclass(frozen=True)
 class Request:
-    """One request as the proxy saw it; `ranges` are inclusive byte ranges, () for a whole-blob GET."""
+    """One request as the proxy saw it; `ranges` are inclusive byte ranges, () for a whole-blob GET;
+    `authorization` the scheme of its Authorization header ("Basic", "Bearer"; "" without one),
+    never the credentials."""
 
     method: str
     path: str
@@ -28,6 +30,7 @@ class Request:
     bytes_sent: int
     user_agent: str
     ranges: tuple[tuple[int, int], ...]
+    authorization: str = ""
 
     @property
     def blob_digest(self) -> str | None:
@@ -131,8 +134,9 @@ class RecordingProxy:
                         ranges = parse_range_header(self.headers.get("Range"), total)
                     except ValueError:
                         ranges = ((-1, -1),)  # unparseable: recorded so a test sees it, never silently whole-blob
+                    scheme = self.headers.get("Authorization", "").partition(" ")[0]
                     proxy._record(Request(self.command, self.path, status, sent, self.headers.get("User-Agent", ""),
-                                          ranges))
+                                          ranges, scheme))
 
             def _relay(self, send_body: bool) -> tuple[int, int, int | None]:
                 """Returns status, body bytes sent, and the blob size from Content-Range (if any)."""

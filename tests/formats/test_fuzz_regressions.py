@@ -2,7 +2,7 @@
 
 Each file in `fuzz_regressions/` is one fuzz input (`hostile.run_input`: the first byte picks the
 parser). It once escaped as something other than a `FormatError`, or made the two TOC builders
-disagree; it must now be a valid model or a `FormatError` like any other input.
+of that time disagree; it must now be a valid model or a `FormatError` like any other input.
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The caps a TOC is built within, and the names it may hold (issue 11, points 3 and 4).
 
-Every cap is checked on both builders (msgspec records and plain dicts) and through both
-entry points (`build_toc` over entries, `parse_toc_document` over JSON); a TOC at a cap is
+Every cap is checked through both entry points (`build_toc` over entries, `parse_toc_document` over JSON); a TOC at a cap is
 accepted, one past it refused with its typed error, before the excess is allocated where that
 can be known: the entry count before the JSON is decoded, a gzip TOC's size at its tar header.
 """
@@ -16,9 +15,10 @@ import tracemalloc
 import pytest
 
 from stargz_store.formats import toc as toc_module
-from stargz_store.formats import toc_dicts, toc_records, toc_rules
+from stargz_store.formats import toc_records, toc_rules
 from stargz_store.formats.errors import (
     BadEntryNameError,
+    ChunkTooLargeError,
     EntryEscapesRootError,
     InvalidTocError,
     OutOfBoundsError,
@@ -33,13 +33,6 @@ from tests.fixtures.hostile_layers import estargz_layer, streamed_member, tar_he
 
 D1 = "sha256:" + "1" * 64
 MB = 1 << 20
-
-
-@pytest.fixture(params=["msgspec", "stdlib"])
-def builder(request, monkeypatch):
-    if request.param == "stdlib":
-        monkeypatch.setattr(toc_module, "_msgspec", None)
-    return request.param
 
 
 def build_both_ways(entries: list, limits: TocLimits):
@@ -65,14 +58,14 @@ def dirs(n: int) -> list[dict]:
 # --- entries ----------------------------------------------------------------------------------------
 
 
-def test_entry_cap_is_inclusive(builder):
+def test_entry_cap_is_inclusive():
     limits = TocLimits(max_entries=50)
     assert len(build_both_ways(dirs(50), limits)) == 51  # and the implied root
     with pytest.raises(TooManyEntriesError):
         build_both_ways(dirs(51), limits)
 
 
-def test_chunk_entries_count(builder):
+def test_chunk_entries_count():
     pieces = [{"name": "f", "type": "reg", "size": 10, "offset": 0, "chunkSize": 1, "chunkDigest": D1}]
     pieces += [{"name": "f", "type": "chunk", "offset": i, "chunkOffset": i, "chunkSize": 1, "chunkDigest": D1}
                for i in range(1, 10)]
@@ -81,14 +74,14 @@ def test_chunk_entries_count(builder):
         build_both_ways(pieces, TocLimits(max_entries=9))
 
 
-def test_implied_directories_count(builder):
+def test_implied_directories_count():
     deep_file = [{"name": "a/b/c/d/e/f", "type": "fifo"}]  # implies a, a/b, ..., a/b/c/d/e
     assert build_both_ways(deep_file, TocLimits(max_entries=6)).lookup("a/b/c/d/e").type == "dir"
     with pytest.raises(TooManyEntriesError):
         build_both_ways(deep_file, TocLimits(max_entries=5))
 
 
-def test_implied_directory_names_are_bounded(builder):
+def test_implied_directory_names_are_bounded():
     """One 8 KB name 1,000 levels deep implies ~4 MB of names; the budget stops that."""
     deep_file = [{"name": "/".join(["x" * 7] * 1000), "type": "fifo"}]
     assert build_both_ways(deep_file, TocLimits(max_depth=1000, max_implicit_names=5 * MB))
@@ -125,14 +118,14 @@ def test_between_the_cap_and_twice_it_entries_are_counted_exactly(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value", [("size", 2**63), ("offset", -(2**63) - 1), ("uid", 2**64), ("chunkSize", 10**20)])
-def test_numbers_beyond_int64_are_refused(builder, field, value):
+def test_numbers_beyond_int64_are_refused(field, value):
     """Go's TOC fields are int64; a larger number reached `decompress` as an OverflowError."""
     entry = {"name": "f", "type": "reg", "size": 10, "offset": 0, "chunkDigest": D1, field: value}
     with pytest.raises(InvalidTocError):
         build_both_ways([entry], TocLimits())
 
 
-def test_chunk_end_beyond_int64_is_refused(builder):
+def test_chunk_end_beyond_int64_is_refused():
     entry = {"name": "f", "type": "reg", "size": 2**62, "offset": 0, "innerOffset": 2**62, "chunkDigest": D1}
     with pytest.raises(OutOfBoundsError):
         build_both_ways([entry], TocLimits())
@@ -143,7 +136,7 @@ def test_chunk_end_beyond_int64_is_refused(builder):
 
 @pytest.mark.parametrize("name, depth", [("a/b/c", 3), ("a/b/c/", 3), ("./a/b/c", 3), ("abcdefghij", 1),
                                          ("a/b/c/d", 4), ("aaaa/bbbb/cccc/dddd", 4)])
-def test_depth_cap(builder, name, depth):
+def test_depth_cap(name, depth):
     limits = TocLimits(max_depth=3)
     entry = [{"name": name, "type": "dir"}]
     if depth <= 3:
@@ -157,13 +150,13 @@ def test_depth_cap(builder, name, depth):
 
 
 @pytest.mark.parametrize("name", ["f\0.txt", "\0", "a/\0/b", "a//f", "a/./f", "a/.", "", "././a", "a//"])
-def test_names_the_kernel_cannot_have(builder, name):
+def test_names_the_kernel_cannot_have(name):
     with pytest.raises(BadEntryNameError):
         build_both_ways([{"name": name, "type": "reg"}], TocLimits())
 
 
 @pytest.mark.parametrize("name", ["../x", "a/../../x", "/etc/x"])
-def test_names_leaving_the_root(builder, name):
+def test_names_leaving_the_root(name):
     with pytest.raises(EntryEscapesRootError):
         build_both_ways([{"name": name, "type": "reg"}], TocLimits())
 
@@ -174,13 +167,13 @@ def test_names_leaving_the_root(builder, name):
     {"name": "f", "type": "fifo", "xattrs": {"": "eA=="}},
     {"name": "h", "type": "hardlink", "linkName": "a//b"},
 ])
-def test_other_names_the_kernel_cannot_have(builder, entry):
+def test_other_names_the_kernel_cannot_have(entry):
     with pytest.raises(BadEntryNameError):
         build_both_ways([{"name": "a/b", "type": "fifo"}, entry], TocLimits())
 
 
 @pytest.mark.parametrize("name", ["./", "/", ".", "./a/", "a/.b", "a/..b", "a/b...", "é/\n/x"])
-def test_usual_spellings_are_accepted(builder, name):
+def test_usual_spellings_are_accepted(name):
     assert build_both_ways([{"name": name, "type": "dir"}], TocLimits())
 
 
@@ -273,7 +266,7 @@ def test_member_in_two_pieces_is_the_member():
 # --- time ----------------------------------------------------------------------------------------------
 
 
-def test_a_chain_of_hardlinks_is_followed_once(builder, monkeypatch):
+def test_a_chain_of_hardlinks_is_followed_once(monkeypatch):
     """h0 -> h1 -> ... -> f: each link's target is read once, not once per link that leads through it
     (a chain of 100,000 hostile links took hours). Counted, not timed."""
     calls = [0]
@@ -283,10 +276,62 @@ def test_a_chain_of_hardlinks_is_followed_once(builder, monkeypatch):
         calls[0] += 1
         return real(raw, **kwargs)
 
-    for module in (toc_module, toc_rules, toc_records, toc_dicts):
+    for module in (toc_module, toc_rules, toc_records):
         monkeypatch.setattr(module, "normalize_name", counting)
     n = 2000
     chain = [{"name": f"h{i}", "type": "hardlink", "linkName": f"h{i + 1}" if i < n - 1 else "f"} for i in range(n)]
     toc = build_both_ways([{"name": "f", "type": "fifo"}, *chain], TocLimits())
     assert toc.lookup("h0") is toc.lookup("f") and toc.lookup("f").nlink == n + 1
     assert calls[0] <= 2 * 3 * n  # two builds, each ~once per name and once per link (not n * n / 2)
+
+
+# --- chunk size ----------------------------------------------------------------------------------------
+
+
+def _piece(name: str, size: int, offset: int, **extra) -> dict:
+    return {"name": name, "type": "reg", "size": size, "offset": offset, "digest": D1, "chunkDigest": D1, **extra}
+
+
+def test_a_chunk_at_the_cap_is_accepted_one_byte_over_is_refused():
+    limits = TocLimits(max_chunk_size=900)
+    toc = build_both_ways([_piece("f", 900, 10)], limits)
+    assert toc.lookup("f").chunks[0].size == 900
+    with pytest.raises(ChunkTooLargeError, match="over the chunk cap of 900"):
+        build_both_ways([_piece("f", 901, 10)], limits)
+    with pytest.raises(ChunkTooLargeError):  # the skipped inner bytes are inflated too
+        build_both_ways([_piece("f", 800, 10, innerOffset=101)], limits)
+
+
+def test_every_piece_of_a_file_is_capped():
+    limits = TocLimits(max_chunk_size=500)
+    pieces = [_piece("f", 1000, 10, chunkSize=500),
+              {"name": "f", "type": "chunk", "offset": 400, "chunkOffset": 500, "chunkSize": 500, "chunkDigest": D1}]
+    assert len(build_both_ways(pieces, limits).lookup("f").chunks) == 2
+    pieces = [_piece("f", 1000, 10, chunkSize=400),
+              {"name": "f", "type": "chunk", "offset": 400, "chunkOffset": 400, "chunkDigest": D1}]  # 600 to the end
+    with pytest.raises(ChunkTooLargeError, match="file offset 400"):
+        build_both_ways(pieces, limits)
+
+
+def test_a_huge_zeros_chunk_is_refused_before_anything_is_allocated():
+    """A zstd:chunked hole is made locally as `bytes(size)`: a TOC may declare a terabyte of it."""
+    hole = _piece("sparse", 1 << 40, 10, chunkType="zeros")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChunkTooLargeError):
+            build_both_ways([hole], TocLimits())
+        assert tracemalloc.get_traced_memory()[1] < 64 * MB
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_compressed_extent_may_take_twice_the_cap():
+    """An extent runs to the next data offset: a one-byte file followed by 2 MB of blob is one
+    fetch of 2 MB, in memory, whatever the file's size."""
+    limits = TocLimits(max_chunk_size=1000)
+    assert build_toc([_piece("f", 1, 10)], data_end=2010, limits=limits).lookup("f").chunks[0].blob_end == 2010
+    with pytest.raises(ChunkTooLargeError):
+        build_toc([_piece("f", 1, 10)], data_end=2011, limits=limits)
+    doc = json.dumps({"entries": [_piece("f", 1, 10)]}).encode()
+    with pytest.raises(ChunkTooLargeError):
+        parse_toc_document(doc, data_end=2011, limits=limits)

@@ -1,28 +1,14 @@
 """The TOC model's structure beyond the basics: identity, inode numbering, lazy child maps, shared
-values, type checks on every field, and the GC state `build_toc` must leave as it found it."""
+values, type checks on every field. (The GC pause around builds is the layer's: tests/layer/test_trees.py.)"""
 from __future__ import annotations
-
-import gc
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from stargz_store.formats import toc as toc_module
 from stargz_store.formats.errors import DuplicateEntryError, InvalidTocError, OutOfBoundsError
 from stargz_store.formats.toc import DIR, REG, Chunk, TocEntry, build_toc
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
-
-
-@pytest.fixture(autouse=True, params=["msgspec", "stdlib"])
-def build_path(request, monkeypatch):
-    """Every test runs over both builds (see test_toc_paths.py)."""
-    if request.param == "msgspec" and toc_module._msgspec is None:
-        pytest.skip("msgspec is not installed")
-    if request.param == "stdlib":
-        monkeypatch.setattr(toc_module, "_msgspec", None)
-    return request.param
 
 
 def _file(name, size=1, offset=10, **extra):
@@ -165,26 +151,3 @@ def test_duplicates_and_out_of_bounds_offsets():
         build_toc([_file("a/f"), _file("./a/f/")], data_end=100)
     with pytest.raises(OutOfBoundsError):
         build_toc([_file("f"), {"name": "f", "type": "chunk", "offset": 100, "chunkOffset": 1}], data_end=100)
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_gc_state_is_restored(enabled):
-    was = gc.isenabled()
-    try:
-        gc.enable() if enabled else gc.disable()
-        build_toc([_file("f")], data_end=100)
-        assert gc.isenabled() is enabled
-        with pytest.raises(InvalidTocError):
-            build_toc([{"name": "f", "type": "bogus"}], data_end=100)
-        assert gc.isenabled() is enabled
-    finally:
-        gc.enable() if was else gc.disable()
-
-
-def test_parallel_builds_share_one_gc_pause():
-    raw = [_file(f"d/f{i}", offset=10 + i) for i in range(3000)]
-    assert gc.isenabled()
-    with ThreadPoolExecutor(4) as pool:
-        tocs = list(pool.map(lambda _: build_toc(raw, data_end=10_000), range(8)))
-    assert gc.isenabled()
-    assert all(len(t) == 3002 and t.lookup("d/f2999").chunks[0].blob_end == 10_000 for t in tocs)

@@ -1,9 +1,9 @@
-"""The two ways a TOC is built give the same tree and the same errors.
+"""The two entry points of the one TOC builder give the same tree and the same errors.
 
-With msgspec installed, JSON is decoded straight into typed records (and `build_toc` converts
-dicts into them); without it, the pure-Python path reads dicts. Both must agree on every valid
-TOC (entries, inode numbers, link counts, child maps, landmark) and raise the same typed error on
-every invalid one, so the optional dependency never changes what a layer looks like.
+`parse_toc_document` decodes JSON straight into typed records (msgspec); `build_toc` converts
+entries already decoded as dicts into the same records. Both must agree on every valid TOC
+(entries, inode numbers, link counts, child maps, landmark) and raise the same typed error on
+every invalid one.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from stargz_store.formats import toc as toc_module
 from stargz_store.formats.errors import FormatError, InvalidTocError
 from stargz_store.formats.estargz import parse_footer
 from stargz_store.formats.toc_member import extract_toc_json
@@ -21,8 +20,6 @@ from stargz_store.formats.toc import Toc, build_toc, parse_toc_document
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
 TESTDATA = Path(__file__).resolve().parents[1] / "data"
-
-needs_msgspec = pytest.mark.skipif(toc_module._msgspec is None, reason="msgspec is not installed")
 
 
 def _file(name, size=1, offset=10, **extra):
@@ -116,15 +113,6 @@ INVALID = {
 }
 
 
-@pytest.fixture(params=["msgspec", "stdlib"])
-def path(request, monkeypatch):
-    if request.param == "msgspec" and toc_module._msgspec is None:
-        pytest.skip("msgspec is not installed")
-    if request.param == "stdlib":
-        monkeypatch.setattr(toc_module, "_msgspec", None)
-    return request.param
-
-
 def _snapshot(toc: Toc) -> dict:
     dirs = [name for name, e in toc.entries() if e.type == "dir"]
     return {
@@ -136,52 +124,40 @@ def _snapshot(toc: Toc) -> dict:
     }
 
 
-def _both(build):
-    results = {}
-    for name in ("msgspec", "stdlib"):
-        saved = toc_module._msgspec
-        if name == "stdlib":
-            toc_module._msgspec = None
-        elif saved is None:
-            continue
-        try:
-            results[name] = build()
-        except FormatError as e:
-            results[name] = type(e)
-        finally:
-            toc_module._msgspec = saved
-    return results
+def _outcome(build):
+    try:
+        return build()
+    except FormatError as e:
+        return type(e)
 
 
-@needs_msgspec
 @pytest.mark.parametrize("case", sorted(VALID))
 def test_valid_tocs_build_the_same_tree(case):
     raw = VALID[case]
     doc = json.dumps({"version": 1, "entries": raw}).encode()
-    built = _both(lambda: _snapshot(build_toc(raw, data_end=500)))
-    parsed = _both(lambda: _snapshot(parse_toc_document(doc, data_end=500)))
-    assert built["msgspec"] == built["stdlib"] == parsed["msgspec"] == parsed["stdlib"]
+    built = _outcome(lambda: _snapshot(build_toc(raw, data_end=500)))
+    parsed = _outcome(lambda: _snapshot(parse_toc_document(doc, data_end=500)))
+    assert isinstance(built, dict) and built == parsed
 
 
-@needs_msgspec
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_invalid_tocs_raise_the_same_error(case):
     raw = INVALID[case]
     doc = json.dumps({"version": 1, "entries": raw}).encode()
-    built = _both(lambda: build_toc(raw, data_end=500))
-    parsed = _both(lambda: parse_toc_document(doc, data_end=500))
-    assert built["msgspec"] == built["stdlib"] == parsed["msgspec"] == parsed["stdlib"]
-    assert isinstance(built["stdlib"], type) and issubclass(built["stdlib"], InvalidTocError)
+    built = _outcome(lambda: build_toc(raw, data_end=500))
+    parsed = _outcome(lambda: parse_toc_document(doc, data_end=500))
+    assert built == parsed
+    assert isinstance(built, type) and issubclass(built, InvalidTocError)
 
 
 @pytest.mark.parametrize("doc", [b"[1, 2]", b"{", b'{"entries": {}}', b"\xff\xfe", b'{"entries": [{"name": 1}]}'])
-def test_documents_that_are_not_tocs(path, doc):
+def test_documents_that_are_not_tocs(doc):
     with pytest.raises(InvalidTocError):
         parse_toc_document(doc, data_end=100)
 
 
 @pytest.mark.parametrize("doc", [b"{}", b'{"entries": null}', b'{"version": 1, "entries": []}'])
-def test_documents_without_entries_have_a_root(path, doc):
+def test_documents_without_entries_have_a_root(doc):
     toc = parse_toc_document(doc, data_end=100)
     assert len(toc) == 1 and toc.root.type == "dir"
 
@@ -198,10 +174,10 @@ def _reference_tocs() -> list[tuple[str, bytes, int]]:
     return found
 
 
-@needs_msgspec
 def test_reference_layers_build_the_same_tree():
     tocs = _reference_tocs()
     assert tocs, "no eStargz layers found in tests/data"
     for _, toc_json, toc_offset in tocs:
-        results = _both(lambda: _snapshot(parse_toc_document(toc_json, data_end=toc_offset)))
-        assert results["msgspec"] == results["stdlib"]
+        parsed = _snapshot(parse_toc_document(toc_json, data_end=toc_offset))
+        built = _snapshot(build_toc(json.loads(toc_json)["entries"], data_end=toc_offset))
+        assert parsed == built

@@ -54,6 +54,10 @@ class LayoutClient:
                 return Manifest.from_raw(raw, desc.get("mediaType", OCI_MANIFEST), desc["digest"])
         raise NotFoundError(f"{ref}: manifest unknown")
 
+    def learn_schemes(self) -> int:
+        """Nothing to learn: there is no network (`RegistryAccess`)."""
+        return 0
+
     def get_blob(self, ref: Reference, digest: str) -> bytes:
         with self._lock:
             self.blob_calls += 1

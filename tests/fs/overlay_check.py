@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from stargz_store.fs.caller import ROOT
-from stargz_store.fs.model import StoreModel
+
+from .paths import PathModel
 
 MTIME_TOLERANCE_NS = 500_000_000  # a TOC keeps whole seconds
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
@@ -55,7 +56,7 @@ def snapshot_mount(root: Path) -> dict[str, dict[str, Any]]:
     return snap
 
 
-def snapshot_model(model: StoreModel, diff_path: str) -> dict[str, dict[str, Any]]:
+def snapshot_model(model: PathModel, diff_path: str) -> dict[str, dict[str, Any]]:
     """The same snapshot, asked from the model (`diff_path` = "/<b64ref>/<key>/diff")."""
     snap: dict[str, dict[str, Any]] = {}
 

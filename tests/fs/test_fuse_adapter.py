@@ -1,17 +1,27 @@
-"""The FUSE adapter only translates: errors to errno (one table), attributes to stat fields."""
+"""The FUSE adapter only translates: errors to errno (one table), attributes to the kernel's stat."""
 from __future__ import annotations
 
+import base64
 import errno
+import os
 import stat
 
-import mfusepy as fuse
 import pytest
 
+from stargz_store import fuse
 from stargz_store.fs import errors
 from stargz_store.fs.attrs import Attr
-from stargz_store.fs.caller import ROOT, Caller
-from stargz_store.fs.fuse_adapter import ERRNO, MountOptions, StoreOperations, errno_of, stat_dict
+from stargz_store.fs.caller import Caller
+from stargz_store.fs.fuse_adapter import ERRNO, StoreOperations, errno_of
+from stargz_store.fs.inodes import ROOT_ID
 from stargz_store.fs.model import StoreModel
+from stargz_store.fs.provider import ImageFiles, ServedLayer
+from stargz_store.fuse import abi
+
+ROOT_CTX = fuse.Context(0, 0, 1)
+USER_CTX = fuse.Context(1000, 1000, 2)
+REF = base64.b64encode(b"example.com/a:b")
+KEY = ("sha256:" + "a" * 64).encode()
 
 
 def test_every_model_error_has_its_errno():
@@ -25,129 +35,151 @@ def test_every_model_error_has_its_errno():
     assert errno_of(errors.ReadOnly("x")) == errno.EROFS
     assert errno_of(errors.NoSuchAttribute("x")) == errno.ENODATA
     assert errno_of(errors.PermissionDenied("x")) == errno.EACCES
+    assert errno_of(errors.StaleNode("x")) == errno.ESTALE
 
 
-def test_stat_fields():
-    attr = Attr(ino=5, mode=stat.S_IFREG | 0o644, nlink=2, uid=3, gid=4, size=4097, mtime_ns=1_500_000_000, rdev=0)
-    st = stat_dict(attr)
-    assert st["st_ino"] == 5 and st["st_nlink"] == 2 and st["st_size"] == 4097 and st["st_blocks"] == 16
-    assert st["st_mtime"] == 1_500_000_000 and st["st_uid"] == 3 and st["st_gid"] == 4
+def test_stat_fields_reach_the_kernel_as_the_model_says():
+    """The adapter hands `Attr` through; the session packs it into the kernel's `fuse_attr`."""
+    attr = Attr(ino=5, mode=stat.S_IFREG | 0o644, nlink=2, uid=3, gid=4, size=4097, mtime_ns=1_700_000_000_123_456_789,
+                rdev=0x0103)
+    r, w = os.pipe()
+    try:
+        packed = fuse.Session(r, StoreOperations(StoreModel(_Provider())))._attr(attr)
+    finally:
+        os.close(r)
+        os.close(w)
+    (ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec,
+     mode, nlink, uid, gid, rdev, blksize, _) = abi.ATTR.unpack(packed)
+    assert (ino, mode, nlink, uid, gid, size, rdev, blksize) == (5, stat.S_IFREG | 0o644, 2, 3, 4, 4097, 0x0103, 4096)
+    assert blocks == 16  # whole 4 KiB blocks, in 512-byte units
+    for sec, nsec in ((atime, atimensec), (mtime, mtimensec), (ctime, ctimensec)):
+        assert sec * 1_000_000_000 + nsec == attr.mtime_ns
 
 
 class _Provider:
     """Just enough of a LayerProvider to reach each error path."""
 
-    def canonical_ref(self, text):
+    def __init__(self) -> None:
+        self.used: tuple[str, str] | None = None
+
+    def canonical_ref(self, text: str) -> str:
         if "bad" in text:
             raise errors.InvalidName(text)
         return text
 
-    def warm(self, ref):
-        pass
+    def resolved(self, ref: str, key: str = "") -> bool:
+        return False
 
-    def layer(self, ref, key):
-        raise errors.LayerUnavailable("registry down")
-
-    def image_files(self, ref):
+    def image_files(self, ref: str) -> ImageFiles:
         raise errors.EntryNotFound(ref)
 
-    def use(self, ref, key):
-        self.used = (ref, key)
+    def layer(self, ref: str, key: str) -> ServedLayer:
+        raise errors.LayerUnavailable("registry down")
 
-    def release(self, ref, key):
+    def numbered(self, number: int) -> ServedLayer:
+        raise errors.StaleNode(str(number))
+
+    def hold(self, number: int) -> ServedLayer:
+        raise errors.StaleNode(str(number))
+
+    def let_go(self, served: ServedLayer) -> None:
         pass
 
-    def known_refs(self):
-        return []
+    def pin(self, ref: str, key: str) -> None:
+        pass
 
-    def resolved(self, ref, key=""):
-        return False
+    def unpin(self, ref: str, key: str) -> None:
+        pass
+
+    def use(self, ref: str, key: str) -> None:
+        self.used = (ref, key)
+
+    def release(self, ref: str, key: str) -> bool:
+        return True
+
+    def known_refs(self) -> list[str]:
+        return []
 
 
 @pytest.fixture
 def ops():
-    return StoreOperations(StoreModel(_Provider()), MountOptions(), caller=lambda: ROOT)
+    return StoreOperations(StoreModel(_Provider()))
 
 
 def _errno(fn, *args):
-    with pytest.raises(fuse.FuseOSError) as info:
+    with pytest.raises(fuse.FuseError) as info:
         fn(*args)
     return info.value.errno
 
 
 def test_operations_raise_fuse_errors(ops):
-    import base64
-
-    ref = base64.b64encode(b"example.com/a:b").decode()
-    bad = base64.b64encode(b"bad").decode()
-    key = "sha256:" + "a" * 64
-    assert _errno(ops.getattr, f"/{bad}") == errno.EINVAL
-    assert _errno(ops.getattr, f"/{ref}/{key}/diff") == errno.EIO
-    assert _errno(ops.getattr, f"/{ref}/manifest") == errno.ENOENT
-    assert _errno(ops.create, f"/{ref}/{key}/use", 0o644, 0) == errno.ENOENT
-    assert ops.model.provider.used == ("example.com/a:b", key)
-    assert _errno(ops.rmdir, f"/{ref}/{key}") == errno.ENOENT
-    assert _errno(ops.mkdir, f"/{ref}/x", 0o755) == errno.EINVAL
-    assert _errno(ops.unlink, f"/{ref}/{key}/info") == errno.EROFS
-    assert _errno(ops.read, f"/{ref}/{key}/info", 10, 0, 12345) == errno.EBADF
-    assert ops.getattr("/")["st_mode"] & stat.S_IFDIR
-    assert ops.statfs("/")["f_namemax"] == 255
-
-
-def test_each_request_is_answered_for_its_own_caller():
-    """The adapter asks who sent each request and hands it to the model: the same path is EACCES
-    for another user (the provider has resolved nothing) and reaches the provider for root."""
-    import base64
-
-    callers = iter([Caller(1000), ROOT, Caller(1000), ROOT])
-    ops = StoreOperations(StoreModel(_Provider()), MountOptions(), caller=lambda: next(callers))
-    diff = f"/{base64.b64encode(b'example.com/a:b').decode()}/sha256:{'a' * 64}/diff"
-    assert _errno(ops.getattr, diff) == errno.EACCES
-    assert _errno(ops.getattr, diff) == errno.EIO  # root: the provider's answer
-    assert _errno(ops.create, diff.replace("/diff", "/use"), 0o644, 0) == errno.EACCES
-    assert not hasattr(ops.model.provider, "used")
-    assert _errno(ops.create, diff.replace("/diff", "/use"), 0o644, 0) == errno.ENOENT
+    bad = base64.b64encode(b"bad")
+    assert _errno(ops.lookup, ROOT_CTX, ROOT_ID, bad) == errno.EINVAL
+    ref = ops.lookup(ROOT_CTX, ROOT_ID, REF).nodeid
+    layer = ops.lookup(ROOT_CTX, ref, KEY).nodeid
+    assert _errno(ops.lookup, ROOT_CTX, layer, b"diff") == errno.EIO
+    assert _errno(ops.lookup, ROOT_CTX, ref, b"manifest") == errno.ENOENT
+    assert _errno(ops.create, ROOT_CTX, layer, b"use", 0o644, 0) == errno.ENOENT
+    assert ops.model.provider.used == ("example.com/a:b", KEY.decode())
+    assert _errno(ops.rmdir, ROOT_CTX, ref, KEY) == errno.ENOENT
+    assert _errno(ops.refuse_write, ROOT_CTX, ref, b"x") == errno.EINVAL  # mkdir <ref>/x: not a digest
+    assert _errno(ops.refuse_write, ROOT_CTX, layer, b"info") == errno.EROFS  # unlink <layer>/info
+    assert _errno(ops.read, ROOT_CTX, layer, 12345, 0, 10) == errno.EBADF
+    assert _errno(ops.getattr, ROOT_CTX, 0x1234) == errno.ESTALE  # an id never given out
+    assert ops.getattr(ROOT_CTX, ROOT_ID).mode & stat.S_IFDIR
+    assert ops.statfs(ROOT_CTX, ROOT_ID)[1] == 255
 
 
-def test_fill_stat_reports_what_stat_dict_reports():
-    from stargz_store.fs.fuse_adapter import fill_stat
-
-    attr = Attr(ino=7, mode=stat.S_IFCHR, nlink=1, uid=9, gid=8, size=5000, mtime_ns=1_700_000_000_123_456_789, rdev=0x0103)
-    st = fuse.c_stat()
-    fill_stat(st, attr)
-    expected = stat_dict(attr)
-    for key in ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_blksize", "st_rdev"):
-        assert getattr(st, key) == expected[key], key
-    for ts in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
-        assert ts.tv_sec * 1_000_000_000 + ts.tv_nsec == expected["st_mtime"]
+def test_each_request_is_answered_for_its_own_caller(ops):
+    """The adapter hands each request's uid to the model: the same lookup is EACCES for another
+    user (the provider has resolved nothing) and reaches the provider for root."""
+    assert _errno(ops.lookup, USER_CTX, ROOT_ID, REF) == errno.EACCES
+    ref = ops.lookup(ROOT_CTX, ROOT_ID, REF).nodeid
+    assert _errno(ops.lookup, USER_CTX, ref, KEY) == errno.EACCES
+    layer = ops.lookup(ROOT_CTX, ref, KEY).nodeid
+    assert _errno(ops.lookup, USER_CTX, layer, b"diff") == errno.EACCES
+    assert _errno(ops.lookup, ROOT_CTX, layer, b"diff") == errno.EIO  # root: the provider's answer
+    assert _errno(ops.create, USER_CTX, layer, b"use", 0o644, 0) == errno.EACCES
+    assert ops.model.provider.used is None
+    assert _errno(ops.create, ROOT_CTX, layer, b"use", 0o644, 0) == errno.ENOENT
+    assert ops.model.provider.used is not None
 
 
 class _ListingModel:
     """A model whose directory listing counts how often it is built."""
 
-    def __init__(self, names):
+    def __init__(self, names: list[str]) -> None:
         self.names = names
         self.builds = 0
 
-    def readdir(self, path, *, caller):
+    def readdir(self, nodeid: int, *, caller: Caller) -> list[tuple[str, Attr | None]]:
         self.builds += 1
         return [(n, Attr(ino=10 + i, mode=stat.S_IFREG | 0o644)) for i, n in enumerate(self.names)]
 
 
 def test_open_directory_keeps_one_listing_across_pages():
     model = _ListingModel([f"f{i}" for i in range(50)])
-    ops = StoreOperations(model, MountOptions(), caller=lambda: ROOT)  # type: ignore[arg-type]
-    fh = ops.opendir("/d")
-    first = ops.listing_for("/d", fh, 0)
-    assert [n for n, _ in first[:3]] == [".", "..", "f0"] and len(first) == 52
-    assert ops.listing_for("/d", fh, 30) is first  # a later page: the same snapshot
+    ops = StoreOperations(model)  # type: ignore[arg-type]
+    fh = ops.opendir(ROOT_CTX, 7).fh
+    first = ops.readdir(ROOT_CTX, 7, fh, 0)
+    assert [e.name for e in first[:3]] == [b".", b"..", b"f0"] and len(first) == 52
+    assert [e.offset for e in first[:3]] == [1, 2, 3]
+    assert ops.readdir(ROOT_CTX, 7, fh, 30) == first[30:]  # a later page: the same snapshot
     assert model.builds == 1
-    other = ops.opendir("/d")
+    other = ops.opendir(ROOT_CTX, 7).fh
     assert other != fh
-    ops.listing_for("/d", other, 0)
+    ops.readdir(ROOT_CTX, 7, other, 0)
     assert model.builds == 2
-    ops.releasedir("/d", fh)
-    ops.listing_for("/d", fh, 30)  # a released handle still answers (freshly built), never fails
+    ops.releasedir(7, fh)
+    ops.readdir(ROOT_CTX, 7, fh, 30)  # a released handle still answers (freshly built), never fails
     assert model.builds == 3
-    ops.releasedir("/d", other)
-    assert ops._dir_listings == {}
+    ops.releasedir(7, other)
+    assert ops._listings == {}
+
+
+def test_only_a_layer_tree_listing_may_be_cached_by_the_kernel(ops):
+    """The store's own directories change (images come and go): listed afresh at every open."""
+    ref = ops.lookup(ROOT_CTX, ROOT_ID, REF).nodeid
+    assert not ops.opendir(ROOT_CTX, ROOT_ID).keep_cache
+    assert not ops.opendir(ROOT_CTX, ref).keep_cache
+    assert ops.opendir(ROOT_CTX, 3 << 32 | 1).keep_cache  # a diff directory of layer 3

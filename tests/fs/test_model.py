@@ -15,7 +15,7 @@ import weakref
 import pytest
 
 from stargz_store.daemon.pool import ImagePool, PoolConfig
-from stargz_store.formats import toc as toc_module
+from stargz_store.layer import trees
 from stargz_store.fs.caller import ROOT
 from stargz_store.fs.errors import (
     EntryNotFound,
@@ -31,6 +31,7 @@ from tests.fixtures.waiting import wait_for
 
 from .layout_source import LayoutClient, LayoutResolver, blob_file
 from .overlay_check import compare_overlay, snapshot_model
+from .paths import PathModel
 
 HOST = "127.0.0.1:5999"
 IMAGES = {
@@ -57,7 +58,7 @@ def store(testdata, tmp_path):
     client = LayoutClient({name: testdata / name for name in IMAGES})
     resolver = LayoutResolver(client, tmp_path / "cache")
     pool = ImagePool(client, resolver, PoolConfig(negative_ttl=60, release_grace=3600), metadata_dir=tmp_path / "pool")
-    model = StoreModel(pool)
+    model = PathModel(StoreModel(pool))
     yield model, pool, client, resolver
     pool.close()
 
@@ -77,7 +78,7 @@ def config_of(testdata, name: str) -> dict:
     return json.loads(blob_file(layout, manifest_of(testdata, name)["config"]["digest"]).read_text())
 
 
-def read_all(model: StoreModel, path: str) -> bytes:
+def read_all(model: PathModel, path: str) -> bytes:
     fh = model.open(path, caller=ROOT)
     try:
         out = bytearray()
@@ -254,8 +255,8 @@ def test_unused_layers_are_closed_and_reopened(store, testdata):
         model.create(f"/{b64(ref)}/{used}/use", caller=ROOT)
     before = model.getattr(f"/{b64(ref)}/{unused}/diff/etc", caller=ROOT)
     fh = model.open(f"/{b64(ref)}/{layers[2]['digest']}/blob", caller=ROOT)  # an open handle pins its layer
-    pool.config.release_grace = 0
-    closed = pool.reap()
+    model.forget_all()  # the kernel drops its caches: no layer directory is held any more
+    closed = pool.handles.trim(keep=0)  # close every idle layer now
     assert closed == 1  # only the unused, unpinned one
     assert pool.stats()["pool"]["open_layers"] == 2
     model.release(fh)
@@ -265,7 +266,7 @@ def test_unused_layers_are_closed_and_reopened(store, testdata):
 
 
 def test_a_closed_layer_frees_its_tree(store, testdata):
-    """Built trees are frozen out of the cyclic GC (formats.toc._gc_paused); reaping must still
+    """Built trees are frozen out of the cyclic GC (layer.trees.building_trees); reaping must still
     free a closed layer's tree, also when something it held was part of a reference cycle."""
     model, pool, client, resolver = store
     ref = ref_of(testdata, "multilayer-esgz")
@@ -274,10 +275,10 @@ def test_a_closed_layer_frees_its_tree(store, testdata):
     model.getattr(f"/{b64(ref)}/{digest}/diff/etc", caller=ROOT)
     # Quiesce what could keep the tree alive past the reap: the image's other layers are opened
     # in the background, and while any TOC build runs (here, or a closed pool's thread of an
-    # earlier test) the reaper defers its collection (formats.toc.release_frozen).
+    # earlier test) the reaper defers its collection (layer.trees.release_frozen).
     for other in layers:
         model.getattr(f"/{b64(ref)}/{other['digest']}/diff", caller=ROOT)
-    assert wait_for(lambda: toc_module._gc_pauses == 0)
+    assert wait_for(lambda: trees.builds_running() == 0)
     served = pool.layer(ref, digest)
     tree = weakref.ref(served.layer.toc)
     cycle: list = [served.layer.toc]
@@ -285,8 +286,8 @@ def test_a_closed_layer_frees_its_tree(store, testdata):
     served.layer.cycle = cycle
     del served, cycle
     gc.freeze()  # as after a build: everything alive so far is out of the GC's sight
-    pool.config.release_grace = 0
-    assert pool.reap() >= 1
+    model.forget_all()
+    assert pool.handles.trim(keep=0) >= 1
     assert tree() is None
 
 
@@ -337,7 +338,7 @@ def test_metadata_survives_a_restart(testdata, tmp_path):
         client = LayoutClient({"multilayer-esgz": testdata / "multilayer-esgz"})
         pool = ImagePool(client, LayoutResolver(client, tmp_path / "cache"), metadata_dir=tmp_path / "pool")
         try:
-            attr = StoreModel(pool).getattr(f"/{b64(ref)}/{key}/diff/add", caller=ROOT)
+            attr = PathModel(StoreModel(pool)).getattr(f"/{b64(ref)}/{key}/diff/add", caller=ROOT)
             assert before is None or attr == before
             before = attr
             assert client.manifest_calls == (1 if run == 0 else 0)
@@ -350,7 +351,7 @@ def test_moved_tag_adds_new_layers_and_keeps_old_ones(testdata, tmp_path):
     client = LayoutClient({"moving": testdata / "multilayer-esgz"})
     resolver = LayoutResolver(client, tmp_path / "cache")
     pool = ImagePool(client, resolver, PoolConfig(negative_ttl=0), metadata_dir=tmp_path / "pool")
-    model = StoreModel(pool)
+    model = PathModel(StoreModel(pool))
     try:
         ref = f"{HOST}/moving:esgz"  # both layouts below carry the tag "esgz"
         old_key = manifest_of(testdata, "multilayer-esgz")["layers"][0]["digest"]
@@ -371,20 +372,20 @@ def test_pool_symlink_for_readiness_probes(testdata, tmp_path):
     client = LayoutClient({})
     pool = ImagePool(client, LayoutResolver(client, tmp_path / "cache"))
     try:
-        model = StoreModel(pool, pool_target="/var/lib/stargz-store/pool")
+        model = PathModel(StoreModel(pool, pool_target="/var/lib/stargz-store/pool"))
         attr = model.getattr("/pool", caller=ROOT)
         assert stat.S_ISLNK(attr.mode) and attr.size == len("/var/lib/stargz-store/pool")
         assert model.readlink("/pool", caller=ROOT) == "/var/lib/stargz-store/pool"
         assert [n for n, _ in model.readdir("/", caller=ROOT)] == ["pool"]
         with pytest.raises(InvalidName):
-            StoreModel(pool).getattr("/pool", caller=ROOT)  # without a target it is just an invalid ref name
+            PathModel(StoreModel(pool)).getattr("/pool", caller=ROOT)  # without a target it is just an invalid ref name
     finally:
         pool.close()
 
 
 def test_log_file_access_logs_each_file_once(store, testdata, caplog):
     _, pool, *_ = store
-    model = StoreModel(pool, log_file_access=True)
+    model = PathModel(StoreModel(pool, log_file_access=True))
     ref = ref_of(testdata, "multilayer-esgz")
     key = manifest_of(testdata, "multilayer-esgz")["layers"][0]["digest"]
     with caplog.at_level("DEBUG", logger="stargz_store.fs.model"):

@@ -11,6 +11,7 @@ import pytest
 
 from stargz_store.fs.caller import ROOT, Caller
 from stargz_store.fs.errors import EntryNotFound, PermissionDenied
+from stargz_store.fs.inodes import store_nodeid
 
 from .test_model import b64, manifest_of, read_all, ref_of, store  # noqa: F401  (store: the fixture)
 
@@ -52,8 +53,8 @@ def test_an_unprivileged_caller_cannot_make_the_store_resolve(store, testdata):
     assert (client.manifest_calls, client.blob_calls, resolver.opened, resolver.tails_fetched) == (0, 0, 0, [])
     # and nothing was recorded for it, anywhere
     assert pool.stats()["pool"]["images"] == 0 and pool.stats()["refcounts"] == {}
-    assert (pool._pending, pool._negative, pool._early_tails, pool._layer_numbers) == ({}, {}, {}, {})
-    assert model._small_inos == {} and model._handles == {}
+    assert (pool.images._pending, pool.images._negative, pool.images._early_tails, len(pool.numbers)) == ({}, {}, {}, 0)
+    assert len(model.nodes) == 1 and model._handles == {}  # the root only: no node was made for them
 
 
 def test_root_still_resolves_and_notifies_without_resolving(store, testdata):
@@ -93,7 +94,7 @@ def test_an_unprivileged_caller_sees_a_resolved_image_and_only_its_layers(store,
         with pytest.raises(PermissionDenied):
             model.getattr(path, caller=NOBODY)
     assert client.manifest_calls == manifests and resolver.opened == opened
-    assert (ref, f"sha256:{'0' * 64}") not in model._small_inos
+    assert model.nodes.get(store_nodeid(("layer", b64(ref), f"sha256:{'0' * 64}"))) is None
     with pytest.raises(EntryNotFound):
         model.getattr(f"{unknown}/diff", caller=ROOT)  # ENOENT, after asking the registry again
     assert client.manifest_calls == manifests + 1

@@ -21,6 +21,7 @@ from stargz_store.registry.errors import NotFoundError
 from tests.fixtures.waiting import wait_for
 
 from .layout_source import LayoutClient, LayoutResolver
+from .paths import PathModel
 from .test_model import HOST, b64, config_of, layout_tag, manifest_of, read_all
 
 NAME = "multilayer-esgz"
@@ -55,7 +56,7 @@ def setup(testdata, tmp_path):
         resolver = LayoutResolver(client, tmp_path / "cache")
         pool = ImagePool(client, resolver, PoolConfig(negative_ttl=60, release_grace=3600), metadata_dir=tmp_path / "pool")
         made.append(pool)
-        return StoreModel(pool), pool, client, resolver
+        return PathModel(StoreModel(pool)), pool, client, resolver
 
     yield make
     for pool in made:
@@ -91,7 +92,7 @@ def test_first_layer_tail_is_fetched_while_the_manifest_is(setup, testdata, ref_
     for d in layers:
         model.getattr(f"/{b64(ref)}/{d['digest']}/diff", caller=ROOT)
     assert all(tail_was_read(resolver, d["digest"]) for d in layers if d["digest"] != first)
-    assert pool._early_tails == {}
+    assert pool.images._early_tails == {}
 
 
 def test_layers_open_while_the_config_is_fetched(setup, testdata):
@@ -145,7 +146,7 @@ def test_a_toc_digest_key_guess_is_dropped(setup, testdata):
     assert model.getattr(f"/{b64(ref)}/{toc_key}/diff", caller=ROOT).mode
     assert resolver.tails_fetched == [toc_key]
     assert tail_was_read(resolver, layers[0]["digest"])
-    assert pool._early_tails == {}
+    assert pool.images._early_tails == {}
 
 
 def test_no_early_tail_for_an_image_known_on_disk(testdata, tmp_path):
@@ -155,7 +156,7 @@ def test_no_early_tail_for_an_image_known_on_disk(testdata, tmp_path):
         resolver = LayoutResolver(client, tmp_path / "cache")
         pool = ImagePool(client, resolver, metadata_dir=tmp_path / "pool")
         try:
-            StoreModel(pool).getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff", caller=ROOT)
+            PathModel(StoreModel(pool)).getattr(f"/{b64(ref)}/{layers[0]['digest']}/diff", caller=ROOT)
             assert resolver.tails_fetched == ([layers[0]["digest"]] if run == 0 else [])
         finally:
             pool.close()

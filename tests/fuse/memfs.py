@@ -39,6 +39,10 @@ class Node:
     def blocks(self) -> int:
         return -(-self.size // 512)
 
+    @property
+    def nodeid(self) -> int:
+        return self.ino
+
 
 def sample_tree(backing_file: str | None = None) -> dict[int, Node]:
     """/ (0755) with: hello (0644, "hello world\\n"), secret (0600), private/ (0700) with inner
@@ -85,6 +89,7 @@ class MemFS:
         self.removed: list[bytes] = []
         self._lock = threading.Lock()
         self.read_gate: threading.Event | None = None  # reads of /slow wait for it, when set
+        self.cache_listings = True  # opendir lets the kernel keep listings (the tree never changes)
 
     def _count(self, op: str) -> None:
         with self._lock:
@@ -140,10 +145,10 @@ class MemFS:
     def release(self, ino: int, fh: int) -> None:
         self._count("release")
 
-    def opendir(self, ctx: Context, ino: int) -> int:
+    def opendir(self, ctx: Context, ino: int) -> OpenReply:
         if not stat.S_ISDIR(self._node(ino).mode):
             raise FuseError(errno.ENOTDIR)
-        return 0
+        return OpenReply(keep_cache=self.cache_listings)
 
     def readdir(self, ctx: Context, ino: int, fh: int, offset: int) -> list[DirEntry]:
         self._count("readdir")

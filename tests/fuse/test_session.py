@@ -1,9 +1,11 @@
 """The FUSE session against the real kernel: a mounted `MemFS`, read by real system calls."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -12,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from stargz_store.fuse import MountSpec, Session, SessionOptions, mount, unmount
+from stargz_store.fuse import MountSpec, Session, SessionOptions, abi, mount, unmount
 from stargz_store.fuse.mount import is_dead_mount, mount_device
 from tests.fixtures.store import private_tmpdir, remove_tmpdir
+from tests.fixtures.waiting import wait_for
 
-from .memfs import MemFS, sample_tree
+from .memfs import MemFS, Node, sample_tree
 
 pytestmark = [pytest.mark.root]
 NOBODY = 65534
@@ -238,3 +241,52 @@ def test_a_mount_whose_every_holder_is_gone_is_dead_and_can_be_detached(workdir)
     assert is_dead_mount(mnt)
     unmount(str(mnt), lazy=True)
     assert mount_device(str(mnt)) is None
+
+
+def test_no_open_the_kernel_asks_for_the_first_open_only(mounted):
+    """With `no_open` the first OPEN is declined (ENOSYS, after the filesystem had its say): the
+    kernel then opens every file without asking and reads name the node, with no handle."""
+    m = mounted(no_open=True)
+    if not m.session.state.no_open:
+        pytest.skip("this kernel does not offer FUSE no_open")
+    for _ in range(3):
+        assert (m.path / "hello").read_bytes() == b"hello world\n"
+    assert (m.path / "d0" / "f01").read_bytes() == b"file 0/1\n"
+    assert m.fs.calls["open"] == 1 and m.fs.calls["release"] == 1  # the declined one, released at once
+    assert m.fs.calls["read"] >= 2
+
+
+def test_times_before_1970_reach_the_kernel(workdir, mounted):
+    nodes = sample_tree()
+    old = dataclasses.replace(nodes[2], mtime_ns=-86_400_000_000_000 + 5)  # "hello": a day before the epoch
+    nodes[2] = old
+    m = mounted(MemFS(nodes))
+    assert os.stat(m.path / "hello").st_mtime_ns == old.mtime_ns
+    assert os.listdir(m.path)  # a listing with full attributes carries it too
+
+
+def test_a_directory_that_may_change_is_listed_afresh(mounted):
+    """`opendir` without keep_cache: a name added later is in the next listing (the store's own
+    directories); with it, the kernel may serve the next listing from its cache."""
+    fs = MemFS(sample_tree())
+    fs.cache_listings = False
+    m = mounted(fs)
+    assert "late" not in os.listdir(m.path / "d0")
+    d0 = fs.nodes[abi.ROOT_ID].children[b"d0"]
+    fs.nodes[9000] = Node(9000, stat.S_IFREG | 0o644, size=1, data=b"x")
+    fs.nodes[d0].children[b"late"] = 9000
+    assert "late" in os.listdir(m.path / "d0")
+
+
+def test_an_invalidated_entry_is_forgotten_by_the_kernel(mounted):
+    """`notify_inval_entry` (sent from outside any request: the kernel holds the parent locked
+    while it waits for an answer) makes the kernel drop the name and FORGET its node."""
+    m = mounted()
+    hello = m.fs.nodes[abi.ROOT_ID].children[b"hello"]
+    os.stat(m.path / "hello")
+    assert m.fs.forgotten.get(hello, 0) == 0
+    m.session.notify_inval_entry(abi.ROOT_ID, b"hello")
+    assert wait_for(lambda: m.fs.forgotten.get(hello, 0) == 1)
+    lookups = m.fs.calls["lookup"]
+    os.stat(m.path / "hello")  # looked up anew
+    assert m.fs.calls["lookup"] == lookups + 1

@@ -21,21 +21,21 @@ def cache(tmp_path) -> ChunkCache:
 
 
 def lazy_config(**kw) -> LayerConfig:
-    """No prefetch, no background fetch: only what a test reads is fetched."""
-    base = dict(no_prefetch=True, no_background_fetch=True, fetch_timeout=10.0)
-    base.update(kw)
-    return LayerConfig(**base)
+    """The production table with every fetch policy off (no prefetch, no background fetch, no
+    guesses): only what a test reads is fetched. `kw` turns one back on, or changes a value."""
+    return LayerConfig().with_policies(**{"fetch_timeout": 10.0, **kw})
 
 
 @pytest.fixture
 def open_layer(cache):
-    """open_layer(built, source=None, config=None, cache=None, scheduler=None) -> (layer, source);
-    closes them after. `scheduler` replaces the resolver's (e.g. a WatchedScheduler)."""
+    """open_layer(built, source=None, config=None, cache=None, scheduler=None, library_worker=None)
+    -> (layer, source); closes them after. `scheduler` replaces the resolver's (e.g. a WatchedScheduler)."""
     opened = []
 
-    def _open(built: BuiltLayer, *, source=None, config: LayerConfig | None = None, cache_=None, scheduler=None):
+    def _open(built: BuiltLayer, *, source=None, config: LayerConfig | None = None, cache_=None, scheduler=None,
+              library_worker=None):
         src = source or built.source()
-        resolver = LayerResolver(None, cache_ or cache, config or lazy_config())
+        resolver = LayerResolver(None, cache_ or cache, config or lazy_config(), library_worker=library_worker)
         if scheduler is not None:
             resolver.scheduler = scheduler
         layer = resolver.open_layer_from_source(src, built.descriptor)

@@ -16,7 +16,7 @@ def test_a_flipped_byte_in_a_cached_chunk_is_fetched_again_not_served(sample_lay
     assert layer.drain(30)  # the disk writes follow the read's return
     damaged = entry.chunks[1]
     flip_bit(cache.path_for(damaged.digest), damaged.size // 2)
-    cache.memory.clear()  # the memory LRU only holds verified bytes; make the next read go to disk
+    cache.clear_memory()  # the memory LRU only holds verified bytes; make the next read go to disk
     src.reset_counters()
     assert layer.read(entry, 0, entry.size) == want
     assert src.log == [(damaged.blob_offset, damaged.blob_end - damaged.blob_offset)]  # that chunk only
@@ -53,7 +53,7 @@ def test_a_damaged_blob_block_is_fetched_again_not_served(sample_layer, cache, o
     block_files = sorted(p for p in (cache.blob_cache.root / hexd[:2] / hexd).iterdir() if p.name.split(".")[0] == f"{block}-1")
     assert len(block_files) == 1
     flip_bit(block_files[0], block_files[0].stat().st_size - 1)
-    cache.memory.clear()
+    cache.clear_memory()
     src.reset_counters()
     assert layer.read_blob(0, len(blob)) == blob
     assert src.log == [(block, block)]

@@ -28,7 +28,7 @@ def test_closing_a_layer_with_queued_fetches_leaves_background_fetch_running_els
 
         # Another layer on the same scheduler: its background fetch gets turns and completes.
         healthy_layer = resolver.open_layer_from_source(sample_layer.source(), sample_layer.descriptor)
-        cache.memory.clear()
+        cache.clear_memory()
         for c in {c.digest for e in healthy_layer.toc.files_in_blob_order() for c in e.chunks}:
             cache.discard(c)
         healthy_layer.start_background_fetch()

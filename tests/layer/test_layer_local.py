@@ -68,8 +68,8 @@ def test_far_apart_chunks_are_separate_ranges_of_one_call(sample_layer, open_lay
     src.reset_counters()
     entry = layer.toc.lookup("bin/app")
     first, last = entry.chunks[0], entry.chunks[-1]
-    # read two ranges in one call through the internal path: chunks 0 and last, not adjacent
-    layer._start_chunks([first, last])
+    # read two ranges in one call through the chunk reader: chunks 0 and last, not adjacent
+    layer.reader.start([first, last])
     wait_until(lambda: layer.stats()["in_flight"] == 0)
     assert src.calls == 1
     assert sorted(src.log) == [

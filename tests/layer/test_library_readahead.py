@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stargz_store.daemon.libraries import LibraryReadahead, resolve_in_layers
+from stargz_store.layer.policies.libraries import LibraryReadahead, resolve_in_layers
 from stargz_store.formats.estargz import build_estargz
 from stargz_store.formats.toc import build_toc
 from stargz_store.layer.elf import MULTIARCH, dynamic_info, library_dirs
@@ -105,12 +105,12 @@ def test_reading_a_program_fetches_its_libraries_before_the_loader_asks(tmp_path
         _member("usr", tarfile.DIRTYPE, mode=0o755), _member("usr/bin", tarfile.DIRTYPE, mode=0o755),
         _member("usr/bin/prog", size=len(program), mode=0o755),
     ], {"usr/bin/prog": program})
-    config = lazy_config(executable_fetch_limit=64 << 20)
-    bottom, bottom_src = open_layer(lower, config=config)
-    top, _ = open_layer(upper, config=config)
+    config = lazy_config(library_readahead=True)  # the policy alone
     readahead = LibraryReadahead()
+    bottom, bottom_src = open_layer(lower, config=config, library_worker=readahead)
+    top, _ = open_layer(upper, config=config, library_worker=readahead)
     try:
-        top.on_program_read = lambda layer, entry: readahead.program_read(lambda: [top, bottom], layer, entry)
+        top.attach_image(lambda: [top, bottom])  # as the daemon does once the image's layers are open
         bottom_src.reset_counters()
         prog = top.toc.lookup("usr/bin/prog")
         assert top.read(prog, 0, 4096) == program[:4096]  # what the kernel reads first when it execs
@@ -123,5 +123,6 @@ def test_reading_a_program_fetches_its_libraries_before_the_loader_asks(tmp_path
         assert bottom_src.calls == 1  # the loader's read finds it cached
         top.read(prog, 0, 4096)
         assert readahead.programs == 1  # a program is looked at once
+        assert top.stats()["programs_read"] == 1 and bottom.stats()["ahead_chunks"] == len(lib.chunks)
     finally:
         readahead.close()

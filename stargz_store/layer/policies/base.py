@@ -1,0 +1,77 @@
+"""The interface every fetch policy implements: hooks the layer calls, each a no-op by default.
+
+A policy is a guess about what will be read soon, fetched now so that the read finds it cached
+or in flight. It never decides how bytes are verified or cached (the `ChunkReader` does), never
+waits on what it starts, and never fails a read: a wrong guess costs bytes, nothing else.
+
+Hooks, in the order a layer calls them:
+- `on_open()`: the layer was just opened and reported ready (prefetch, background fetch);
+- `on_miss(entry, missing, plan)`: a read of `entry` misses `missing` chunks and a request for
+  them is being planned: add chunks to `plan` (same request, or one alongside);
+- `on_read(entry, offset, size, last_index)`: a read was started (its own chunks are cached or
+  in flight): start fetches of what comes next, without waiting;
+- `on_data(entry, offset, data)`: a read returned `data`;
+- `close()`: the layer is closing; stop.
+
+The layer calls only the hooks a policy overrides, so a policy costs nothing on the paths it does
+not hook. A policy is made from the layer it serves, seen through `PolicyHost` (what a policy may
+use of it), so this package does not depend on `layer.py`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence
+
+from ...formats.layer_toc import ParsedToc
+from ...formats.toc import Chunk, Toc, TocEntry
+
+if TYPE_CHECKING:
+    from ..config import LayerConfig
+    from ..fetcher import Counters
+    from ..reader import ChunkReader, FetchPlan
+    from ..scheduler import FetchScheduler
+
+
+class PolicyHost(Protocol):
+    """What a fetch policy may use of its layer (`Layer` implements it)."""
+
+    reader: ChunkReader
+    parsed: ParsedToc
+    toc: Toc
+    config: LayerConfig
+    scheduler: FetchScheduler
+    counters: Counters
+    library_worker: Any
+
+    def read(self, entry: TocEntry, offset: int, size: int) -> bytes: ...
+
+    def fetch_ahead(self, entry: TocEntry) -> bool: ...
+
+    def image_layers(self) -> Sequence[Any]: ...
+
+
+PolicyFactory = Callable[[PolicyHost], "FetchPolicy"]
+
+HOOKS = ("on_open", "on_miss", "on_read", "on_data", "close")
+
+
+class FetchPolicy:
+    name: ClassVar[str] = ""
+
+    def on_open(self) -> None:
+        pass
+
+    def on_miss(self, entry: TocEntry, missing: Mapping[str, Chunk], plan: FetchPlan) -> None:
+        pass
+
+    def on_read(self, entry: TocEntry, offset: int, size: int, last_index: int) -> None:
+        pass
+
+    def on_data(self, entry: TocEntry, offset: int, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def hooks(self, hook: str) -> bool:
+        """Whether this policy overrides `hook` (the layer calls only those)."""
+        return getattr(type(self), hook) is not getattr(FetchPolicy, hook)

@@ -1,0 +1,159 @@
+"""Library readahead: when a program or shared library is first read, fetch the libraries it loads.
+
+The dynamic loader opens a program's DT_NEEDED libraries one after another, each a miss and a
+round trip on a lazily pulled image (gcc's cc1 loads eight, `ld` four). As soon as the start of
+an ELF file is read, a worker parses its dynamic section (`layer.elf`), finds each library where
+the loader would (run path, then the distribution's directories) in the image's merged layers,
+and starts fetching the ones not cached yet, without waiting for them. The loader then finds them
+in flight or cached. A wrong guess costs the bytes of a library; nothing waits on this.
+
+The image's layers come from the view the daemon attaches (`Layer.attach_image`): a zero-argument
+callable returning the image's open layers, topmost first. A layer nobody attached an image to
+resolves paths in itself only.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable, Sequence
+
+from ...formats.toc import DIR, REG, SYMLINK, TocEntry
+from ..elf import ELF_MAGIC, dynamic_info, library_dirs
+from .base import FetchPolicy, PolicyHost
+
+log = logging.getLogger(__name__)
+
+_MAX_HOPS = 16  # symlinks followed while resolving one path (the kernel allows 40)
+_MAX_QUEUED = 256
+
+
+def resolve_in_layers(layers: Sequence[Any], path: str) -> tuple[Any, TocEntry] | None:
+    """(layer, entry) of the regular file `path` names in the merged view of `layers` (top
+    first), following symlinks in every component and honouring whiteouts; None if there is none."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        comp = parts.pop(0)
+        if comp == "..":
+            if done:
+                done.pop()
+            continue
+        hit = _lookup(layers, "/".join([*done, comp]))
+        if hit is None:
+            return None
+        entry = hit[1]
+        if entry.type == SYMLINK:
+            hops += 1
+            if hops > _MAX_HOPS:
+                return None
+            if entry.link_name.startswith("/"):
+                done = []
+            parts = [p for p in entry.link_name.split("/") if p and p != "."] + parts
+            continue
+        if not parts:
+            return hit if entry.type == REG else None
+        if entry.type != DIR:
+            return None
+        done.append(comp)
+    return None
+
+
+def _lookup(layers: Sequence[Any], name: str) -> tuple[Any, TocEntry] | None:
+    parent, _, base = name.rpartition("/")
+    whiteout = f"{parent}/.wh.{base}" if parent else f".wh.{base}"
+    for layer in layers:
+        entry = layer.toc.lookup(name)
+        if entry is not None:
+            return layer, entry
+        if layer.toc.lookup(whiteout) is not None:
+            return None
+    return None
+
+
+class LibraryReadahead:
+    """One worker thread for every layer's library lookups; `program_read` only queues (it is
+    called on the read path). `programs`/`libraries` count what it looked at and started."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[Callable[[], Sequence[Any]], Any, TocEntry] | None] = queue.Queue(_MAX_QUEUED)
+        self._thread = threading.Thread(target=self._run, name="library-readahead", daemon=True)
+        self._thread.start()
+        self.programs = 0
+        self.libraries = 0
+
+    def program_read(self, image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> None:
+        try:
+            self._queue.put_nowait((image_layers, layer, entry))
+        except queue.Full:
+            pass  # a hint dropped under load costs nothing but the round trips it would have saved
+
+    def close(self) -> None:
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self._fetch_libraries(*item)
+            except Exception as e:  # a hint: never let it take the worker down
+                log.debug("library readahead for %s failed: %s", item[2].name, e)
+
+    def _fetch_libraries(self, image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> None:
+        info = dynamic_info(lambda offset, size: layer.read(entry, offset, size))
+        if info is None:
+            return
+        self.programs += 1
+        layers = image_layers()
+        dirs = library_dirs(info, "/" + entry.name.rpartition("/")[0])
+        started = []
+        for name in info.needed:
+            for d in dirs:
+                hit = resolve_in_layers(layers, f"{d}/{name}")
+                if hit is not None:
+                    if hit[0].fetch_ahead(hit[1]):
+                        started.append(hit[1].name)
+                    break
+        if started:
+            self.libraries += len(started)
+            log.debug("%s loads %s: fetching %s ahead", entry.name, ", ".join(info.needed), ", ".join(started))
+
+
+_shared: LibraryReadahead | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_worker() -> LibraryReadahead:
+    """The process's library readahead worker, started on first use (one thread for all layers)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = LibraryReadahead()
+        return _shared
+
+
+class LibraryReadaheadPolicy(FetchPolicy):
+    name = "library_readahead"
+
+    def __init__(self, layer: PolicyHost) -> None:
+        self.layer = layer
+        self.worker = layer.library_worker
+        self._seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    def on_data(self, entry: TocEntry, offset: int, data: bytes) -> None:
+        if offset != 0 or data[:4] != ELF_MAGIC:
+            return
+        with self._lock:  # once per file
+            if entry.ino in self._seen:
+                return
+            self._seen.add(entry.ino)
+        self.layer.counters.add("programs_read")
+        worker = self.worker or shared_worker()
+        worker.program_read(self.layer.image_layers, self.layer, entry)
