@@ -94,7 +94,7 @@ class _StreamLander:
             self.next += 1
             with memoryview(self.buf) as view:
                 raw = bytes(view[ext.start - self.base : ext.end - self.base])
-            self.fetcher._land(ext, self.flights[ext.key], memoryview(raw))
+            self.fetcher.land(ext, self.flights[ext.key], memoryview(raw))
         cut = (self.earliest_start[self.next] if self.next < len(extents) else self.end) - self.base
         if cut >= _STREAM_TRIM or (cut > 0 and self.next == len(extents)):
             del self.buf[:cut]
@@ -235,7 +235,7 @@ class Fetcher:
                 self.counters.add("background_bytes", len(buf))
             view = memoryview(buf)
             for ext in req.extents:
-                self._land(ext, flights[ext.key], view[ext.start - req.start : ext.end - req.start])
+                self.land(ext, flights[ext.key], view[ext.start - req.start : ext.end - req.start])
 
     def _stream_and_land(self, stream, req: Request, flights: dict[str, Flight], foreground: bool) -> None:
         """One request of many extents (a prefetch, a long read), each landed as soon as its last
@@ -282,7 +282,9 @@ class Fetcher:
             live.extend(Request(min(e.start for e in run), max(e.end for e in run), run) for run in runs if run)
         return live
 
-    def _land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:
+    def land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:
+        """Finish (verify, cache) `ext` from its fetched bytes and wake its waiters; bytes that
+        do not verify land as an error for this extent alone."""
         try:
             value = ext.finish(raw)
         except Exception as e:

@@ -135,6 +135,10 @@ class RegistryClient:
         now = time.monotonic()
         return [e for e in self._endpoints(ref) if not e.is_mirror or self._mirror_down_until.get(e.host, 0) <= now]
 
+    def has_mirror(self, ref: Reference) -> bool:
+        """Whether pulls of `ref` are configured to go through a mirror first."""
+        return any(e.is_mirror for e in self._endpoints(ref))
+
     def _mirror_failed(self, endpoint: Endpoint, exc: RegistryError, what: str) -> None:
         """A mirror that cannot be reached (or keeps failing) is skipped for a while, so a dead mirror
         costs one round of retries per cool-down instead of one per read."""

@@ -12,49 +12,17 @@ import time
 
 import pytest
 
-from stargz_store.localenv.counting_proxy import CountingProxy
 from stargz_store.registry import RegistryClient, RegistryConfig, parse_reference
 from stargz_store.registry.client import sha256_digest
 from stargz_store.registry.errors import DigestMismatchError
 from tests.fixtures.answered import AnsweredRequests
 from tests.fixtures.fault_proxy import FaultProxy
-from tests.fixtures.registry import Registry, need_registry_binary
+from tests.fixtures.mirror_site import Site
 from tests.fixtures.waiting import wait_for
 
 from .imagetools import random_blob
 
 LARGE = 3 << 20  # past the forward-read bound, and past the whole-blob limit these tests set
-
-
-class Site:
-    """An origin registry, a counting relay in front of it, and a pull-through mirror of it."""
-
-    def __init__(self, origin: Registry, tmp_path, upstream: str | None = None) -> None:
-        need_registry_binary()
-        self.origin = origin
-        self.log = tmp_path / "origin-relay.log"
-        self.relay = CountingProxy(upstream or origin.host, self.log).__enter__()
-        self.mirror = Registry(tmp_path / "mirror", extra_config=f"proxy:\n  remoteurl: http://{self.relay.host}\n")
-        self.mirror.start()
-
-    def stop(self) -> None:
-        self.mirror.stop()
-        self.relay.__exit__()
-
-    def push(self, name: str, data: bytes) -> tuple[object, str]:
-        ref = parse_reference(f"{self.origin.host}/{name}")
-        with RegistryClient() as direct:
-            direct.push_blob(ref, sha256_digest(data), data)
-        return ref, sha256_digest(data)
-
-    def client(self, **kwargs) -> RegistryClient:
-        return RegistryClient(RegistryConfig(**{"max_retries": 1, "min_wait": 0.01, "max_wait": 0.05,
-                                                "mirrors": {self.origin.host: [self.mirror.host]}, **kwargs}))
-
-    def filled(self, digest: str) -> bool:
-        """The mirror holds the blob (its fill from the origin has been committed)."""
-        hexd = digest.split(":", 1)[1]
-        return (self.mirror.storage_dir / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data").exists()
 
 
 @pytest.fixture
