@@ -8,12 +8,14 @@ its chunks landed as they pass.
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 
 from stargz_store.cache import ChunkCache
 from stargz_store.layer import LayerConfig, LayerResolver
-from stargz_store.registry.reference import parse_reference
+from stargz_store.layer.scheduler import FetchScheduler
+from stargz_store.registry.responses import STREAM_PIECE
 from tests.fixtures.answered import AnsweredRequests
 from tests.fixtures.mirror_site import Site
 
@@ -115,3 +117,52 @@ def test_streamed_background_fetch_lands_every_chunk_once_in_one_request(open_la
         entry = layer.toc.lookup(name)
         assert layer.read(entry, 0, entry.size) == data
     assert source.requests == before
+
+
+class GatedSource(WholeStreamFileSource):
+    """Stops its stream after the first piece until `go` is set (at most a minute)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.started = threading.Event()
+        self.go = threading.Event()
+
+    def stream_blob(self, offset, sink) -> int:
+        def gated(off, piece):
+            sink(off, piece)
+            self.started.set()
+            self.go.wait(60)
+
+        return super().stream_blob(offset, gated)
+
+
+class PauseWatch(FetchScheduler):
+    """The real scheduler; `held_back` is set when a background stream was told to wait for reads."""
+
+    def __init__(self) -> None:
+        super().__init__(background_slots=2, quiet_period=0.0)
+        self.held_back = threading.Event()
+
+    def pause_for_foreground(self, stop, max_wait, poll=0.05) -> bool:
+        if self._foreground_busy():
+            self.held_back.set()
+        return super().pause_for_foreground(stop, max_wait, poll)
+
+
+def test_streamed_background_fetch_stops_reading_for_reads_at_a_batch_boundary(open_layer, big_layer):
+    """While a read is fetching, the stream stops taking bytes once a batch has passed and its
+    claimed chunks have landed (the server waits), then goes on in the same request."""
+    source, scheduler = GatedSource(big_layer.path), PauseWatch()
+    layer, _ = open_layer(big_layer, source=source, config=background_only(), scheduler=scheduler)
+    assert source.started.wait(60)
+    with scheduler.foreground():
+        source.go.set()
+        assert scheduler.held_back.wait(60)
+        held_at = source.bytes_read
+        biggest = max(c.blob_end - c.blob_offset for e in layer.toc.files_in_blob_order() for c in e.chunks)
+        assert BATCH <= held_at <= BATCH + biggest + 2 * STREAM_PIECE
+        assert layer.background_state == "running"
+    assert layer.wait_background(60)
+    assert layer.background_state == "done"
+    assert [off for off, length in source.log if length > STREAMED] == [source.log[-1][0]], "one request"
+    assert source.bytes_read > held_at

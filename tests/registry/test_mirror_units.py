@@ -117,3 +117,9 @@ def test_mirror_keys_from_config_toml():
     defaults = RegistryConfig.from_toml({})
     assert (defaults.whole_blob_limit, defaults.whole_blob_memory, defaults.mirror_retry, defaults.mirror_fill_wait) == \
         (4 << 20, 32 << 20, 0.5, 3.0)
+
+
+def test_background_mirror_wait_from_config_toml():
+    assert RegistryConfig.from_toml({"blob": {"background_mirror_wait_msec": 5000}}).background_mirror_wait == 5.0
+    assert RegistryConfig.from_toml({"blob": {"background_mirror_wait_msec": 0}}).background_mirror_wait == 0.0
+    assert RegistryConfig.from_toml({}).background_mirror_wait == 30.0
