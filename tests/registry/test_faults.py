@@ -239,3 +239,19 @@ def test_chunked_push_survives_a_failed_chunk(fault_proxy, tmp_path, fault):
     status_queries = len(fault_proxy.requests_to("/blobs/uploads/", "GET"))
     assert (sessions, status_queries > 0) == {"chunk_refused": (1, True), "answer_lost": (2, True),
                                               "status_unavailable": (2, True)}[fault]
+
+
+def test_a_partial_answer_marked_200_with_its_content_range_is_a_206(fault_proxy, blob):
+    """Dragonfly's dfdaemon proxy (client up to v1.3.8, dragonflyoss/client#1874) answers a range
+    with the range's bytes, `Content-Range`, and status 200. Read as a whole body, the range, the
+    tail and the streamed blob would be the wrong bytes; the Content-Range says what they are."""
+    data, digest, name = blob
+    ref = parse_reference(f"{fault_proxy.host}/{name}")
+    fault_proxy.add_rule("partial_as_200", times=-1, path_contains="/blobs/")
+    with client_for() as client:
+        assert client.read_blob_range(ref, digest, 150_000, 1000) == data[150_000:151_000]
+        assert client.read_blob_tail(ref, digest, 1000) == (len(data) - 1000, len(data), data[-1000:])
+        pieces: list[bytes] = []
+        assert client.stream_blob(ref, digest, lambda off, p: pieces.append(p), offset=100_000) == len(data)
+        assert b"".join(pieces) == data[100_000:]
+    assert all(h.get("Range") for m, p, h in fault_proxy.requests_to("/blobs/", "GET"))
