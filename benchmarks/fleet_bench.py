@@ -14,7 +14,8 @@ docker-registry in a network namespace behind the user-space link emulator (20 m
 limit by default) and a counting relay; the mirror is Debian's docker-registry in proxy mode,
 configured as `[[resolver.host."ORIGIN".mirrors]]`. Needs root and docker-registry.
 Results: a Markdown table on stdout, benchmarks/results/fleet-<time>.{md,json,png} and
-fleet-latest.*. STARGZ_FLEET_EXTRA_CONFIG (TOML) is appended to every store's config.toml.
+fleet-latest.*. STARGZ_FLEET_EXTRA_CONFIG (TOML) is appended to every store's config.toml,
+STARGZ_FLEET_BLOB_CONFIG (keys, one a line) goes into its [blob] table.
 The machine running it is usually shared: figures are indicative.
 """
 from __future__ import annotations

@@ -105,8 +105,8 @@ class FleetStore(StoreProcess):
 
 def store_config(origin_host: str, mirror_host: str | None, background: bool) -> str:
     text = (f"no_background_fetch = {'false' if background else 'true'}\n"
-            "[blob]\nfetching_timeout_sec = 120\n"
-            "[store]\nresolve_timeout_sec = 120\n"
+            "[blob]\nfetching_timeout_sec = 120\n" + os.environ.get("STARGZ_FLEET_BLOB_CONFIG", "")
+            + "[store]\nresolve_timeout_sec = 120\n"
             f'[resolver.host."{origin_host}"]\ninsecure = true\n')
     if mirror_host:
         text += f'[[resolver.host."{origin_host}".mirrors]]\nhost = "{mirror_host}"\ninsecure = true\n'
