@@ -64,7 +64,7 @@ class ChunkStream:
         self.margin = config.fetch_block_size  # a block-shaped extent starts at most this far before its chunk
         self.pending: list[tuple[Chunk, Extent, Flight]] = []  # claimed, in blob order
         self.buf = bytearray()
-        self.base = 0  # blob offset of buf[0]
+        self.base = 0  # blob offset of buf[0] (0 until `begin` has claimed the first chunks)
         self.end = 0  # blob offset just past the last byte received
         self.since_pause = 0
         self.received = 0
@@ -146,10 +146,9 @@ class ChunkStream:
         late: list[tuple[Extent, Flight]] = []
         for key, flight in mine.items():
             ext = self.reader.chunk_extent(wanted[key], keep_in_memory=False)
-            if self.pending or self.end > self.base:
-                if ext.start < self.base:  # its first bytes were dropped already: a request of its own
-                    late.append((ext, flight))
-                    continue
+            if ext.start < self.base:  # its first bytes were dropped already: a request of its own
+                late.append((ext, flight))
+                continue
             self.pending.append((wanted[key], ext, flight))
         self.pending.sort(key=lambda p: (p[1].end, p[1].start))
         for ext, flight in late:
