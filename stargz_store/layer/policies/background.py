@@ -135,7 +135,6 @@ class BackgroundFetch(FetchPolicy):
             if closed.wait(min(30.0, 0.5 * 2**failures)):
                 return False
 
-
     def _stream_loop(self) -> str:
         """One streamed request per turn, until every chunk has landed; a request that ends
         early (reads kept the link busy, a long run of cached chunks) is followed by another
