@@ -18,6 +18,7 @@ BENCHMARKS = {
     "store": ("benchmarks.store_bench", "mounted store: first lookup, RSS, cold/warm reads vs local disk (issue: store)"),
     "startup": ("benchmarks.startup_bench", "container start time, lazy vs full pull (issue: benchmark)"),
     "hostile": ("benchmarks.hostile_bench", "daemon memory on refused hostile TOCs and on images at the caps (issue 11)"),
+    "fleet": ("benchmarks.fleet_bench", "N stores through a pull-through mirror: origin egress, time-to-ready (issue 18)"),
 }
 
 

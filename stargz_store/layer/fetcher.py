@@ -296,7 +296,11 @@ class Fetcher:
         the chunk's bytes, and only its waiters (who hold it themselves) still need them. Kept in
         the request's table until the request ends, a 64 MB prefetch held every inflated chunk
         of it at once (java image: 288 MB peak RSS)."""
-        flight = flights.pop(ext.key)
+        self.land(ext, flights.pop(ext.key), raw)
+
+    def land(self, ext: Extent, flight: Flight, raw: memoryview) -> None:
+        """Finish (verify, cache) `ext` from its fetched bytes and wake its waiters; bytes that
+        do not verify land as an error for this extent alone."""
         try:
             value = ext.finish(raw)
         except Exception as e:

@@ -46,6 +46,20 @@ class RegistryBlobSource:
     def stream_range(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None:
         self.client.read_blob_range(self.ref, self.digest, offset, length, sink=sink)
 
+    @property
+    def streams_whole_blob(self) -> bool:
+        """Background fetch reads this blob with `stream_blob` (one plain GET, a mirror first)
+        rather than in ranged batches: when a mirror is configured for its registry. A
+        pull-through mirror answers ranges of a blob it has not cached with the whole body, one
+        origin copy per request; one GET per blob, after the mirror's own fill, costs the origin
+        nothing more."""
+        return self.client.has_mirror(self.ref)
+
+    def stream_blob(self, offset: int, sink: Callable[[int, bytes], None]) -> int:
+        """The blob from `offset` to its end into `sink`, in order (see `RegistryClient.stream_blob`)."""
+        return self.client.stream_blob(self.ref, self.digest, sink, offset=offset,
+                                       wait_for_mirror=self.client.config.background_mirror_wait)
+
     def __repr__(self) -> str:
         return f"RegistryBlobSource({self.ref.registry}/{self.ref.repository}@{self.digest})"
 

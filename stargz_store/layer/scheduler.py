@@ -81,7 +81,22 @@ class FetchScheduler:
                     self._background -= 1
                     self._cond.notify_all()
 
+    def pause_for_foreground(self, stop: threading.Event, max_wait: float, poll: float = 0.05) -> bool:
+        """For a background stream inside its `background_turn` (it keeps its slot): wait until no
+        foreground fetch is in flight and the quiet period has passed, as a new batch would.
+        False when `stop` was set or that did not happen within `max_wait` seconds (the caller
+        then gives up its request and its turn)."""
+        deadline = time.monotonic() + max_wait
+        with self._cond:
+            while self._foreground_busy():
+                remaining = deadline - time.monotonic()
+                if stop.is_set() or remaining <= 0:
+                    return False
+                self._cond.wait(min(poll, remaining))
+        return not stop.is_set()
+
+    def _foreground_busy(self) -> bool:
+        return self._foreground > 0 or time.monotonic() - self._last_foreground_end < self.quiet_period
+
     def _background_must_wait(self) -> bool:
-        if self._foreground > 0 or self._background >= self.background_slots:
-            return True
-        return time.monotonic() - self._last_foreground_end < self.quiet_period
+        return self._background >= self.background_slots or self._foreground_busy()

@@ -28,6 +28,16 @@ class StreamingBlobSource(BlobSource, Protocol):
     def stream_range(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None: ...
 
 
+class WholeBlobSource(BlobSource, Protocol):
+    """A source that can hand the blob from an offset to its end over in one request
+    (`stream_blob`), for background fetch when `streams_whole_blob` is true (a registry
+    behind a mirror); `sink(offset, piece)` in order, resumed from the next byte after a break."""
+
+    @property
+    def streams_whole_blob(self) -> bool: ...
+
+    def stream_blob(self, offset: int, sink: Callable[[int, bytes], None]) -> int: ...
+
 
 class FileBlobSource:
     """A blob in a local file, read with `pread`. Counts calls, ranges and bytes like a registry

@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -23,7 +21,6 @@ from .config import Endpoint, HostConfig, MirrorConfig, RegistryConfig, endpoint
 from .credentials import CredentialStore
 from .runtime_credentials import RuntimeCredentials
 from .errors import (
-    AuthError,
     DigestMismatchError,
     InvalidReferenceError,
     NotFoundError,
@@ -52,16 +49,14 @@ from .manifest import (
     sha256_digest,
     sniff_media_type,
 )
-from .multipart import merge_regions, parse_content_range, range_header, slice_from_parts
+from .multipart import parse_content_range
 from .platforms import Platform, parse_platform, select_descriptor
+from .ranged import RangedReader
 from .reference import Reference, check_digest
 from .responses import (
     READ_CHUNK,
     RangeSink,
     check_same_digest,
-    consume_multi_range,
-    consume_single_range,
-    consume_suffix_range,
     read_limited,
     url_host,
 )
@@ -78,20 +73,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_NESTED_INDEX = 4
-MAX_RANGES_PER_REQUEST = 64
-MAX_BLOB_LOCATIONS = 4096
 MIRROR_COOLDOWN = 30.0  # seconds a failing mirror is skipped
 _UPLOAD_RETRYABLE = (UnreachableError, RegistryTimeoutError, ShortReadError, ServerError, RangeNotSatisfiableError)
-
-
-@dataclass
-class _BlobLocation:
-    """Where a blob was last served from: an endpoint, and maybe a redirect target to reuse."""
-
-    endpoint: Endpoint
-    redirect_url: str | None = None
-    resolved_at: float = 0.0
-
 
 
 class RegistryClient:
@@ -103,11 +86,9 @@ class RegistryClient:
         self.transport = Transport(self.config, credentials, runtime_credentials)
         # What the runtime's auth helper sent, per image reference (used by pulls for that reference)
         self.runtime_credentials = self.transport.runtime_credentials
-        self._locations: dict[tuple[str, str, str], _BlobLocation] = {}
-        self._single_range_hosts: set[str] = set()
         self._endpoint_cache: dict[tuple[str, bool], list[Endpoint]] = {}
         self._mirror_down_until: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._ranged = RangedReader(self.config, self.transport, self._live_endpoints, self._target, self._mirror_failed)
 
     def close(self) -> None:
         self.transport.close()
@@ -153,6 +134,10 @@ class RegistryClient:
         """Pull endpoints without the mirrors that failed recently (the origin always stays)."""
         now = time.monotonic()
         return [e for e in self._endpoints(ref) if not e.is_mirror or self._mirror_down_until.get(e.host, 0) <= now]
+
+    def has_mirror(self, ref: Reference) -> bool:
+        """Whether pulls of `ref` are configured to go through a mirror first."""
+        return any(e.is_mirror for e in self._endpoints(ref))
 
     def _mirror_failed(self, endpoint: Endpoint, exc: RegistryError, what: str) -> None:
         """A mirror that cannot be reached (or keeps failing) is skipped for a while, so a dead mirror
@@ -323,6 +308,13 @@ class RegistryClient:
                                    repository=ref.repository, what=what)
 
     # ---- blobs: ranges --------------------------------------------------------------------
+    # Ranged reads go through `ranged.RangedReader`: mirrors first, a mirror's whole-body answer
+    # handled on purpose (held whole, read forward a little, or abandoned for the origin), a
+    # mirror that could not serve a blob skipped for that blob for a short back-off only.
+
+    @property
+    def _single_range_hosts(self) -> set[str]:
+        return self._ranged.single_range_hosts
 
     def read_blob_range(
         self, ref: Reference, digest: str, offset: int, length: int, sink: RangeSink | None = None
@@ -337,26 +329,17 @@ class RegistryClient:
         if length == 0:
             return b""
         check_digest(digest)
-        what = f"blob {digest} range {offset}+{length}"
-
-        def consume(resp: requests.Response) -> bytes:
-            return consume_single_range(resp, offset, length, what, sink)
-
-        return self._ranged_get(ref, digest, f"bytes={offset}-{offset + length - 1}", consume, what)
+        return self._ranged.read_range(ref, digest, offset, length, sink)
 
     def read_blob_tail(self, ref: Reference, digest: str, length: int) -> tuple[int, int, bytes]:
         """The last `length` bytes of a blob whose size is not known yet (a suffix range):
         (their offset, the blob size, the bytes). The whole blob when it is shorter. Raises
-        ShortReadError when the server does not answer with that range."""
+        ShortReadError when no server answers with that range (a whole body is used only when it
+        is small: see `ranged`)."""
         if length <= 0:
             raise ValueError(f"invalid tail length {length}")
         check_digest(digest)
-        what = f"blob {digest} last {length} bytes"
-
-        def consume(resp: requests.Response) -> tuple[int, int, bytes]:
-            return consume_suffix_range(resp, length, what)
-
-        return self._ranged_get(ref, digest, f"bytes=-{length}", consume, what)
+        return self._ranged.read_tail(ref, digest, length)
 
     def read_blob_ranges(self, ref: Reference, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """The bytes of each (offset, length) pair, in the given order, with as few requests as the
@@ -366,102 +349,28 @@ class RegistryClient:
             if off < 0 or length < 0:
                 raise ValueError(f"invalid range offset={off} length={length}")
         check_digest(digest)
-        regions = merge_regions(ranges)
-        data: list[tuple[int, bytes]] = []
-        if len(regions) == 1 or not self._multi_range_ok(ref):
-            data = [(off, self.read_blob_range(ref, digest, off, length)) for off, length in regions]
-        else:
-            for i in range(0, len(regions), MAX_RANGES_PER_REQUEST):
-                data.extend(self._fetch_regions(ref, digest, regions[i:i + MAX_RANGES_PER_REQUEST]))
-        out = []
-        for off, length in ranges:
-            piece = slice_from_parts(data, off, length) if length else b""
-            if piece is None or len(piece) != length:
-                raise ShortReadError(f"blob {digest}: range {off}+{length} missing from the registry's answer")
-            out.append(piece)
-        return out
+        return self._ranged.read_ranges(ref, digest, ranges)
 
-    def _multi_range_ok(self, ref: Reference) -> bool:
-        if self.config.force_single_range:
-            return False
-        return ref.registry not in self._single_range_hosts
+    def stream_blob(self, ref: Reference, digest: str, sink: RangeSink, *, offset: int = 0,
+                    wait_for_mirror: float = 0.0) -> int:
+        """The blob from `offset` to its end, handed to `sink(offset, piece)` in order as it
+        arrives, with one GET (`Range: bytes=offset-`) per attempt; returns the blob size.
 
-    def _fetch_regions(self, ref: Reference, digest: str, regions: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-        what = f"blob {digest} ({len(regions)} ranges)"
-
-        refused: list[int] = []
-
-        def consume(resp: requests.Response) -> list[tuple[int, bytes]]:
-            if resp.status_code in (400, 416, 501):
-                refused.append(resp.status_code)
-                return []  # multi-range refused: single ranges below
-            if resp.status_code == 200:
-                refused.append(200)
-                wanted = sum(length for _, length in regions)
-                if max(off + length for off, length in regions) > 2 * wanted + READ_CHUNK:
-                    return []  # whole blob coming (e.g. object storage): do not download it for this
-            return consume_multi_range(resp, regions, what)
-
-        parts = self._ranged_get(ref, digest, range_header(regions), consume, what)
-        if refused and refused[-1] != 416:
-            log.info("%s does not serve multi-range requests (HTTP %d); using single ranges for it",
-                     ref.registry, refused[-1])
-            self._single_range_hosts.add(ref.registry)
-        result = list(parts)
-        for off, length in regions:
-            if slice_from_parts(result, off, length) is None:
-                result.append((off, self.read_blob_range(ref, digest, off, length)))
-        return result
-
-    def _loc_key(self, ref: Reference, digest: str) -> tuple[str, str, str]:
-        return (ref.registry, ref.repository, digest)
-
-    def _ranged_get(self, ref: Reference, digest: str, range_value: str,
-                    consume: Callable[[requests.Response], T], what: str) -> T:
-        """GET with Range, reusing the blob's redirect target while fresh and re-resolving it when it
-        expires or is refused (403/401/404 from storage), as stargz-snapshotter does."""
-        headers = {"Range": range_value, "Accept-Encoding": "identity"}
-        key = self._loc_key(ref, digest)
-        loc = self._locations.get(key)
-        if loc and loc.redirect_url and time.monotonic() - loc.resolved_at < self.config.redirect_valid_interval:
-            try:
-                return self.transport.call(Target(None, url=loc.redirect_url), "GET", consume,
-                                           headers=headers, what=what, follow_redirects=False)
-            except (AuthError, NotFoundError, ServerError, UnreachableError, RegistryTimeoutError) as exc:
-                log.info("%s: redirect target failed (%s); resolving again", what, type(exc).__name__)
-                with self._lock:
-                    self._locations.pop(key, None)
-                loc = None
-        path = f"/v2/{ref.repository}/blobs/{digest}"
-        endpoints = self._live_endpoints(ref)
-        if loc and loc.endpoint in endpoints:
-            endpoints.remove(loc.endpoint)
-            endpoints.insert(0, loc.endpoint)  # the endpoint that served this blob last, then the rest
-        for i, endpoint in enumerate(endpoints):
-            final_url: list[str] = []
-
-            def consume_and_note(resp: requests.Response) -> T:
-                if getattr(resp, "redirected", False):
-                    final_url[:] = [resp.url]
-                return consume(resp)
-
-            try:
-                result = self.transport.call(self._target(endpoint, path, ref), "GET", consume_and_note,
-                                             repository=ref.repository, headers=headers, what=what)
-            except RangeNotSatisfiableError:
-                raise
-            except RegistryError as exc:
-                if i == len(endpoints) - 1:
-                    raise
-                self._mirror_failed(endpoint, exc, what)
-                continue
-            redirect = final_url[0] if final_url and url_host(final_url[0]) != endpoint.host else None
-            with self._lock:
-                self._locations[key] = _BlobLocation(endpoint, redirect, time.monotonic())
-                while len(self._locations) > MAX_BLOB_LOCATIONS:
-                    self._locations.pop(next(iter(self._locations)))
-            return result
-        raise AssertionError("endpoint list is never empty")
+        Made for background fetch, which wants a whole layer at low priority: one request per
+        blob instead of one per batch, from a mirror rather than the origin. A mirror is asked
+        first; one that answers with a whole body while it is still filling from the origin
+        (a pull-through cache) is waited for, up to `wait_for_mirror` seconds, by the per-blob
+        back-off (each answer abandoned costs the origin little; reading it would cost a full
+        copy), and the origin is used after that, or at once when no mirror is configured.
+        A connection that breaks resumes from the next byte (`max_retries` times at the origin).
+        Read from byte 0 to the end, the blob is verified against `digest` (DigestMismatchError
+        at the end; the pieces already handed over were not verified: the sink verifies them).
+        The sink may block (flow control: the server waits), but not longer than the read
+        timeout, or the connection breaks and the stream resumes with a new request."""
+        check_digest(digest)
+        if offset < 0:
+            raise ValueError(f"invalid offset {offset}")
+        return self._ranged.stream_blob(ref, digest, sink, offset, wait_for_mirror)
 
     # ---- push ------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ MAX_SECONDS = 365 * 24 * 3600
 # value, far below what C-level conversions overflow on.
 MAX_INTEGER = 1 << 40
 MAX_RETRIES = 100
+MAX_WHOLE_BLOB_MB = 4096  # a blob held whole in memory: far beyond any sensible setting
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110 §5.6.2)
@@ -211,6 +212,14 @@ class RegistryConfig:
     max_retry_time: float = 120.0  # total time budget of one operation's retries, seconds
     redirect_valid_interval: float = 60.0  # reuse a blob's redirect target this long
     force_single_range: bool = False
+    # A 200 with the whole blob to a range request (a pull-through mirror still filling, a server
+    # without ranges): blobs up to `whole_blob_limit` bytes are read whole and held in memory
+    # (at most `whole_blob_memory` bytes in all); see registry/ranged.py. 0 = never.
+    whole_blob_limit: int = 4 << 20
+    whole_blob_memory: int = 32 << 20
+    mirror_retry: float = 0.5  # first per-blob back-off of a mirror that could not serve a range, seconds
+    mirror_fill_wait: float = 3.0  # a read waits this long at most for a filling mirror (else: the origin)
+    background_mirror_wait: float = 30.0  # background fetch waits this long at most for a filling mirror
     push_chunk_size: int = 16 * 1024 * 1024
     monolithic_push_limit: int = 64 * 1024 * 1024
     user_agent: str = "stargz-store-python/0.1"
@@ -242,6 +251,15 @@ class RegistryConfig:
         if blob.boolean("check_always"):
             cfg.redirect_valid_interval = 0.0
         cfg.force_single_range = bool(blob.boolean("force_single_range_mode"))
+        limit = blob.number("whole_blob_limit_mb", minimum=0, maximum=MAX_WHOLE_BLOB_MB, integer=True)
+        cfg.whole_blob_limit = cfg.whole_blob_limit if limit is None else limit << 20
+        memory = blob.number("whole_blob_memory_mb", minimum=0, maximum=MAX_WHOLE_BLOB_MB, integer=True)
+        cfg.whole_blob_memory = cfg.whole_blob_memory if memory is None else memory << 20
+        cfg.mirror_retry = (_msec(blob, "mirror_retry_msec") or cfg.mirror_retry * 1000) / 1000
+        fill_wait = _msec(blob, "mirror_fill_wait_msec")
+        cfg.mirror_fill_wait = cfg.mirror_fill_wait if fill_wait is None else fill_wait / 1000
+        background_wait = _msec(blob, "background_mirror_wait_msec")
+        cfg.background_mirror_wait = cfg.background_mirror_wait if background_wait is None else background_wait / 1000
         hosts = resolver.table("host")
         for name in hosts:
             table = hosts.table(name)
@@ -265,7 +283,8 @@ RESOLVER_KEYS = frozenset({"request_timeout_sec", "connect_timeout_sec", "auth_f
 HOST_KEYS = frozenset({"mirrors", "insecure", "ca_file", "header", "username", "password"})
 MIRROR_KEYS = frozenset({"host", "insecure", "request_timeout_sec", "header"})
 BLOB_KEYS = frozenset({"fetching_timeout_sec", "max_retries", "min_wait_msec", "max_wait_msec", "valid_interval",
-                       "check_always", "force_single_range_mode"})
+                       "check_always", "force_single_range_mode", "whole_blob_limit_mb", "whole_blob_memory_mb",
+                       "mirror_retry_msec", "mirror_fill_wait_msec", "background_mirror_wait_msec"})
 BLOB_NO_EFFECT = {"chunk_size": "int", "prefetch_chunk_size": "int"}
 
 

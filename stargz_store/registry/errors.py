@@ -77,3 +77,8 @@ def redact_url(url: str) -> str:
 
 class RangeNotSatisfiableError(RegistryError):
     """HTTP 416: the requested range lies beyond the end of the blob."""
+
+
+class RangeIgnoredError(ShortReadError):
+    """A server answered a range request with the whole blob (200), too large to read through for
+    the range: the answer was abandoned (a mirror is then skipped for that blob for a while)."""

@@ -129,17 +129,31 @@ def consume_single_range(
     return data
 
 
-def consume_suffix_range(resp: requests.Response, length: int, what: str) -> tuple[int, int, bytes]:
+def consume_suffix_range(
+    resp: requests.Response, length: int, what: str, full_body_limit: int = 0
+) -> tuple[int, int, bytes]:
     """The answer to `Range: bytes=-length`: (offset of the first byte, blob size, the bytes).
 
-    Only a 206 with a complete Content-Range will do: a server that ignores the range would send
-    the whole blob, which a caller asking for a tail never wants (the body is left unread)."""
+    A 206 with a complete Content-Range, or a 200 (a server that ignored the range) whose whole
+    body is at most `full_body_limit` bytes: a larger one is left unread (it could be gigabytes)."""
     check_status(resp, what, ok=(200, 206))
-    cr = parse_content_range(resp.headers.get("Content-Range")) if resp.status_code == 206 else None
+    if resp.status_code == 200:
+        total = content_length(resp)
+        if total is not None and total <= full_body_limit:
+            start = max(0, total - length)
+            return start, total, read_exactly(resp, total, what)[start:]
+        raise ShortReadError(f"{what}: no usable suffix range in the answer (HTTP 200 with the whole "
+                             f"{total if total is not None else '?'}-byte blob)")
+    cr = parse_content_range(resp.headers.get("Content-Range"))
     if cr is None or cr.total is None or cr.last != cr.total - 1 or cr.length > length:
         raise ShortReadError(f"{what}: no usable suffix range in the answer (HTTP {resp.status_code}, "
                              f"Content-Range {resp.headers.get('Content-Range')!r})")
     return cr.first, cr.total, read_exactly(resp, cr.length, what)
+
+
+def content_length(resp: requests.Response) -> int | None:
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
 
 
 def _stream_body(resp: requests.Response, offset: int, length: int, what: str, sink: RangeSink) -> bytes:

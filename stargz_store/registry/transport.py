@@ -24,6 +24,7 @@ from requests.adapters import HTTPAdapter
 from .auth import Authorizer, TransientError
 from .config import Endpoint, RegistryConfig
 from .credentials import Credentials, CredentialStore
+from .multipart import parse_content_range
 from .reference import Reference
 from .runtime_credentials import RuntimeCredentials
 from .errors import (
@@ -193,6 +194,7 @@ class Transport:
                 resp = self._send(target, method, repository, actions, headers, params, body, follow_redirects)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s %s -> HTTP %d", method, redact_url(resp.url), resp.status_code)
+                _partial_marked_200(resp, headers)
                 if resp.status_code == 401 and target.endpoint is not None and not getattr(resp, "redirected", False):
                     auth_failures += 1
                     if auth_failures > 2:
@@ -406,3 +408,15 @@ def _ssl_reason(exc: BaseException) -> str:
             return marker
     return "handshake failed"
 
+
+def _partial_marked_200(resp: requests.Response, headers: Mapping[str, str] | None) -> None:
+    """A 200 that carries a `Content-Range` for the range asked for is a partial answer, and is
+    made a 206 here, once, for every reader of ranges: Dragonfly's dfdaemon proxy (client up to
+    v1.3.8, dragonflyoss/client#1874) answers so. Read as a whole body, its bytes would be taken
+    for the blob's first ones. A 200 without one (a server that ignores ranges) is left alone."""
+    if resp.status_code != 200 or not headers or not any(k.lower() == "range" for k in headers):
+        return
+    value = resp.headers.get("Content-Range")
+    if value and parse_content_range(value) is not None:
+        log.debug("%s: HTTP 200 with Content-Range %s read as 206", redact_url(resp.url), value)
+        resp.status_code = 206

@@ -167,3 +167,15 @@ class WatchedScheduler(FetchScheduler):
         if must_wait:
             self.refused.set()
         return must_wait
+
+
+class WholeStreamFileSource(FileBlobSource):
+    """A local blob that offers what a registry behind a mirror does: the blob from an offset
+    to its end in one request (`stream_blob`), which background fetch then prefers. Each such
+    request is logged in `log` as (offset, bytes to the end), like a ranged one."""
+
+    streams_whole_blob = True
+
+    def stream_blob(self, offset, sink) -> int:
+        self.stream_range(offset, self.size - offset, sink)
+        return self.size

@@ -113,15 +113,29 @@ def test_streamed_range_starts_over_after_a_broken_body(fault_proxy, blob, actio
     assert offsets == [1000 + sum(len(p) for _, p in retry[:i]) for i in range(len(retry))]
 
 
-def test_tail_from_a_server_that_ignores_ranges_is_refused(fault_proxy, blob):
-    """A 200 with the whole blob is not a tail: refused, not read (it could be gigabytes)."""
+def test_tail_from_a_server_that_ignores_ranges(fault_proxy, blob, registry):
+    """A 200 with the whole blob to a suffix range: a small blob is read whole once and held, and
+    the tail and every later range of it come from memory; a blob larger than the whole-blob
+    limit and the forward-read bound is refused unread (it could be gigabytes)."""
     data, digest, name = blob
+    ref = parse_reference(f"{fault_proxy.host}/{name}")
     fault_proxy.add_rule("ignore_range", times=-1, path_contains="/blobs/")
     with client_for() as client:
+        assert client.read_blob_tail(ref, digest, 1000) == (len(data) - 1000, len(data), data[-1000:])
+        assert client.read_blob_range(ref, digest, 10, 5) == data[10:15]
+        assert client.read_blob_ranges(ref, digest, [(0, 3), (150_000, 7)]) == [data[:3], data[150_000:150_007]]
+    assert len(fault_proxy.requests_to("/blobs/", "GET")) == 1, "one whole body served every range"
+
+    big = random_blob(1_500_000)
+    big_name = f"faults/t{next(_names)}"
+    with RegistryClient() as direct:
+        direct.push_blob(parse_reference(f"{registry.host}/{big_name}"), sha256_digest(big), big)
+    big_ref = parse_reference(f"{fault_proxy.host}/{big_name}")
+    with client_for(whole_blob_limit=1 << 20) as client:
         with pytest.raises(ShortReadError, match="no usable suffix range"):
-            client.read_blob_tail(parse_reference(f"{fault_proxy.host}/{name}"), digest, 1000)
-        # a plain range from the same server still works (skipped to in the full body)
-        assert client.read_blob_range(parse_reference(f"{fault_proxy.host}/{name}"), digest, 10, 5) == data[10:15]
+            client.read_blob_tail(big_ref, sha256_digest(big), 1000)
+        # a plain range from the same server still works (read forward in the whole body: no other endpoint)
+        assert client.read_blob_range(big_ref, sha256_digest(big), 10, 5) == big[10:15]
 
 
 def test_open_blob_resumes_after_a_reset(fault_proxy, blob):
@@ -225,3 +239,19 @@ def test_chunked_push_survives_a_failed_chunk(fault_proxy, tmp_path, fault):
     status_queries = len(fault_proxy.requests_to("/blobs/uploads/", "GET"))
     assert (sessions, status_queries > 0) == {"chunk_refused": (1, True), "answer_lost": (2, True),
                                               "status_unavailable": (2, True)}[fault]
+
+
+def test_a_partial_answer_marked_200_with_its_content_range_is_a_206(fault_proxy, blob):
+    """Dragonfly's dfdaemon proxy (client up to v1.3.8, dragonflyoss/client#1874) answers a range
+    with the range's bytes, `Content-Range`, and status 200. Read as a whole body, the range, the
+    tail and the streamed blob would be the wrong bytes; the Content-Range says what they are."""
+    data, digest, name = blob
+    ref = parse_reference(f"{fault_proxy.host}/{name}")
+    fault_proxy.add_rule("partial_as_200", times=-1, path_contains="/blobs/")
+    with client_for() as client:
+        assert client.read_blob_range(ref, digest, 150_000, 1000) == data[150_000:151_000]
+        assert client.read_blob_tail(ref, digest, 1000) == (len(data) - 1000, len(data), data[-1000:])
+        pieces: list[bytes] = []
+        assert client.stream_blob(ref, digest, lambda off, p: pieces.append(p), offset=100_000) == len(data)
+        assert b"".join(pieces) == data[100_000:]
+    assert all(h.get("Range") for m, p, h in fault_proxy.requests_to("/blobs/", "GET"))

@@ -7,6 +7,11 @@ for at most one batch. Chunks someone else is fetching are theirs; the batch's r
 around them and around cached chunks (no byte twice). Its chunks take the cache's direct path
 (disk only), so a whole layer streaming in does not evict what containers read. A failed batch
 is retried with backoff, then given up ("failed"); closing the layer stops it ("stopped").
+
+A blob whose source prefers it (`streams_whole_blob`: a registry behind a mirror) is fetched
+instead as one streamed GET from its first missing chunk, chunks landed as they pass
+(background_stream.py): a pull-through mirror answers ranges of a blob it is still filling with
+whole bodies from the origin, so batches would cost the origin a copy each.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 import threading
 
 from ...formats.toc import Chunk
+from .background_stream import ChunkStream, StreamEnded, uncached_in_blob_order
 from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,8 @@ class BackgroundFetch(FetchPolicy):
         self._done.set()
 
     def _loop(self) -> str:
+        if getattr(self.reader.source, "streams_whole_blob", False):
+            return self._stream_loop()
         closed = self.reader.closed
         seen: set[str] = set()
         batch: dict[str, Chunk] = {}
@@ -126,6 +134,50 @@ class BackgroundFetch(FetchPolicy):
             batch = failed
             if closed.wait(min(30.0, 0.5 * 2**failures)):
                 return False
+
+    def _stream_loop(self) -> str:
+        """One streamed request per turn, until every chunk has landed; a request that ends
+        early (reads kept the link busy, a long run of cached chunks) is followed by another
+        from the next chunk needed; one that fails is retried with backoff, then given up."""
+        closed = self.reader.closed
+        queue = uncached_in_blob_order(self.reader, (c for e in self.toc.files_in_blob_order() for c in e.chunks))
+        stream_blob = self.reader.source.stream_blob  # type: ignore[attr-defined]
+        failures = 0
+        while True:
+            failed: BaseException | None = None
+            with self.scheduler.background_turn(closed, self.config.background_idle_wait) as allowed:
+                if not allowed:
+                    return "stopped"
+                stream = ChunkStream(self.reader, self.config, self.scheduler, queue)
+                start = stream.begin()
+                if start is None:
+                    return "done"
+                self.reader.counters.add("fetch_calls")
+                self.reader.counters.add("requests")
+                try:
+                    stream_blob(start, stream.feed)
+                except StreamEnded as e:
+                    log.debug("layer %s: background stream from %d ends: %s", self.reader.blob_digest, start, e.reason)
+                except Exception as e:
+                    failed = e
+                    self.reader.counters.add("fetch_errors")
+                    log.warning("layer %s: background stream from %d failed after %d bytes: %s",
+                                self.reader.blob_digest, start, stream.received, e)
+                finally:
+                    left = stream.release(failed)
+                if failed is None and left:
+                    failed = RuntimeError("the blob ended before its chunks")
+            if closed.is_set():
+                return "stopped"
+            if failed is None:
+                failures = 0
+                continue
+            failures += 1
+            if failures >= _MAX_FAILURES:
+                log.warning("layer %s: background fetch gives up after %d failures", self.reader.blob_digest, failures)
+                return "failed"
+            if closed.wait(min(30.0, 0.5 * 2**failures)):
+                return "stopped"
 
 
 def _lower_thread_priority() -> None:
