@@ -96,7 +96,8 @@ def test_a_held_layer_is_never_closed_and_an_idle_one_is(make, testdata):
         assert pool._numbered[number][1].served is served
     finally:
         pool.let_go(served)
-    assert pool.handles.trim(keep=0) == 1 and pool._numbered[number][1].served is None
+    # >= 1: the image's other layers open in parallel and may become idle only now
+    assert pool.handles.trim(keep=0) >= 1 and pool._numbered[number][1].served is None
 
 
 def test_pins_and_uses_hold_a_layer_until_both_end(make, testdata):
