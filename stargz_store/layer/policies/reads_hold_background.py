@@ -7,7 +7,7 @@ the cache, computing in between (an interpreter compiling or parsing what it imp
 parsing headers), no fetch for seconds, and background batches (decompressed, hashed and written
 by this process) take the CPU and the daemon's lock from the reads the container waits for. The
 startup corpus showed it on the held-out images (pyaws, node, cxx, optimized: 11-30 MB of
-background fetch before the first output, up to 1.5x the time of the same store without it).
+background fetch before the first output).
 
 So every read of a layer counts as activity, whether or not it fetched: background fetch waits
 until the container has stopped reading for the quiet period. The signal is the kernel's reads,
