@@ -190,9 +190,8 @@ def test_cache_limit_evicts_unused_layers_and_keeps_layers_in_use(store_daemon_f
 
         assert in_use <= chunk_files(store)  # not one chunk of the layers in use went
         doc = status(store)
-        for row in doc["layers"]:
-            if row["image"] == small.ref:
-                assert row["local_bytes"] == row["content_bytes"]
+        (held_row,) = [row for row in doc["layers"] if row["layer"] == held_layer]
+        assert held_row["local_bytes"] == held_row["content_bytes"] > 0 and held_row["pins"] >= 1
         assert doc["cache"]["limit"] == limit
         log = store.log_tail(400000)
         assert log.count("stays over its limit") == 1  # warned once, not at every pass
