@@ -35,6 +35,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("auth-helper", "[--addr SOCKET | --root DIR]",
             "pass containers/image credentials on stdin to the running daemon (also stargz-store-helper)",
             "stargz_store.daemon.auth_helper"),
+    Command("record", "[--start|--stop] REF",
+            "print what a workload read first from REF through the running daemon (a --record-in file)",
+            "stargz_store.daemon.record_cli"),
+    Command("optimize", "[flags] SRC DST",
+            "run a workload once through a private store and convert with what it read first (see optimize --help)",
+            "stargz_store.optimize.cli"),
 )
 
 

@@ -182,6 +182,7 @@ def build_store(cfg: StoreConfig, root: Path):
     from ..cache.chunk_cache import ChunkCache
     from ..formats import estargz, zstd_chunked  # noqa: F401  (loaded now, not during the first lookup)
     from ..fs.model import StoreModel
+    from ..fs.recorder import AccessRecorder
     from ..layer.resolver import LayerResolver
     from ..registry.client import RegistryClient
     from .pool import ImagePool
@@ -192,7 +193,9 @@ def build_store(cfg: StoreConfig, root: Path):
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
-    return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access)
+    recorder = AccessRecorder(cfg.record_images, max_entries=cfg.record_max_entries)
+    return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access,
+                            recorder=recorder)
 
 
 def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
@@ -291,7 +294,7 @@ def main(argv: list[str]) -> int:
     trim = tune_malloc()
     block_signals()
     pool, model = build_store(cfg, root)
-    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool)
+    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool, model.recorder)
     trimmer = MemoryTrimmer(trim) if trim is not None else None
     if trimmer is not None:
         trimmer.start()

@@ -58,6 +58,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "fetch_policy", "idle_layers", "max_images", "max_use_counts"},
         {},
     ),
+    "record": ({"images", "max_entries"}, {}),
 }
 
 
@@ -74,6 +75,8 @@ class StoreConfig:
     mount: MountOptions = field(default_factory=MountOptions)
     memory_cache_bytes: int = 64 << 20
     log_file_access: bool = False
+    record_images: tuple[str, ...] = ()  # [record] images: recorded from the start ("*": all)
+    record_max_entries: int = 1_000_000
 
 
 def load_config(path: str | Path, *, explicit: bool) -> StoreConfig:
@@ -174,7 +177,32 @@ def _build(doc: ConfigTable) -> StoreConfig:
     )
     cfg.log_file_access = _bool(doc, "log_file_access", False)
     cfg.memory_cache_bytes = _int_or_off(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20) << 20
+    record = doc.table("record")
+    cfg.record_images = _record_images(record, "images")
+    cfg.record_max_entries = _positive(record, "max_entries", cfg.record_max_entries)
     return cfg
+
+
+def _record_images(table: ConfigTable, key: str) -> tuple[str, ...]:
+    """Image references to record (canonical form, as the store names them) or `"*"` for all."""
+    value = table[key] if key in table else None
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigValueError(f"{table.key_path(key)} must be an array of image references or \"*\", "
+                               f"not {describe(value)}")
+    from ..registry.reference import parse_reference
+
+    images = []
+    for text in value:
+        if text == "*":
+            images.append(text)
+            continue
+        try:
+            images.append(str(parse_reference(text)))
+        except InvalidReferenceError:
+            raise ConfigValueError(f"{table.key_path(key)}: {describe(text)} is not an image reference") from None
+    return tuple(images)
 
 
 def _num(table: ConfigTable, key: str, default: float) -> float:

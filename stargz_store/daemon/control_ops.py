@@ -12,6 +12,8 @@ Operations (requests and replies as in `control`):
   `registry.runtime_credentials`); a reference whose credentials changed has its remembered
   failures forgotten, so the pull that brought them is not answered from an earlier failure
   (e.g. a lookup made before the runtime had logged in).
+- `record-start`, `record-stop`, `record`: first reads of images (`record_ops`), when the daemon
+  passed its recorder.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..registry.runtime_credentials import RuntimeCredentialsError, parse_helper_document
+from ..fs.recorder import AccessRecorder
 from .control import ControlRequestError, ControlServer, Operation
+from .record_ops import RecordOps
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +60,17 @@ class AddCredentials:
         return {"references": len(entries)}
 
 
-def daemon_operations(pool: Any) -> dict[str, Operation]:
-    """The daemon's operations by name; later commands (status, record, hand-over) add theirs here."""
+def daemon_operations(pool: Any, recorder: AccessRecorder | None = None) -> dict[str, Operation]:
+    """The daemon's operations by name; later commands (status, hand-over) add theirs here."""
     pid = os.getpid()
     version = _version()
-    return {
+    operations: dict[str, Operation] = {
         "ping": lambda request: {"pid": pid, "version": version},
         "add-credentials": AddCredentials(pool),
     }
+    if recorder is not None:
+        operations.update(RecordOps(pool, recorder).operations())
+    return operations
 
 
 class _NoControl:
@@ -73,11 +80,12 @@ class _NoControl:
         pass
 
 
-def start_control_socket(address: str | os.PathLike[str], pool: Any) -> ControlServer | _NoControl:
-    """Serve `daemon_operations(pool)` at `address`; on failure log why and go on without it
+def start_control_socket(address: str | os.PathLike[str], pool: Any,
+                         recorder: AccessRecorder | None = None) -> ControlServer | _NoControl:
+    """Serve `daemon_operations(pool, recorder)` at `address`; on failure log why and go on without it
     (lazy pulls of public images do not need it; credentials from the runtime then do not arrive)."""
     try:
-        return ControlServer(address, daemon_operations(pool)).start()
+        return ControlServer(address, daemon_operations(pool, recorder)).start()
     except (OSError, ValueError) as exc:
         log.error("cannot serve the control socket at %s (%s): credentials from Podman/CRI-O will not "
                   "reach this daemon", Path(os.fspath(address)), getattr(exc, "strerror", None) or exc)

@@ -276,8 +276,8 @@ def _make_plain_regular(info: tarfile.TarInfo) -> None:
         del info.pax_headers[k]  # the archived (sparse) size is not the expanded size we write
 
 
-def _order_items(items: dict[str, _Item], prioritized: Sequence[str]) -> tuple[list[_Item], list[_Item]]:
-    """`(prioritized_items, rest)` as `estargz.md` §8.3 orders them.
+def _order_items(items: dict[str, _Item], prioritized: Sequence[str]) -> tuple[list[_Item], list[_Item], list[str]]:
+    """`(prioritized_items, rest, prioritized paths found)` as `estargz.md` §8.3 orders them.
 
     Unlike the Go converter, a prioritized path whose parent directory has no entry of its own
     is still moved (the missing parent is simply implicit); paths absent from the layer are
@@ -301,14 +301,16 @@ def _order_items(items: dict[str, _Item], prioritized: Sequence[str]) -> tuple[l
         if key not in moved:
             moved[key] = item
 
+    found: list[str] = []
     for raw in prioritized:
         key = posixpath.normpath("/" + raw).lstrip("/")  # Go's cleanEntryName: `..` stops at the root
         if key not in items:
             log.debug("prioritized path %r is not in this layer", raw)
             continue
+        found.append(key)
         move(key)
     rest = [item for key, item in items.items() if key not in moved]
-    return list(moved.values()), rest
+    return list(moved.values()), rest, found
 
 
 _USTAR_MAGIC = b"ustar\x0000"
@@ -589,7 +591,7 @@ def build_estargz(
     spool = _Spool(tmpdir)
     try:
         items = _read_input(src, spool)
-        first, rest = _order_items(items, prioritized)
+        first, rest, found = _order_items(items, prioritized)
         landmark = _landmark(PREFETCH_LANDMARK if prioritized else NO_PREFETCH_LANDMARK, spool)
         spool.seal()
         ordered = first + [landmark] + rest
@@ -653,4 +655,5 @@ def build_estargz(
         diff_size=diff_size,
         media_type=MEDIA_TYPE_LAYER_GZIP,
         annotations={ANNOTATION_TOC_DIGEST: toc_digest, ANNOTATION_UNCOMPRESSED_SIZE: str(diff_size)},
+        prioritized_found=tuple(found),
     )

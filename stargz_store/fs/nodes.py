@@ -41,6 +41,7 @@ from .errors import (
 from .inodes import ROOT_ID, store_nodeid
 from .layer_tree import DiffNode
 from .provider import ImageFiles, LayerProvider, ServedLayer
+from .recorder import AccessRecorder
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ Listing = list[tuple[str, Attr | None]]
 
 class Scope:
     """What every node may need of the model: the provider, the `pool` link's target, how a ref
-    directory name decodes, and who to tell when a layer is released (`StoreModel` makes one)."""
+    directory name decodes, who to tell when a layer is released, and the first-read recorder
+    (`StoreModel` makes one)."""
 
     def __init__(
         self,
@@ -65,11 +67,13 @@ class Scope:
         pool_target: str | None,
         decode_ref: Callable[[str], str],
         on_released: Callable[[int, str], None],
+        recorder: AccessRecorder | None = None,
     ) -> None:
         self.provider = provider
         self.pool_target = pool_target
         self.decode_ref = decode_ref
         self.on_released = on_released
+        self.recorder = recorder if recorder is not None else AccessRecorder()
 
 
 class Opened:
@@ -293,6 +297,7 @@ class LayerDir(_InImage):
     def lookup(self, name: str) -> Node:
         if name == DIFF:
             served = self.provider.layer(self.ref, self.layer_key)
+            self.scope.recorder.layer_opened(self.ref, served.blob_digest)
             view = served.view_of(self.layer_key)
             return DiffEntry(self.scope, served, view, served.tree.node_for_ino(served.tree.toc.root.ino))
         if name in (INFO, BLOB):
