@@ -167,8 +167,9 @@ class Converter:
         unmatched = [p for p in wanted if p and p not in found]
         if unmatched:
             shown = ", ".join(unmatched[:_UNMATCHED_SHOWN]) + (", ..." if len(unmatched) > _UNMATCHED_SHOWN else "")
-            log.warning("%d of %d prioritized paths are in no layer of the image: %s",
-                        len(unmatched), len(wanted), shown)
+            where = "the layer the record names" if self.options.layer_prioritized is not None else "any layer"
+            log.warning("%d of %d prioritized paths are not in %s of the image (nothing to prefetch for them): %s",
+                        len(unmatched), len(wanted), where, shown)
         return unmatched
 
     # -- manifests -----------------------------------------------------------------------------
