@@ -5,7 +5,8 @@
     python -m benchmarks.startup_bench --link both --rate-mbit 50 --rtt-ms 40
 
 For each image (python, toolchain, bigdata) and mode (legacy, estargz-noopt,
-estargz, warm) it measures pull, create and run-to-first-output seconds, the
+estargz made by `stargz-store optimize`, estargz-strace made with a strace record,
+warm) it measures pull, create and run-to-first-output seconds, the
 bytes that came from the registry, and the store's CPU seconds and peak RSS.
 The registry runs in a network namespace behind a user-space link emulator
 (benchmarks/startup/linkemu.py); everything it sets up is removed at the end,
