@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import threading
-from typing import TextIO
+from typing import Callable, TextIO
 
 from ..formats.errors import FormatError
 from ..formats.layer_toc import FORMAT_ESTARGZ, FORMAT_ZSTD_CHUNKED
@@ -209,23 +209,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return command_main(PROG, build_parser, run, argv)
+
+
+def command_main(prog: str, make_parser: Callable[[], argparse.ArgumentParser],
+                 run_command: Callable[[argparse.Namespace], int], argv: list[str] | None,
+                 failures: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse, set up logging (`--verbose`), run; every failure ends in one line on stderr and
+    the exit codes of the module docstring. `failures` are further error types of exit 1."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = make_parser()
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc} (see --help)\n")
+        sys.stderr.write(f"{prog}: error: {exc} (see --help)\n")
         return EXIT_USAGE
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
-        format=f"{PROG}: %(levelname)s: %(message)s",
+        format=f"{prog}: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return run(args)
+        return run_command(args)
     except (UsageError, LocationSyntaxError) as exc:
         message, code = str(exc), EXIT_USAGE
-    except ConvertError as exc:
+    except (ConvertError, *failures) as exc:
         message, code = str(exc), EXIT_FAILURE
     except registry_errors.RegistryError as exc:
         message, code = _registry_message(exc), EXIT_FAILURE
@@ -238,5 +246,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line for the user, the traceback with -vv
         log.debug("unexpected failure", exc_info=True)
         message, code = f"internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", EXIT_FAILURE
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.write(f"{prog}: error: {message}\n")
     return code

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import sys
@@ -24,17 +23,15 @@ from pathlib import Path
 
 from ..convert import cli as convert_cli
 from ..convert.converter import ConvertOptions
-from ..convert.errors import ConvertError, LocationSyntaxError
+from ..convert.errors import ConvertError
 from ..convert.location import parse_location
 from ..convert.platform import platform_from_text
 from ..daemon.control import ControlError
 from ..daemon.record_cli import write_record
 from ..localenv.errors import LocalEnvError
-from ..registry import errors as registry_errors
 from .optimizer import OptimizeRequest, optimize
 from .workload import ENDED_EXIT, WorkloadSpec
 
-log = logging.getLogger(__name__)
 
 PROG = "stargz-store optimize"
 DEFAULT_TIMEOUT = 60.0
@@ -147,30 +144,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except convert_cli.UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc} (see --help)\n")
-        return convert_cli.EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                        format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr)
-    try:
-        return run(args)
-    except (convert_cli.UsageError, LocationSyntaxError) as exc:
-        message, code = str(exc), convert_cli.EXIT_USAGE
-    except (ConvertError, LocalEnvError, ControlError) as exc:
-        message, code = str(exc), convert_cli.EXIT_FAILURE
-    except registry_errors.RegistryError as exc:
-        message, code = convert_cli._registry_message(exc), convert_cli.EXIT_FAILURE
-    except OSError as exc:
-        message, code = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), convert_cli.EXIT_FAILURE
-    except KeyboardInterrupt:
-        message, code = "interrupted", convert_cli.EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: still one line for the user, the traceback with -vv
-        log.debug("unexpected failure", exc_info=True)
-        message, code = f"internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", \
-            convert_cli.EXIT_FAILURE
-    sys.stderr.write(f"{PROG}: error: {message}\n")
-    return code
+    return convert_cli.command_main(PROG, build_parser, run, argv, failures=(LocalEnvError, ControlError))
