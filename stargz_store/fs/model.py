@@ -133,8 +133,10 @@ class StoreModel:
         return value
 
     def stats(self) -> dict[str, int]:
-        """How much the model holds: store nodes the kernel holds (`inodes.NodeTable`), open handles."""
-        return {"nodes": len(self.nodes), "open_files": len(self._handles)}
+        """How much the model holds: store nodes the kernel holds (`inodes.NodeTable`), open handles,
+        and first reads recorded (`recorder`)."""
+        return {"nodes": len(self.nodes), "open_files": len(self._handles),
+                "recorded_reads": self.recorder.stats()["entries"]}
 
     def statfs(self) -> dict[str, int]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}

@@ -252,6 +252,7 @@ def test_record_of_a_running_store_lists_what_the_workload_read(recording_podman
     assert {(e["layerIndex"], e["layerDigest"]) for e in record} == {(0, digest)}
     seconds = [e["seconds"] for e in record]
     assert seconds == sorted(seconds) and seconds[0] >= 0
+    assert recording_podman.store.stats()["fs"]["recorded_reads"] >= len(record)
 
 
 def test_record_started_at_run_time_sees_only_later_reads(e2e_images, proxy, store_daemon_factory, podman_lane):
