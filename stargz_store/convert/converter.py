@@ -161,7 +161,7 @@ class Converter:
         lists = self.options.layer_prioritized if self.options.layer_prioritized is not None \
             else (self.options.prioritized,)
         wanted = list(dict.fromkeys(normalize_record_path(p) for paths in lists for p in paths))
-        if not wanted or self.options.format != FORMAT_ESTARGZ:
+        if not wanted:
             return []
         found = {p for r in results for p in r.prioritized_found}
         unmatched = [p for p in wanted if p and p not in found]

@@ -566,6 +566,44 @@ def _landmark(name: str, spool: _Spool) -> _Item:
     return _Item(info=info, type=REG, key=name, spool_offset=offset, digest=_sha256_hex(LANDMARK_CONTENTS))
 
 
+class _SpoolReader:
+    """A file-like reader of `length` spooled bytes from `offset`, for `tarfile.addfile`."""
+
+    def __init__(self, spool: _Spool, offset: int, length: int) -> None:
+        self._spool, self._pos, self._end = spool, offset, offset + length
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._end - self._pos if n is None or n < 0 else min(n, self._end - self._pos)
+        data = self._spool.read(self._pos, n) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+
+def write_prioritized_tar(src: BinaryIO, dst: BinaryIO, prioritized: Sequence[str], *,
+                          tmpdir: str | None = None) -> list[str]:
+    """Write the layer tar `src` (plain, gzip or zstd) to `dst` as a plain tar in the order an
+    eStargz blob has (`estargz.md` §8.3): the prioritized entries (parents and hardlink targets
+    first), `.prefetch.landmark`, then the rest in tar order; returns the prioritized paths found.
+
+    For formats without an ordering of their own (zstd:chunked): their writer keeps the order of
+    the tar it is given, and the store prefetches up to the landmark's offset in any format.
+    """
+    spool = _Spool(tmpdir)
+    try:
+        items = _read_input(src, spool)
+        first, rest, found = _order_items(items, prioritized)
+        landmark = _landmark(PREFETCH_LANDMARK, spool)
+        spool.seal()
+        with tarfile.open(fileobj=dst, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                          errors="surrogateescape") as tar:
+            for item in first + [landmark] + rest:
+                size = item.info.size if item.type == REG else 0
+                tar.addfile(item.info, _SpoolReader(spool, item.spool_offset, size) if size else None)
+    finally:
+        spool.close()
+    return found
+
+
 def build_estargz(
     src: BinaryIO,
     dst: BinaryIO,

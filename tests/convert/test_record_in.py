@@ -177,3 +177,26 @@ def test_record_in_warns_naming_the_paths_no_layer_holds(source_image, tmp_path)
     record.write_text('{"path": "etc/motd"}\n')
     proc = run_convert("--record-in", str(record), source_image.ref, f"oci:{tmp_path / 'out2'}:r")
     assert proc.returncode == 0 and "prioritized paths" not in proc.stderr
+
+
+def test_record_in_orders_zstd_chunked_layers_and_marks_the_prefetch(source_image, source_tars, tmp_path):
+    """zstd:chunked has no landmark of its own: the tar is rewritten in eStargz's order with a
+    `.prefetch.landmark` after the recorded files, which the store prefetches up to in any format;
+    the layer still holds exactly the source's files."""
+    record = tmp_path / "record.json"
+    record.write_text('{"path": "etc/motd"}\n{"path": "bin/busybox"}\n')
+    out = tmp_path / "out"
+    proc = run_convert("--format", "zstd-chunked", "--record-in", str(record), source_image.ref, f"oci:{out}:z")
+    assert proc.returncode == 0, proc.stderr
+    assert "does not support" not in proc.stderr
+    image = read_oci_image(out, "z")
+    base, upper = image.layers
+    for desc, first in ((base, ["bin/busybox"]), (upper, ["etc/motd"])):
+        blob = image.blob(desc["digest"])
+        parsed = read_layer_toc(lambda o, n: blob[o:o + n], len(blob), desc)
+        landmark = parsed.toc.prefetch_landmark_offset
+        assert landmark is not None
+        before = [e.name for e in parsed.toc.files_in_blob_order() if e.chunks[0].blob_offset < landmark]
+        assert before == first
+    for d, source_tar in zip(image.layers, source_tars):
+        assert_layer_matches_source(read_converted_layer(image.blob(d["digest"]), d), source_tar)

@@ -164,6 +164,22 @@ def test_the_optimized_image_is_served_from_its_prefetch(optimized, store_daemon
         assert layer["cache_misses"] > 0, results
 
 
+@pytest.mark.podman4
+def test_a_zstd_chunked_optimized_image_is_served_from_its_prefetch(opt_source, registry, store_daemon_factory):
+    ref = f"{registry.host}/e2e-opt/app:zstd-opt"
+    result = stargz("optimize", "--format", "zstd-chunked", f"oci:{opt_source}:src", f"docker://{ref}")
+    assert result.returncode == 0, result.stderr
+    image = fetch_image(registry.host, "e2e-opt/app", "zstd-opt")
+    assert all("zstd" in layer["mediaType"] for layer in image.layers)
+    with host_podman_with_store(store_daemon_factory) as (store, env):
+        podman("pull", "--tls-verify=false", ref, env=env)
+        assert podman("run", "--rm", "--net=none", "--pull=never", ref, env=env).stdout == EXPECTED_OUTPUT
+        layers = store.stats()["layers"]
+        stats = [layers[f"{ref}@{layer['digest']}"] for layer in image.layers]
+    for layer in stats:
+        assert layer["prefetch_bytes"] > 0 and layer["cache_misses"] == 0, stats
+
+
 def _optimize_to_layout(opt_source: Path, out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
     record = out / "record.jsonl"
     result = stargz("optimize", "--record-out", str(record), "--entrypoint", '["/bin/sh", "-c"]', *args,
