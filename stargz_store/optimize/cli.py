@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -121,10 +122,15 @@ def request_from_args(args: argparse.Namespace) -> OptimizeRequest:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM too unwinds through optimize's cleanup (store unmounted, Podman removed)
+
+
 def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     if os.geteuid() != 0:
         raise convert_cli.UsageError("optimize needs root: it mounts a private store (FUSE) and runs rootful Podman")
+    signal.signal(signal.SIGTERM, _interrupt)
     result = optimize(request)
     if args.record_out:
         with open(args.record_out, "w", encoding="utf-8") as out:
