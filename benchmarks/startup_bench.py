@@ -7,8 +7,9 @@
 
 For each image of the corpus (benchmarks/startup/corpus.py: the tuning set python,
 toolchain, bigdata and the held-out workloads) and mode (legacy, estargz-noopt,
-estargz, warm) it measures pull, create and run-to-first-output seconds, the
-bytes that came from the registry, and the store's CPU seconds and peak RSS; the
+estargz made by `stargz-store optimize`, estargz-strace made with a strace record,
+warm) it measures pull, create and run-to-first-output seconds, the bytes that
+came from the registry, and the store's CPU seconds and peak RSS; the
 lazy modes run once per store variant (--configs: our defaults and a Go-like
 baseline, side by side in the table).
 The registry runs in a network namespace behind a user-space link emulator

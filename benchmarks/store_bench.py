@@ -1,6 +1,6 @@
 """The store on the issue's generated image, beside local disk and the Go stargz-store 0.12.0.
 
-    python -m benchmarks store [--workdir DIR] [--model] [--runs N] [--lookup-only] [--keep]
+    python -m benchmarks store [--workdir DIR] [--model] [--runs N] [--lookup-only] [--keep] [--record]
 
 The image (one 200 MiB file half random, half text; 20,000 files of 1-8 KiB; 100,000 tiny
 entries; see `benchmarks/store_image.py`) is built once and kept under `--workdir`, pushed to a
@@ -16,6 +16,10 @@ Figures (1 MB = 10^6 bytes; wall clock; nothing is asserted):
 - cold sequential read of the 200 MiB file (every chunk fetched from the registry);
 - warm read of the same file, served from the store's disk cache;
 - warm walk-and-read of the 20,000 small files (after one cold walk filled the cache).
+
+`--record` runs the daemon with first-read recording on for every image (`[record] images =
+["*"]`, issue 17): the read figures then include what recording costs; without it recording is
+off, as by default.
 
 `--model` measures the same operations one level down, through `LayerResolver`/`Layer` in
 this process (no FUSE), which separates the data path from the mount.
@@ -76,6 +80,10 @@ no_background_fetch = true
 fetching_timeout_sec = 60
 [store]
 resolve_timeout_sec = 120
+"""
+RECORD_CONFIG = """\
+[record]
+images = ["*"]
 """
 
 
@@ -202,28 +210,29 @@ def _proc_status_mb(pid: int, key: str) -> float | None:
     return None if value is None else value / MB
 
 
-def store_process(base: Path) -> StoreProcess:
+def store_process(base: Path, record: bool = False) -> StoreProcess:
     """A daemon under `base` with a fresh (empty) root and the benchmark's config, not started yet."""
     root = base / "root"
     if root.exists():
         shutil.rmtree(root)
     base.mkdir(parents=True, exist_ok=True)
     config = base / "config.toml"
-    config.write_text(STORE_CONFIG)
+    config.write_text(STORE_CONFIG + (RECORD_CONFIG if record else ""))
     return StoreProcess(root=root, mountpoint=base / "mnt", config_path=config, log_path=base / "store.log",
                         log_level="warn")
 
 
-def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs: int, lookup_only: bool = False) -> Figures:
+def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs: int, lookup_only: bool = False,
+                   record: bool = False) -> Figures:
     fig = Figures()
     layer = manifest["layers"][0]["digest"]
-    store = store_process(base)
+    store = store_process(base, record)
     lookups = []
     cpus = []
     try:
         for _ in range(max(1, runs)):  # a fresh daemon (and root) per first lookup
             store.stop(timeout=30, unmount_leftover=True)
-            store = store_process(base)
+            store = store_process(base, record)
             store.start(timeout=60)
             diff = store.layer_dir(ref, layer) / "diff"
             cache.drop()
@@ -259,6 +268,10 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
         fig.walk_s, (files, _) = timed(lambda: walk_and_read(diff / SMALL_DIR))
         walk_cpu = cpu_seconds(pid) - cpu
         fig.notes.append(f"store walk: {files} files; RSS after the reads {_proc_status_mb(pid, 'VmRSS') or 0:.0f} MB")
+        if record:
+            from stargz_store.daemon.record_cli import fetch_record
+
+            fig.notes.append(f"recorded {len(fetch_record(str(store.root / 'store.sock'), ref))} first reads")
         fig.notes.append(f"daemon CPU (less sensitive to load than wall time): warm read {warm_read_cpu:.2f} s, "
                          f"warm walk {walk_cpu:.2f} s")
     finally:
@@ -385,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1, help="first lookups to take the median of (a fresh daemon each)")
     parser.add_argument("--keep", action="store_true", help="keep the registry data and store root afterwards")
     parser.add_argument("--lookup-only", action="store_true", help="only the first lookup and RSS (skips the reads)")
+    parser.add_argument("--record", action="store_true", help="first-read recording on for every image (issue 17)")
     args = parser.parse_args(argv or [])
     for tool in ("docker-registry",):
         if shutil.which(tool) is None:
@@ -408,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             ours, label = measure_model(ref, manifest, run_dir, cache), "model (no FUSE)"
         else:
-            ours, label = measure_daemon(ref, manifest, run_dir, cache, args.runs, args.lookup_only), "stargz-store (Python)"
+            ours = measure_daemon(ref, manifest, run_dir, cache, args.runs, args.lookup_only, args.record)
+            label = "stargz-store (Python)" + (", recording" if args.record else "")
     finally:
         registry.stop()
         if not args.keep:

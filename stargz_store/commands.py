@@ -38,6 +38,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("prune", "[--all | --to GB] [flags]",
             "remove cached chunks of layers not in use now, least recently used first (root only)",
             "stargz_store.daemon.status_cli", "prune_main"),
+    Command("record", "[--start|--stop] REF",
+            "print what a workload read first from REF through the running daemon (a --record-in file)",
+            "stargz_store.daemon.record_cli"),
+    Command("optimize", "[flags] SRC DST",
+            "run a workload once through a private store and convert with what it read first (see optimize --help)",
+            "stargz_store.optimize.cli"),
 )
 
 

@@ -16,17 +16,17 @@ import os
 import re
 import sys
 import threading
-from typing import TextIO
+from typing import Callable, TextIO
 
 from ..formats.errors import FormatError
 from ..formats.layer_toc import FORMAT_ESTARGZ, FORMAT_ZSTD_CHUNKED
 from ..registry import errors as registry_errors
-from .converter import ConvertOptions, ProgressEvent, convert_image
+from .converter import ConvertOptions, ConvertResult, ProgressCallback, ProgressEvent, convert_image
 from .errors import ConvertError, LocationSyntaxError
 from .location import Location, OciLocation, RegistryLocation, parse_location
 from .oci_layout import OciLayoutDestination, OciLayoutSource
 from .platform import platform_from_text
-from .record import read_record_file
+from .record import read_record
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=sorted(_FORMATS), default="estargz", metavar="{estargz,zstd-chunked}",
                    help="layer format (default: estargz)")
     p.add_argument("--record-in", metavar="FILE",
-                   help='JSON-lines file of paths to prioritize ({"path": "..."} per line, as nerdctl writes it)')
+                   help='JSON-lines file of paths to prioritize ({"path": "..."} per line, as nerdctl writes it; '
+                        'with "layerIndex" on every line, as ctr-remote optimize and stargz-store record write it, '
+                        'each layer gets the paths recorded from it)')
     p.add_argument("--chunk-size", metavar="BYTES", type=parse_size,
                    help="split files into chunks of this size (default: 4M)")
     p.add_argument("--compression-level", metavar="N", type=int,
@@ -149,10 +151,14 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
         platform = platform_from_text(args.platform) if args.platform else None
     except ConvertError as exc:
         raise UsageError(str(exc)) from None
-    prioritized = tuple(read_record_file(args.record_in)) if args.record_in else ()
+    record = read_record(args.record_in) if args.record_in else None
+    if record is not None and not record.paths:
+        log.warning("record file %s names no path: nothing is prioritized", args.record_in)
+    by_layer = record.by_layer if record is not None and not args.all_platforms else None
     return ConvertOptions(
         format=fmt,
-        prioritized=prioritized,
+        prioritized=record.paths if record is not None and by_layer is None else (),
+        layer_prioritized=by_layer,
         chunk_size=args.chunk_size,
         compression_level=args.compression_level,
         platform=platform,
@@ -162,33 +168,40 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     )
 
 
-def _registry_client(args: argparse.Namespace, locations: list[Location]):
+def _registry_client(insecure: bool, authfile: str | None, locations: list[Location]):
     from ..registry.client import RegistryClient
     from ..registry.config import RegistryConfig
 
     hosts = tuple(loc.reference.registry for loc in locations if isinstance(loc, RegistryLocation))
-    config = RegistryConfig(insecure_hosts=hosts if args.insecure else (), auth_file=args.authfile)
+    config = RegistryConfig(insecure_hosts=hosts if insecure else (), auth_file=authfile)
     return RegistryClient(config)
 
 
-def run(args: argparse.Namespace) -> int:
-    src_loc = parse_location(args.src)
-    dst_loc = parse_location(args.dst)
-    options = _options(args)
+def convert_locations(src: str, dst: str, options: ConvertOptions, *, insecure: bool = False,
+                      authfile: str | None = None, progress: ProgressCallback | None = None) -> ConvertResult:
+    """Convert the image at location text `src` into `dst` (both `oci:...` or `docker://...`)."""
+    src_loc = parse_location(src)
+    dst_loc = parse_location(dst)
     client = None
     if isinstance(src_loc, RegistryLocation) or isinstance(dst_loc, RegistryLocation):
-        client = _registry_client(args, [src_loc, dst_loc])
+        client = _registry_client(insecure, authfile, [src_loc, dst_loc])
     try:
         from .registry_store import RegistryDestination, RegistrySource
 
         source = OciLayoutSource(src_loc) if isinstance(src_loc, OciLocation) else RegistrySource(src_loc, client)
         destination = (OciLayoutDestination(dst_loc) if isinstance(dst_loc, OciLocation)
                        else RegistryDestination(dst_loc, client))
-        progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
-        result = convert_image(source, destination, options, progress)
+        return convert_image(source, destination, options, progress)
     finally:
         if client is not None:
             client.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    options = _options(args)
+    progress = TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+    result = convert_locations(args.src, args.dst, options, insecure=args.insecure, authfile=args.authfile,
+                               progress=progress)
     if progress is not None:
         sys.stderr.write(f"converted {args.src} -> {args.dst} ({result.manifest.digest})\n")
     sys.stdout.write(result.manifest.digest + "\n")
@@ -196,23 +209,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return command_main(PROG, build_parser, run, argv)
+
+
+def command_main(prog: str, make_parser: Callable[[], argparse.ArgumentParser],
+                 run_command: Callable[[argparse.Namespace], int], argv: list[str] | None,
+                 failures: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse, set up logging (`--verbose`), run; every failure ends in one line on stderr and
+    the exit codes of the module docstring. `failures` are further error types of exit 1."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = make_parser()
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc} (see --help)\n")
+        sys.stderr.write(f"{prog}: error: {exc} (see --help)\n")
         return EXIT_USAGE
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
-        format=f"{PROG}: %(levelname)s: %(message)s",
+        format=f"{prog}: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return run(args)
+        return run_command(args)
     except (UsageError, LocationSyntaxError) as exc:
         message, code = str(exc), EXIT_USAGE
-    except ConvertError as exc:
+    except (ConvertError, *failures) as exc:
         message, code = str(exc), EXIT_FAILURE
     except registry_errors.RegistryError as exc:
         message, code = _registry_message(exc), EXIT_FAILURE
@@ -225,5 +246,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line for the user, the traceback with -vv
         log.debug("unexpected failure", exc_info=True)
         message, code = f"internal error: {type(exc).__name__}: {exc} (run with -vv for the traceback)", EXIT_FAILURE
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.write(f"{prog}: error: {message}\n")
     return code

@@ -23,7 +23,7 @@ import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..formats.layer_toc import (
     ANNOTATION_TOC_DIGEST,
@@ -36,8 +36,9 @@ from ..formats.layer_toc import (
     FORMAT_ESTARGZ,
     BuildResult,
 )
-from .errors import ImageNotFoundError, UnsupportedImageError
+from .errors import ConvertError, ImageNotFoundError, UnsupportedImageError
 from .layer_build import LayerBuildOptions, build_layer, unsupported_options
+from .record import normalize_record_path
 from .media_types import (
     DOCKER_SCHEMA1,
     IMAGE_MANIFESTS,
@@ -64,12 +65,16 @@ _STALE_LAYER_ANNOTATIONS = frozenset({
     "io.github.containers.zstd-chunked.tarsplit-checksum",
 })
 _MAX_NESTING = 4
+_UNMATCHED_SHOWN = 10
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     format: str = FORMAT_ESTARGZ
-    prioritized: tuple[str, ...] = ()
+    prioritized: tuple[str, ...] = ()  # the same list for every layer (nerdctl's `--estargz-record-in`)
+    # Or one list per layer index of the converted manifest (ctr-remote optimize's `layerIndex`):
+    # a layer without one gets `.no.prefetch.landmark`. Overrides `prioritized`; one platform only.
+    layer_prioritized: tuple[tuple[str, ...], ...] | None = None
     chunk_size: int | None = None
     compression_level: int | None = None
     platform: Platform | None = None  # None: the host's platform
@@ -99,6 +104,7 @@ class ConvertResult:
     manifest: RawManifest
     layers: dict[str, BuildResult]
     platforms: list[str]
+    unmatched: list[str] = field(default_factory=list)  # prioritized paths found in no layer
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -123,6 +129,8 @@ class Converter:
         self._platforms: list[str] = []
 
     def run(self) -> ConvertResult:
+        if self.options.layer_prioritized is not None and self.options.all_platforms:
+            raise ConvertError("a record with layer indexes fits one platform's layers: convert one platform")
         for flag in unsupported_options(self._layer_options(1)):
             log.warning("the %s format does not support %s; it is ignored", self.options.format, flag)
         root = self.source.root()
@@ -143,7 +151,26 @@ class Converter:
                     self._build_pool.shutdown(wait=True, cancel_futures=True)
             self.destination.put_manifest(result, root=True)
         log.info("wrote %s to %s", result.digest, self.destination.describe())
-        return ConvertResult(result, {d: f.result() for d, f in self._layers.items()}, self._platforms)
+        layers = {d: f.result() for d, f in self._layers.items()}
+        unmatched = self._unmatched(layers.values())
+        return ConvertResult(result, layers, self._platforms, unmatched)
+
+    def _unmatched(self, results: Iterable[BuildResult]) -> list[str]:
+        """Prioritized paths no layer holds (a record made for another image, a typo): warned
+        about by name, because such a record silently optimizes nothing."""
+        lists = self.options.layer_prioritized if self.options.layer_prioritized is not None \
+            else (self.options.prioritized,)
+        wanted = list(dict.fromkeys(normalize_record_path(p) for paths in lists for p in paths))
+        if not wanted:
+            return []
+        found = {p for r in results for p in r.prioritized_found}
+        unmatched = [p for p in wanted if p and p not in found]
+        if unmatched:
+            shown = ", ".join(unmatched[:_UNMATCHED_SHOWN]) + (", ..." if len(unmatched) > _UNMATCHED_SHOWN else "")
+            where = "the layer the record names" if self.options.layer_prioritized is not None else "any layer"
+            log.warning("%d of %d prioritized paths are not in %s of the image (nothing to prefetch for them): %s",
+                        len(unmatched), len(wanted), where, shown)
+        return unmatched
 
     # -- manifests -----------------------------------------------------------------------------
     def _convert_root(self, root: RawManifest) -> RawManifest:
@@ -238,7 +265,10 @@ class Converter:
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
             raise UnsupportedImageError(
                 f"{self.source.describe()}: config lists {len(diff_ids or [])} diff_ids for {len(layers)} layers")
-        futures = [self._layer_future(desc, layers_in_flight) for desc in layers]
+        per_layer = self.options.layer_prioritized
+        if per_layer is not None and len(per_layer) > len(layers):
+            log.warning("the record names layer %d, but the image has %d layers", len(per_layer) - 1, len(layers))
+        futures = [self._layer_future(desc, layers_in_flight, self._prioritized_for(i)) for i, desc in enumerate(layers)]
         return _PendingImage(data, config, layers, futures)
 
     def _finish_manifest(self, pending: _PendingImage) -> RawManifest:
@@ -287,7 +317,13 @@ class Converter:
                 self._build_pool = ProcessPoolExecutor(max_workers=self.options.jobs, mp_context=context)
             return self._build_pool
 
-    def _layer_future(self, desc: dict, layers_in_flight: int) -> Future[BuildResult]:
+    def _prioritized_for(self, index: int) -> tuple[str, ...]:
+        per_layer = self.options.layer_prioritized
+        if per_layer is None:
+            return self.options.prioritized
+        return per_layer[index] if index < len(per_layer) else ()
+
+    def _layer_future(self, desc: dict, layers_in_flight: int, prioritized: tuple[str, ...]) -> Future[BuildResult]:
         digest = desc["digest"]
         with self._lock:
             fut = self._layers.get(digest)
@@ -296,20 +332,24 @@ class Converter:
                 self._total += 1
                 parallel = min(self.options.jobs, layers_in_flight)
                 workers = max(1, (os.cpu_count() or 1) // max(1, parallel))
-                fut = self._pool.submit(self._convert_layer, digest, int(desc.get("size") or 0), workers, parallel > 1)
+                fut = self._pool.submit(self._convert_layer, digest, int(desc.get("size") or 0), workers, parallel > 1,
+                                        prioritized)
                 self._layers[digest] = fut
             return fut
 
-    def _layer_options(self, writer_workers: int) -> LayerBuildOptions:
+    def _layer_options(self, writer_workers: int, prioritized: tuple[str, ...] | None = None) -> LayerBuildOptions:
+        if prioritized is None:
+            prioritized = self.options.prioritized or next(filter(None, self.options.layer_prioritized or ()), ())
         return LayerBuildOptions(
             format=self.options.format,
-            prioritized=self.options.prioritized,
+            prioritized=prioritized,
             chunk_size=self.options.chunk_size,
             compression_level=self.options.compression_level,
             writer_workers=writer_workers,
         )
 
-    def _convert_layer(self, digest: str, size: int, writer_workers: int, parallel: bool) -> BuildResult:
+    def _convert_layer(self, digest: str, size: int, writer_workers: int, parallel: bool,
+                       prioritized: tuple[str, ...] = ()) -> BuildResult:
         assert self._tmpdir is not None
         started = time.monotonic()
         self._progress(ProgressEvent("start", digest, size, done=self._done, total=self._total))
@@ -317,7 +357,7 @@ class Converter:
         try:
             src_path = self.source.blob_file(digest, size, layer_dir)
             out_path = layer_dir / "converted"
-            options = self._layer_options(writer_workers)
+            options = self._layer_options(writer_workers, prioritized)
             build_pool = self._process_pool() if parallel else None
             if build_pool is not None:
                 result = build_pool.submit(build_layer, str(src_path), digest, str(out_path), options).result()

@@ -83,7 +83,7 @@ def _writer(fmt: str) -> Callable[..., BuildResult]:
 
 
 def _writer_kwargs(writer: Callable[..., BuildResult], options: LayerBuildOptions, tmpdir: Path) -> dict[str, Any]:
-    """Only the options this writer takes (zstd:chunked has no landmark, so maybe no `prioritized`)."""
+    """Only the options this writer takes (a writer without `prioritized` gets no record)."""
     wanted: dict[str, Any] = {"workers": options.writer_workers, "tmpdir": str(tmpdir)}
     if options.prioritized:
         wanted["prioritized"] = options.prioritized

@@ -246,6 +246,7 @@ def build_store(cfg: StoreConfig, root: Path):
     from ..cache.chunk_cache import ChunkCache
     from ..formats import estargz, zstd_chunked  # noqa: F401  (loaded now, not during the first lookup)
     from ..fs.model import StoreModel
+    from ..fs.recorder import AccessRecorder
     from ..layer.resolver import LayerResolver
     from ..registry.client import RegistryClient
     from .pool import ImagePool
@@ -256,8 +257,9 @@ def build_store(cfg: StoreConfig, root: Path):
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
+    recorder = AccessRecorder(cfg.record_images, max_entries=cfg.record_max_entries)
     return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access,
-                            ownership=cfg.ownership)
+                            ownership=cfg.ownership, recorder=recorder)
 
 
 def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
@@ -359,7 +361,8 @@ def main(argv: list[str]) -> int:
     block_signals()
     pool, model = build_store(cfg, root)
     ops = start_operations(cfg, pool)  # cache janitor, metrics endpoint, status and prune
-    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool, ops.control_operations())
+    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool, ops.control_operations(),
+                                   recorder=model.recorder)
     trimmer = MemoryTrimmer(trim) if trim is not None else None
     if trimmer is not None:
         trimmer.start()

@@ -60,6 +60,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb"},
         {},
     ),
+    "record": ({"images", "max_entries"}, {}),
 }
 
 
@@ -79,6 +80,8 @@ class StoreConfig:
     ownership: Ownership = ROOTFUL  # from the flags (--rootless, --uidmap/--gidmap), not from the file
     metrics_address: str | None = None  # host:port of the Prometheus endpoint; None = off
     cache_max_bytes: int | None = None  # the disk cache's limit; None = none
+    record_images: tuple[str, ...] = ()  # [record] images: recorded from the start ("*": all)
+    record_max_entries: int = 1_000_000
 
 
 def load_config(path: str | Path, *, explicit: bool) -> StoreConfig:
@@ -183,6 +186,9 @@ def _build(doc: ConfigTable) -> StoreConfig:
     cfg.metrics_address = _metrics_address(doc)
     limit_gb = store.number("cache_max_size_gb", minimum=0, maximum=1 << 20)
     cfg.cache_max_bytes = int(limit_gb * (1 << 30)) if limit_gb else None
+    record = doc.table("record")
+    cfg.record_images = _record_images(record, "images")
+    cfg.record_max_entries = _positive(record, "max_entries", cfg.record_max_entries)
     return cfg
 
 
@@ -209,6 +215,28 @@ def split_host_port(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def _record_images(table: ConfigTable, key: str) -> tuple[str, ...]:
+    """Image references to record (canonical form, as the store names them) or `"*"` for all."""
+    value = table[key] if key in table else None
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigValueError(f"{table.key_path(key)} must be an array of image references or \"*\", "
+                               f"not {describe(value)}")
+    from ..registry.reference import parse_reference
+
+    images = []
+    for text in value:
+        if text == "*":
+            images.append(text)
+            continue
+        try:
+            images.append(str(parse_reference(text)))
+        except InvalidReferenceError:
+            raise ConfigValueError(f"{table.key_path(key)}: {describe(text)} is not an image reference") from None
+    return tuple(images)
 
 
 def _num(table: ConfigTable, key: str, default: float) -> float:

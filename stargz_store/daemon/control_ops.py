@@ -13,6 +13,8 @@ Operations (requests and replies as in `control`):
   `registry.runtime_credentials`); a reference whose credentials changed has its remembered
   failures forgotten, so the pull that brought them is not answered from an earlier failure
   (e.g. a lookup made before the runtime had logged in).
+- `record-start`, `record-stop`, `record`: first reads of images (`record_ops`), when the daemon
+  passed its recorder.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..registry.runtime_credentials import RuntimeCredentialsError, parse_helper_document
+from ..fs.recorder import AccessRecorder
 from .control import ControlRequestError, ControlServer, Operation
+from .record_ops import RecordOps
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +61,20 @@ class AddCredentials:
         return {"references": len(entries)}
 
 
-def daemon_operations(pool: Any, more: Mapping[str, Operation] | None = None) -> dict[str, Operation]:
-    """The daemon's operations by name: these, and `more` (`operations.Operations`: status, prune)."""
+def daemon_operations(pool: Any, more: Mapping[str, Operation] | None = None,
+                      recorder: AccessRecorder | None = None) -> dict[str, Operation]:
+    """The daemon's operations by name: these, `more` (`operations.Operations`: status, prune)
+    and, with a `recorder`, the recording operations."""
     pid = os.getpid()
     version = _version()
-    return {
+    operations: dict[str, Operation] = {
         "ping": lambda request: {"pid": pid, "version": version},
         "add-credentials": AddCredentials(pool),
         **(more or {}),
     }
+    if recorder is not None:
+        operations.update(RecordOps(pool, recorder).operations())
+    return operations
 
 
 class _NoControl:
@@ -76,11 +85,12 @@ class _NoControl:
 
 
 def start_control_socket(address: str | os.PathLike[str], pool: Any,
-                         more: Mapping[str, Operation] | None = None) -> ControlServer | _NoControl:
-    """Serve `daemon_operations(pool, more)` at `address`; on failure log why and go on without it
+                         more: Mapping[str, Operation] | None = None,
+                         recorder: AccessRecorder | None = None) -> ControlServer | _NoControl:
+    """Serve `daemon_operations(pool, more, recorder)` at `address`; on failure log why and go on without it
     (lazy pulls of public images do not need it; credentials from the runtime then do not arrive)."""
     try:
-        return ControlServer(address, daemon_operations(pool, more)).start()
+        return ControlServer(address, daemon_operations(pool, more, recorder)).start()
     except (OSError, ValueError) as exc:
         log.error("cannot serve the control socket at %s (%s): credentials from Podman/CRI-O will not "
                   "reach this daemon", Path(os.fspath(address)), getattr(exc, "strerror", None) or exc)

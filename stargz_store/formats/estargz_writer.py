@@ -276,8 +276,8 @@ def _make_plain_regular(info: tarfile.TarInfo) -> None:
         del info.pax_headers[k]  # the archived (sparse) size is not the expanded size we write
 
 
-def _order_items(items: dict[str, _Item], prioritized: Sequence[str]) -> tuple[list[_Item], list[_Item]]:
-    """`(prioritized_items, rest)` as `estargz.md` §8.3 orders them.
+def _order_items(items: dict[str, _Item], prioritized: Sequence[str]) -> tuple[list[_Item], list[_Item], list[str]]:
+    """`(prioritized_items, rest, prioritized paths found)` as `estargz.md` §8.3 orders them.
 
     Unlike the Go converter, a prioritized path whose parent directory has no entry of its own
     is still moved (the missing parent is simply implicit); paths absent from the layer are
@@ -301,14 +301,16 @@ def _order_items(items: dict[str, _Item], prioritized: Sequence[str]) -> tuple[l
         if key not in moved:
             moved[key] = item
 
+    found: list[str] = []
     for raw in prioritized:
         key = posixpath.normpath("/" + raw).lstrip("/")  # Go's cleanEntryName: `..` stops at the root
         if key not in items:
             log.debug("prioritized path %r is not in this layer", raw)
             continue
+        found.append(key)
         move(key)
     rest = [item for key, item in items.items() if key not in moved]
-    return list(moved.values()), rest
+    return list(moved.values()), rest, found
 
 
 _USTAR_MAGIC = b"ustar\x0000"
@@ -564,6 +566,44 @@ def _landmark(name: str, spool: _Spool) -> _Item:
     return _Item(info=info, type=REG, key=name, spool_offset=offset, digest=_sha256_hex(LANDMARK_CONTENTS))
 
 
+class _SpoolReader:
+    """A file-like reader of `length` spooled bytes from `offset`, for `tarfile.addfile`."""
+
+    def __init__(self, spool: _Spool, offset: int, length: int) -> None:
+        self._spool, self._pos, self._end = spool, offset, offset + length
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._end - self._pos if n is None or n < 0 else min(n, self._end - self._pos)
+        data = self._spool.read(self._pos, n) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+
+def write_prioritized_tar(src: BinaryIO, dst: BinaryIO, prioritized: Sequence[str], *,
+                          tmpdir: str | None = None) -> list[str]:
+    """Write the layer tar `src` (plain, gzip or zstd) to `dst` as a plain tar in the order an
+    eStargz blob has (`estargz.md` §8.3): the prioritized entries (parents and hardlink targets
+    first), `.prefetch.landmark`, then the rest in tar order; returns the prioritized paths found.
+
+    For formats without an ordering of their own (zstd:chunked): their writer keeps the order of
+    the tar it is given, and the store prefetches up to the landmark's offset in any format.
+    """
+    spool = _Spool(tmpdir)
+    try:
+        items = _read_input(src, spool)
+        first, rest, found = _order_items(items, prioritized)
+        landmark = _landmark(PREFETCH_LANDMARK, spool)
+        spool.seal()
+        with tarfile.open(fileobj=dst, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                          errors="surrogateescape") as tar:
+            for item in first + [landmark] + rest:
+                size = item.info.size if item.type == REG else 0
+                tar.addfile(item.info, _SpoolReader(spool, item.spool_offset, size) if size else None)
+    finally:
+        spool.close()
+    return found
+
+
 def build_estargz(
     src: BinaryIO,
     dst: BinaryIO,
@@ -589,7 +629,7 @@ def build_estargz(
     spool = _Spool(tmpdir)
     try:
         items = _read_input(src, spool)
-        first, rest = _order_items(items, prioritized)
+        first, rest, found = _order_items(items, prioritized)
         landmark = _landmark(PREFETCH_LANDMARK if prioritized else NO_PREFETCH_LANDMARK, spool)
         spool.seal()
         ordered = first + [landmark] + rest
@@ -653,4 +693,5 @@ def build_estargz(
         diff_size=diff_size,
         media_type=MEDIA_TYPE_LAYER_GZIP,
         annotations={ANNOTATION_TOC_DIGEST: toc_digest, ANNOTATION_UNCOMPRESSED_SIZE: str(diff_size)},
+        prioritized_found=tuple(found),
     )

@@ -121,3 +121,6 @@ class BuildResult:
     diff_size: int
     media_type: str
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # The prioritized paths (normalised) this layer holds, in their order: what a converter
+    # checks a record against (a recorded path in no layer at all is worth a warning).
+    prioritized_found: tuple[str, ...] = ()

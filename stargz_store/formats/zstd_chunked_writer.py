@@ -24,7 +24,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import zstandard
 
@@ -352,6 +352,7 @@ def build_zstd_chunked(
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     chunk_size: int | None = None,
     tmpdir: str | None = None,
+    prioritized: Sequence[str] = (),
 ) -> BuildResult:
     """Convert a layer tar (plain, gzip or zstd) into a zstd:chunked blob written to `dst`.
 
@@ -364,9 +365,30 @@ def build_zstd_chunked(
     `tmpdir` holds the tar-split stream once it outgrows memory. Entry names must stay inside the layer root (`EntryEscapesRootError`); a name given twice
     keeps both in the tar stream and tar-split, and only the later one in the TOC, as
     extraction would.
+
+    `prioritized` (paths in first-read order): the tar is first rewritten in eStargz's order,
+    those entries first, then `.prefetch.landmark`, then the rest (`write_prioritized_tar`), so
+    the store prefetches `[0, landmark offset)` as it does for eStargz; the blob then decompresses
+    to that rewritten tar (`diff_id` is its digest), not to the input.
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    found: list[str] = []
+    if prioritized:  # the tar reordered first; the blob then decompresses to that tar (its diff_id)
+        from .estargz_writer import write_prioritized_tar
+
+        ordered = tempfile.TemporaryFile(dir=tmpdir)
+        try:
+            found = write_prioritized_tar(src, ordered, prioritized, tmpdir=tmpdir)
+            ordered.seek(0)
+            return _build(ordered, dst, compression_level, chunk_size, tmpdir, found)
+        finally:
+            ordered.close()
+    return _build(src, dst, compression_level, chunk_size, tmpdir, found)
+
+
+def _build(src: BinaryIO, dst: BinaryIO, compression_level: int, chunk_size: int | None, tmpdir: str | None,
+           found: list[str]) -> BuildResult:
     out = _Output(dst, compression_level)
     diff_hash = hashlib.sha256()
     diff_size = 0
@@ -411,4 +433,5 @@ def build_zstd_chunked(
         diff_size=diff_size,
         media_type=MEDIA_TYPE_LAYER_ZSTD,
         annotations=annotations,
+        prioritized_found=tuple(found),
     )

@@ -48,6 +48,7 @@ from .idmap import ROOTFUL, Ownership
 from .inodes import NodeTable, is_diff_nodeid, split_diff_nodeid
 from .nodes import DiffEntry, Listing, Node, Opened, Root, Scope, StoreNode, decode_ref_name
 from .provider import ImageFiles, LayerProvider, ServedLayer
+from .recorder import KIND_SYMLINK, AccessRecorder
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,15 @@ class StoreModel:
     """
 
     def __init__(self, provider: LayerProvider, *, pool_target: str | None = None, log_file_access: bool = False,
-                 ownership: Ownership = ROOTFUL) -> None:
+                 ownership: Ownership = ROOTFUL, recorder: AccessRecorder | None = None) -> None:
         self.provider = provider
         self.ownership = ownership
         self.pool_target = pool_target
         self.log_file_access = log_file_access
+        self.recorder = recorder if recorder is not None else AccessRecorder()
         self.on_released: Callable[[int, str], None] | None = None
         self._decode = lru_cache(maxsize=4096)(self._decode_ref_name)
-        self.scope = Scope(provider, pool_target, self._decode, self._released, ownership)
+        self.scope = Scope(provider, pool_target, self._decode, self._released, ownership, self.recorder)
         self.nodes: NodeTable[Node] = NodeTable(Root(self.scope))
         self._handles: dict[int, Opened] = {}
         self._next_handle = itertools.count(1)
@@ -120,7 +122,11 @@ class StoreModel:
         return self.node(nodeid, caller).listing()
 
     def readlink(self, nodeid: int, *, caller: Caller) -> str:
-        return self.node(nodeid, caller).readlink()
+        node = self.node(nodeid, caller)
+        target = node.readlink()
+        if self.recorder.active and isinstance(node, DiffEntry):
+            self.recorder.first_read(node.served.blob_digest, node.node.entry.ino, node.node.path, kind=KIND_SYMLINK)
+        return target
 
     def listxattr(self, nodeid: int, *, caller: Caller) -> list[str]:
         return list(self.node(nodeid, caller).xattrs())
@@ -132,8 +138,10 @@ class StoreModel:
         return value
 
     def stats(self) -> dict[str, int]:
-        """How much the model holds: store nodes the kernel holds (`inodes.NodeTable`), open handles."""
-        return {"nodes": len(self.nodes), "open_files": len(self._handles)}
+        """How much the model holds: store nodes the kernel holds (`inodes.NodeTable`), open handles,
+        and first reads recorded (`recorder`)."""
+        return {"nodes": len(self.nodes), "open_files": len(self._handles),
+                "recorded_reads": self.recorder.stats()["entries"]}
 
     def statfs(self) -> dict[str, int]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
@@ -146,7 +154,8 @@ class StoreModel:
             raise ReadOnly(f"node {nodeid:#x}")
         node = self.node(nodeid, caller)
         opened = node.open()
-        self._first_access(node)
+        if self.recorder.active or self.log_file_access:
+            self._first_access(node)
         fh = next(self._next_handle)
         with self._lock:
             self._handles[fh] = opened
@@ -173,7 +182,7 @@ class StoreModel:
         try:
             node = DiffEntry(self.scope, served, view, served.tree.node_for_ino(entry_ino))
             node.admit(caller)
-            if offset == 0:
+            if self.recorder.active or (offset == 0 and self.log_file_access):
                 self._first_access(node)
             return node.read_held(offset, size)
         finally:
@@ -186,10 +195,16 @@ class StoreModel:
             opened.close()
 
     def _first_access(self, node: Node) -> None:
-        """`log_file_access`: which files a workload opens, once each (to build prefetch lists)."""
-        if not self.log_file_access or not isinstance(node, DiffEntry):
+        """Which files a workload reads, once each: into the recorder (any first read of a regular
+        file, whatever its offset: a loader may pread a header elsewhere first) and, with
+        `log_file_access`, into the log. Called only when one of them is on (the read path tests
+        two attributes, nothing more, when both are off)."""
+        if not isinstance(node, DiffEntry):
             return
-        if node.served.first_read(node.node.entry.ino):
+        if self.recorder.active and node.node.is_reg:
+            entry = node.node.entry
+            self.recorder.first_read(node.served.blob_digest, entry.ino, node.node.path, size=entry.size)
+        if self.log_file_access and node.served.first_read(node.node.entry.ino):
             attr = node.attr()
             log.debug("first access: %s %s/%s size=%d mode=%o", node.served.ref, node.served.key_of(node.view),
                       node.node.path, attr.size, attr.mode)

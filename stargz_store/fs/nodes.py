@@ -43,6 +43,7 @@ from .idmap import ROOTFUL, Ownership
 from .inodes import ROOT_ID, store_nodeid
 from .layer_tree import DiffNode
 from .provider import ImageFiles, LayerProvider, ServedLayer
+from .recorder import AccessRecorder
 
 log = logging.getLogger(__name__)
 _repeated = Throttled(log)  # per-request warnings: once per cause and minute
@@ -60,8 +61,8 @@ Listing = list[tuple[str, Attr | None]]
 
 class Scope:
     """What every node may need of the model: the provider, the `pool` link's target, how a ref
-    directory name decodes, who to tell when a layer is released, and how owners are shown
-    (`StoreModel` makes one)."""
+    directory name decodes, who to tell when a layer is released, how owners are shown and the
+    first-read recorder (`StoreModel` makes one)."""
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class Scope:
         decode_ref: Callable[[str], str],
         on_released: Callable[[int, str], None],
         ownership: Ownership = ROOTFUL,
+        recorder: AccessRecorder | None = None,
     ) -> None:
         self.provider = provider
         self.pool_target = pool_target
@@ -77,6 +79,7 @@ class Scope:
         self.on_released = on_released
         self.ownership = ownership
         self._refused: dict[tuple[str, str], str] = {}
+        self.recorder = recorder if recorder is not None else AccessRecorder()
 
     def servable_layer(self, ref: str, key: str) -> ServedLayer:
         """`provider.layer`, refused (`LayerUnavailable`, logged once per layer) when its owners
@@ -315,6 +318,7 @@ class LayerDir(_InImage):
     def lookup(self, name: str) -> Node:
         if name == DIFF:
             served = self.scope.servable_layer(self.ref, self.layer_key)
+            self.scope.recorder.layer_opened(self.ref, served.blob_digest)
             view = served.view_of(self.layer_key)
             return DiffEntry(self.scope, served, view, served.tree.node_for_ino(served.tree.toc.root.ino))
         if name in (INFO, BLOB):

@@ -11,6 +11,7 @@ from the log (`log_mark()` / `log_since()`, `blob_get_count()`).
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,9 +81,12 @@ class LocalRegistry:
     def start(self, timeout: float = 15.0) -> None:
         """Start the registry and return once it answers; on failure stop it and raise with its log tail."""
         config = self.write_config()
+        # docker-registry reads REGISTRY_* variables as config overrides: podman's REGISTRY_AUTH_FILE
+        # in the caller's environment would make it refuse its config.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen([*self.command_prefix, "docker-registry", "serve", str(config)],
-                                         stdout=logf, stderr=logf, preexec_fn=self.preexec_fn)
+                                         stdout=logf, stderr=logf, preexec_fn=self.preexec_fn, env=env)
         self._spawned()
         if wait_for_http(f"{self.url}/v2/", self.proc, timeout):
             log.debug("docker-registry up at %s (pid %d)", self.host, self.proc.pid)

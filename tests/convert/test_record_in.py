@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from stargz_store.convert.errors import RecordFileError
-from stargz_store.convert.record import parse_record, read_record_file
+from stargz_store.convert.record import parse_record, parse_record_file, read_record_file
 from stargz_store.formats.detect import read_layer_toc
 
 from tests.convert.layer_compare import assert_layer_matches_source, read_converted_layer, run_convert, uncompressed
@@ -127,3 +127,76 @@ def test_record_in_with_dot_slash_tar_moves_the_root_entry_too(tmp_path):
     image = read_oci_image(tmp_path / "out", "t")
     names = _stream_names(image.blob(image.layers[0]["digest"]))
     assert names == [".", "etc", "etc/motd", ".prefetch.landmark", "a.txt", "stargz.index.json"]
+
+
+def test_parse_record_with_a_layer_index_on_every_line_lists_paths_per_layer():
+    text = ('{"path": "bin/sh", "layerIndex": 0, "manifestDigest": "sha256:00", "size": 5}\n'
+            '{"path": "app/run.sh", "layerIndex": 2}\n{"path": "/bin/busybox", "layerIndex": 0}\n'
+            '{"path": "bin/sh", "layerIndex": 0}\n')
+    record = parse_record_file(text)
+    assert record.paths == ("bin/sh", "app/run.sh", "bin/busybox")
+    assert record.by_layer == (("bin/sh", "bin/busybox"), (), ("app/run.sh",))
+
+
+def test_parse_record_refuses_a_layer_index_that_is_not_one():
+    with pytest.raises(RecordFileError, match='line 2: "layerIndex" must be an integer'):
+        parse_record_file('{"path": "a", "layerIndex": 0}\n{"path": "b", "layerIndex": "1"}\n', "rec.json")
+
+
+def test_record_in_with_layer_indexes_prioritizes_each_layer_only_with_its_own_files(source_image, tmp_path):
+    """ctr-remote optimize's flavour (and `stargz-store record`'s): a path goes first only in the
+    layer it was read from; a layer nothing was read from gets `.no.prefetch.landmark`."""
+    record = tmp_path / "record.json"
+    record.write_text('{"path": "bin/busybox", "layerIndex": 0}\n{"path": "etc/motd", "layerIndex": 1}\n')
+    out = tmp_path / "out"
+    proc = run_convert("--record-in", str(record), source_image.ref, f"oci:{out}:r")
+    assert proc.returncode == 0, proc.stderr
+    image = read_oci_image(out, "r")
+    base, upper = (_stream_names(image.blob(d["digest"])) for d in image.layers)
+    assert base[:base.index(".prefetch.landmark")] == ["bin", "bin/busybox"]
+    assert upper[:upper.index(".prefetch.landmark")] == ["etc", "etc/motd"]
+
+    record.write_text('{"path": "data/text.txt", "layerIndex": 0}\n')
+    proc = run_convert("--record-in", str(record), source_image.ref, f"oci:{tmp_path / 'out2'}:r")
+    assert proc.returncode == 0, proc.stderr
+    image = read_oci_image(tmp_path / "out2", "r")
+    base, upper = (_stream_names(image.blob(d["digest"])) for d in image.layers)
+    assert base[:base.index(".prefetch.landmark")] == ["data", "data/text.txt"]
+    assert ".no.prefetch.landmark" in upper and ".prefetch.landmark" not in upper
+
+
+def test_record_in_warns_naming_the_paths_no_layer_holds(source_image, tmp_path):
+    record = tmp_path / "record.json"
+    record.write_text('{"path": "etc/motd"}\n{"path": "does/not/exist"}\n{"path": "/also/missing.so"}\n')
+    proc = run_convert("--record-in", str(record), source_image.ref, f"oci:{tmp_path / 'out'}:r")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 3 prioritized paths are not in any layer" in proc.stderr
+    assert "does/not/exist" in proc.stderr and "also/missing.so" in proc.stderr
+    assert "etc/motd" not in proc.stderr
+
+    record.write_text('{"path": "etc/motd"}\n')
+    proc = run_convert("--record-in", str(record), source_image.ref, f"oci:{tmp_path / 'out2'}:r")
+    assert proc.returncode == 0 and "prioritized paths" not in proc.stderr
+
+
+def test_record_in_orders_zstd_chunked_layers_and_marks_the_prefetch(source_image, source_tars, tmp_path):
+    """zstd:chunked has no landmark of its own: the tar is rewritten in eStargz's order with a
+    `.prefetch.landmark` after the recorded files, which the store prefetches up to in any format;
+    the layer still holds exactly the source's files."""
+    record = tmp_path / "record.json"
+    record.write_text('{"path": "etc/motd"}\n{"path": "bin/busybox"}\n')
+    out = tmp_path / "out"
+    proc = run_convert("--format", "zstd-chunked", "--record-in", str(record), source_image.ref, f"oci:{out}:z")
+    assert proc.returncode == 0, proc.stderr
+    assert "does not support" not in proc.stderr
+    image = read_oci_image(out, "z")
+    base, upper = image.layers
+    for desc, first in ((base, ["bin/busybox"]), (upper, ["etc/motd"])):
+        blob = image.blob(desc["digest"])
+        parsed = read_layer_toc(lambda o, n: blob[o:o + n], len(blob), desc)
+        landmark = parsed.toc.prefetch_landmark_offset
+        assert landmark is not None
+        before = [e.name for e in parsed.toc.files_in_blob_order() if e.chunks[0].blob_offset < landmark]
+        assert before == first
+    for d, source_tar in zip(image.layers, source_tars):
+        assert_layer_matches_source(read_converted_layer(image.blob(d["digest"]), d), source_tar)

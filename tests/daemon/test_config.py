@@ -108,3 +108,14 @@ def test_sizes_documented_zero_off_are_off_at_zero():
     assert cfg.layer.readahead_size == 0 and cfg.layer.neighbour_fetch_size == 0
     defaults = config_from_toml({})
     assert defaults.mount.read_ahead_kb == 4096 and defaults.memory_cache_bytes == 16 << 20
+
+
+def test_record_images_are_canonical_references_or_all():
+    cfg = config_from_toml({"record": {"images": ["*", "docker.io/library/alpine", "127.0.0.1:5000/app:1"],
+                                       "max_entries": 10}})
+    assert cfg.record_images == ("*", "docker.io/library/alpine:latest", "127.0.0.1:5000/app:1")
+    assert cfg.record_max_entries == 10
+    assert config_from_toml({}).record_images == ()
+    for bad in ("*", ["UPPER:case"], [3], [""]):
+        with pytest.raises(ConfigError, match=r"record\.images"):
+            config_from_toml({"record": {"images": bad}})
