@@ -35,6 +35,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("auth-helper", "[--addr SOCKET | --root DIR]",
             "pass containers/image credentials on stdin to the running daemon (also stargz-store-helper)",
             "stargz_store.daemon.auth_helper"),
+    Command("restart", "[--root DIR] [--timeout S]",
+            "replace the serving process (after an upgrade too) without unmounting; running containers keep reading",
+            "stargz_store.daemon.restart"),
 )
 
 

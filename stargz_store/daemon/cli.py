@@ -178,7 +178,9 @@ def prepare_mountpoint(mountpoint: Path) -> None:
 
 
 def build_store(cfg: StoreConfig, root: Path):
-    """The object graph: registry client -> chunk cache -> layer resolver -> image pool -> model."""
+    """The object graph: registry client -> chunk cache -> layer resolver -> image pool -> model.
+    Returns (pool, model, cache); the cache's temp-file sweep is the caller's (`start_cache_sweep`),
+    once no earlier process of this root writes to the cache any more."""
     from ..cache.chunk_cache import ChunkCache
     from ..formats import estargz, zstd_chunked  # noqa: F401  (loaded now, not during the first lookup)
     from ..fs.model import StoreModel
@@ -188,11 +190,10 @@ def build_store(cfg: StoreConfig, root: Path):
 
     client = RegistryClient(cfg.registry)
     cache = ChunkCache(root / "cache", memory_bytes=cfg.memory_cache_bytes)
-    start_cache_sweep(cache)
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
-    return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access)
+    return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access), cache
 
 
 def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
@@ -267,7 +268,18 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+def server_args(args: argparse.Namespace, root: Path, mountpoint: Path) -> list[str]:
+    """The serving process's flags: the daemon's own, with absolute paths."""
+    out = ["--root", str(root), "--log-level", args.log_level]
+    if args.config is not None:
+        out += ["--config", str(Path(args.config).absolute())]
+    if args.addr is not None:
+        out += ["--addr", str(Path(args.addr).absolute())]
+    return out + [str(mountpoint)]
+
+
 def main(argv: list[str]) -> int:
+    """The holder (`daemon.holder`): prepare, mount, run serving processes until a real stop."""
     args = parse_args(argv)
     setup_logging(args.log_level)
     root = Path(args.root).absolute()
@@ -285,38 +297,24 @@ def main(argv: list[str]) -> int:
         log.error("cannot prepare %s: %s", root, e)
         return EXIT_USAGE
 
-    from ..fuse import MountError
-    from .lifecycle import Lifecycle, block_signals, mount_and_serve
+    from ..fs.fuse_adapter import mount_spec
+    from ..fuse import MountError, mount
+    from .holder import Holder
 
-    trim = tune_malloc()
-    block_signals()
-    pool, model = build_store(cfg, root)
-    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool)
-    trimmer = MemoryTrimmer(trim) if trim is not None else None
-    if trimmer is not None:
-        trimmer.start()
-    lifecycle = Lifecycle(pool, root, mountpoint, read_ahead_kb=cfg.mount.read_ahead_kb, model=model)
-    lifecycle.start()
     log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
-    code = EXIT_OK
     try:
-        mount_and_serve(model, lifecycle, cfg.mount)
+        fd = mount(mount_spec(str(mountpoint), cfg.mount))
     except MountError as e:
         log.error("%s", e)
-        code = EXIT_MOUNT_FAILED
-    finally:
-        control.close()
-        if trimmer is not None:
-            trimmer.stop()
-        pool.close()
         lock.close()
+        return EXIT_MOUNT_FAILED
+    code = Holder(fd, mountpoint, root, server_args(args, root, mountpoint)).run()
     if code == EXIT_OK:
         log.info("unmounted %s; exiting", mountpoint)
-    # Threads may still sit in registry requests until their own timeouts; do not wait for them.
+    os.close(fd)
+    lock.close()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..registry.runtime_credentials import RuntimeCredentialsError, parse_helper_document
 from .control import ControlRequestError, ControlServer, Operation
@@ -38,14 +38,17 @@ def _version() -> str:
 class AddCredentials:
     """`add-credentials`: the runtime's credentials for image references, into the registry client."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, on_accepted: Callable[[Any], None] | None = None) -> None:
         self.pool = pool
+        self.on_accepted = on_accepted  # the restart holder keeps accepted documents for the next process
 
     def __call__(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         try:
             entries = parse_helper_document(request.get("credentials"))
         except RuntimeCredentialsError as exc:
             raise ControlRequestError(str(exc)) from None
+        if self.on_accepted is not None:
+            self.on_accepted(request.get("credentials"))
         changed = self.pool.client.runtime_credentials.update(entries)
         for ref in changed:
             self.pool.forget_failures(ref)
@@ -56,13 +59,13 @@ class AddCredentials:
         return {"references": len(entries)}
 
 
-def daemon_operations(pool: Any) -> dict[str, Operation]:
-    """The daemon's operations by name; later commands (status, record, hand-over) add theirs here."""
+def daemon_operations(pool: Any, on_credentials: Callable[[Any], None] | None = None) -> dict[str, Operation]:
+    """The daemon's operations by name; later commands (status, record) add theirs here."""
     pid = os.getpid()
     version = _version()
     return {
         "ping": lambda request: {"pid": pid, "version": version},
-        "add-credentials": AddCredentials(pool),
+        "add-credentials": AddCredentials(pool, on_credentials),
     }
 
 
@@ -73,11 +76,12 @@ class _NoControl:
         pass
 
 
-def start_control_socket(address: str | os.PathLike[str], pool: Any) -> ControlServer | _NoControl:
+def start_control_socket(address: str | os.PathLike[str], pool: Any,
+                         on_credentials: Callable[[Any], None] | None = None) -> ControlServer | _NoControl:
     """Serve `daemon_operations(pool)` at `address`; on failure log why and go on without it
     (lazy pulls of public images do not need it; credentials from the runtime then do not arrive)."""
     try:
-        return ControlServer(address, daemon_operations(pool)).start()
+        return ControlServer(address, daemon_operations(pool, on_credentials)).start()
     except (OSError, ValueError) as exc:
         log.error("cannot serve the control socket at %s (%s): credentials from Podman/CRI-O will not "
                   "reach this daemon", Path(os.fspath(address)), getattr(exc, "strerror", None) or exc)

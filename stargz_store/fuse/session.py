@@ -193,6 +193,7 @@ class Session:
         if state is not None:
             self.initialized.set()
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # readable once stopped
         self._ended = threading.Event()
         self._lock = threading.Lock()
         self._workers = 0
@@ -219,8 +220,14 @@ class Session:
         self._ended.wait()
 
     def stop(self) -> None:
-        """Stop reading requests; those being answered are answered first (see `wait_stopped`)."""
-        self._stop.set()
+        """Stop reading requests; those being answered are answered first (see `wait_stopped`).
+        Idle workers wake at once (the wake pipe), so a hand-over does not wait a poll interval."""
+        if not self._stop.is_set():
+            self._stop.set()
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # already closed: every worker has ended
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._ended.wait(timeout)
@@ -240,11 +247,12 @@ class Session:
         view = memoryview(buf)
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         try:
             while not self._stop.is_set():
                 try:
-                    ready = poller.poll(POLL_INTERVAL * 1000)
-                    if not ready:
+                    ready = [(fd, ev) for fd, ev in poller.poll(POLL_INTERVAL * 1000) if fd == self.fd]
+                    if not ready or self._stop.is_set():
                         continue
                     if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                         self._ended_by_kernel("the connection was closed")
@@ -280,11 +288,14 @@ class Session:
                 self._idle -= 1
                 if self._workers == 0:
                     self._ended.set()
+                    for fd in (self._wake_r, self._wake_w):
+                        os.close(fd)
+                    self._wake_r = self._wake_w = -1
 
     def _ended_by_kernel(self, why: str) -> None:
         if not self._stop.is_set():
             log.info("FUSE connection ended: %s", why)
-        self._stop.set()
+        self.stop()
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -592,7 +603,7 @@ class Session:
 
     def _destroy(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
         self._reply(unique)
-        self._stop.set()
+        self.stop()
 
     # -- notifications -------------------------------------------------------------------------
 
