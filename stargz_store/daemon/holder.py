@@ -21,8 +21,9 @@ What the holder does:
   the new one with the state. Requests that arrive meanwhile wait in the kernel; none fails. An
   old server that does not finish within `drain_timeout` is killed and the hand-over continues
   as after a crash;
-- crash (the server exits or is killed): start a new server at once and `go` it with what the
-  holder kept (the node keys and use counts the server reported as they changed, the runtime's
+- crash (the server exits or is killed): the spare server (`standby`: one more process, started
+  once a server serves, its store built and waiting) takes over at once, or a new one is started;
+  it gets with `go` what the holder kept (the node keys and use counts the server reported as they changed, the runtime's
   credentials); it asks the kernel to resend the requests the dead one had read
   (FUSE_NOTIFY_RESEND, Linux 6.9+). Node lookup counts are unknown then: the rebuilt nodes are
   kept until the next real stop (a few entries per image, not a growing leak). A server that
@@ -87,7 +88,7 @@ class Holder:
     """Owns the mount `fd` at `mountpoint`; runs servers with `server_args` (their flags)."""
 
     def __init__(self, fd: int, mountpoint: Path, root: Path, server_args: list[str], *,
-                 abort_after: float = 5.0, drain_timeout: float = 30.0,
+                 abort_after: float = 5.0, drain_timeout: float = 30.0, standby: bool = True,
                  server_command: list[str] | None = None) -> None:
         self.fd = fd
         self.mountpoint = mountpoint
@@ -95,14 +96,18 @@ class Holder:
         self.server_args = server_args
         self.abort_after = abort_after
         self.drain_timeout = drain_timeout
+        self.standby = standby
         self.server_command = server_command or [sys.executable, "-m", SERVER_MODULE]
         self.state: dict[str, Any] | None = None  # the negotiated ConnectionState, once INIT was answered
         self.nodes: dict[int, list[str]] = {}  # node id -> key, as servers reported them
         self.handed: list[list[Any]] | None = None  # exact [key, count] from a server that stopped
+        self.handed_unanswered = False  # ... which could not answer every request it had read
         self.uses: list[list[Any]] = []
         self.credentials: list[Any] = []
         self.current: Server | None = None
         self.next: Server | None = None
+        self.spare: Server | None = None  # prepared, waiting to take over at a crash
+        self.spare_stale = False  # a restart is under way: the spare runs the code of before
         self.generation = 0
         self.restarts = 0
         self.crashes = 0
@@ -190,6 +195,7 @@ class Holder:
             log.info("restart asked for while no server is serving yet: ignored")
             return
         log.info("restarting: starting a new server")
+        self.spare_stale = True
         self.next = self._spawn()
 
     def _read(self, server: Server) -> None:
@@ -224,6 +230,8 @@ class Holder:
             self._serving(server, message)
         elif op == "stopped":
             self._stopped(server, message)
+        elif op == "finished":
+            server.phase = "finished"
         else:
             log.warning("server %d sent an unknown message %r", server.pid, op)
 
@@ -236,6 +244,8 @@ class Holder:
             self._abandon(server)
             return
         current = self.current
+        if server is self.spare:
+            return  # waits for a crash (or to be replaced)
         if server is self.next and current is not None and current.phase == "serving":
             log.info("new server %d (version %s) is ready; stopping server %d", server.pid, server.version, current.pid)
             current.phase = "stopping"
@@ -245,12 +255,14 @@ class Holder:
             self._go(server)
 
     def _go(self, server: Server) -> None:
+        resend = self.handed is None or self.handed_unanswered
         if self.handed is not None:
             nodes = self.handed
         else:  # after a crash: the keys the dead server reported, counts unknown
             nodes = [[key, CRASH_COUNT] for key in self.nodes.values()]
         self.handed = None
-        server.channel.send("go", state=self.state, nodes=nodes, uses=self.uses, credentials=self.credentials)
+        server.channel.send("go", state=self.state, nodes=nodes, uses=self.uses, credentials=self.credentials,
+                            resend=resend)
 
     def _serving(self, server: Server, message: dict[str, Any]) -> None:
         server.phase = "serving"
@@ -259,12 +271,34 @@ class Holder:
         log.info("server %d (version %s) is serving (generation %d%s)", server.pid, server.version, self.generation,
                  ", resend accepted" if message.get("resend") else "")
         self._write_state()
+        if self.spare is not None and self.spare_stale:
+            self._discard(self.spare)
+        self.spare_stale = False
+        if self.standby and self.spare is None and self.next is None:
+            self.spare = self._spawn()
+
+    def _discard(self, server: Server) -> None:
+        """A spare that will not be used: closing its channel ends it (it waits for `go`)."""
+        if server is self.spare:
+            self.spare = None
+        try:
+            self._selector.unregister(server.channel.sock)
+        except (KeyError, ValueError):
+            pass
+        server.channel.close()
+        server.phase = "gone"
+        try:
+            server.proc.wait(timeout=self.abort_after)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
 
     def _stopped(self, server: Server, message: dict[str, Any]) -> None:
         server.phase = "stopped"
         if not message.get("drained", True):
             log.warning("server %d stopped with requests unanswered: the kernel is asked to resend them", server.pid)
         self.handed = message.get("nodes")
+        self.handed_unanswered = not message.get("drained", True)
         self.uses = message.get("uses", self.uses)
         self._take_over(server)
 
@@ -273,6 +307,8 @@ class Holder:
         nxt, self.next = self.next, None
         if old is self.current:
             self.current = None
+        if nxt is None and self.spare is not None and not self.spare_stale:
+            nxt, self.spare = self.spare, None  # a crash: the spare is ready now
         if nxt is not None and nxt.phase in ("preparing", "prepared"):
             self.current = nxt
             self.restarts += 1 if old.phase == "stopped" else 0
@@ -294,12 +330,22 @@ class Holder:
             server.proc.kill()
             code = server.proc.wait()
         phase, server.phase = server.phase, "gone"
+        if server is self.spare:
+            log.warning("the spare server %d exited (%s)", server.pid, _describe_exit(code))
+            self.spare = None
+            return
         if server is self.next:
             log.error("the new server %d exited (%s) before taking over; server %d serves on",
                       server.pid, _describe_exit(code), self.current.pid if self.current else -1)
             self.next = None
+            self.spare_stale = False
             return
-        if server is not self.current or phase == "stopped":
+        if phase == "stopped" and self.current is not None and self.current.phase in ("prepared", "serving"):
+            # it exited before answering every read it had taken: they go to the new server
+            log.warning("server %d exited (%s) with reads unanswered: the kernel is asked to resend them",
+                        server.pid, _describe_exit(code))
+            self.current.channel.send("resend")
+        if server is not self.current or phase in ("stopped", "finished"):
             return  # a stopped server's exit, or one abandoned before
         if phase != "serving":
             self.failed_starts += 1
@@ -323,17 +369,16 @@ class Holder:
     def _check_children(self) -> None:
         """A server whose channel is still open but which exited (its descriptor inherited by a
         child of its own, say) counts as gone too."""
-        for server in (self.current, self.next):
+        for server in (self.current, self.next, self.spare):
             if server is not None and server.phase != "gone" and server.proc.poll() is not None:
                 self._read_rest(server)
 
     def _read_rest(self, server: Server) -> None:
+        """Read what an exited server still had to say (up to the end of its stream)."""
+        server.channel.sock.settimeout(self.abort_after)  # a leaked copy of its end must not hang us
         try:
             while True:
-                messages = server.channel.read_available()
-                if not messages:
-                    break
-                for message in messages:
+                for message in server.channel.read_available():
                     self._message(server, message)
         except ChannelClosed:
             pass
@@ -353,7 +398,7 @@ class Holder:
 
     def _stop(self) -> None:
         notify_systemd("STOPPING=1")
-        servers = [s for s in (self.current, self.next) if s is not None and s.phase != "gone"]
+        servers = [s for s in (self.current, self.next, self.spare) if s is not None and s.phase != "gone"]
         for server in servers:
             server.channel.send("shutdown")
         try:
@@ -377,7 +422,7 @@ class Holder:
 
     def _finish(self, code: int) -> None:
         if code != 0:
-            for server in (self.current, self.next):
+            for server in (self.current, self.next, self.spare):
                 if server is not None and server.proc.poll() is None:
                     _kill(server.pid, signal.SIGKILL)
                     server.proc.wait()

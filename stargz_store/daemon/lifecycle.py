@@ -47,6 +47,10 @@ log = logging.getLogger("stargz_store.daemon")
 
 SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
 DRAIN_TIMEOUT = 20.0  # below the holder's: the old process reports what it could not finish
+# Requests whose answer changes nothing the next process needs: the old process may still answer
+# them after the next one serves (reads of a slow fetch need not hold up the hand-over).
+STATELESS_OPS = frozenset({fuse.abi.READ, fuse.abi.GETATTR, fuse.abi.READLINK, fuse.abi.GETXATTR,
+                           fuse.abi.LISTXATTR, fuse.abi.STATFS})
 
 
 def block_signals() -> None:
@@ -74,6 +78,7 @@ class Serving:
         self.ended = threading.Event()  # main may exit
         self.exit_code = 0
         self._stopping = threading.Lock()
+        self._handing_over = False  # `stop` ends the process itself, once the state is sent
 
     # -- taking over --------------------------------------------------------------------------
 
@@ -101,7 +106,9 @@ class Serving:
         threading.Thread(target=self._listen, name="handover", daemon=True).start()
         threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
         if state is not None:
-            resend = session.notify_resend()
+            # After a crash, and after a predecessor that could not answer all it had read; not
+            # while it still answers its reads (they would be answered twice).
+            resend = session.notify_resend() if go.get("resend", True) else False
             log.info("took over the mount at %s: %d nodes, %d use counts adopted; resend %s", self.mountpoint,
                      adopted, len(uses), "accepted" if resend else "not supported")
             self._serving(resend)
@@ -126,7 +133,8 @@ class Serving:
         except Exception:
             log.exception("the FUSE session failed")
         finally:
-            self.ended.set()
+            if not self._handing_over:
+                self.ended.set()
 
     # -- the holder's orders ------------------------------------------------------------------
 
@@ -144,20 +152,33 @@ class Serving:
             elif op == "shutdown":
                 self.shutdown()
                 return
+            elif op == "resend" and self.session is not None:
+                log.info("the previous server ended with requests unanswered: asking the kernel to resend them")
+                self.session.notify_resend()
 
     def stop(self) -> None:
-        """Hand over: stop reading, answer what was read, report the state, end."""
+        """Hand over: stop reading; once every request that changes what is handed over (lookups,
+        forgets, notifications) is answered, report the state (`stopped`): the next process
+        serves from then on, while this one still answers the reads it had taken (`finished`
+        once they are done). Whatever is not answered within `drain_timeout` the kernel resends
+        to the next process."""
         if not self._stopping.acquire(blocking=False):
             return
-        assert self.session is not None
+        session = self.session
+        assert session is not None
+        self._handing_over = True
         log.info("handing over the mount: answering the requests read, then exiting")
-        self.session.stop()
-        drained = self.session.wait_stopped(self.drain_timeout)
-        if not drained:
-            log.warning("requests still unanswered after %g s: the next server gets them again", self.drain_timeout)
+        session.stop()
+        drained = session.wait_answered(self.drain_timeout, but=STATELESS_OPS)
         self._close_control()
+        reads = sum(session.answering(op) for op in STATELESS_OPS)
         self.channel.send("stopped", nodes=[[list(k), n] for k, n in self.model.nodes.held_keys()],
-                          uses=self.pool.handles.use_counts(), drained=drained)
+                          uses=self.pool.handles.use_counts(), drained=drained, reads=reads)
+        finished = session.wait_stopped(self.drain_timeout)
+        if not (drained and finished):
+            log.warning("requests still unanswered after %g s: the next server gets them again", self.drain_timeout)
+        else:
+            self.channel.send("finished")
         self.ended.set()
 
     def shutdown(self) -> None:

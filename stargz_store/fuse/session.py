@@ -199,6 +199,8 @@ class Session:
         self._workers = 0
         self._idle = 0
         self._busy = 0
+        self._answering: dict[int, int] = {}  # opcode -> requests of it being answered
+        self._answered = threading.Condition(self._lock)
         self._backing: dict[int, list[int]] = {}  # ino -> [backing id, open files]
         self._backing_lock = threading.Lock()
         self._entry_valid = _split_seconds(self.options.entry_timeout)
@@ -231,6 +233,18 @@ class Session:
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._ended.wait(timeout)
+
+    def wait_answered(self, timeout: float | None, but: Iterable[int] = ()) -> bool:
+        """Wait until no request is being answered, apart from those with an opcode in `but`
+        (after `stop()`: then no new one is read). False if some still are after `timeout`."""
+        skip = set(but)
+        with self._lock:
+            return self._answered.wait_for(
+                lambda: not any(n for op, n in self._answering.items() if op not in skip), timeout)
+
+    def answering(self, opcode: int) -> int:
+        """Requests with `opcode` being answered right now."""
+        return self._answering.get(opcode, 0)
 
     @property
     def busy(self) -> int:
@@ -269,9 +283,11 @@ class Session:
                         self._ended_by_kernel(os.strerror(e.errno))
                         return
                     raise
+                opcode = abi.IN_HEADER.unpack_from(view)[1] if n >= abi.IN_HEADER.size else 0
                 with self._lock:
                     self._idle -= 1
                     self._busy += 1
+                    self._answering[opcode] = self._answering.get(opcode, 0) + 1
                     if self._idle == 0 and self._workers < self.options.max_threads:
                         self._start_worker()
                 try:
@@ -280,6 +296,8 @@ class Session:
                     with self._lock:
                         self._idle += 1
                         self._busy -= 1
+                        self._answering[opcode] -= 1
+                        self._answered.notify_all()
         except Exception:
             log.exception("FUSE worker failed")
         finally:
