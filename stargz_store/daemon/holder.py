@@ -245,6 +245,7 @@ class Holder:
             return
         current = self.current
         if server is self.spare:
+            self._write_state()  # `standby` true from now on
             return  # waits for a crash (or to be replaced)
         if server is self.next and current is not None and current.phase == "serving":
             log.info("new server %d (version %s) is ready; stopping server %d", server.pid, server.version, current.pid)
@@ -281,6 +282,7 @@ class Holder:
         """A spare that will not be used: closing its channel ends it (it waits for `go`)."""
         if server is self.spare:
             self.spare = None
+            self._write_state()
         try:
             self._selector.unregister(server.channel.sock)
         except (KeyError, ValueError):
@@ -445,6 +447,7 @@ class Holder:
             "generation": self.generation,
             "restarts": self.restarts,
             "crashes": self.crashes,
+            "standby": self.spare is not None and self.spare.phase == "prepared" and not self.spare_stale,
         }
         path = self.root / STATE_FILE
         tmp = path.with_name(f".{STATE_FILE}.tmp")

@@ -108,9 +108,10 @@ class Serving:
         if state is not None:
             # After a crash, and after a predecessor that could not answer all it had read; not
             # while it still answers its reads (they would be answered twice).
-            resend = session.notify_resend() if go.get("resend", True) else False
+            asked = go.get("resend", True)
+            resend = session.notify_resend() if asked else False
             log.info("took over the mount at %s: %d nodes, %d use counts adopted; resend %s", self.mountpoint,
-                     adopted, len(uses), "accepted" if resend else "not supported")
+                     adopted, len(uses), ("accepted" if resend else "not supported") if asked else "not needed")
             self._serving(resend)
 
     def _on_init(self, state: fuse.ConnectionState) -> None:

@@ -162,6 +162,16 @@ class StoreProcess:
             time.sleep(0.02)
         raise StoreError(f"no new serving process within {timeout} s:\n{self.log_tail()}")
 
+    def wait_standby(self, timeout: float = 120.0) -> dict:
+        """Wait until the spare serving process is ready to take over at a crash."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.server_state(timeout=0)
+            if state.get("standby"):
+                return state
+            time.sleep(0.02)
+        raise StoreError(f"no spare serving process within {timeout} s:\n{self.log_tail()}")
+
     def restart(self, timeout: float = 120.0) -> dict:
         """A planned restart (SIGHUP to the holder, as `stargz-store restart` sends it); returns
         the new `server_state()` once the new process serves."""
