@@ -274,7 +274,7 @@ def server_args(args: argparse.Namespace, root: Path, mountpoint: Path) -> list[
     if args.config is not None:
         out += ["--config", str(Path(args.config).absolute())]
     if args.addr is not None:
-        out += ["--addr", str(Path(args.addr).absolute())]
+        out += ["--addr", args.addr]  # as given (unix://PATH too); the server runs in the same directory
     return out + [str(mountpoint)]
 
 
