@@ -15,10 +15,10 @@ Privacy: the data root holds image metadata, counters and cached layer bytes of 
 one is tightened at start) and the daemon runs with umask 077 once the mountpoint exists, so
 everything it creates under the root is its own alone.
 
-Counters: SIGUSR1 writes `<root>/stats.json` (atomically). Mounting, serving and signals are
-`lifecycle`'s. Once mounted, `main` ends the process with `os._exit` after unmounting: worker
-threads may still be inside registry requests, and a stopping daemon must not wait for their
-timeouts.
+Processes: `main` prepares (config, root, lock, mountpoint), mounts, and becomes the holder
+(`holder`): it keeps the mount and runs the serving processes (`server`, `lifecycle`), which may
+be restarted or replaced without unmounting (README "Restarts and upgrades"). Counters: SIGUSR1
+to the holder makes the serving process write `<root>/stats.json` (atomically).
 """
 from __future__ import annotations
 

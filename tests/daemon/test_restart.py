@@ -22,27 +22,14 @@ from tests.e2e.app_images import convert_and_push
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.images import write_oci_image
 from tests.fixtures.registry_images import fetch_image
-from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, SMALL_FILES, FileLoop, SlowRead, big_file_data,
-                                         restart_layer, small_file_data, small_file_name, wait_for_reads)
+from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, KILLS, PLANNED_RESTARTS, SMALL_FILES, FileLoop, SlowRead,
+                                         big_file_data, restart_layer, small_file_data, small_file_name, wait_for_reads)
+from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
 from tests.fixtures.store import REPO_ROOT, is_mounted
 from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-# Generous timeouts (a loaded machine), no prefetch nor background fetch: the large file is read
-# only as the reader asks for it.
-CONFIG = """
-noprefetch = true
-no_background_fetch = true
-[blob]
-fetching_timeout_sec = 60
-[resolver]
-request_timeout_sec = 60
-[store]
-resolve_timeout_sec = 120
-"""
-PLANNED_RESTARTS = 10
-KILLS = 3
 LINK_RATE = 3 << 20  # bytes per second: the 24 MiB file takes several seconds to arrive
 
 

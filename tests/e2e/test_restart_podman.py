@@ -25,25 +25,15 @@ from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.images import write_oci_image
 from tests.fixtures.podman import podman, podman_cleanup, podman_command
 from tests.fixtures.registry_images import fetch_image
-from tests.fixtures.restart_load import BIG_FILE, BIG_SIZE, SMALL_FILES, big_file_data, restart_layer, small_file_name
+from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, KILLS, PLANNED_RESTARTS, SMALL_FILES, big_file_data,
+                                         restart_layer, small_file_name)
+from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
 from tests.fixtures.waiting import wait_for
 
 from .app_images import convert_and_push
 
 pytestmark = [pytest.mark.root, pytest.mark.podman, pytest.mark.slow]
 
-CONFIG = """
-noprefetch = true
-no_background_fetch = true
-[blob]
-fetching_timeout_sec = 60
-[resolver]
-request_timeout_sec = 60
-[store]
-resolve_timeout_sec = 120
-"""
-PLANNED_RESTARTS = 10
-KILLS = 3
 LINK_RATE = 2 << 20
 MIB = 1 << 20
 SMALL_LOOP = ('while true; do while read sum path; do '
