@@ -85,7 +85,7 @@ def test_containers_read_on_through_planned_restarts_and_kills_of_the_server(
         with podman_lane.private_dir("e2e-restart-") as pod_dir:
             env = podman_lane.env(pod_dir, additional_layer_store=store.mountpoint)
             try:
-                _run(proxy, store, env, restart_image, procs, podman_lane.name)
+                _run(proxy, store, env, restart_image, procs, podman_lane)
             finally:
                 for proc in procs:
                     if proc.poll() is None:
@@ -96,10 +96,10 @@ def test_containers_read_on_through_planned_restarts_and_kills_of_the_server(
         proxy.stop()
 
 
-def _run(proxy, store, env, image, procs, lane: str) -> None:
+def _run(proxy, store, env, image, procs, lane) -> None:
     ref = f"{proxy.host}/restart/podman:esgz"
     podman("pull", "--tls-verify=false", ref, env=env, timeout=600)
-    diff = store.layer_dir(ref, image.layers[0]["digest"]) / "diff"
+    diff = store.layer_dir(ref, lane.layer_key(image.layers[0])) / "diff"  # the inodes this podman reads
     small = [diff / small_file_name(i) for i in range(SMALL_FILES)]
     proxy.mode_path_contains = "/blobs/"
     proxy.mode_options = {"rate": LINK_RATE}
@@ -145,7 +145,7 @@ def _run(proxy, store, env, image, procs, lane: str) -> None:
     loop.wait()
     loop_out.join(60)
     state = store.server_state()
-    print(f"\nrestart test ({lane}): {PLANNED_RESTARTS} planned restarts, "
+    print(f"\nrestart test ({lane.name}): {PLANNED_RESTARTS} planned restarts, "
           f"{KILLS} kill -9; small files checked {loop_out.count('ok')}, longest gap between two: during restarts "
           f"{loop_out.longest_gap('ok', end=restarts_ended):.2f} s, during kills "
           f"{loop_out.longest_gap('ok', restarts_ended, kills_ended):.2f} s; large file: longest gap between "
