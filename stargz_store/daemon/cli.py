@@ -308,7 +308,7 @@ def main(argv: list[str]) -> int:
         log.error("%s", e)
         lock.close()
         return EXIT_MOUNT_FAILED
-    code = Holder(fd, mountpoint, root, server_args(args, root, mountpoint)).run()
+    code = Holder(fd, mountpoint, root, server_args(args, root, mountpoint), standby=cfg.spare_server).run()
     if code == EXIT_OK:
         log.info("unmounted %s; exiting", mountpoint)
     os.close(fd)

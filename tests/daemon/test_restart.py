@@ -179,3 +179,24 @@ def test_a_server_that_cannot_start_leaves_the_old_one_serving(store_daemon_fact
 
 def _wait_log(store, text: str, timeout: float = 120.0) -> bool:
     return wait_for(lambda: text in store.log_path.read_text(errors="replace"), timeout=timeout, interval=0.05)
+
+
+def test_without_a_spare_a_crashed_server_is_replaced_by_a_new_process(store_daemon_factory, restart_image, registry):
+    store = store_daemon_factory(CONFIG.replace("[store]\n", "[store]\nspare_server = false\n"))
+    diff = store.layer_dir(f"{registry.host}/restart/files:esgz", restart_image.layers[0]["digest"]) / "diff"
+    assert (diff / small_file_name(5)).read_bytes() == small_file_data(5)
+    state = store.server_state()
+    assert len(_children(store.proc.pid)) == 1 and not state["standby"]
+    killed = store.kill_server()
+    assert store.wait_generation(state["generation"])["server_pid"] != killed
+    fd = os.open(diff / small_file_name(5), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(fd, 1 << 16, 0) == small_file_data(5)
+    finally:
+        os.close(fd)
+    assert store.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
