@@ -108,6 +108,7 @@ class Holder:
         self.next: Server | None = None
         self.spare: Server | None = None  # prepared, waiting to take over at a crash
         self.spare_stale = False  # a restart is under way: the spare runs the code of before
+        self.retired: list[Server] = []  # discarded spares not reaped yet
         self.generation = 0
         self.restarts = 0
         self.crashes = 0
@@ -279,7 +280,8 @@ class Holder:
             self.spare = self._spawn()
 
     def _discard(self, server: Server) -> None:
-        """A spare that will not be used: closing its channel ends it (it waits for `go`)."""
+        """A spare that will not be used (it runs the code of before a restart): it never served,
+        so it is simply killed, and reaped later (`_check_children`) without holding up the loop."""
         if server is self.spare:
             self.spare = None
             self._write_state()
@@ -289,11 +291,8 @@ class Holder:
             pass
         server.channel.close()
         server.phase = "gone"
-        try:
-            server.proc.wait(timeout=self.abort_after)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+        _kill(server.pid, signal.SIGKILL)
+        self.retired.append(server)
 
     def _stopped(self, server: Server, message: dict[str, Any]) -> None:
         server.phase = "stopped"
@@ -374,6 +373,7 @@ class Holder:
         for server in (self.current, self.next, self.spare):
             if server is not None and server.phase != "gone" and server.proc.poll() is not None:
                 self._read_rest(server)
+        self.retired = [s for s in self.retired if s.proc.poll() is None]
 
     def _read_rest(self, server: Server) -> None:
         """Read what an exited server still had to say (up to the end of its stream)."""
