@@ -115,6 +115,7 @@ class Holder:
         self.failed_starts = 0
         self.ready_sent = False
         self.exit_code: int | None = None
+        self.stopping = False
         self.device: str | None = None  # major:minor of the mount (fusectl names connections by the minor)
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
@@ -138,6 +139,8 @@ class Holder:
                 else:
                     self._read(key.data)
             self._handle_signals()
+            if self.exit_code is not None:
+                break
             self._check_children()
             self._check_deadlines()
         return self.exit_code
@@ -319,7 +322,7 @@ class Holder:
             self.current = self._spawn()
 
     def _gone(self, server: Server) -> None:
-        """A server's channel closed: it exited (or is exiting)."""
+        """A server's channel closed: it exited (or is exiting). While stopping, that is expected."""
         try:
             self._selector.unregister(server.channel.sock)
         except (KeyError, ValueError):
@@ -331,6 +334,8 @@ class Holder:
             server.proc.kill()
             code = server.proc.wait()
         phase, server.phase = server.phase, "gone"
+        if self.stopping:
+            return
         if server is self.spare:
             log.warning("the spare server %d exited (%s)", server.pid, _describe_exit(code))
             self.spare = None
@@ -399,6 +404,7 @@ class Holder:
     # -- stopping -----------------------------------------------------------------------------
 
     def _stop(self) -> None:
+        self.stopping = True
         notify_systemd("STOPPING=1")
         servers = [s for s in (self.current, self.next, self.spare) if s is not None and s.phase != "gone"]
         for server in servers:

@@ -60,7 +60,8 @@ def block_signals() -> None:
 
 class Serving:
     """One serving process (see the module docstring). `start_control` starts the control socket
-    once this process serves (not before: the previous one holds it until it stops)."""
+    at `go`, before the first request is read (not before `go`: the previous process holds it until
+    it stops)."""
 
     def __init__(self, fd: int, channel: Channel, pool: ImagePool, model: StoreModel, root: Path, mountpoint: Path,
                  options: MountOptions, *, start_control: Any = None, drain_timeout: float = DRAIN_TIMEOUT) -> None:
@@ -102,6 +103,8 @@ class Serving:
         session.on_init = self._on_init
         self.model.on_released = KernelNotifier(session).forget_entry
         self.session = session
+        if self.start_control is not None:  # before the first request: the predecessor closed its socket
+            self.control = self.start_control()
         threading.Thread(target=self._serve, name="fuse-session", daemon=True).start()
         threading.Thread(target=self._listen, name="handover", daemon=True).start()
         threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
@@ -123,8 +126,6 @@ class Serving:
         self._serving(False)
 
     def _serving(self, resend: bool) -> None:
-        if self.start_control is not None:
-            self.control = self.start_control()
         self.channel.send("serving", resend=resend)
 
     def _serve(self) -> None:
@@ -143,6 +144,8 @@ class Serving:
         while True:
             message = self.channel.receive()
             if message is None:
+                if self._handing_over or self._stopping.locked():
+                    return  # the holder let go of us after a stop or a shutdown: nothing to report
                 log.error("the holder is gone; exiting")
                 self.exit_code = 1
                 self.ended.set()
