@@ -44,6 +44,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("optimize", "[flags] SRC DST",
             "run a workload once through a private store and convert with what it read first (see optimize --help)",
             "stargz_store.optimize.cli"),
+    Command("restart", "[--root DIR] [--timeout S]",
+            "replace the serving process (after an upgrade too) without unmounting; running containers keep reading",
+            "stargz_store.daemon.restart"),
 )
 
 

@@ -19,10 +19,10 @@ Privacy: the data root holds image metadata, counters and cached layer bytes of 
 one is tightened at start) and the daemon runs with umask 077 once the mountpoint exists, so
 everything it creates under the root is its own alone.
 
-Counters: SIGUSR1 writes `<root>/stats.json` (atomically). Mounting, serving and signals are
-`lifecycle`'s. Once mounted, `main` ends the process with `os._exit` after unmounting: worker
-threads may still be inside registry requests, and a stopping daemon must not wait for their
-timeouts.
+Processes: `main` prepares (config, root, lock, mountpoint), mounts, and becomes the holder
+(`holder`): it keeps the mount and runs the serving processes (`server`, `lifecycle`), which may
+be restarted or replaced without unmounting (README "Restarts and upgrades"). Counters: SIGUSR1
+to the holder makes the serving process write `<root>/stats.json` (atomically).
 """
 from __future__ import annotations
 
@@ -242,7 +242,9 @@ def prepare_mountpoint(mountpoint: Path) -> None:
 
 
 def build_store(cfg: StoreConfig, root: Path):
-    """The object graph: registry client -> chunk cache -> layer resolver -> image pool -> model."""
+    """The object graph: registry client -> chunk cache -> layer resolver -> image pool -> model.
+    Returns (pool, model, cache); the cache's temp-file sweep is the caller's (`start_cache_sweep`),
+    once no earlier process of this root writes to the cache any more."""
     from ..cache.chunk_cache import ChunkCache
     from ..formats import estargz, zstd_chunked  # noqa: F401  (loaded now, not during the first lookup)
     from ..fs.model import StoreModel
@@ -253,13 +255,12 @@ def build_store(cfg: StoreConfig, root: Path):
 
     client = RegistryClient(cfg.registry)
     cache = ChunkCache(root / "cache", memory_bytes=cfg.memory_cache_bytes)
-    start_cache_sweep(cache)
     resolver = LayerResolver(client, cache, cfg.layer)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
     recorder = AccessRecorder(cfg.record_images, max_entries=cfg.record_max_entries)
     return pool, StoreModel(pool, pool_target=str(root / "pool"), log_file_access=cfg.log_file_access,
-                            ownership=cfg.ownership, recorder=recorder)
+                            ownership=cfg.ownership, recorder=recorder), cache
 
 
 def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
@@ -334,7 +335,23 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+def server_args(args: argparse.Namespace, root: Path, mountpoint: Path) -> list[str]:
+    """The serving process's flags: the daemon's own, with absolute paths."""
+    out = ["--root", str(root), "--log-level", args.log_level]
+    if args.config is not None:
+        out += ["--config", str(Path(args.config).absolute())]
+    if args.addr is not None:
+        out += ["--addr", args.addr]  # as given (unix://PATH too); the server runs in the same directory
+    if args.rootless:
+        out.append("--rootless")
+    for flag, value in (("--uidmap", args.uidmap), ("--gidmap", args.gidmap)):
+        if value is not None:
+            out += [flag, value]
+    return out + [str(mountpoint)]
+
+
 def main(argv: list[str]) -> int:
+    """The holder (`daemon.holder`): prepare, mount, run serving processes until a real stop."""
     args = parse_args(argv)
     setup_logging(args.log_level)
     root = Path(args.root).absolute()
@@ -353,42 +370,24 @@ def main(argv: list[str]) -> int:
         log.error("cannot prepare %s: %s", root, e)
         return EXIT_USAGE
 
-    from ..fuse import MountError
-    from .lifecycle import Lifecycle, block_signals, mount_and_serve
-    from .operations import start_operations
+    from ..fs.fuse_adapter import mount_spec
+    from ..fuse import MountError, mount
+    from .holder import Holder
 
-    trim = tune_malloc()
-    block_signals()
-    pool, model = build_store(cfg, root)
-    ops = start_operations(cfg, pool)  # cache janitor, metrics endpoint, status and prune
-    control = start_control_socket(args.addr or root / CONTROL_SOCKET_NAME, pool, ops.control_operations(),
-                                   recorder=model.recorder)
-    trimmer = MemoryTrimmer(trim) if trim is not None else None
-    if trimmer is not None:
-        trimmer.start()
-    lifecycle = Lifecycle(pool, root, mountpoint, read_ahead_kb=cfg.mount.read_ahead_kb, model=model)
-    lifecycle.start()
     log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
-    code = EXIT_OK
     try:
-        mount_and_serve(model, lifecycle, cfg.mount)
+        fd = mount(mount_spec(str(mountpoint), cfg.mount))
     except MountError as e:
         log.error("%s", e)
-        code = EXIT_MOUNT_FAILED
-    finally:
-        control.close()
-        ops.close()
-        if trimmer is not None:
-            trimmer.stop()
-        pool.close()
         lock.close()
+        return EXIT_MOUNT_FAILED
+    code = Holder(fd, mountpoint, root, server_args(args, root, mountpoint), standby=cfg.spare_server).run()
     if code == EXIT_OK:
         log.info("unmounted %s; exiting", mountpoint)
-    # Threads may still sit in registry requests until their own timeouts; do not wait for them.
+    os.close(fd)
+    lock.close()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
-         "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb"},
+         "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb", "spare_server"},
         {},
     ),
     "record": ({"images", "max_entries"}, {}),
@@ -74,6 +74,7 @@ class StoreConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     layer: LayerConfig = field(default_factory=LayerConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    spare_server: bool = True  # the holder keeps a second serving process ready for a crash (daemon.holder)
     mount: MountOptions = field(default_factory=MountOptions)
     memory_cache_bytes: int = 16 << 20  # see config.toml: the kernel's page cache keeps what was read
     log_file_access: bool = False
@@ -170,6 +171,7 @@ def _build(doc: ConfigTable) -> StoreConfig:
     pool.idle_layers = _int_or_off(store, "idle_layers", pool.idle_layers)
     pool.max_images = _positive(store, "max_images", pool.max_images)
     pool.max_use_counts = _positive(store, "max_use_counts", pool.max_use_counts)
+    cfg.spare_server = _bool(store, "spare_server", cfg.spare_server)
     pool.platform = _platform(store, "platform")
 
     cfg.mount = MountOptions(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..registry.runtime_credentials import RuntimeCredentialsError, parse_helper_document
 from ..fs.recorder import AccessRecorder
@@ -43,14 +43,17 @@ def _version() -> str:
 class AddCredentials:
     """`add-credentials`: the runtime's credentials for image references, into the registry client."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, on_accepted: Callable[[Any], None] | None = None) -> None:
         self.pool = pool
+        self.on_accepted = on_accepted  # the restart holder keeps accepted documents for the next process
 
     def __call__(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
         try:
             entries = parse_helper_document(request.get("credentials"))
         except RuntimeCredentialsError as exc:
             raise ControlRequestError(str(exc)) from None
+        if self.on_accepted is not None:
+            self.on_accepted(request.get("credentials"))
         changed = self.pool.client.runtime_credentials.update(entries)
         for ref in changed:
             self.pool.forget_failures(ref)
@@ -62,14 +65,16 @@ class AddCredentials:
 
 
 def daemon_operations(pool: Any, more: Mapping[str, Operation] | None = None,
-                      recorder: AccessRecorder | None = None) -> dict[str, Operation]:
-    """The daemon's operations by name: these, `more` (`operations.Operations`: status, prune)
-    and, with a `recorder`, the recording operations."""
+                      recorder: AccessRecorder | None = None,
+                      on_credentials: Callable[[Any], None] | None = None) -> dict[str, Operation]:
+    """The daemon's operations by name: these, `more` (`operations.Operations`: status, prune),
+    with a `recorder` the recording operations; `on_credentials` hears of accepted credentials
+    (the serving process reports them to the holder, for the next process)."""
     pid = os.getpid()
     version = _version()
     operations: dict[str, Operation] = {
         "ping": lambda request: {"pid": pid, "version": version},
-        "add-credentials": AddCredentials(pool),
+        "add-credentials": AddCredentials(pool, on_credentials),
         **(more or {}),
     }
     if recorder is not None:
@@ -86,11 +91,13 @@ class _NoControl:
 
 def start_control_socket(address: str | os.PathLike[str], pool: Any,
                          more: Mapping[str, Operation] | None = None,
-                         recorder: AccessRecorder | None = None) -> ControlServer | _NoControl:
-    """Serve `daemon_operations(pool, more, recorder)` at `address`; on failure log why and go on without it
-    (lazy pulls of public images do not need it; credentials from the runtime then do not arrive)."""
+                         recorder: AccessRecorder | None = None,
+                         on_credentials: Callable[[Any], None] | None = None) -> ControlServer | _NoControl:
+    """Serve `daemon_operations(pool, more, recorder, on_credentials)` at `address`; on failure log why
+    and go on without it (lazy pulls of public images do not need it; credentials from the runtime
+    then do not arrive)."""
     try:
-        return ControlServer(address, daemon_operations(pool, more, recorder)).start()
+        return ControlServer(address, daemon_operations(pool, more, recorder, on_credentials)).start()
     except (OSError, ValueError) as exc:
         log.error("cannot serve the control socket at %s (%s): credentials from Podman/CRI-O will not "
                   "reach this daemon", Path(os.fspath(address)), getattr(exc, "strerror", None) or exc)

@@ -64,6 +64,9 @@ class LayerHandles:
         self.idle_ttl = idle_ttl
         self.max_use_counts = max_use_counts
         self.uses: dict[tuple[str, str], int] = {}
+        # Told every use count after each change (under the lock, so in order), before the
+        # notification is answered: the restart holder keeps them for a process taking over.
+        self.on_uses: Callable[[list[tuple[str, str, int]]], None] | None = None
         self._pins: dict[tuple[str, str], int] = {}
         self._holds: dict[Holdable, int] = {}
         self._per_ref: dict[str, int] = {}  # pins + uses + holds of each reference's layers
@@ -103,6 +106,7 @@ class LayerHandles:
             count = self._count(self.uses, (ref, key), ref, 1)
             self.uses[(ref, key)] = self.uses.pop((ref, key))  # most recent last
             self._busy(ref, key)
+            self._uses_changed()
         log.debug("use %s %s (count %d)", ref, key, count)
 
     def release(self, ref: str, key: str) -> bool:
@@ -113,10 +117,28 @@ class LayerHandles:
                 self.counters.add("untracked_releases")
             else:
                 self._count(self.uses, (ref, key), ref, -1)
+                self._uses_changed()
             self._maybe_idle(ref, key)
             left = self.uses.get((ref, key), 0)
         log.debug("release %s %s (count was %d)", ref, key, before)
         return left == 0
+
+    def use_counts(self) -> list[tuple[str, str, int]]:
+        """Every counted use, oldest first: what a process taking over the mount adopts."""
+        with self._lock:
+            return [(ref, key, n) for (ref, key), n in self.uses.items()]
+
+    def adopt_uses(self, counts: list[tuple[str, str, int]]) -> None:
+        """Use counts an earlier process of this mount had received (restart hand-over)."""
+        with self._lock:
+            for ref, key, n in counts:
+                if n > 0:
+                    self._count(self.uses, (ref, key), ref, n)
+                    self._busy(ref, key)
+
+    def _uses_changed(self) -> None:
+        if self.on_uses is not None:
+            self.on_uses([(ref, key, n) for (ref, key), n in self.uses.items()])
 
     def pin(self, ref: str, key: str) -> None:
         with self._lock:

@@ -180,8 +180,15 @@ class LayerNumbers:
             return out
 
     def layer(self, number: int) -> tuple[str, str] | None:
-        """(ref, blob digest) of layer `number`, if it is known."""
-        return self._layers.get(number)
+        """(ref, blob digest) of layer `number`, if it is known. An unknown number is looked for
+        on disk again: the process that served this mount before us (restart hand-over) may
+        have numbered layers after we loaded the file."""
+        found = self._layers.get(number)
+        if found is None and self.path is not None:
+            with self._lock:
+                self._load(self.path)
+                found = self._layers.get(number)
+        return found
 
     def prune(self, refs: Iterable[str]) -> int:
         """Forget the numbers of every layer of `refs` (their metadata is gone); returns how many."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from typing import Generic, Protocol, TypeVar
+from typing import Callable, Generic, Protocol, TypeVar
 
 from .errors import LayerUnavailable
 
@@ -82,6 +82,10 @@ class NodeTable(Generic[N]):
         self._nodes: dict[int, N] = {ROOT_ID: root}
         self._counts: dict[int, int] = {}
         self._lock = threading.Lock()
+        # Told (under the lock, before the LOOKUP is answered) when a node enters or leaves the
+        # table: the restart holder keeps the keys, to rebuild the table if this process dies.
+        self.on_added: Callable[[int, tuple[str, ...]], None] | None = None
+        self.on_dropped: Callable[[int], None] | None = None
 
     def get(self, nodeid: int) -> N | None:
         return self._nodes.get(nodeid)
@@ -99,8 +103,25 @@ class NodeTable(Generic[N]):
             if known is None:
                 self._nodes[nodeid] = known = node
                 node.held()
+                if self.on_added is not None:
+                    self.on_added(nodeid, node.key)
             self._counts[nodeid] = self._counts.get(nodeid, 0) + 1
         return known
+
+    def adopt(self, nodeid: int, node: N, count: int) -> None:
+        """A node the kernel already holds `count` times, looked up by an earlier process that
+        served this mount (restart hand-over). Counts add up with what is known already."""
+        if nodeid == ROOT_ID or count <= 0:
+            return
+        with self._lock:
+            known = self._nodes.get(nodeid)
+            if known is None:
+                self._nodes[nodeid] = node
+                node.held()
+            elif known.key != node.key:
+                log.error("node id %#x of %r is taken by %r", nodeid, node.key, known.key)
+                return
+            self._counts[nodeid] = self._counts.get(nodeid, 0) + count
 
     def forget(self, nodeid: int, count: int) -> None:
         """The kernel dropped `count` lookups of `nodeid`; at zero the node is dropped."""
@@ -114,6 +135,8 @@ class NodeTable(Generic[N]):
                 return
             del self._counts[nodeid]
             self._nodes.pop(nodeid).let_go()
+            if self.on_dropped is not None:
+                self.on_dropped(nodeid)
 
     def __len__(self) -> int:
         return len(self._nodes)

@@ -35,6 +35,7 @@ that needs the registry or an open layer.
 from __future__ import annotations
 
 import itertools
+import secrets
 import logging
 import os
 import threading
@@ -45,8 +46,8 @@ from .attrs import Attr
 from .caller import Caller
 from .errors import BadHandle, NoSuchAttribute, ReadOnly, StaleNode
 from .idmap import ROOTFUL, Ownership
-from .inodes import NodeTable, is_diff_nodeid, split_diff_nodeid
-from .nodes import DiffEntry, Listing, Node, Opened, Root, Scope, StoreNode, decode_ref_name
+from .inodes import ROOT_ID, NodeTable, is_diff_nodeid, split_diff_nodeid
+from .nodes import POOL_LINK, DiffEntry, Listing, Node, Opened, Root, Scope, StoreNode, decode_ref_name
 from .provider import ImageFiles, LayerProvider, ServedLayer
 from .recorder import KIND_SYMLINK, AccessRecorder
 
@@ -77,8 +78,12 @@ class StoreModel:
         self.scope = Scope(provider, pool_target, self._decode, self._released, ownership, self.recorder)
         self.nodes: NodeTable[Node] = NodeTable(Root(self.scope))
         self._handles: dict[int, Opened] = {}
-        self._next_handle = itertools.count(1)
+        # Handles start at a random base: a process taking over the mount must not hand out a
+        # number the kernel still holds from its predecessor (those are read through `read`'s
+        # fallback to the node).
+        self._next_handle = itertools.count(secrets.randbits(31) << 32 | 1)
         self._lock = threading.Lock()
+        self.adopted = False  # serving a mount an earlier process served (`adopt_nodes`)
 
     def _decode_ref_name(self, name: str) -> str:
         return self.provider.canonical_ref(decode_ref_name(name))
@@ -113,6 +118,37 @@ class StoreModel:
 
     def forget(self, nodeid: int, count: int) -> None:
         self.nodes.forget(nodeid, count)
+
+    def node_for_key(self, key: tuple[str, ...]) -> StoreNode:
+        """The store node named `key`, made as the lookups from the root would make it (no
+        registry access: ref and layer directories and their files resolve only when asked)."""
+        node: Node = self.nodes.get(ROOT_ID)  # type: ignore[assignment]
+        kind, *names = key
+        if kind == POOL_LINK:
+            names = [POOL_LINK]
+        elif kind not in ("ref", "layer"):
+            raise StaleNode(f"unknown node key {key!r}")
+        for name in names:
+            node = node.lookup(name)
+        if not isinstance(node, StoreNode) or node.key != tuple(key):
+            raise StaleNode(f"node key {key!r} names no store node")
+        return node
+
+    def adopt_nodes(self, held: list[tuple[tuple[str, ...], int]]) -> int:
+        """Rebuild the table of store nodes the kernel holds from an earlier process's
+        `NodeTable.held_keys()` (ids follow from keys); returns how many were adopted. A key that
+        cannot be rebuilt is logged and skipped (its node then answers ESTALE)."""
+        adopted = 0
+        for key, count in held:
+            try:
+                node = self.node_for_key(tuple(key))
+            except Exception as e:  # noqa: BLE001 - one bad key must not stop the hand-over
+                log.warning("cannot rebuild node %r handed over: %s", key, e)
+                continue
+            self.nodes.adopt(node.nodeid, node, count)
+            adopted += 1
+        self.adopted = True
+        return adopted
 
     def getattr(self, nodeid: int, *, caller: Caller) -> Attr:
         return self.node(nodeid, caller).attr()
@@ -166,9 +202,12 @@ class StoreModel:
         without asking (no_open): the node answers by itself. Layer errors are `LayerUnavailable`."""
         if fh:
             opened = self._handles.get(fh)
-            if opened is None:
+            if opened is not None:
+                return opened.read(offset, size)
+            if not self.adopted:
                 raise BadHandle(str(fh))
-            return opened.read(offset, size)
+            # A handle an earlier process of this mount opened: our content is immutable, so the
+            # node answers by itself (as with no_open).
         if is_diff_nodeid(nodeid):
             return self._read_diff(nodeid, offset, size, caller)
         node = self.node(nodeid, caller)

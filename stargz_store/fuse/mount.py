@@ -161,8 +161,11 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
 
 
 def mount_device(mountpoint: str) -> str | None:
-    """`major:minor` of the newest mount at `mountpoint` (from /proc/self/mountinfo), if any."""
-    target = os.path.realpath(mountpoint)
+    """`major:minor` of the newest mount at `mountpoint` (from /proc/self/mountinfo), if any.
+    Never touches the mount itself (only its parent is resolved): the process holding a
+    connection nobody serves yet must not wait on it."""
+    path = Path(os.path.abspath(mountpoint))
+    target = os.path.join(os.path.realpath(path.parent), path.name)
     found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
@@ -184,3 +187,16 @@ def is_dead_mount(mountpoint: str | Path) -> bool:
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
+
+
+def abort_connection(device: str) -> None:
+    """Abort the FUSE connection of mount `device` (`major:minor`) through fusectl (mounted if
+    needed): the last resort for a mount that stays busy after its unmount."""
+    control = Path("/sys/fs/fuse/connections")
+    minor = device.split(":")[1]
+    if not (control / minor).exists() and not os.path.ismount(control):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True)
+    try:
+        (control / minor / "abort").write_text("1")
+    except OSError as e:
+        log.error("cannot abort FUSE connection %s: %s", device, e)

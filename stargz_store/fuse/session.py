@@ -197,11 +197,14 @@ class Session:
         if state is not None:
             self.initialized.set()
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # readable once stopped
         self._ended = threading.Event()
         self._lock = threading.Lock()
         self._workers = 0
         self._idle = 0
         self._busy = 0
+        self._answering: dict[int, int] = {}  # opcode -> requests of it being answered
+        self._answered = threading.Condition(self._lock)
         self._backing: dict[int, list[int]] = {}  # ino -> [backing id, open files]
         self._backing_lock = threading.Lock()
         self._entry_valid = _split_seconds(self.options.entry_timeout)
@@ -223,11 +226,29 @@ class Session:
         self._ended.wait()
 
     def stop(self) -> None:
-        """Stop reading requests; those being answered are answered first (see `wait_stopped`)."""
-        self._stop.set()
+        """Stop reading requests; those being answered are answered first (see `wait_stopped`).
+        Idle workers wake at once (the wake pipe), so a hand-over does not wait a poll interval."""
+        if not self._stop.is_set():
+            self._stop.set()
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # already closed: every worker has ended
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._ended.wait(timeout)
+
+    def wait_answered(self, timeout: float | None, but: Iterable[int] = ()) -> bool:
+        """Wait until no request is being answered, apart from those with an opcode in `but`
+        (after `stop()`: then no new one is read). False if some still are after `timeout`."""
+        skip = set(but)
+        with self._lock:
+            return self._answered.wait_for(
+                lambda: not any(n for op, n in self._answering.items() if op not in skip), timeout)
+
+    def answering(self, opcode: int) -> int:
+        """Requests with `opcode` being answered right now."""
+        return self._answering.get(opcode, 0)
 
     @property
     def busy(self) -> int:
@@ -244,11 +265,12 @@ class Session:
         view = memoryview(buf)
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         try:
             while not self._stop.is_set():
                 try:
-                    ready = poller.poll(POLL_INTERVAL * 1000)
-                    if not ready:
+                    ready = [(fd, ev) for fd, ev in poller.poll(POLL_INTERVAL * 1000) if fd == self.fd]
+                    if not ready or self._stop.is_set():
                         continue
                     if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                         self._ended_by_kernel("the connection was closed")
@@ -265,9 +287,11 @@ class Session:
                         self._ended_by_kernel(os.strerror(e.errno))
                         return
                     raise
+                opcode = abi.IN_HEADER.unpack_from(view)[1] if n >= abi.IN_HEADER.size else 0
                 with self._lock:
                     self._idle -= 1
                     self._busy += 1
+                    self._answering[opcode] = self._answering.get(opcode, 0) + 1
                     if self._idle == 0 and self._workers < self.options.max_threads:
                         self._start_worker()
                 try:
@@ -276,6 +300,8 @@ class Session:
                     with self._lock:
                         self._idle += 1
                         self._busy -= 1
+                        self._answering[opcode] -= 1
+                        self._answered.notify_all()
         except Exception:
             log.exception("FUSE worker failed")
         finally:
@@ -284,11 +310,14 @@ class Session:
                 self._idle -= 1
                 if self._workers == 0:
                     self._ended.set()
+                    for fd in (self._wake_r, self._wake_w):
+                        os.close(fd)
+                    self._wake_r = self._wake_w = -1
 
     def _ended_by_kernel(self, why: str) -> None:
         if not self._stop.is_set():
             log.info("FUSE connection ended: %s", why)
-        self._stop.set()
+        self.stop()
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -604,7 +633,7 @@ class Session:
 
     def _destroy(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
         self._reply(unique)
-        self._stop.set()
+        self.stop()
 
     # -- notifications -------------------------------------------------------------------------
 

@@ -116,10 +116,69 @@ class StoreProcess:
         return rc
 
     def kill(self) -> None:
-        """SIGKILL (simulates a crash: the mount stays behind, dead) and wait."""
+        """SIGKILL the holder (a crash of the whole store: the mount stays behind, dead) and wait
+        until its serving process, which dies with it, is gone too."""
         if self.proc is not None and self.proc.poll() is None:
+            server = self.server_state(timeout=0).get("server_pid")
             self.proc.kill()
             self.proc.wait()
+            if server:
+                _wait_gone(int(server))
+
+    def server_state(self, timeout: float = 30.0) -> dict:
+        """`<root>/server.json` (holder and server pids, version, generation, restarts, crashes),
+        waiting up to `timeout` for it to exist (it is written once the first server serves)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return json.loads((self.root / "server.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                if time.monotonic() >= deadline:
+                    return {}
+                time.sleep(0.02)
+
+    def server_pid(self) -> int:
+        pid = self.server_state().get("server_pid")
+        if not pid:
+            raise StoreError(f"no serving process recorded in {self.root / 'server.json'}:\n{self.log_tail()}")
+        return int(pid)
+
+    def kill_server(self) -> int:
+        """SIGKILL the serving process (a crash; the holder keeps the mount and starts another);
+        returns the killed pid."""
+        pid = self.server_pid()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def wait_generation(self, above: int, timeout: float = 120.0) -> dict:
+        """Wait until a server of a generation above `above` serves; returns `server_state()`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.server_state(timeout=0)
+            if int(state.get("generation", 0)) > above:
+                return state
+            if self.proc is None or self.proc.poll() is not None:
+                raise StoreError(f"stargz-store exited:\n{self.log_tail()}")
+            time.sleep(0.02)
+        raise StoreError(f"no new serving process within {timeout} s:\n{self.log_tail()}")
+
+    def wait_standby(self, timeout: float = 120.0) -> dict:
+        """Wait until the spare serving process is ready to take over at a crash."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.server_state(timeout=0)
+            if state.get("standby"):
+                return state
+            time.sleep(0.02)
+        raise StoreError(f"no spare serving process within {timeout} s:\n{self.log_tail()}")
+
+    def restart(self, timeout: float = 120.0) -> dict:
+        """A planned restart (SIGHUP to the holder, as `stargz-store restart` sends it); returns
+        the new `server_state()` once the new process serves."""
+        generation = int(self.server_state().get("generation", 0))
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        return self.wait_generation(generation, timeout)
 
     @property
     def running(self) -> bool:
@@ -148,3 +207,13 @@ class StoreProcess:
 
     def log_tail(self, size: int = 4000) -> str:
         return log_tail(self.log_path, size)
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)

@@ -89,7 +89,29 @@ def test_addr_flag_moves_the_socket(store_daemon_factory, tmp_path):
     path = tmp_path / "elsewhere.sock"
     store = store_daemon_factory(store_config(tmp_path), extra_args=["--addr", f"unix://{path}"])
     reply = call(path, "ping")
-    assert reply["ok"] and reply["pid"] == store.proc.pid
+    assert reply["ok"] and reply["pid"] == store.server_pid()  # the serving process answers
     assert not (store.root / SOCKET_NAME).exists()
     store.stop()
     assert not path.exists()
+
+
+def test_credentials_from_the_runtime_survive_a_restart_and_a_crash_of_the_server(
+        store_daemon_factory, basic_registry, private_image, testdata, tmp_path):
+    """The runtime sends credentials once (at its pull); the serving process that needs them may be
+    a later one: after a planned restart (handed over) or a kill -9 (kept by the holder)."""
+    tag = layout_tag(testdata / IMAGE)
+    second_ref = f"{basic_registry.host}/private/{IMAGE}-again:{tag}"
+    push_oci_layout(testdata / IMAGE, tag, second_ref, dest_creds=f"alice:{basic_registry.users['alice']}")
+    second = load_pushed(testdata, IMAGE, second_ref)
+    store = store_daemon_factory(store_config(tmp_path))
+    right = {"username": "alice", "password": basic_registry.users["alice"]}
+    result = helper(store, {private_image.ref: right, second_ref: right})
+    assert result.returncode == 0, result.stderr
+    store.restart()
+    check_layers(store, private_image)  # resolved by a process that never saw the helper
+    generation = store.wait_standby()["generation"]
+    store.kill_server()
+    store.wait_generation(generation)
+    check_layers(store, second)
+    assert basic_registry.users["alice"] not in store.log_path.read_text()
+    assert store.stop() == 0

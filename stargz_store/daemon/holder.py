@@ -1,0 +1,505 @@
+"""The restart holder: the long-lived process that owns the mount, and the serving processes it runs.
+
+Why: a FUSE mount lives as long as some process holds its `/dev/fuse` descriptor. If the process
+that serves it also holds it alone, every restart, upgrade or crash of the store aborts the
+connection and every running container that reads through it fails (ENOTCONN). So the daemon is
+two processes:
+
+- the holder (`stargz-store [flags] MOUNTPOINT`, this module): mounts, holds the descriptor and
+  the root lock, and never serves a request. It imports little (no registry, layer or cache code)
+  and does little, so it has little reason to fail or to be replaced;
+- a server (`python -m stargz_store.daemon.server`, started by the holder with the descriptor
+  and its end of a `handover.Channel` inherited): the whole store. It may be replaced by a newer
+  installed version of the package: the holder starts whatever `sys.executable -m ...` imports now.
+
+What the holder does:
+- start: the first server answers the kernel's INIT and reports the negotiated
+  `fuse.ConnectionState`; the holder then tells systemd READY=1;
+- planned restart (SIGHUP, `stargz-store restart`, systemd `ExecReload`): start a new server and
+  wait until it has built its store (`prepared`); tell the old one to `stop` (it stops reading
+  requests, answers those it read and hands over its node table and use counts); then `go` to
+  the new one with the state. Requests that arrive meanwhile wait in the kernel; none fails. An
+  old server that does not finish within `drain_timeout` is killed and the hand-over continues
+  as after a crash;
+- crash (the server exits or is killed): the spare server (`standby`: one more process, started
+  once a server serves, its store built and waiting) takes over at once, or a new one is started;
+  it gets with `go` what the holder kept (the node keys and use counts the server reported as they changed, the runtime's
+  credentials); it asks the kernel to resend the requests the dead one had read
+  (FUSE_NOTIFY_RESEND, Linux 6.9+). Node lookup counts are unknown then: the rebuilt nodes are
+  kept until the next real stop (a few entries per image, not a growing leak). A server that
+  keeps failing before it serves (5 in a row) ends the store: unmount, exit 1;
+- real stop (SIGTERM, SIGINT): `shutdown` the server, unmount (lazily when busy), abort the
+  connection if the server does not end within `abort_after` seconds, exit 0;
+- SIGUSR1 goes to the server (it writes `<root>/stats.json`);
+- `<root>/server.json` (atomically rewritten): holder and server pids, the server's version,
+  `generation` (one more for every server that took over), restarts and crashes so far.
+  `stargz-store restart` waits for the generation to change.
+
+If the holder itself is killed, its servers die with it (parent-death signal) and the mount is
+dead, as before; the next start clears it.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fuse.mount import MountError, abort_connection, mount_device, unmount
+from .handover import PROTOCOL, Channel, ChannelClosed
+
+log = logging.getLogger("stargz_store.daemon.holder")
+
+SERVER_MODULE = "stargz_store.daemon.server"
+from .restart import STATE_FILE
+CRASH_COUNT = 1 << 40  # lookup count of a node rebuilt after a crash: the real one is unknown
+MAX_CREDENTIAL_DOCUMENTS = 1024
+MAX_FAILED_STARTS = 5
+EXIT_SERVER_FAILED = 1
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+
+
+@dataclass
+class Server:
+    """One serving process, as the holder sees it."""
+
+    proc: subprocess.Popen
+    channel: Channel
+    phase: str = "preparing"  # preparing, prepared, serving, stopping, stopped, gone
+    version: str = "?"
+    stop_deadline: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Holder:
+    """Owns the mount `fd` at `mountpoint`; runs servers with `server_args` (their flags)."""
+
+    def __init__(self, fd: int, mountpoint: Path, root: Path, server_args: list[str], *,
+                 abort_after: float = 5.0, drain_timeout: float = 30.0, standby: bool = True,
+                 server_command: list[str] | None = None) -> None:
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self.root = root
+        self.server_args = server_args
+        self.abort_after = abort_after
+        self.drain_timeout = drain_timeout
+        self.standby = standby
+        self.server_command = server_command or [sys.executable, "-m", SERVER_MODULE]
+        self.state: dict[str, Any] | None = None  # the negotiated ConnectionState, once INIT was answered
+        self.nodes: dict[int, list[str]] = {}  # node id -> key, as servers reported them
+        self.handed: list[list[Any]] | None = None  # exact [key, count] from a server that stopped
+        self.handed_unanswered = False  # ... which could not answer every request it had read
+        self.uses: list[list[Any]] = []
+        self.credentials: list[Any] = []
+        self.current: Server | None = None
+        self.next: Server | None = None
+        self.spare: Server | None = None  # prepared, waiting to take over at a crash
+        self.spare_stale = False  # a restart is under way: the spare runs the code of before
+        self.retired: list[Server] = []  # discarded spares not reaped yet
+        self.generation = 0
+        self.restarts = 0
+        self.crashes = 0
+        self.failed_starts = 0
+        self.ready_sent = False
+        self.exit_code: int | None = None
+        self.stopping = False
+        self.device: str | None = None  # major:minor of the mount (fusectl names connections by the minor)
+        self._selector = selectors.DefaultSelector()
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve the mount through servers until a real stop; returns the exit code."""
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.device = mount_device(str(self.mountpoint))
+        self.current = self._spawn()
+        while self.exit_code is None:
+            timeout = self._next_timeout()
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    self._drain_wake_pipe()
+                else:
+                    self._read(key.data)
+            self._handle_signals()
+            if self.exit_code is not None:
+                break
+            self._check_children()
+            self._check_deadlines()
+        return self.exit_code
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s received: unmounting %s", signal.Signals(sig).name, self.mountpoint)
+                self._stop()
+                return
+            if sig == signal.SIGHUP:
+                self.restart()
+            elif sig == signal.SIGUSR1 and self.current is not None:
+                _kill(self.current.pid, signal.SIGUSR1)
+
+    def _next_timeout(self) -> float:
+        deadlines = [s.stop_deadline for s in (self.current,) if s is not None and s.phase == "stopping"]
+        if not deadlines:
+            return 1.0
+        return max(0.0, min(min(deadlines) - time.monotonic(), 1.0))
+
+    # -- servers ------------------------------------------------------------------------------
+
+    def _spawn(self) -> Server:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # the holder tells systemd
+        command = [*self.server_command, *self.server_args,
+                   "--fuse-fd", str(self.fd), "--channel-fd", str(theirs.fileno())]
+        try:
+            proc = subprocess.Popen(command, pass_fds=(self.fd, theirs.fileno()), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        server = Server(proc, Channel(ours))
+        self._selector.register(ours, selectors.EVENT_READ, server)
+        log.info("started server pid %d", proc.pid)
+        return server
+
+    def restart(self) -> None:
+        """A planned restart: a new server takes over once it is ready (see the module docstring)."""
+        if self.next is not None:
+            log.info("a restart is already under way (server pid %d)", self.next.pid)
+            return
+        if self.current is None or self.current.phase != "serving":
+            log.info("restart asked for while no server is serving yet: ignored")
+            return
+        log.info("restarting: starting a new server")
+        self.spare_stale = True
+        self.next = self._spawn()
+
+    def _read(self, server: Server) -> None:
+        try:
+            messages = server.channel.read_available()
+        except ChannelClosed:
+            messages = None
+        for message in messages or ():
+            self._message(server, message)
+        if messages is None:
+            self._gone(server)
+
+    def _message(self, server: Server, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "node":
+            self.nodes[int(message["id"])] = message["key"]
+        elif op == "dropped":
+            self.nodes.pop(int(message["id"]), None)
+        elif op == "uses":
+            self.uses = message["uses"]
+        elif op == "credentials":
+            self.credentials.append(message["document"])
+            del self.credentials[:-MAX_CREDENTIAL_DOCUMENTS]
+        elif op == "prepared":
+            self._prepared(server, message)
+        elif op == "init":
+            self.state = message["state"]
+            if not self.ready_sent:
+                self.ready_sent = True
+                notify_systemd("READY=1")
+        elif op == "serving":
+            self._serving(server, message)
+        elif op == "stopped":
+            self._stopped(server, message)
+        elif op == "finished":
+            server.phase = "finished"
+        else:
+            log.warning("server %d sent an unknown message %r", server.pid, op)
+
+    def _prepared(self, server: Server, message: dict[str, Any]) -> None:
+        server.phase = "prepared"
+        server.version = str(message.get("version", "?"))
+        if message.get("protocol") != PROTOCOL:
+            log.error("server %d speaks hand-over protocol %r, this holder %d: not using it",
+                      server.pid, message.get("protocol"), PROTOCOL)
+            self._abandon(server)
+            return
+        current = self.current
+        if server is self.spare:
+            self._write_state()  # `standby` true from now on
+            return  # waits for a crash (or to be replaced)
+        if server is self.next and current is not None and current.phase == "serving":
+            log.info("new server %d (version %s) is ready; stopping server %d", server.pid, server.version, current.pid)
+            current.phase = "stopping"
+            current.stop_deadline = time.monotonic() + self.drain_timeout
+            current.channel.send("stop")
+        elif server is self.current:
+            self._go(server)
+
+    def _go(self, server: Server) -> None:
+        resend = self.handed is None or self.handed_unanswered
+        if self.handed is not None:
+            nodes = self.handed
+        else:  # after a crash: the keys the dead server reported, counts unknown
+            nodes = [[key, CRASH_COUNT] for key in self.nodes.values()]
+        self.handed = None
+        server.channel.send("go", state=self.state, nodes=nodes, uses=self.uses, credentials=self.credentials,
+                            resend=resend)
+
+    def _serving(self, server: Server, message: dict[str, Any]) -> None:
+        server.phase = "serving"
+        self.failed_starts = 0
+        self.generation += 1
+        log.info("server %d (version %s) is serving (generation %d%s)", server.pid, server.version, self.generation,
+                 ", resend accepted" if message.get("resend") else "")
+        self._write_state()
+        if self.spare is not None and self.spare_stale:
+            self._discard(self.spare)
+        self.spare_stale = False
+        if self.standby and self.spare is None and self.next is None:
+            self.spare = self._spawn()
+
+    def _discard(self, server: Server) -> None:
+        """A spare that will not be used (it runs the code of before a restart): it never served,
+        so it is simply killed, and reaped later (`_check_children`) without holding up the loop."""
+        if server is self.spare:
+            self.spare = None
+            self._write_state()
+        try:
+            self._selector.unregister(server.channel.sock)
+        except (KeyError, ValueError):
+            pass
+        server.channel.close()
+        server.phase = "gone"
+        _kill(server.pid, signal.SIGKILL)
+        self.retired.append(server)
+
+    def _stopped(self, server: Server, message: dict[str, Any]) -> None:
+        server.phase = "stopped"
+        if not message.get("drained", True):
+            log.warning("server %d stopped with requests unanswered: the kernel is asked to resend them", server.pid)
+        self.handed = message.get("nodes")
+        self.handed_unanswered = not message.get("drained", True)
+        self.uses = message.get("uses", self.uses)
+        self._take_over(server)
+
+    def _take_over(self, old: Server) -> None:
+        """`old` no longer serves: the prepared next server (if any) goes; else one is started."""
+        nxt, self.next = self.next, None
+        if old is self.current:
+            self.current = None
+        if nxt is None and self.spare is not None and not self.spare_stale:
+            nxt, self.spare = self.spare, None  # a crash: the spare is ready now
+        if nxt is not None and nxt.phase in ("preparing", "prepared"):
+            self.current = nxt
+            self.restarts += 1 if old.phase == "stopped" else 0
+            if nxt.phase == "prepared":
+                self._go(nxt)
+        else:
+            self.current = self._spawn()
+
+    def _gone(self, server: Server) -> None:
+        """A server's channel closed: it exited (or is exiting). While stopping, that is expected."""
+        try:
+            self._selector.unregister(server.channel.sock)
+        except (KeyError, ValueError):
+            pass
+        server.channel.close()
+        try:
+            code = server.proc.wait(timeout=self.abort_after)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            code = server.proc.wait()
+        phase, server.phase = server.phase, "gone"
+        if self.stopping:
+            return
+        if server is self.spare:
+            log.warning("the spare server %d exited (%s)", server.pid, _describe_exit(code))
+            self.spare = None
+            return
+        if server is self.next:
+            log.error("the new server %d exited (%s) before taking over; server %d serves on",
+                      server.pid, _describe_exit(code), self.current.pid if self.current else -1)
+            self.next = None
+            self.spare_stale = False
+            return
+        if phase == "stopped" and self.current is not None and self.current.phase in ("prepared", "serving"):
+            # it exited before answering every read it had taken: they go to the new server
+            log.warning("server %d exited (%s) with reads unanswered: the kernel is asked to resend them",
+                        server.pid, _describe_exit(code))
+            self.current.channel.send("resend")
+        if server is not self.current or phase in ("stopped", "finished"):
+            return  # a stopped server's exit, or one abandoned before
+        if phase != "serving":
+            self.failed_starts += 1
+        if self.state is None:  # it never answered INIT: nothing to hand over, the store failed to start
+            log.error("the server exited (%s) before serving the mount", _describe_exit(code))
+            self._finish(code if code and code > 0 else EXIT_SERVER_FAILED)
+            return
+        self.crashes += 1
+        log.error("server %d exited (%s): starting another one on the same mount", server.pid, _describe_exit(code))
+        if self.failed_starts >= MAX_FAILED_STARTS:
+            log.error("%d servers in a row failed before serving: giving up", self.failed_starts)
+            self._finish(EXIT_SERVER_FAILED)
+            return
+        if self.failed_starts:
+            time.sleep(min(0.5 * 2 ** (self.failed_starts - 1), 5.0))
+        self._take_over(server)
+
+    def _abandon(self, server: Server) -> None:
+        _kill(server.pid, signal.SIGKILL)
+
+    def _check_children(self) -> None:
+        """A server whose channel is still open but which exited (its descriptor inherited by a
+        child of its own, say) counts as gone too."""
+        for server in (self.current, self.next, self.spare):
+            if server is not None and server.phase != "gone" and server.proc.poll() is not None:
+                self._read_rest(server)
+        self.retired = [s for s in self.retired if s.proc.poll() is None]
+
+    def _read_rest(self, server: Server) -> None:
+        """Read what an exited server still had to say (up to the end of its stream)."""
+        server.channel.sock.settimeout(self.abort_after)  # a leaked copy of its end must not hang us
+        try:
+            while True:
+                for message in server.channel.read_available():
+                    self._message(server, message)
+        except ChannelClosed:
+            pass
+        if server.phase != "gone":
+            self._gone(server)
+
+    def _check_deadlines(self) -> None:
+        server = self.current
+        if server is not None and server.phase == "stopping" and time.monotonic() > server.stop_deadline:
+            log.warning("server %d did not stop within %g s: killing it; the kernel resends what it had read",
+                        server.pid, self.drain_timeout)
+            server.phase = "serving"  # its death is handled as a crash: the next server goes with the kept state
+            _kill(server.pid, signal.SIGKILL)
+            self._read_rest(server)
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def _stop(self) -> None:
+        self.stopping = True
+        notify_systemd("STOPPING=1")
+        servers = [s for s in (self.current, self.next, self.spare) if s is not None and s.phase != "gone"]
+        for server in servers:
+            server.channel.send("shutdown")
+        try:
+            unmount(str(self.mountpoint))
+        except MountError as e:
+            log.warning("%s; detaching it lazily", e)
+            try:
+                unmount(str(self.mountpoint), lazy=True)
+            except MountError as e2:
+                log.error("%s", e2)
+        if not _wait_all(servers, self.abort_after):
+            log.warning("FUSE connection %s still busy after %g s; aborting it", self.device, self.abort_after)
+            if self.device:
+                abort_connection(self.device)
+            if not _wait_all(servers, self.abort_after):
+                log.warning("servers still busy after the unmount; killing them")
+                for server in servers:
+                    _kill(server.pid, signal.SIGKILL)
+                _wait_all(servers, self.abort_after)
+        self._finish(0)
+
+    def _finish(self, code: int) -> None:
+        if code != 0:
+            for server in (self.current, self.next, self.spare):
+                if server is not None and server.proc.poll() is None:
+                    _kill(server.pid, signal.SIGKILL)
+                    server.proc.wait()
+            if mount_device(str(self.mountpoint)) is not None:
+                try:
+                    unmount(str(self.mountpoint), lazy=True)
+                except MountError as e:
+                    log.error("%s", e)
+        try:
+            (self.root / STATE_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        self.exit_code = code
+
+    def _write_state(self) -> None:
+        doc = {
+            "holder_pid": os.getpid(),
+            "server_pid": self.current.pid if self.current else None,
+            "version": self.current.version if self.current else None,
+            "generation": self.generation,
+            "restarts": self.restarts,
+            "crashes": self.crashes,
+            "standby": self.spare is not None and self.spare.phase == "prepared" and not self.spare_stale,
+        }
+        path = self.root / STATE_FILE
+        tmp = path.with_name(f".{STATE_FILE}.tmp")
+        try:
+            tmp.write_text(json.dumps(doc) + "\n")
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e)
+
+
+def _wait_all(servers: list[Server], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        try:
+            server.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+    return True
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError as e:
+        if e.errno != errno.ESRCH:
+            raise
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def notify_systemd(state: str) -> None:
+    """`sd_notify` for `Type=notify` units (the holder is the unit's main process)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd (%s): %s", state, e)
