@@ -17,8 +17,10 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import threading
 import time
 from typing import Any, Iterable, Mapping
 
@@ -30,6 +32,8 @@ from ..cache.janitor import LOW_WATER, CacheJanitor, Protected
 from .config import StoreConfig, split_host_port
 from .control import ControlRequestError, Operation
 from .stats import COUNTERS
+
+METRICS_BIND_WAIT = 30.0  # seconds a taken metrics port is retried (a restart's previous process)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ class Operations:
                                     on_removed=metrics.evicted_bytes.inc, in_use=lambda: layers_in_use(pool))
         self._server: Any = None
         self._collector: StoreCollector | None = None
+        self._closed = threading.Event()
 
     def start(self) -> Operations:
         self.janitor.start()
@@ -131,14 +136,29 @@ class Operations:
         self._collector = StoreCollector(self.pool, self.cache, self.janitor)
         metrics.REGISTRY.register(self._collector)
         metrics.for_each_kind()
-        try:
-            self._server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=metrics.REGISTRY)
-        except OSError as e:
-            log.error("cannot serve metrics at %s: %s; the store runs without them", address, e.strerror or e)
-            return
-        log.info("metrics at http://%s/metrics", address)
+        def bind() -> bool:
+            try:
+                self._server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=metrics.REGISTRY)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE and time.monotonic() < give_up:
+                    return False
+                log.error("cannot serve metrics at %s: %s; the store runs without them", address, e.strerror or e)
+                return True
+            log.info("metrics at http://%s/metrics", address)
+            return True
+
+        # After a restart hand-over the previous serving process holds the port until it has
+        # finished its last reads: keep trying for a while, on a thread (serving does not wait).
+        give_up = time.monotonic() + METRICS_BIND_WAIT
+        if not bind():
+            def retry() -> None:
+                while not bind() and not self._closed.wait(0.5):
+                    pass
+
+            threading.Thread(target=retry, name="metrics-bind", daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         self.janitor.close()
         if self._server is not None:
             self._server.shutdown()
