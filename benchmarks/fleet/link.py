@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.startup.link import EMULATOR_TOKEN, LinkError, _ip, _open_tun
+from benchmarks.startup.link import EMULATOR_TOKEN, EmulatedLinkEnds, _ip, _open_tun
 from stargz_store.localenv.procs import terminate
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,11 @@ def netns_exists() -> bool:
     return Path(f"/run/netns/{NETNS}").exists()
 
 
-class FleetLink:
+class FleetLink(EmulatedLinkEnds):
     """`up()` then `down()` (safe twice). Only this benchmark's names are ever touched."""
+
+    NETNS = NETNS
+    HOST_IF = HOST_IF
 
     def __init__(self, spec: LinkSpec, log_dir: Path) -> None:
         self.spec = spec
@@ -92,16 +95,3 @@ class FleetLink:
             _ip("netns", "del", NETNS, check=False)
         if Path(f"/sys/class/net/{HOST_IF}").exists():
             _ip("link", "del", HOST_IF, check=False)
-
-    def check_alive(self) -> None:
-        if self.emulator is not None and self.emulator.poll() is not None:
-            raise LinkError(f"link emulator exited with {self.emulator.returncode}; see {self.log_dir / 'linkemu.log'}")
-
-    @staticmethod
-    def received_bytes() -> int:
-        """IP bytes that came from the origin's side since the link was created."""
-        return int(Path(f"/sys/class/net/{HOST_IF}/statistics/rx_bytes").read_text())
-
-    @staticmethod
-    def netns_command(*argv: str) -> list[str]:
-        return ["ip", "netns", "exec", NETNS, *argv]

@@ -107,7 +107,30 @@ def _open_tun(name: str, netns: str | None) -> int:
     return int(result["fd"])  # type: ignore[arg-type]
 
 
-class Link:
+class EmulatedLinkEnds:
+    """What every benchmark link built here shares: its namespace and host-side interface names
+    (class attributes), the emulator process and its log directory."""
+
+    NETNS = NETNS
+    HOST_IF = HOST_IF
+    emulator: subprocess.Popen | None
+    log_dir: Path
+
+    def check_alive(self) -> None:
+        if self.emulator is not None and self.emulator.poll() is not None:
+            raise LinkError(f"link emulator exited with {self.emulator.returncode}; see {self.log_dir / 'linkemu.log'}")
+
+    @classmethod
+    def received_bytes(cls) -> int:
+        """IP bytes that came from the far side (the namespace) since the link was created."""
+        return int(Path(f"/sys/class/net/{cls.HOST_IF}/statistics/rx_bytes").read_text())
+
+    @classmethod
+    def netns_command(cls, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", cls.NETNS, *argv]
+
+
+class Link(EmulatedLinkEnds):
     """The namespace and the path to it. `up()` then `down()`; `down()` is safe to call twice."""
 
     def __init__(self, spec: LinkSpec, log_dir: Path, emulated_rtt_ms: float | None = None):
@@ -170,18 +193,6 @@ class Link:
             return None
         return cpu_seconds(self.emulator.pid)
 
-    def check_alive(self) -> None:
-        if self.emulator is not None and self.emulator.poll() is not None:
-            raise LinkError(f"link emulator exited with {self.emulator.returncode}; see {self.log_dir / 'linkemu.log'}")
-
-    @staticmethod
-    def received_bytes() -> int:
-        """IP bytes that came from the registry's side since the link was created."""
-        return int(Path(f"/sys/class/net/{HOST_IF}/statistics/rx_bytes").read_text())
-
-    @staticmethod
-    def netns_command(*argv: str) -> list[str]:
-        return ["ip", "netns", "exec", NETNS, *argv]
 
 
 @dataclass(frozen=True)
