@@ -33,3 +33,43 @@ def status_bytes(pid: int, key: str) -> int | None:
 def process_usage(pid: int) -> ProcessUsage:
     """CPU so far and peak resident set (VmHWM) of a process."""
     return ProcessUsage(cpu_seconds(pid), status_bytes(pid, "VmHWM") or 0)
+
+
+def descendants(pid: int) -> list[int]:
+    """The living children of `pid`, their children and so on (from /proc/PID/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.append(child)
+                    todo.append(child)
+    return found
+
+
+def process_tree_usage(pid: int) -> ProcessUsage:
+    """CPU and peak RSS of a process and its living descendants, summed: the whole store.
+
+    The store is a holder process (owns the mount) and its serving processes (the server and a
+    ready spare): what a node pays is all of them, as the Go store's one process is all of it.
+    The sum of each process's peak is an upper bound of the peak of the sum; CPU of a child that
+    has exited (a replaced server) is not counted.
+    """
+    pids = [pid, *descendants(pid)]
+    cpu = 0.0
+    for each in pids:
+        try:
+            cpu += cpu_seconds(each)
+        except (OSError, ValueError, IndexError):
+            pass
+    return ProcessUsage(cpu, sum(status_bytes(each, "VmHWM") or 0 for each in pids))

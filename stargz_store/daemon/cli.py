@@ -350,6 +350,10 @@ def server_args(args: argparse.Namespace, root: Path, mountpoint: Path) -> list[
     return out + [str(mountpoint)]
 
 
+# "1": hold the mount in the process that mounted it instead of exec'ing `holder_main` (debugging)
+IN_PROCESS_HOLDER_ENV = "STARGZ_STORE_IN_PROCESS_HOLDER"
+
+
 def main(argv: list[str]) -> int:
     """The holder (`daemon.holder`): prepare, mount, run serving processes until a real stop."""
     args = parse_args(argv)
@@ -373,6 +377,7 @@ def main(argv: list[str]) -> int:
     from ..fs.fuse_adapter import mount_spec
     from ..fuse import MountError, mount
     from .holder import Holder
+    from .holder_main import exec_holder
 
     log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
     try:
@@ -381,7 +386,13 @@ def main(argv: list[str]) -> int:
         log.error("%s", e)
         lock.close()
         return EXIT_MOUNT_FAILED
-    code = Holder(fd, mountpoint, root, server_args(args, root, mountpoint), standby=cfg.spare_server).run()
+    serving = server_args(args, root, mountpoint)
+    if os.environ.get(IN_PROCESS_HOLDER_ENV) != "1":
+        try:  # the holder in a fresh, small interpreter (holder_main's docstring says why)
+            exec_holder(fd, lock.fileno(), mountpoint, root, _LEVELS[args.log_level], cfg.spare_server, serving)
+        except OSError as e:
+            log.warning("cannot exec the holder (%s); holding the mount in this process", e)
+    code = Holder(fd, mountpoint, root, serving, standby=cfg.spare_server).run()
     if code == EXIT_OK:
         log.info("unmounted %s; exiting", mountpoint)
     os.close(fd)
