@@ -57,6 +57,24 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its living descendants (the store: holder + serving processes)."""
+    total = 0.0
+    for each in [pid, *descendants(pid)]:
+        try:
+            total += cpu_seconds(each)
+        except (OSError, ValueError, IndexError):
+            pass  # exited meanwhile
+    return total
+
+
+def tree_status_bytes(pid: int, key: str) -> int | None:
+    """A /proc status size (`VmRSS`, `VmHWM`) summed over a process and its living descendants."""
+    values = [status_bytes(each, key) for each in [pid, *descendants(pid)]]
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
 def process_tree_usage(pid: int) -> ProcessUsage:
     """CPU and peak RSS of a process and its living descendants, summed: the whole store.
 
@@ -65,11 +83,4 @@ def process_tree_usage(pid: int) -> ProcessUsage:
     The sum of each process's peak is an upper bound of the peak of the sum; CPU of a child that
     has exited (a replaced server) is not counted.
     """
-    pids = [pid, *descendants(pid)]
-    cpu = 0.0
-    for each in pids:
-        try:
-            cpu += cpu_seconds(each)
-        except (OSError, ValueError, IndexError):
-            pass
-    return ProcessUsage(cpu, sum(status_bytes(each, "VmHWM") or 0 for each in pids))
+    return ProcessUsage(tree_cpu_seconds(pid), tree_status_bytes(pid, "VmHWM") or 0)
