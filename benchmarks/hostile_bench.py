@@ -202,7 +202,7 @@ def start_store(base: Path) -> StoreProcess:
 def measure_refused(images: dict[str, tuple[str, dict]], base: Path, lookups: int) -> list[str]:
     store = start_store(base / "refused")
     assert store.proc is not None
-    pid = store.proc.pid
+    pid = store.server_pid()  # the serving process parses the TOCs; the holder never does
     rows = [f"daemon RSS at start: {_mb(pid, 'VmRSS'):.0f} MB"]
     try:
         for kind, (ref, desc) in images.items():
@@ -232,7 +232,7 @@ def measure_caps(images: dict[str, tuple[str, dict]], base: Path) -> list[str]:
     for n, (kind, (ref, desc)) in enumerate(images.items()):
         store = start_store(base / f"caps{n}")
         assert store.proc is not None
-        pid = store.proc.pid
+        pid = store.server_pid()
         try:
             before = _mb(pid, "VmRSS")
             result, seconds = _lookup(store, ref, desc["digest"])

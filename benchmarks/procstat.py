@@ -33,3 +33,54 @@ def status_bytes(pid: int, key: str) -> int | None:
 def process_usage(pid: int) -> ProcessUsage:
     """CPU so far and peak resident set (VmHWM) of a process."""
     return ProcessUsage(cpu_seconds(pid), status_bytes(pid, "VmHWM") or 0)
+
+
+def descendants(pid: int) -> list[int]:
+    """The living children of `pid`, their children and so on (from /proc/PID/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{tid}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.append(child)
+                    todo.append(child)
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its living descendants (the store: holder + serving processes)."""
+    total = 0.0
+    for each in [pid, *descendants(pid)]:
+        try:
+            total += cpu_seconds(each)
+        except (OSError, ValueError, IndexError):
+            pass  # exited meanwhile
+    return total
+
+
+def tree_status_bytes(pid: int, key: str) -> int | None:
+    """A /proc status size (`VmRSS`, `VmHWM`) summed over a process and its living descendants."""
+    values = [status_bytes(each, key) for each in [pid, *descendants(pid)]]
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def process_tree_usage(pid: int) -> ProcessUsage:
+    """CPU and peak RSS of a process and its living descendants, summed: the whole store.
+
+    The store is a holder process (owns the mount) and its serving processes (the server and a
+    ready spare): what a node pays is all of them, as the Go store's one process is all of it.
+    The sum of each process's peak is an upper bound of the peak of the sum; CPU of a child that
+    has exited (a replaced server) is not counted.
+    """
+    return ProcessUsage(tree_cpu_seconds(pid), tree_status_bytes(pid, "VmHWM") or 0)

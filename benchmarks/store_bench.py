@@ -43,7 +43,8 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.procstat import cpu_seconds, status_bytes  # noqa: E402
+from benchmarks.procstat import status_bytes, tree_cpu_seconds, tree_status_bytes  # noqa: E402
+from benchmarks.startup.store import store_package_parent  # noqa: E402
 from benchmarks.store_image import BIG_PATH, SMALL_DIR, BuiltImage, ImageShape, build_image  # noqa: E402
 from stargz_store.localenv.registry import LocalRegistry  # noqa: E402
 from stargz_store.localenv.store import StoreProcess  # noqa: E402
@@ -206,7 +207,8 @@ def measure_local(tree: Path, cache: PageCache) -> Figures:
 # --- the mounted daemon ----------------------------------------------------------------------
 
 def _proc_status_mb(pid: int, key: str) -> float | None:
-    value = status_bytes(pid, key)
+    """Summed over the store's processes (the holder and its serving processes)."""
+    value = tree_status_bytes(pid, key)
     return None if value is None else value / MB
 
 
@@ -219,7 +221,7 @@ def store_process(base: Path, record: bool = False) -> StoreProcess:
     config = base / "config.toml"
     config.write_text(STORE_CONFIG + (RECORD_CONFIG if record else ""))
     return StoreProcess(root=root, mountpoint=base / "mnt", config_path=config, log_path=base / "store.log",
-                        log_level="warn")
+                        log_level="warn", package_parent=store_package_parent())
 
 
 def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs: int, lookup_only: bool = False,
@@ -237,9 +239,9 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
             diff = store.layer_dir(ref, layer) / "diff"
             cache.drop()
             assert store.proc is not None
-            cpu = cpu_seconds(store.proc.pid)
+            cpu = tree_cpu_seconds(store.proc.pid)
             seconds, _ = timed(lambda: os.stat(diff))
-            cpus.append(cpu_seconds(store.proc.pid) - cpu)
+            cpus.append(tree_cpu_seconds(store.proc.pid) - cpu)
             lookups.append(seconds)
         fig.first_lookup_s = statistics.median(lookups)
         fig.first_lookup_cpu_s = statistics.median(cpus)
@@ -257,16 +259,16 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
         fig.cold_read_mbps = size / MB / seconds
         pid = store.proc.pid
         cache.drop()
-        cpu = cpu_seconds(pid)
+        cpu = tree_cpu_seconds(pid)
         seconds, size = timed(lambda: read_whole(big))
-        warm_read_cpu = cpu_seconds(pid) - cpu
+        warm_read_cpu = tree_cpu_seconds(pid) - cpu
         fig.warm_read_mbps = size / MB / seconds
         cache.drop()
         fig.cold_walk_s, _ = timed(lambda: walk_and_read(diff / SMALL_DIR))
         cache.drop()
-        cpu = cpu_seconds(pid)
+        cpu = tree_cpu_seconds(pid)
         fig.walk_s, (files, _) = timed(lambda: walk_and_read(diff / SMALL_DIR))
-        walk_cpu = cpu_seconds(pid) - cpu
+        walk_cpu = tree_cpu_seconds(pid) - cpu
         fig.notes.append(f"store walk: {files} files; RSS after the reads {_proc_status_mb(pid, 'VmRSS') or 0:.0f} MB")
         if record:
             from stargz_store.daemon.record_cli import fetch_record
@@ -282,7 +284,7 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
 # --- one level down: LayerResolver in this process -------------------------------------------
 
 def _rss_mb() -> float:
-    return _proc_status_mb(os.getpid(), "VmRSS") or 0.0
+    return (status_bytes(os.getpid(), "VmRSS") or 0) / MB
 
 
 def measure_model(ref_text: str, manifest: dict, base: Path, cache: PageCache) -> Figures:

@@ -9,12 +9,28 @@ import os
 import shutil
 from pathlib import Path
 
-from stargz_store.localenv.store import StoreError, StoreProcess
+from stargz_store.localenv.store import PACKAGE_PARENT, StoreError, StoreProcess
 
-from ..procstat import ProcessUsage, process_usage
+from ..procstat import ProcessUsage, process_tree_usage, process_usage
 from . import leftovers
 
 __all__ = ["ProcessUsage", "Store", "StoreError", "process_usage"]
+
+
+# A checkout whose `stargz_store` the benchmark's daemon runs instead of this one, for before/after
+# comparisons of the store's code under one harness (e.g. a `git worktree` of an older commit).
+STORE_TREE_ENV = "STARGZ_BENCH_STORE_TREE"
+
+
+def store_package_parent() -> Path:
+    """The directory holding the `stargz_store` package the daemon imports: $STARGZ_BENCH_STORE_TREE or ours."""
+    tree = os.environ.get(STORE_TREE_ENV)
+    if not tree:
+        return PACKAGE_PARENT
+    path = Path(tree).resolve()
+    if not (path / "stargz_store" / "cli.py").is_file():
+        raise StoreError(f"{STORE_TREE_ENV}={tree}: no stargz_store/cli.py there")
+    return path
 
 
 class Store(StoreProcess):
@@ -22,7 +38,9 @@ class Store(StoreProcess):
 
     def __init__(self, base: Path):
         super().__init__(root=base / "root", mountpoint=base / "mnt", config_path=base / "config.toml",
-                         log_path=base / "store.log", log_level=os.environ.get("STARGZ_BENCH_STORE_LOG_LEVEL", "info"), preexec_fn=leftovers.die_with_parent())
+                         log_path=base / "store.log",
+                         log_level=os.environ.get("STARGZ_BENCH_STORE_LOG_LEVEL", "info"),
+                         preexec_fn=leftovers.die_with_parent(), package_parent=store_package_parent())
         self.base = base
 
     def start(self, config_text: str, timeout: float = 60.0) -> None:  # type: ignore[override]
@@ -38,7 +56,7 @@ class Store(StoreProcess):
         if not self.running:
             raise StoreError(f"stargz-store is not running: {self.log_tail(3000)}")
         assert self.proc is not None
-        return process_usage(self.proc.pid)
+        return process_tree_usage(self.proc.pid)  # the holder and its serving processes
 
     def stats(self, timeout: float = 5.0) -> dict | None:  # type: ignore[override]
         """The daemon's own counters, or None if it does not answer (a benchmark run records what it can)."""

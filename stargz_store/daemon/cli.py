@@ -384,6 +384,10 @@ def server_args(args: argparse.Namespace, root: Path, mountpoint: Path) -> list[
     return out + [str(mountpoint)]
 
 
+# "1": hold the mount in the process that mounted it instead of exec'ing `holder_main` (debugging)
+IN_PROCESS_HOLDER_ENV = "STARGZ_STORE_IN_PROCESS_HOLDER"
+
+
 def main(argv: list[str]) -> int:
     """The holder (`daemon.holder`): prepare, mount, run serving processes until a real stop."""
     args = parse_args(argv)
@@ -410,7 +414,7 @@ def main(argv: list[str]) -> int:
 
     from ..fs.fuse_adapter import mount_spec
     from ..fuse import MountError, mount
-    from .holder import Holder
+    from .holder_main import exec_holder, hold
 
     if predecessor is not None:
         log.info("taking the mount at %s over from holder pid %d (root %s)", mountpoint, predecessor.pid, root)
@@ -423,20 +427,18 @@ def main(argv: list[str]) -> int:
             log.error("%s", e)
             lock.close()
             return EXIT_MOUNT_FAILED
+    serving = server_args(args, root, mountpoint)
     ready_file = Path(args.ready_file).absolute() if args.ready_file else None
-    holder = Holder(fd, mountpoint, root, server_args(args, root, mountpoint), standby=cfg.spare_server, lock=lock,
-                    predecessor=predecessor, ready_file=ready_file)
-    code = holder.run()
-    if holder.handed_over:
-        log.info("the mount at %s is served by the holder that took it over; exiting", mountpoint)
-    elif predecessor is not None and holder.taking_over:
-        log.info("the take-over did not happen; the previous holder keeps the mount")
-    elif code == EXIT_OK:
-        log.info("unmounted %s; exiting", mountpoint)
-    if holder.fd >= 0:
-        os.close(holder.fd)
-    if holder.lock is not None:
-        holder.lock.close()
+    if os.environ.get(IN_PROCESS_HOLDER_ENV) != "1":
+        try:  # the holder in a fresh, small interpreter (holder_main's docstring says why)
+            exec_holder(fd, lock.fileno(), mountpoint, root, _LEVELS[args.log_level], cfg.spare_server, serving,
+                        predecessor=predecessor, ready_file=ready_file)
+        except OSError as e:
+            log.warning("cannot exec the holder (%s); holding the mount in this process", e)
+    lock_fd = os.dup(lock.fileno())  # the holder's from now on (the same lock: flock belongs to the open file)
+    lock.close()
+    code = hold(fd, lock_fd, mountpoint, root, serving, standby=cfg.spare_server, predecessor=predecessor,
+                ready_file=ready_file)
     logging.shutdown()
     return code
 

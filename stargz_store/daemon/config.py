@@ -74,7 +74,7 @@ class StoreConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     layer: LayerConfig = field(default_factory=LayerConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    spare_server: bool = True  # the holder keeps a second serving process ready for a crash (daemon.holder)
+    spare_server: bool = False  # the holder keeps a second serving process ready for a crash (daemon.holder)
     mount: MountOptions = field(default_factory=MountOptions)
     memory_cache_bytes: int = 16 << 20  # see config.toml: the kernel's page cache keeps what was read
     log_file_access: bool = False

@@ -60,7 +60,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..fuse.mount import MountError, abort_connection, mount_device, unmount
 from .handover import PROTOCOL, Channel, ChannelClosed
@@ -111,10 +111,10 @@ class Holder:
 
     def __init__(self, fd: int, mountpoint: Path, root: Path, server_args: list[str], *,
                  abort_after: float = 5.0, drain_timeout: float = 30.0, standby: bool = True,
-                 server_command: list[str] | None = None, lock: IO[str] | None = None,
+                 server_command: list[str] | None = None, lock_fd: int = -1,
                  predecessor: Predecessor | None = None, ready_file: Path | None = None) -> None:
         self.fd = fd
-        self.lock = lock  # the root lock's file: handed to a successor with the descriptor
+        self.lock_fd = lock_fd  # the root lock's open file: handed to a successor with the descriptor
         self.mountpoint = mountpoint
         self.root = root
         self.server_args = server_args
@@ -526,7 +526,7 @@ class Holder:
             return "this holder is stopping or handing over"
         if self.next is not None:
             return "a restart is under way"
-        if self.lock is None:
+        if self.lock_fd < 0:
             return "this holder has no root lock to hand over"
         return None
 
@@ -562,9 +562,8 @@ class Holder:
             successor.channel.send("refused", reason=problem, retry=False)
             self._successor_gone()
             return
-        assert self.lock is not None
         try:
-            send_device(successor.channel, [self.fd, self.lock.fileno()], mountpoint=str(self.mountpoint),
+            send_device(successor.channel, [self.fd, self.lock_fd], mountpoint=str(self.mountpoint),
                         pid=os.getpid())
         except OSError as e:
             log.warning("cannot pass the mount to holder pid %d: %s", successor.pid, e)
@@ -626,9 +625,9 @@ class Holder:
             self.ready_file.unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = -1
-        if self.lock is not None:
-            self.lock.close()  # the successor holds the same lock
-            self.lock = None
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # the successor holds the same lock
+            self.lock_fd = -1
         if self.stop_pending is not None:
             self._exit_handed_over()
             return

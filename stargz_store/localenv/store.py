@@ -56,6 +56,8 @@ class StoreProcess:
     extra_args: list[str] = field(default_factory=list)
     preexec_fn: PreexecFn | None = None
     proc: subprocess.Popen | None = None
+    package_parent: Path = PACKAGE_PARENT  # the checkout whose `stargz_store` the child runs
+
 
     def command(self) -> list[str]:
         return [
@@ -75,9 +77,9 @@ class StoreProcess:
             pass  # a dead mount left by a crash (ENOTCONN): the daemon cleans it up
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # what the daemon makes it anyway
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(PACKAGE_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.package_parent) + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=logf, cwd=str(PACKAGE_PARENT), env=env,
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=logf, cwd=str(self.package_parent), env=env,
                                          preexec_fn=self.preexec_fn)
         self._spawned()
         deadline = time.monotonic() + timeout

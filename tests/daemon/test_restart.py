@@ -159,7 +159,7 @@ def _wait_log(store, text: str, timeout: float = 120.0) -> bool:
 
 
 def test_without_a_spare_a_crashed_server_is_replaced_by_a_new_process(store_daemon_factory, restart_image, registry):
-    store = store_daemon_factory(CONFIG.replace("[store]\n", "[store]\nspare_server = false\n"))
+    store = store_daemon_factory(CONFIG.replace("spare_server = true", "spare_server = false"))
     diff = store.layer_dir(f"{registry.host}/restart/files:esgz", restart_image.layers[0]["digest"]) / "diff"
     assert (diff / small_file_name(5)).read_bytes() == small_file_data(5)
     state = store.server_state()
