@@ -14,15 +14,17 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
 from tests.fixtures.restart_load import BIG_FILE, BIG_SIZE, SMALL_FILES, FileLoop, SlowRead, big_file_data
 from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
 from tests.fixtures.restart_load import small_file_data, small_file_name, wait_for_reads
-from tests.fixtures.store import is_mounted
+from tests.fixtures.store import StoreDaemon, is_mounted, lazy_unmount, private_tmpdir, remove_tmpdir
 from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -198,3 +200,60 @@ def _look_up_missing(store, proxy, image) -> None:
         os.stat(store.layer_dir(f"{proxy.host}/restart/files:not-yet", image.layers[0]["digest"]) / "diff")
     except FileNotFoundError:
         pass
+
+
+@dataclass
+class PodStore(StoreDaemon):
+    """A store in a mount namespace of its own whose copy of the shared "hostPath" directory is
+    a peer of the host's: what a pod with `mountPropagation: Bidirectional` gets."""
+
+    def command(self) -> list[str]:
+        return ["unshare", "--mount", "--propagation", "unchanged", "--", *super().command()]
+
+
+def test_a_store_in_another_mount_namespace_takes_the_mount_over_and_the_host_keeps_it(registry, restart_image):
+    """Like two pods: each store in its own mount namespace, the data root and mountpoint in a
+    shared ("Bidirectional") directory. The first store's mount shows on the host; the second
+    takes it over; the first exits on SIGTERM and its namespace goes with it, and the host's
+    mount still answers (the second serves it); the second's stop unmounts it on the host too."""
+    base = private_tmpdir()
+    hostpath = base / "hostpath"
+    hostpath.mkdir()
+    subprocess.run(["mount", "--bind", str(hostpath), str(hostpath)], check=True)
+    stores: list[PodStore] = []
+    loop = None
+    try:
+        subprocess.run(["mount", "--make-rshared", str(hostpath)], check=True)
+        (base / "config.toml").write_text(CONFIG)
+
+        def pod(name: str, *extra: str) -> PodStore:
+            store = PodStore(root=hostpath / "root", mountpoint=hostpath / "store", config_path=base / "config.toml",
+                             log_path=base / f"{name}.log", extra_args=list(extra))
+            stores.append(store)
+            store.start()
+            return store
+
+        old = pod("old")
+        diff = old.layer_dir(f"{registry.host}/restart/files:esgz", restart_image.layers[0]["digest"]) / "diff"
+        loop = FileLoop(_small_files(diff)).start()  # reads on the host, through the propagated mount
+        assert wait_for_reads(loop, 20), loop.failures
+        new = pod("new", "--takeover")
+        assert _served_by(new)["takeovers"] == 1
+        assert old.stop(mount_stays=True) == 0
+        assert is_mounted(hostpath / "store")
+        assert wait_for_reads(loop, 20), loop.failures
+        loop.stop.set()
+        loop.join(120)
+        assert loop.failures == []
+        assert new.stop() == 0
+        assert not is_mounted(hostpath / "store"), "the unmount in the new store's namespace did not reach the host"
+    finally:
+        if loop is not None:
+            loop.stop.set()
+            loop.join(120)
+        for store in reversed(stores):
+            store.stop()
+        if is_mounted(hostpath / "store"):
+            lazy_unmount(hostpath / "store")
+        subprocess.run(["umount", "-l", str(hostpath)], check=False)
+        remove_tmpdir(base)
