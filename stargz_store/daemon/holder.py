@@ -262,10 +262,7 @@ class Holder:
         self.next = self._spawn()
 
     def _read(self, server: Server) -> None:
-        try:
-            messages = server.channel.read_available()
-        except ChannelClosed:
-            messages = None
+        messages = _receive(server.channel)
         for message in messages or ():
             self._message(server, message)
         if messages is None:
@@ -533,10 +530,7 @@ class Holder:
     def _read_successor(self) -> None:
         successor = self.successor
         assert successor is not None
-        try:
-            messages = successor.channel.read_available()
-        except ChannelClosed:
-            messages = None
+        messages = _receive(successor.channel)
         for message in messages or ():
             op = message.get("op")
             if op == "succeed" and successor.phase == "greeting":
@@ -701,10 +695,7 @@ class Holder:
     def _read_predecessor(self) -> None:
         predecessor = self.predecessor
         assert predecessor is not None
-        try:
-            messages = predecessor.channel.read_available()
-        except ChannelClosed:
-            messages = None
+        messages = _receive(predecessor.channel)
         for message in messages or ():
             op = message.get("op")
             if op == "state":
@@ -826,6 +817,15 @@ class Holder:
             tmp.replace(path)
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
+
+
+def _receive(channel: Channel) -> list[dict[str, Any]] | None:
+    """The messages that arrived on a readable channel; None once it closed (the messages before
+    its end were returned by the call before)."""
+    try:
+        return channel.read_available()
+    except ChannelClosed:
+        return None
 
 
 def _wait_all(servers: list[Server], timeout: float) -> bool:

@@ -20,7 +20,8 @@ import pytest
 
 from tests.daemon.conftest import RESTART_LINK_RATE as LINK_RATE
 from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, KILLS, PLANNED_RESTARTS, SMALL_FILES, FileLoop, SlowRead,
-                                         big_file_data, small_file_data, small_file_name, wait_for_reads)
+                                         big_file_data, small_file_data, small_file_name, stop_readers,
+                                         wait_for_reads)
 from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
 from tests.fixtures.store import REPO_ROOT, is_mounted
 from tests.fixtures.waiting import wait_for
@@ -80,12 +81,9 @@ def test_readers_see_no_failure_through_planned_restarts_and_kills_of_the_server
             assert state["server_pid"] != killed
             assert wait_for_reads(loop, 5), loop.failures
         kills_ended = time.monotonic()
-        big.allow(BIG_SIZE)
-        assert big.join(600), "the large file's read did not end"
+        assert big.read_to_end(), "the large file's read did not end"
     finally:
-        loop.stop.set()
-        big.stop.set()
-        loop.join(120)
+        stop_readers(loop, big)
     state = store.server_state()
     print(f"\nrestart test (filesystem): {PLANNED_RESTARTS} planned restarts, {KILLS} kill -9; "
           f"small-file reads {loop.reads}, large-file reads {big.reads} (128 KiB, link {LINK_RATE >> 20} MiB/s); "

@@ -23,7 +23,7 @@ import pytest
 
 from tests.fixtures.restart_load import BIG_FILE, BIG_SIZE, SMALL_FILES, FileLoop, SlowRead, big_file_data
 from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
-from tests.fixtures.restart_load import small_file_data, small_file_name, wait_for_reads
+from tests.fixtures.restart_load import small_file_data, small_file_name, stop_readers, wait_for_reads
 from tests.fixtures.store import StoreDaemon, is_mounted, lazy_unmount, private_tmpdir, remove_tmpdir
 from tests.fixtures.waiting import wait_for
 
@@ -85,12 +85,9 @@ def test_a_second_store_takes_the_mount_over_and_readers_see_no_failure(store_da
         assert old.stop(mount_stays=True) == 0  # Kubernetes deletes the old pod: SIGTERM
         assert is_mounted(new.mountpoint)
         assert wait_for_reads(loop, 5), loop.failures
-        big.allow(BIG_SIZE)
-        assert big.join(600), "the large file's read did not end"
+        assert big.read_to_end(), "the large file's read did not end"
     finally:
-        loop.stop.set()
-        big.stop.set()
-        loop.join(120)
+        stop_readers(loop, big)
     print(f"\ntake-over test (filesystem): new store serving {took:.1f} s after its start; small-file reads "
           f"{loop.reads}, longest {loop.longest_between(started, handed_at):.2f} s; large-file reads {big.reads} "
           f"(128 KiB over {slow_link.mode_options['rate'] >> 20} MiB/s), longest "
