@@ -254,3 +254,55 @@ def test_a_store_in_another_mount_namespace_takes_the_mount_over_and_the_host_ke
             lazy_unmount(hostpath / "store")
         subprocess.run(["umount", "-l", str(hostpath)], check=False)
         remove_tmpdir(base)
+
+
+_FOREIGN_SUCCESSOR = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(60)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print(json.dumps({"connect": e.__class__.__name__}))
+    sys.exit(0)
+try:
+    s.sendall(json.dumps({"op": "succeed", "protocol": 1, "pid": 0, "mountpoint": sys.argv[2]}).encode() + b"\n")
+    data, fds, _, _ = socket.recv_fds(s, 65536, 2)
+except OSError:  # closed by the holder before or while we spoke
+    data, fds = b"", []
+print(json.dumps({"connect": "ok", "data": data.decode(), "fds": len(fds)}))
+"""
+
+
+def _as_nobody(sock_path, mountpoint) -> dict:
+    import json
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    out = subprocess.run(["/usr/bin/python3", "-I", "-c", _FOREIGN_SUCCESSOR, str(sock_path), str(mountpoint)],
+                         user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd="/", capture_output=True,
+                         text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_only_a_process_of_the_stores_own_uid_gets_the_mount(store_daemon_factory):
+    """The socket is in the 0700 root; and should that be opened up, the holder still checks the
+    peer's uid (`SO_PEERCRED`) and hands nothing to another user's process."""
+    store = store_daemon_factory(CONFIG)
+    sock_path = store.root / "holder.sock"
+    assert wait_for(sock_path.exists, timeout=60), store.log_tail()
+    assert _as_nobody(sock_path, store.mountpoint) == {"connect": "PermissionError"}
+    opened = [store.root, store.root.parent, store.root.parent.parent]  # the root and the test's dirs above it
+    modes = {path: os.stat(path).st_mode & 0o7777 for path in opened}
+    for path in opened:
+        os.chmod(path, 0o711)
+    os.chmod(sock_path, 0o666)
+    try:
+        assert _as_nobody(sock_path, store.mountpoint) == {"connect": "ok", "data": "", "fds": 0}
+    finally:
+        for path, mode in modes.items():
+            os.chmod(path, mode)
+    assert _log_has(store, "refused a holder hand-over to a process of uid")
+    assert os.listdir(store.mountpoint) is not None and store.running
+    assert store.stop() == 0
+    assert not is_mounted(store.mountpoint)
