@@ -235,7 +235,7 @@ class Holder:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # the holder tells systemd
         command = [*self.server_command, *self.server_args,
-                   "--fuse-fd", str(self.fd), "--channel-fd", str(theirs.fileno())]
+                   "--fuse-fd", str(self.fd), "--channel-fd", str(theirs.fileno()), "--holder-pid", str(os.getpid())]
         try:
             proc = subprocess.Popen(command, pass_fds=(self.fd, theirs.fileno()), env=env, stdin=subprocess.DEVNULL)
         finally:

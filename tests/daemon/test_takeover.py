@@ -202,17 +202,31 @@ def _look_up_missing(store, proxy, image) -> None:
 @dataclass
 class PodStore(StoreDaemon):
     """A store in a mount namespace of its own whose copy of the shared "hostPath" directory is
-    a peer of the host's: what a pod with `mountPropagation: Bidirectional` gets."""
+    a peer of the host's: what a pod with `mountPropagation: Bidirectional` gets; with
+    `pid_namespace`, in a PID namespace of its own too, its holder PID 1 there, as in a pod
+    (`unshare --fork` ignores SIGTERM: `stop` signals the holder itself)."""
+
+    pid_namespace: bool = False
 
     def command(self) -> list[str]:
-        return ["unshare", "--mount", "--propagation", "unchanged", "--", *super().command()]
+        pid = ["--pid", "--fork", "--kill-child=SIGKILL"] if self.pid_namespace else []
+        return ["unshare", "--mount", "--propagation", "unchanged", *pid, "--", *super().command()]
+
+    def stop(self, *args, **kwargs) -> int | None:
+        if self.pid_namespace and self.running:
+            for child in open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().split():
+                os.kill(int(child), signal.SIGTERM)
+        return super().stop(*args, **kwargs)
 
 
-def test_a_store_in_another_mount_namespace_takes_the_mount_over_and_the_host_keeps_it(registry, restart_image):
-    """Like two pods: each store in its own mount namespace, the data root and mountpoint in a
-    shared ("Bidirectional") directory. The first store's mount shows on the host; the second
-    takes it over; the first exits on SIGTERM and its namespace goes with it, and the host's
-    mount still answers (the second serves it); the second's stop unmounts it on the host too."""
+@pytest.mark.parametrize("pid_namespace", [False, True], ids=["mount-ns", "mount-and-pid-ns"])
+def test_a_store_in_another_namespace_takes_the_mount_over_and_the_host_keeps_it(registry, restart_image,
+                                                                                 pid_namespace):
+    """Like two pods: each store in its own mount namespace (and PID namespace), the data root and
+    mountpoint in a shared ("Bidirectional") directory. The first store's mount shows on the
+    host; the second takes it over; the first exits on SIGTERM and its namespace goes with it,
+    and the host's mount still answers (the second serves it); the second's stop unmounts it on
+    the host too."""
     base = private_tmpdir()
     hostpath = base / "hostpath"
     hostpath.mkdir()
@@ -225,7 +239,7 @@ def test_a_store_in_another_mount_namespace_takes_the_mount_over_and_the_host_ke
 
         def pod(name: str, *extra: str) -> PodStore:
             store = PodStore(root=hostpath / "root", mountpoint=hostpath / "store", config_path=base / "config.toml",
-                             log_path=base / f"{name}.log", extra_args=list(extra))
+                             log_path=base / f"{name}.log", extra_args=list(extra), pid_namespace=pid_namespace)
             stores.append(store)
             store.start()
             return store
@@ -235,8 +249,11 @@ def test_a_store_in_another_mount_namespace_takes_the_mount_over_and_the_host_ke
         loop = FileLoop(_small_files(diff)).start()  # reads on the host, through the propagated mount
         assert wait_for_reads(loop, 20), loop.failures
         new = pod("new", "--takeover")
-        assert _served_by(new)["takeovers"] == 1
+        assert wait_for(lambda: new.server_state(timeout=0).get("takeovers") == 1 or not new.running,
+                        timeout=300, interval=0.02), new.log_tail()  # holder pids: 1 in both PID namespaces
+        assert new.running, new.log_tail()
         assert old.stop(mount_stays=True) == 0
+        assert "exiting; the mount stays" in old.log_tail()
         assert is_mounted(hostpath / "store")
         assert wait_for_reads(loop, 20), loop.failures
         loop.stop.set()
