@@ -44,6 +44,7 @@ from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
 from .control import SOCKET_NAME as CONTROL_SOCKET_NAME
 from .control_ops import start_control_socket
 from .rootless import UserDefaults, is_rootless, ownership_from_flags, visibility_warning
+from .succession import Predecessor, SuccessionError, wait_for_mount
 
 if TYPE_CHECKING:
     from ..cache.chunk_cache import ChunkCache
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "rootless default: 0 is your uid, then your /etc/subuid ranges)")
     parser.add_argument("--gidmap", default=None, metavar="C:H:N[,...]",
                         help="the same for groups (rootless default: your gid, then your /etc/subgid ranges)")
+    parser.add_argument("--takeover", action="store_true",
+                        help="if a store already runs on ROOT, take its live mount over (the old one stops serving "
+                        "and exits on its stop signal without unmounting; a DaemonSet's rolling update) instead of "
+                        "refusing to start; with no store running, start as usual")
+    parser.add_argument("--ready-file", default=None, metavar="PATH",
+                        help="a file this daemon creates once it serves the mount and removes when it lets the mount "
+                        "go (a readiness probe that tells an old pod's store from its successor)")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
                         help="an existing directory to mount the store on (see --create-mountpoint; rootless "
                         "default: ROOT/store, created)")
@@ -208,12 +216,38 @@ def acquire_root_lock(root: Path) -> IO[str]:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise StartupError(f"another stargz-store (pid {holder}) is already using root {root}") from None
+        raise StartupError(f"another stargz-store (pid {holder}) is already using root {root} "
+                           "(--takeover takes its mount over)") from None
+    return _own_lock(f)
+
+
+def _own_lock(f: IO[str]) -> IO[str]:
+    """Write our pid into the held lock file (`stargz-store restart` signals it)."""
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def lock_or_predecessor(root: Path, mountpoint: Path) -> tuple[IO[str], Predecessor | None]:
+    """`--takeover`: the root lock if no store runs on `root`, else the running holder's mount and
+    lock (`succession`); `StartupError` when neither can be had."""
+    from ..commands import package_version
+
+    def try_lock() -> IO[str] | None:
+        try:
+            return acquire_root_lock(root)
+        except StartupError:
+            return None
+
+    try:
+        got = wait_for_mount(root, mountpoint, package_version(), try_lock)
+    except SuccessionError as e:
+        raise StartupError(f"cannot take the mount over: {e}") from None
+    if isinstance(got, Predecessor):
+        return _own_lock(os.fdopen(got.lock_fd, "r+")), got
+    return got, None
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -364,8 +398,12 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config_path, explicit=args.config_explicit)
         apply_rootless(cfg, args)
         prepare_root(root)
-        lock = acquire_root_lock(root)
-        prepare_mountpoint(mountpoint)
+        if args.takeover:
+            lock, predecessor = lock_or_predecessor(root, mountpoint)
+        else:
+            lock, predecessor = acquire_root_lock(root), None
+        if predecessor is None:
+            prepare_mountpoint(mountpoint)
         os.umask(PRIVATE_UMASK)  # after the mountpoint (and any parent it needed) was made 0755
     except (ConfigError, StartupError) as e:
         log.error("%s", e)
@@ -376,27 +414,31 @@ def main(argv: list[str]) -> int:
 
     from ..fs.fuse_adapter import mount_spec
     from ..fuse import MountError, mount
-    from .holder import Holder
-    from .holder_main import exec_holder
+    from .holder_main import exec_holder, hold
 
-    log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
-    try:
-        fd = mount(mount_spec(str(mountpoint), cfg.mount))
-    except MountError as e:
-        log.error("%s", e)
-        lock.close()
-        return EXIT_MOUNT_FAILED
+    if predecessor is not None:
+        log.info("taking the mount at %s over from holder pid %d (root %s)", mountpoint, predecessor.pid, root)
+        fd = predecessor.fuse_fd
+    else:
+        log.info("mounting stargz-store at %s (root %s)", mountpoint, root)
+        try:
+            fd = mount(mount_spec(str(mountpoint), cfg.mount))
+        except MountError as e:
+            log.error("%s", e)
+            lock.close()
+            return EXIT_MOUNT_FAILED
     serving = server_args(args, root, mountpoint)
+    ready_file = Path(args.ready_file).absolute() if args.ready_file else None
     if os.environ.get(IN_PROCESS_HOLDER_ENV) != "1":
         try:  # the holder in a fresh, small interpreter (holder_main's docstring says why)
-            exec_holder(fd, lock.fileno(), mountpoint, root, _LEVELS[args.log_level], cfg.spare_server, serving)
+            exec_holder(fd, lock.fileno(), mountpoint, root, _LEVELS[args.log_level], cfg.spare_server, serving,
+                        predecessor=predecessor, ready_file=ready_file)
         except OSError as e:
             log.warning("cannot exec the holder (%s); holding the mount in this process", e)
-    code = Holder(fd, mountpoint, root, serving, standby=cfg.spare_server).run()
-    if code == EXIT_OK:
-        log.info("unmounted %s; exiting", mountpoint)
-    os.close(fd)
+    lock_fd = os.dup(lock.fileno())  # the holder's from now on (the same lock: flock belongs to the open file)
     lock.close()
+    code = hold(fd, lock_fd, mountpoint, root, serving, standby=cfg.spare_server, predecessor=predecessor,
+                ready_file=ready_file)
     logging.shutdown()
     return code
 

@@ -37,6 +37,14 @@ What the holder does:
 
 If the holder itself is killed, its servers die with it (parent-death signal) and the mount is
 dead, as before; the next start clears it.
+
+Between holders (`succession`: a DaemonSet's rolling update, where the new holder runs in a new
+pod): a holder that serves listens on `<root>/holder.sock`; a new holder started with `--takeover`
+gets the mount's descriptor and root lock there, prepares its server, and the old holder stops its
+own server as for a planned restart and sends the new one the state it would have given its next
+server (`Successor`). Once the new holder's server serves, the old holder holds nothing and exits
+0 on its stop signal without unmounting. A holder that got its mount that way (`Holder.taking_over`
+until its server serves) never unmounts before then: if it fails, the old holder serves on.
 """
 from __future__ import annotations
 
@@ -56,6 +64,8 @@ from typing import Any
 
 from ..fuse.mount import MountError, abort_connection, mount_device, unmount
 from .handover import PROTOCOL, Channel, ChannelClosed
+from .succession import PROTOCOL as SUCCESSION_PROTOCOL
+from .succession import SUCCESSION_STOP_WAIT, Listener, Predecessor, send_device
 
 log = logging.getLogger("stargz_store.daemon.holder")
 
@@ -66,6 +76,7 @@ MAX_CREDENTIAL_DOCUMENTS = 1024
 MAX_FAILED_STARTS = 5
 EXIT_SERVER_FAILED = 1
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+LISTENER, SUCCESSOR, PREDECESSOR = "listener", "successor", "predecessor"  # selector keys besides servers
 
 
 @dataclass
@@ -84,13 +95,26 @@ class Server:
         return self.proc.pid
 
 
+@dataclass
+class Successor:
+    """A new holder taking this one's mount over (`succession`), as this holder sees it."""
+
+    channel: Channel
+    phase: str = "greeting"  # greeting, connected (has the descriptor), stopping, sent (the state), retired
+    pid: int = 0
+    ready: bool = False  # its server is built: this holder may stop its own
+    nodes: list[list[Any]] = field(default_factory=list)  # the node table sent with `state`
+
+
 class Holder:
     """Owns the mount `fd` at `mountpoint`; runs servers with `server_args` (their flags)."""
 
     def __init__(self, fd: int, mountpoint: Path, root: Path, server_args: list[str], *,
                  abort_after: float = 5.0, drain_timeout: float = 30.0, standby: bool = True,
-                 server_command: list[str] | None = None) -> None:
+                 server_command: list[str] | None = None, lock_fd: int = -1,
+                 predecessor: Predecessor | None = None, ready_file: Path | None = None) -> None:
         self.fd = fd
+        self.lock_fd = lock_fd  # the root lock's open file: handed to a successor with the descriptor
         self.mountpoint = mountpoint
         self.root = root
         self.server_args = server_args
@@ -117,6 +141,15 @@ class Holder:
         self.exit_code: int | None = None
         self.stopping = False
         self.device: str | None = None  # major:minor of the mount (fusectl names connections by the minor)
+        # between holders (`succession`)
+        self.predecessor = predecessor  # the holder this one takes the mount over from
+        self.taking_over = predecessor is not None  # ... until this holder's server serves
+        self.takeovers = 0
+        self.successor: Successor | None = None
+        self.handed_over = False  # a successor serves the mount: this holder holds nothing
+        self.listener: Listener | None = None
+        self.ready_file = ready_file
+        self.stop_pending: float | None = None  # a stop signal waiting for a successor under way (deadline)
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -130,12 +163,20 @@ class Holder:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.device = mount_device(str(self.mountpoint))
+        if self.predecessor is not None:
+            self._selector.register(self.predecessor.channel.sock, selectors.EVENT_READ, PREDECESSOR)
         self.current = self._spawn()
         while self.exit_code is None:
             timeout = self._next_timeout()
             for key, _ in self._selector.select(timeout):
                 if key.data is None:
                     self._drain_wake_pipe()
+                elif key.data == LISTENER:
+                    self._accept()
+                elif key.data == SUCCESSOR:
+                    self._read_successor()
+                elif key.data == PREDECESSOR:
+                    self._read_predecessor()
                 else:
                     self._read(key.data)
             self._handle_signals()
@@ -159,10 +200,25 @@ class Holder:
         while self._signals:
             sig = self._signals.pop(0)
             if sig in (signal.SIGTERM, signal.SIGINT):
+                if self.handed_over:
+                    log.info("%s received", signal.Signals(sig).name)
+                    self._exit_handed_over()
+                    return
+                if self.successor is not None and self.successor.phase != "greeting":
+                    if self.stop_pending is None:
+                        log.info("%s received while a successor holder takes the mount over: waiting for it "
+                                 "(at most %g s) before stopping", signal.Signals(sig).name, SUCCESSION_STOP_WAIT)
+                        self.stop_pending = time.monotonic() + SUCCESSION_STOP_WAIT
+                    continue
+                if self.taking_over:
+                    log.info("%s received during the take-over: leaving the mount to the previous holder",
+                             signal.Signals(sig).name)
+                    self._finish(0)
+                    return
                 log.info("%s received: unmounting %s", signal.Signals(sig).name, self.mountpoint)
                 self._stop()
                 return
-            if sig == signal.SIGHUP:
+            if sig == signal.SIGHUP and not self.handed_over:
                 self.restart()
             elif sig == signal.SIGUSR1 and self.current is not None:
                 _kill(self.current.pid, signal.SIGUSR1)
@@ -179,7 +235,7 @@ class Holder:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # the holder tells systemd
         command = [*self.server_command, *self.server_args,
-                   "--fuse-fd", str(self.fd), "--channel-fd", str(theirs.fileno())]
+                   "--fuse-fd", str(self.fd), "--channel-fd", str(theirs.fileno()), "--holder-pid", str(os.getpid())]
         try:
             proc = subprocess.Popen(command, pass_fds=(self.fd, theirs.fileno()), env=env, stdin=subprocess.DEVNULL)
         finally:
@@ -195,6 +251,9 @@ class Holder:
         if self.next is not None:
             log.info("a restart is already under way (server pid %d)", self.next.pid)
             return
+        if self.successor is not None or self.taking_over:
+            log.info("restart asked for during a hand-over between holders: ignored")
+            return
         if self.current is None or self.current.phase != "serving":
             log.info("restart asked for while no server is serving yet: ignored")
             return
@@ -203,10 +262,7 @@ class Holder:
         self.next = self._spawn()
 
     def _read(self, server: Server) -> None:
-        try:
-            messages = server.channel.read_available()
-        except ChannelClosed:
-            messages = None
+        messages = _receive(server.channel)
         for message in messages or ():
             self._message(server, message)
         if messages is None:
@@ -257,6 +313,12 @@ class Holder:
             current.stop_deadline = time.monotonic() + self.drain_timeout
             current.channel.send("stop")
         elif server is self.current:
+            if self.taking_over and self.state is None:
+                log.info("server %d (version %s) is prepared: asking holder pid %d to hand the mount over",
+                         server.pid, server.version, self.predecessor.pid if self.predecessor else -1)
+                if self.predecessor is not None:
+                    self.predecessor.channel.send("ready")
+                return
             self._go(server)
 
     def _go(self, server: Server) -> None:
@@ -275,7 +337,15 @@ class Holder:
         self.generation += 1
         log.info("server %d (version %s) is serving (generation %d%s)", server.pid, server.version, self.generation,
                  ", resend accepted" if message.get("resend") else "")
+        if self.listener is None:
+            self._publish_listener()  # before a predecessor lets go of its own: a successor always finds one
+        if self.taking_over:
+            self._took_over()
         self._write_state()
+        if self.ready_file is not None:
+            self.ready_file.touch()
+        if self.successor is not None and self.successor.ready and self.successor.phase == "connected":
+            self._stop_for_successor()
         if self.spare is not None and self.spare_stale:
             self._discard(self.spare)
         self.spare_stale = False
@@ -307,7 +377,11 @@ class Holder:
         self._take_over(server)
 
     def _take_over(self, old: Server) -> None:
-        """`old` no longer serves: the prepared next server (if any) goes; else one is started."""
+        """`old` no longer serves: the prepared next server (if any) goes; else one is started
+        (or a successor holder gets the state, if one waits for it)."""
+        if self.successor is not None and self.successor.phase == "stopping":
+            self._hand_to_successor(old)
+            return
         nxt, self.next = self.next, None
         if old is self.current:
             self.current = None
@@ -334,6 +408,11 @@ class Holder:
             server.proc.kill()
             code = server.proc.wait()
         phase, server.phase = server.phase, "gone"
+        if self.handed_over and phase == "stopped" and self.successor is not None:
+            self.successor.channel.send("resend")  # reads it had taken go to the successor's server
+        if self.handed_over:
+            self._release_successor()
+            return
         if self.stopping:
             return
         if server is self.spare:
@@ -346,7 +425,9 @@ class Holder:
             self.next = None
             self.spare_stale = False
             return
-        if phase == "stopped" and self.current is not None and self.current.phase in ("prepared", "serving"):
+        if phase == "stopped" and self.successor is not None and self.successor.phase == "sent":
+            self.successor.channel.send("resend")
+        elif phase == "stopped" and self.current is not None and self.current.phase in ("prepared", "serving"):
             # it exited before answering every read it had taken: they go to the new server
             log.warning("server %d exited (%s) with reads unanswered: the kernel is asked to resend them",
                         server.pid, _describe_exit(code))
@@ -393,6 +474,15 @@ class Holder:
             self._gone(server)
 
     def _check_deadlines(self) -> None:
+        if self.stop_pending is not None and time.monotonic() > self.stop_pending:
+            log.warning("the successor holder did not take the mount over in time: stopping")
+            self.stop_pending = None
+            if self.successor is not None and self.successor.phase in ("greeting", "connected"):
+                self._successor_gone()  # not yet stopping our server: let it go, stop as usual
+                self._signals.append(signal.SIGTERM)
+            else:
+                self._signals.append(signal.SIGTERM)  # handled once the successor serves or is gone
+                self.stop_pending = time.monotonic() + SUCCESSION_STOP_WAIT
         server = self.current
         if server is not None and server.phase == "stopping" and time.monotonic() > server.stop_deadline:
             log.warning("server %d did not stop within %g s: killing it; the kernel resends what it had read",
@@ -400,6 +490,255 @@ class Holder:
             server.phase = "serving"  # its death is handled as a crash: the next server goes with the kept state
             _kill(server.pid, signal.SIGKILL)
             self._read_rest(server)
+
+    # -- between holders: handing the mount to a successor (`succession`) ---------------------
+
+    def _publish_listener(self) -> None:
+        try:
+            self.listener = Listener.publish(self.root)
+        except OSError as e:
+            log.warning("cannot listen for a successor holder on %s: %s", self.root, e)
+            return
+        self._selector.register(self.listener.sock, selectors.EVENT_READ, LISTENER)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        conn = self.listener.accept()
+        if conn is None:
+            return
+        channel = Channel(conn)
+        busy = self._busy_reason()
+        if busy:
+            log.info("a successor holder asked for the mount: refused for now (%s)", busy)
+            channel.send("refused", reason=busy, retry=True)
+            channel.close()
+            return
+        self.successor = Successor(channel)
+        self._selector.register(conn, selectors.EVENT_READ, SUCCESSOR)
+
+    def _busy_reason(self) -> str | None:
+        if self.successor is not None:
+            return "another successor holder is taking the mount over"
+        if self.handed_over or self.stopping or self.taking_over:
+            return "this holder is stopping or handing over"
+        if self.next is not None:
+            return "a restart is under way"
+        if self.lock_fd < 0:
+            return "this holder has no root lock to hand over"
+        return None
+
+    def _read_successor(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        messages = _receive(successor.channel)
+        for message in messages or ():
+            op = message.get("op")
+            if op == "succeed" and successor.phase == "greeting":
+                self._greet(successor, message)
+            elif op == "ready" and successor.phase == "connected":
+                successor.ready = True
+                if self.current is not None and self.current.phase == "serving" and self.next is None:
+                    self._stop_for_successor()
+            elif op == "serving" and successor.phase == "sent":
+                self._retire()
+        if messages is None and self.successor is successor:
+            self._successor_gone()
+
+    def _greet(self, successor: Successor, message: dict[str, Any]) -> None:
+        successor.pid = int(message.get("pid", 0))
+        problem = None
+        if message.get("protocol") != SUCCESSION_PROTOCOL:
+            problem = f"hand-over protocol {message.get('protocol')!r}, this holder speaks {SUCCESSION_PROTOCOL}"
+        elif message.get("mountpoint") != str(self.mountpoint):
+            problem = f"it mounts {message.get('mountpoint')!r}, this holder serves {self.mountpoint}"
+        if problem:
+            log.error("refused the mount to holder pid %d: %s", successor.pid, problem)
+            successor.channel.send("refused", reason=problem, retry=False)
+            self._successor_gone()
+            return
+        try:
+            send_device(successor.channel, [self.fd, self.lock_fd], mountpoint=str(self.mountpoint),
+                        pid=os.getpid())
+        except OSError as e:
+            log.warning("cannot pass the mount to holder pid %d: %s", successor.pid, e)
+            self._successor_gone()
+            return
+        successor.phase = "connected"
+        log.info("holder pid %d (version %s) takes the mount over: it has the descriptor and prepares its server",
+                 successor.pid, message.get("version", "?"))
+
+    def _stop_for_successor(self) -> None:
+        """The successor's server is built: stop ours as for a planned restart (`_take_over` then
+        sends the successor the state instead of starting our next server)."""
+        successor, current = self.successor, self.current
+        assert successor is not None and current is not None
+        log.info("holder pid %d is ready: stopping server %d for it", successor.pid, current.pid)
+        successor.phase = "stopping"
+        current.phase = "stopping"
+        current.stop_deadline = time.monotonic() + self.drain_timeout
+        current.channel.send("stop")
+
+    def _hand_to_successor(self, old: Server) -> None:
+        successor = self.successor
+        assert successor is not None
+        if old is self.current:
+            self.current = None
+        if self.handed is not None:
+            nodes, resend = self.handed, self.handed_unanswered
+        else:  # our server died instead of stopping: the keys it reported, counts unknown
+            nodes, resend = [[key, CRASH_COUNT] for key in self.nodes.values()], True
+        self.handed = None
+        successor.nodes = nodes
+        successor.phase = "sent"
+        sent = successor.channel.send(
+            "state", state=self.state, nodes=nodes, reported=[[i, k] for i, k in self.nodes.items()], uses=self.uses,
+            credentials=self.credentials, resend=resend, generation=self.generation, restarts=self.restarts,
+            crashes=self.crashes, takeovers=self.takeovers)
+        log.info("sent the mount's state to holder pid %d (%d nodes, %d use counts)", successor.pid, len(nodes),
+                 len(self.uses))
+        if not sent:
+            self._successor_gone()
+
+    def _retire(self) -> None:
+        """The successor serves: hold nothing more (descriptor, lock, spare, socket), wait for the stop signal."""
+        successor = self.successor
+        assert successor is not None
+        successor.phase = "retired"
+        self.handed_over = True
+        log.info("holder pid %d serves the mount now; this holder lets it go and waits for its stop signal "
+                 "(it will exit without unmounting)", successor.pid)
+        for server in (self.spare, self.next):
+            if server is not None:
+                self._discard(server)
+        self.next = None
+        if self.listener is not None:
+            self._selector_drop(self.listener)
+            self.listener.close(unlink=False)  # the path is the successor's socket now
+            self.listener = None
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = -1
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # the successor holds the same lock
+            self.lock_fd = -1
+        if self.stop_pending is not None:
+            self._exit_handed_over()
+            return
+        self._release_successor()
+
+    def _draining(self) -> list[Server]:
+        """Servers whose channel is still open: after a hand-over, the stopped one answering the
+        reads it had taken."""
+        return [key.data for key in self._selector.get_map().values() if isinstance(key.data, Server)]
+
+    def _release_successor(self) -> None:
+        """Once our stopped server is gone (it may still be answering reads), tell the successor."""
+        if self.successor is None or self._draining():
+            return
+        self.successor.channel.send("released")
+        self._selector_drop(self.successor.channel)
+        self.successor = None
+
+    def _exit_handed_over(self) -> None:
+        """Exit without unmounting; a server of ours still answering reads gets `abort_after`
+        seconds, then is killed and the successor asked to have its reads resent."""
+        log.info("exiting; the mount stays (the successor holder serves it)")
+        draining = self._draining()
+        servers = [s for s in (*draining, *self.retired) if s is not None]
+        if not _wait_all(servers, self.abort_after):
+            for server in servers:
+                _kill(server.pid, signal.SIGKILL)
+            _wait_all(servers, self.abort_after)
+            if draining and self.successor is not None:
+                self.successor.channel.send("resend")
+        self._finish(0)
+
+    def _successor_gone(self) -> None:
+        """The successor went away (or was refused) before it served: this holder serves on."""
+        successor = self.successor
+        assert successor is not None
+        self.successor = None
+        self._selector_drop(successor.channel)
+        if successor.phase == "retired":
+            return
+        if successor.phase == "stopping":
+            log.warning("holder pid %d went away during the hand-over: serving on here", successor.pid)
+        elif successor.phase == "sent":
+            log.warning("holder pid %d went away after it got the mount's state: serving on here", successor.pid)
+            keys = {json.dumps(key): key for key, _ in successor.nodes}
+            keys.update((json.dumps(key), key) for key in self.nodes.values())
+            self.handed = [[key, CRASH_COUNT] for key in keys.values()]
+            self.handed_unanswered = True  # what its server read and did not answer is resent to ours
+            nxt, self.spare = self.spare, None
+            if nxt is None or nxt.phase not in ("preparing", "prepared"):
+                nxt = self._spawn()
+            self.current = nxt
+            if nxt.phase == "prepared":
+                self._go(nxt)
+        elif successor.phase == "connected":
+            log.warning("holder pid %d went away before it was ready: serving on here", successor.pid)
+        if self.stop_pending is not None:
+            self.stop_pending = None
+            self._signals.append(signal.SIGTERM)  # the stop it waited for: a real one now
+
+    def _selector_drop(self, channel: Channel | Listener) -> None:
+        try:
+            self._selector.unregister(channel.sock)
+        except (KeyError, ValueError):
+            pass
+        if isinstance(channel, Channel):
+            channel.close()
+
+    # -- between holders: taking the mount over from a predecessor ------------------------------
+
+    def _read_predecessor(self) -> None:
+        predecessor = self.predecessor
+        assert predecessor is not None
+        messages = _receive(predecessor.channel)
+        for message in messages or ():
+            op = message.get("op")
+            if op == "state":
+                self._adopt_predecessor_state(message)
+            elif op == "resend":
+                if self.current is not None and self.current.phase == "serving":
+                    self.current.channel.send("resend")
+                else:
+                    self.handed_unanswered = True
+            elif op == "released":
+                log.info("the previous holder pid %d let the mount go", predecessor.pid)
+        if messages is None:
+            self._selector_drop(predecessor.channel)
+            self.predecessor = None
+            if self.taking_over and self.state is None:
+                log.error("the previous holder pid %d went away before handing the mount over: it keeps it; "
+                          "exiting", predecessor.pid)
+                self._finish(EXIT_SERVER_FAILED)
+
+    def _adopt_predecessor_state(self, message: dict[str, Any]) -> None:
+        self.state = message["state"]
+        self.handed = message.get("nodes") or []
+        self.handed_unanswered = bool(message.get("resend"))
+        self.nodes = {int(i): key for i, key in message.get("reported") or ()}
+        self.uses = message.get("uses") or []
+        self.credentials = list(message.get("credentials") or [])
+        self.generation = int(message.get("generation", 0))
+        self.restarts = int(message.get("restarts", 0))
+        self.crashes = int(message.get("crashes", 0))
+        self.takeovers = int(message.get("takeovers", 0))
+        self.ready_sent = True
+        log.info("got the mount's state from holder pid %d: %d nodes, %d use counts",
+                 self.predecessor.pid if self.predecessor else -1, len(self.handed), len(self.uses))
+        if self.current is not None and self.current.phase == "prepared":
+            self._go(self.current)
+
+    def _took_over(self) -> None:
+        self.taking_over = False
+        self.takeovers += 1
+        notify_systemd("READY=1")
+        if self.predecessor is not None:
+            self.predecessor.channel.send("serving")
+            log.info("serving the mount taken over from holder pid %d", self.predecessor.pid)
 
     # -- stopping -----------------------------------------------------------------------------
 
@@ -429,11 +768,24 @@ class Holder:
         self._finish(0)
 
     def _finish(self, code: int) -> None:
-        if code != 0:
+        owner = not self.taking_over and not self.handed_over  # a holder may unmount only a mount it serves
+        if code != 0 or not owner:
             for server in (self.current, self.next, self.spare):
                 if server is not None and server.proc.poll() is None:
                     _kill(server.pid, signal.SIGKILL)
                     server.proc.wait()
+        if self.successor is not None:
+            self._selector_drop(self.successor.channel)
+            self.successor = None
+        if self.listener is not None:
+            self.listener.close(unlink=owner)
+            self.listener = None
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        if not owner:
+            self.exit_code = code
+            return
+        if code != 0:
             if mount_device(str(self.mountpoint)) is not None:
                 try:
                     unmount(str(self.mountpoint), lazy=True)
@@ -446,6 +798,8 @@ class Holder:
         self.exit_code = code
 
     def _write_state(self) -> None:
+        if self.handed_over or self.taking_over:
+            return  # the state file is the serving holder's
         doc = {
             "holder_pid": os.getpid(),
             "server_pid": self.current.pid if self.current else None,
@@ -453,6 +807,7 @@ class Holder:
             "generation": self.generation,
             "restarts": self.restarts,
             "crashes": self.crashes,
+            "takeovers": self.takeovers,
             "standby": self.spare is not None and self.spare.phase == "prepared" and not self.spare_stale,
         }
         path = self.root / STATE_FILE
@@ -462,6 +817,15 @@ class Holder:
             tmp.replace(path)
         except OSError as e:
             log.warning("cannot write %s: %s", path, e)
+
+
+def _receive(channel: Channel) -> list[dict[str, Any]] | None:
+    """The messages that arrived on a readable channel; None once it closed (the messages before
+    its end were returned by the call before)."""
+    try:
+        return channel.read_available()
+    except ChannelClosed:
+        return None
 
 
 def _wait_all(servers: list[Server], timeout: float) -> bool:

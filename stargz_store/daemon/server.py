@@ -34,6 +34,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     parser.add_argument("--fuse-fd", type=int, required=True, help=argparse.SUPPRESS)
     parser.add_argument("--channel-fd", type=int, required=True, help=argparse.SUPPRESS)
+    parser.add_argument("--holder-pid", type=int, default=None, help=argparse.SUPPRESS)  # older holders: none
     args = parser.parse_args(argv)
     problem = apply_mode(args)  # the holder's mode, from the same flags (rootless, id maps)
     if problem:
@@ -41,17 +42,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when the holder dies (checked again after: it may already be gone)."""
+def die_with_parent(holder_pid: int | None) -> None:
+    """SIGKILL this process when the holder dies (checked again after: it may already be gone,
+    and this process reparented). The holder says its pid: in a container it is PID 1 itself,
+    so a parent pid of 1 alone does not mean an orphan (an older holder does not say it)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:
+    orphan = os.getppid() != holder_pid if holder_pid is not None else os.getppid() == 1
+    if orphan:
         os._exit(1)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    die_with_parent()
+    die_with_parent(args.holder_pid)
     setup_logging(args.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the holder's (a terminal sends it to both)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -100,16 +100,17 @@ class StoreProcess:
     def _spawned(self) -> None:
         """Hook right after the process exists (before it mounts): a subclass may record its pid."""
 
-    def stop(self, timeout: float = 20.0, unmount_leftover: bool = False) -> int | None:
+    def stop(self, timeout: float = 20.0, unmount_leftover: bool = False, mount_stays: bool = False) -> int | None:
         """SIGTERM, wait for the exit and the unmount; returns the exit code (None if it was not running).
 
         With `unmount_leftover` a mount still there afterwards is lazily unmounted; tests leave it
-        off so they can see what the daemon itself left behind.
+        off so they can see what the daemon itself left behind. `mount_stays`: the daemon handed
+        its mount to another one (`--takeover`): do not wait for an unmount.
         """
         if self.proc is None:
             return None
         rc = terminate(self.proc, timeout, signal.SIGTERM)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + (0 if mount_stays else 5)
         while is_mounted(self.mountpoint) and time.monotonic() < deadline:
             time.sleep(0.05)
         if unmount_leftover and is_mounted(self.mountpoint):

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.images import push_oci_layout
+from tests.e2e.app_images import convert_and_push
+from tests.fixtures.fault_proxy import FaultProxy
+from tests.fixtures.images import push_oci_layout, write_oci_image
+from tests.fixtures.registry_images import fetch_image
+from tests.fixtures.restart_load import restart_layer
 from tests.fixtures.store import StoreDaemon, is_mounted, lazy_unmount, private_tmpdir, remove_tmpdir
 
 REFERENCE_IMAGES = {
@@ -93,3 +97,25 @@ def shared_store(pushed):
         if is_mounted(daemon.mountpoint):
             lazy_unmount(daemon.mountpoint)
         remove_tmpdir(base)
+
+
+RESTART_LINK_RATE = 3 << 20  # bytes per second: the 24 MiB file of the restart image takes several seconds
+
+
+@pytest.fixture(scope="session")
+def restart_image(registry, tmp_path_factory):
+    """The restart tests' image (`restart_load.restart_layer`), eStargz, as `restart/files:esgz`."""
+    work = tmp_path_factory.mktemp("restart-image")
+    write_oci_image(work / "src", [restart_layer().gzip()], tag="src")
+    convert_and_push(work / "src", "src", f"{registry.host}/restart/files:esgz")
+    return fetch_image(registry.host, "restart/files", "esgz")
+
+
+@pytest.fixture
+def slow_link(registry):
+    """A `FaultProxy` before the registry whose `slow` mode (set by the test) paces blob bodies."""
+    proxy = FaultProxy(registry.host).start()
+    proxy.mode_path_contains = "/blobs/"
+    proxy.mode_options = {"rate": RESTART_LINK_RATE}
+    yield proxy
+    proxy.stop()

@@ -18,37 +18,15 @@ import time
 
 import pytest
 
-from tests.e2e.app_images import convert_and_push
-from tests.fixtures.fault_proxy import FaultProxy
-from tests.fixtures.images import write_oci_image
-from tests.fixtures.registry_images import fetch_image
+from tests.daemon.conftest import RESTART_LINK_RATE as LINK_RATE
 from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, KILLS, PLANNED_RESTARTS, SMALL_FILES, FileLoop, SlowRead,
-                                         big_file_data, restart_layer, small_file_data, small_file_name, wait_for_reads)
+                                         big_file_data, small_file_data, small_file_name, stop_readers,
+                                         wait_for_reads)
 from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
 from tests.fixtures.store import REPO_ROOT, is_mounted
 from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-
-LINK_RATE = 3 << 20  # bytes per second: the 24 MiB file takes several seconds to arrive
-
-
-@pytest.fixture(scope="module")
-def restart_image(registry, tmp_path_factory):
-    work = tmp_path_factory.mktemp("restart-image")
-    write_oci_image(work / "src", [restart_layer().gzip()], tag="src")
-    convert_and_push(work / "src", "src", f"{registry.host}/restart/files:esgz")
-    return fetch_image(registry.host, "restart/files", "esgz")
-
-
-@pytest.fixture
-def slow_link(registry):
-    proxy = FaultProxy(registry.host).start()
-    proxy.mode_path_contains = "/blobs/"
-    proxy.mode_options = {"rate": LINK_RATE}
-    yield proxy
-    proxy.stop()
-
 
 def _diff(store, proxy, image):
     ref = f"{proxy.host}/restart/files:esgz"
@@ -103,12 +81,9 @@ def test_readers_see_no_failure_through_planned_restarts_and_kills_of_the_server
             assert state["server_pid"] != killed
             assert wait_for_reads(loop, 5), loop.failures
         kills_ended = time.monotonic()
-        big.allow(BIG_SIZE)
-        assert big.join(600), "the large file's read did not end"
+        assert big.read_to_end(), "the large file's read did not end"
     finally:
-        loop.stop.set()
-        big.stop.set()
-        loop.join(120)
+        stop_readers(loop, big)
     state = store.server_state()
     print(f"\nrestart test (filesystem): {PLANNED_RESTARTS} planned restarts, {KILLS} kill -9; "
           f"small-file reads {loop.reads}, large-file reads {big.reads} (128 KiB, link {LINK_RATE >> 20} MiB/s); "

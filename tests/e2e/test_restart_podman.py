@@ -1,4 +1,5 @@
-"""Running containers keep reading through 10 planned restarts and 3 kill -9 of the store's server.
+"""Running containers keep reading through 10 planned restarts and 3 kill -9 of the store's server,
+and through 3 take-overs of the mount by new, independent stores (`--takeover`).
 
 Real parts only: the registry behind a slow link (`FaultProxy` "slow" on blobs, so the large file
 is still arriving while the server is replaced), the store daemon (holder + serving process) and
@@ -28,6 +29,7 @@ from tests.fixtures.registry_images import fetch_image
 from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, KILLS, PLANNED_RESTARTS, SMALL_FILES, big_file_data,
                                          restart_layer, small_file_name)
 from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
+from tests.fixtures.store import is_mounted
 from tests.fixtures.waiting import wait_for
 
 from .app_images import convert_and_push
@@ -35,6 +37,7 @@ from .app_images import convert_and_push
 pytestmark = [pytest.mark.root, pytest.mark.podman, pytest.mark.slow]
 
 LINK_RATE = 2 << 20
+TAKEOVERS = 3
 MIB = 1 << 20
 SMALL_LOOP = ('while true; do while read sum path; do '
               'if [ "$(sha256sum < "$path")" = "$sum  -" ]; then echo "ok $path"; else echo "FAIL $path"; fi; '
@@ -83,99 +86,171 @@ def test_containers_read_on_through_planned_restarts_and_kills_of_the_server(
         restart_image, registry, store_daemon_factory, podman_lane):
     proxy = FaultProxy(registry.host).start()
     store = store_daemon_factory(CONFIG, mountpoint=podman_lane.store_mountpoint())
-    procs: list[subprocess.Popen] = []
     try:
-        with podman_lane.private_dir("e2e-restart-") as pod_dir:
-            env = podman_lane.env(pod_dir, additional_layer_store=store.mountpoint)
-            ctl = pod_dir / "ctl"
-            ctl.mkdir()
-            try:
-                _run(proxy, store, env, restart_image, procs, podman_lane, ctl)
-            finally:
-                for proc in procs:
-                    if proc.poll() is None:
-                        proc.kill()
-                    proc.wait()
-                podman_cleanup(env)
+        with ReadingContainers(proxy, store, restart_image, podman_lane) as readers:
+            for _ in range(PLANNED_RESTARTS):
+                readers.allow_piece()
+                store.restart()
+                readers.wait_checks(20)
+            restarts_ended = time.monotonic()
+            for _ in range(KILLS):
+                generation = store.wait_standby()["generation"]
+                readers.allow_piece()
+                store.kill_server()
+                store.wait_generation(generation)
+                readers.wait_checks(20)
+            kills_ended = time.monotonic()
+            readers.finish()
     finally:
         proxy.stop()
+    state = store.server_state()
+    print(f"\nrestart test ({podman_lane.name}): {PLANNED_RESTARTS} planned restarts, "
+          f"{KILLS} kill -9; small files checked {readers.loop_out.count('ok')}, longest gap between two: during "
+          f"restarts {readers.loop_out.longest_gap('ok', end=restarts_ended):.2f} s, during kills "
+          f"{readers.loop_out.longest_gap('ok', restarts_ended, kills_ended):.2f} s; large file: longest 1 MiB piece "
+          f"(over {LINK_RATE >> 20} MiB/s, from its go to its end) {readers.longest_piece():.2f} s; "
+          f"holder state {state}")
+    readers.assert_read_right()
+    assert (state["restarts"], state["crashes"]) == (PLANNED_RESTARTS, KILLS)
 
 
-def _run(proxy, store, env, image, procs, lane, ctl: Path) -> None:
-    ref = f"{proxy.host}/restart/podman:esgz"
-    podman("pull", "--tls-verify=false", ref, env=env, timeout=600)
-    diff = store.layer_dir(ref, lane.layer_key(image.layers[0])) / "diff"  # the inodes this podman reads
-    small = [diff / small_file_name(i) for i in range(SMALL_FILES)]
-    proxy.mode_path_contains = "/blobs/"
-    proxy.mode_options = {"rate": LINK_RATE}
-    proxy.mode = "slow"
+def test_containers_read_on_while_new_stores_take_the_mount_over(restart_image, registry, store_daemon_factory,
+                                                                 podman_lane):
+    """A DaemonSet's rolling update, without Kubernetes: each time a new, independent
+    `stargz-store --takeover` on the same root and mountpoint takes the mount over, then the old
+    one gets SIGTERM (the old pod deleted) and exits without unmounting."""
+    proxy = FaultProxy(registry.host).start()
+    store = store_daemon_factory(CONFIG, mountpoint=podman_lane.store_mountpoint())
+    took: list[float] = []
+    try:
+        with ReadingContainers(proxy, store, restart_image, podman_lane) as readers:
+            for _ in range(TAKEOVERS):
+                readers.allow_piece()
+                started = time.monotonic()
+                new = store_daemon_factory(CONFIG, root=store.root, mountpoint=store.mountpoint,
+                                           extra_args=["--takeover"], start=False)
+                new.start()  # returns at once: the mount answers (the old store's)
+                assert wait_for(lambda: new.server_state(timeout=0).get("holder_pid") == new.proc.pid
+                                or not new.running, timeout=300, interval=0.02), new.log_tail()
+                assert new.running, new.log_tail()
+                took.append(time.monotonic() - started)
+                assert store.stop(mount_stays=True) == 0  # the old pod deleted: SIGTERM
+                assert "exiting; the mount stays" in store.log_path.read_text(errors="replace")
+                store = readers.store = new
+                readers.wait_checks(20)
+            readers.finish()
+    finally:
+        proxy.stop()
+    state = store.server_state()
+    print(f"\ntake-over test ({podman_lane.name}): {TAKEOVERS} take-overs by new stores (each serving "
+          f"{min(took):.1f}-{max(took):.1f} s after its start); small files checked {readers.loop_out.count('ok')}, "
+          f"longest gap between two {readers.loop_out.longest_gap('ok'):.2f} s; large file: longest 1 MiB piece "
+          f"(over {LINK_RATE >> 20} MiB/s) {readers.longest_piece():.2f} s; holder state {state}")
+    readers.assert_read_right()
+    assert state["takeovers"] == TAKEOVERS
+    assert store.stop() == 0  # the last one, with no successor: a real stop
+    assert not is_mounted(store.mountpoint)
 
-    def start(script: str) -> tuple[subprocess.Popen, Lines, Lines]:
-        cmd = podman_command(env, "run", "--rm", "--net=none", "--pull=never", "-v", f"{lane.seen(ctl)}:/ctl:ro",
-                             ref, "/bin/sh", "-c", script)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
+
+class ReadingContainers:
+    """The two reading containers of these tests, on `image` pulled through `proxy` into `lane`'s
+    podman with `store` as its additional layer store; the proxy turns slow once they are pulled.
+    `store` may be replaced (a take-over): the log shown on a failure is the current one's."""
+
+    def __init__(self, proxy, store, image, lane) -> None:
+        self.proxy, self.store, self.image, self.lane = proxy, store, image, lane
+        self.procs: list[subprocess.Popen] = []
+        self.allowed_at: list[float] = []
+        self._stop_dropping = threading.Event()
+        self._private = lane.private_dir("e2e-restart-")
+
+    def __enter__(self) -> ReadingContainers:
+        pod_dir = self._private.__enter__()
+        self.env = self.lane.env(pod_dir, additional_layer_store=self.store.mountpoint)
+        self.ctl = pod_dir / "ctl"
+        self.ctl.mkdir()
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop_dropping.set()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        try:
+            podman_cleanup(self.env)
+        finally:
+            self._private.__exit__(None, None, None)
+
+    def _start(self) -> None:
+        ref = f"{self.proxy.host}/restart/podman:esgz"
+        podman("pull", "--tls-verify=false", ref, env=self.env, timeout=600)
+        diff = self.store.layer_dir(ref, self.lane.layer_key(self.image.layers[0])) / "diff"  # what podman reads
+        small = [diff / small_file_name(i) for i in range(SMALL_FILES)]
+        self.proxy.mode_path_contains = "/blobs/"
+        self.proxy.mode_options = {"rate": LINK_RATE}
+        self.proxy.mode = "slow"
+        self.loop, self.loop_out, self.loop_err = self._container(ref, SMALL_LOOP)
+        self.big, self.big_out, self.big_err = self._container(ref, BIG_READ)
+        self._dropper = threading.Thread(target=_drop_page_cache, args=(small, self._stop_dropping), daemon=True)
+        self._dropper.start()
+        self.allow_piece()
+        assert self._progressed(self.loop_out, "ok", 50) and self._progressed(self.big_err, "piece", 1), self._tail()
+
+    def _container(self, ref: str, script: str) -> tuple[subprocess.Popen, Lines, Lines]:
+        cmd = podman_command(self.env, "run", "--rm", "--net=none", "--pull=never", "-v",
+                             f"{self.lane.seen(self.ctl)}:/ctl:ro", ref, "/bin/sh", "-c", script)
+        proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(proc)
         return proc, Lines(proc.stdout), Lines(proc.stderr)
 
-    loop, loop_out, loop_err = start(SMALL_LOOP)
-    big, big_out, big_err = start(BIG_READ)
-    stop_dropping = threading.Event()
-    dropper = threading.Thread(target=_drop_page_cache, args=(small, stop_dropping), daemon=True)
-    dropper.start()
+    def allow_piece(self) -> None:
+        """Let the next 1 MiB of the large file be read: right before a restart, kill or take-over,
+        so that a read (and, unless readahead brought it in already, its fetch) is under way."""
+        (self.ctl / str(len(self.allowed_at))).touch()
+        self.allowed_at.append(time.monotonic())
 
-    def progressed(lines: Lines, prefix: str, more: int) -> bool:
+    def _progressed(self, lines: Lines, prefix: str, more: int) -> bool:
         target = lines.count(prefix) + more
-        return wait_for(lambda: lines.count(prefix) >= target or lines.count("FAIL") or loop.poll() is not None,
+        return wait_for(lambda: lines.count(prefix) >= target or lines.count("FAIL") or self.loop.poll() is not None,
                         timeout=300, interval=0.02)
 
-    try:
-        allowed_at: list[float] = []
+    def wait_checks(self, more: int) -> None:
+        """`more` small files checked (a FAIL or an ended loop ends the wait: asserted later)."""
+        assert self._progressed(self.loop_out, "ok", more), self._tail()
 
-        def allow_piece() -> None:
-            """Let the next 1 MiB of the large file be read: right before a restart or a kill, so
-            that a read (and, unless readahead brought it in already, its fetch) is under way."""
-            (ctl / str(len(allowed_at))).touch()
-            allowed_at.append(time.monotonic())
+    def finish(self) -> None:
+        """Let the large file be read to its end; stop the loop."""
+        while len(self.allowed_at) < BIG_SIZE // MIB:
+            self.allow_piece()
+        self.big.wait(timeout=600)
+        self._stop_dropping.set()
+        self._dropper.join(60)
+        self.big_out.join(60)
+        self.big_err.join(60)
+        self.loop.kill()
+        self.loop.wait()
+        self.loop_out.join(60)
 
-        allow_piece()
-        assert progressed(loop_out, "ok", 50) and progressed(big_err, "piece", 1), _tail(loop_out, loop_err, store)
-        for _ in range(PLANNED_RESTARTS):
-            allow_piece()
-            store.restart()
-            assert progressed(loop_out, "ok", 20), _tail(loop_out, loop_err, store)
-        restarts_ended = time.monotonic()
-        for _ in range(KILLS):
-            generation = store.wait_standby()["generation"]
-            allow_piece()
-            store.kill_server()
-            store.wait_generation(generation)
-            assert progressed(loop_out, "ok", 20), _tail(loop_out, loop_err, store)
-        kills_ended = time.monotonic()
-        while len(allowed_at) < BIG_SIZE // MIB:
-            allow_piece()
-        big.wait(timeout=600)
-    finally:
-        stop_dropping.set()
-        dropper.join(60)
-    big_out.join(60)
-    big_err.join(60)
-    loop.kill()
-    loop.wait()
-    loop_out.join(60)
-    state = store.server_state()
-    print(f"\nrestart test ({lane.name}): {PLANNED_RESTARTS} planned restarts, "
-          f"{KILLS} kill -9; small files checked {loop_out.count('ok')}, longest gap between two: during restarts "
-          f"{loop_out.longest_gap('ok', end=restarts_ended):.2f} s, during kills "
-          f"{loop_out.longest_gap('ok', restarts_ended, kills_ended):.2f} s; large file: longest 1 MiB piece "
-          f"(over {LINK_RATE >> 20} MiB/s, from its go to its end) {_longest_piece(big_err, allowed_at):.2f} s; "
-          f"holder state {state}")
-    failures = [line for _, line in loop_out.lines + loop_err.lines + big_err.lines if "FAIL" in line
-                or "rror" in line or "not connected" in line]
-    assert failures == []
-    assert big.returncode == 0
-    assert big_err.count("piece") == BIG_SIZE // MIB
-    assert [line for _, line in big_out.lines] == [f"{hashlib.sha256(big_file_data()).hexdigest()}  -"]
-    assert (state["restarts"], state["crashes"]) == (PLANNED_RESTARTS, KILLS)
+    def longest_piece(self) -> float:
+        return _longest_piece(self.big_err, self.allowed_at)
+
+    def assert_read_right(self) -> None:
+        """No failed read, every piece of the large file read, its sha256 right."""
+        failures = [line for _, line in self.loop_out.lines + self.loop_err.lines + self.big_err.lines
+                    if "FAIL" in line or "rror" in line or "not connected" in line]
+        assert failures == []
+        assert self.big.returncode == 0
+        assert self.big_err.count("piece") == BIG_SIZE // MIB
+        assert [line for _, line in self.big_out.lines] == [f"{hashlib.sha256(big_file_data()).hexdigest()}  -"]
+
+    def _tail(self) -> str:
+        return _tail(self.loop_out, self.loop_err, self.store)
 
 
 def _drop_page_cache(paths: list[Path], stop: threading.Event) -> None:
