@@ -102,6 +102,7 @@ class Holder:
         self.nodes: dict[int, list[str]] = {}  # node id -> key, as servers reported them
         self.handed: list[list[Any]] | None = None  # exact [key, count] from a server that stopped
         self.handed_unanswered = False  # ... which could not answer every request it had read
+        self.handed_files: dict[str, Any] | None = None  # its open files per inode and mode (passthrough)
         self.uses: list[list[Any]] = []
         self.credentials: list[Any] = []
         self.current: Server | None = None
@@ -265,9 +266,9 @@ class Holder:
             nodes = self.handed
         else:  # after a crash: the keys the dead server reported, counts unknown
             nodes = [[key, CRASH_COUNT] for key in self.nodes.values()]
-        self.handed = None
+        files, self.handed, self.handed_files = self.handed_files, None, None
         server.channel.send("go", state=self.state, nodes=nodes, uses=self.uses, credentials=self.credentials,
-                            resend=resend)
+                            resend=resend, files=files)
 
     def _serving(self, server: Server, message: dict[str, Any]) -> None:
         server.phase = "serving"
@@ -302,6 +303,7 @@ class Holder:
         if not message.get("drained", True):
             log.warning("server %d stopped with requests unanswered: the kernel is asked to resend them", server.pid)
         self.handed = message.get("nodes")
+        self.handed_files = message.get("files")
         self.handed_unanswered = not message.get("drained", True)
         self.uses = message.get("uses", self.uses)
         self._take_over(server)

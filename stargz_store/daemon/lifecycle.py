@@ -100,6 +100,7 @@ class Serving:
         state = fuse.ConnectionState(**go["state"]) if go.get("state") else None
         session = fuse.Session(self.fd, StoreOperations(self.model, self.options), session_options(self.options),
                                state=state)
+        session.adopt_open_files(go.get("files"))  # backing ids belong to the connection: same ids, same modes
         session.on_init = self._on_init
         self.model.on_released = KernelNotifier(session).forget_entry
         self.session = session
@@ -177,7 +178,8 @@ class Serving:
         self._close_control()
         reads = sum(session.answering(op) for op in STATELESS_OPS)
         self.channel.send("stopped", nodes=[[list(k), n] for k, n in self.model.nodes.held_keys()],
-                          uses=self.pool.handles.use_counts(), drained=drained, reads=reads)
+                          uses=self.pool.handles.use_counts(), drained=drained, reads=reads,
+                          files=session.open_files())
         finished = session.wait_stopped(self.drain_timeout)
         if not (drained and finished):
             log.warning("requests still unanswered after %g s: the next server gets them again", self.drain_timeout)
@@ -211,6 +213,11 @@ class Serving:
         try:
             document = self.pool.stats()
             document["fs"] = self.model.stats()
+            if self.session is not None:
+                document["fs"].update(self.session.passthrough_stats())
+            backing = getattr(getattr(self.pool, "resolver", None), "backing", None)
+            if backing is not None:
+                document["backing_files"] = backing.stats()
             document["server"] = {"pid": os.getpid()}
             write_stats(document, self.root)
         except Exception:
