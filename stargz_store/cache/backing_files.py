@@ -24,7 +24,8 @@ would (the kernel then checks every page against a Merkle tree on read), but thi
 without it; without it, chunk reads stay the only path hashed on every read.
 
 Layout under `root` (`<store root>/cache/files`): `<key[-2:]>/<key>` (key: the hex of the file's content
-digest, else of a digest of its chunk list) and `records.log`. Thread-safe.
+digest, else `chunks-<hex>` of a digest of its chunk list) and `records.log`. Temp files of an
+interrupted copy are swept with the chunk cache's (`ChunkCache.sweep_temp_files`). Thread-safe.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .files import _WRITER_TOKEN, digest_hex, sweep_temp_files
+from .files import _WRITER_TOKEN, digest_hex
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +254,6 @@ class BackingFileStore:
         """The file was removed (the cache janitor): no longer offered."""
         with self._lock:
             self._records.pop(key, None)
-
-    def sweep_temp_files(self) -> int:
-        dirs = [Path(e.path) for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
-        return sweep_temp_files(dirs, "backing files")
 
     def _count(self, key: str) -> None:
         with self._lock:

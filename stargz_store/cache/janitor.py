@@ -1,6 +1,6 @@
 """The disk cache's size: measured, reported, and held under `[store] cache_max_size_gb`.
 
-The cache (`chunks/`, `blobs/` under `<root>/cache`) grows with every chunk fetched; nothing in it
+The cache (`chunks/`, `blobs/`, `files/` under `<root>/cache`) grows with every chunk fetched; nothing in it
 is needed for correctness, since every open layer can fetch any chunk again from its registry.
 The janitor removes the least recently used files when the cache grows past its limit (down to
 `LOW_WATER` of it, so it does not run on every write), and on demand (`prune`, the control
@@ -128,7 +128,8 @@ class CacheJanitor:
 
     def files(self) -> Iterator[CacheFile]:
         """Every complete file of the cache (temp files of writes in progress left out)."""
-        for kind, top in (("chunk", self.cache.chunk_dir), ("blob", self.cache.root / "blobs")):
+        for kind, top in (("chunk", self.cache.chunk_dir), ("blob", self.cache.root / "blobs"),
+                          ("file", self.cache.root / "files")):
             try:
                 fans = list(os.scandir(top))
             except FileNotFoundError:
@@ -138,6 +139,8 @@ class CacheJanitor:
                     continue
                 if kind == "chunk":
                     yield from self._chunk_files(fan.path)
+                elif kind == "file":
+                    yield from self._backing_files(fan.path)
                 else:
                     yield from self._blob_files(fan.path)
 
@@ -149,6 +152,17 @@ class CacheJanitor:
             st = _stat(entry)
             if st is not None:
                 yield CacheFile(entry.path, st.st_blocks * 512, max(st.st_atime, st.st_mtime), digest, "chunk")
+
+    def _backing_files(self, directory: str) -> Iterator[CacheFile]:
+        """Backing files for passthrough (`backing_files`): copies of cached chunks, never
+        protected (a file open by passthrough stays readable after its unlink; a later open is
+        served by chunks and the copy made again)."""
+        for entry in _scandir(directory):
+            if entry.name.startswith("."):
+                continue
+            st = _stat(entry)
+            if st is not None:
+                yield CacheFile(entry.path, st.st_blocks * 512, max(st.st_atime, st.st_mtime), "", "file")
 
     def _blob_files(self, directory: str) -> Iterator[CacheFile]:
         for blob in _scandir(directory):

@@ -81,6 +81,7 @@ class BackingFiles:
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = dict(self._stats)
+            out["queued"] = len(self._pending)
         out.update(self.store.stats())
         return out
 
@@ -116,6 +117,10 @@ class BackingFiles:
             self.store.make(key, entry.size, entry.digest, self._pieces(entry))
         except _ChunkGone:
             self._count("incomplete")  # evicted or damaged meanwhile: served by chunks until cached again
+            return
+        on_write = self.cache.on_write  # the janitor counts it like any cache file
+        if on_write is not None:
+            on_write(entry.size)
 
     def _pieces(self, entry: TocEntry) -> Iterator[bytes]:
         for c in entry.chunks:
