@@ -19,9 +19,8 @@ description (no per-thread clones): requests a dead server had read stay queued 
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -745,21 +744,6 @@ def passthrough_permitted() -> bool:
 
 
 def _ioctl(fd: int, request: int, arg: bytes) -> int:
-    """An ioctl whose result is its return value (fcntl.ioctl returns the buffer instead)."""
-    libc = _libc()
-    buf = ctypes.create_string_buffer(arg, len(arg))
-    result = libc.ioctl(fd, ctypes.c_ulong(request), buf)
-    if result < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return result
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _LIBC
+    """An ioctl whose result is its return value: `fcntl.ioctl` returns the system call's result
+    when handed a mutable buffer (raises OSError on failure)."""
+    return fcntl.ioctl(fd, request, bytearray(arg), True)

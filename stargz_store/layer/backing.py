@@ -85,12 +85,6 @@ class BackingFiles:
         out.update(self.store.stats())
         return out
 
-    def close(self) -> None:
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
-
     # -- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:

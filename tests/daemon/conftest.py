@@ -93,3 +93,18 @@ def shared_store(pushed):
         if is_mounted(daemon.mountpoint):
             lazy_unmount(daemon.mountpoint)
         remove_tmpdir(base)
+
+
+@pytest.fixture(scope="module")
+def restart_image(registry, tmp_path_factory):
+    """`restart_layer()` converted to eStargz, in the session registry as `restart/files:esgz`:
+    many small files and one 24 MiB random one (the restart and passthrough tests read it)."""
+    from tests.e2e.app_images import convert_and_push
+    from tests.fixtures.images import write_oci_image
+    from tests.fixtures.registry_images import fetch_image
+    from tests.fixtures.restart_load import restart_layer
+
+    work = tmp_path_factory.mktemp("restart-image")
+    write_oci_image(work / "src", [restart_layer().gzip()], tag="src")
+    convert_and_push(work / "src", "src", f"{registry.host}/restart/files:esgz")
+    return fetch_image(registry.host, "restart/files", "esgz")

@@ -15,21 +15,15 @@ from pathlib import Path
 import pytest
 
 from stargz_store.fuse import passthrough_permitted
-from tests.e2e.app_images import convert_and_push
-from tests.fixtures.images import write_oci_image
-from tests.fixtures.registry_images import fetch_image
-from tests.fixtures.restart_load import BIG_FILE, BIG_SIZE, RESTART_CONFIG, big_file_data, restart_layer, small_file_data, small_file_name
+from tests.fixtures.restart_load import BIG_FILE, BIG_SIZE, RESTART_CONFIG, big_file_data, small_file_data, small_file_name
 from tests.fixtures.waiting import wait_for
 
 pytestmark = [pytest.mark.root]
 
 
-@pytest.fixture(scope="module")
-def image(registry, tmp_path_factory):
-    work = tmp_path_factory.mktemp("passthrough-image")
-    write_oci_image(work / "src", [restart_layer().gzip()], tag="src")
-    convert_and_push(work / "src", "src", f"{registry.host}/passthrough/files:esgz")
-    return fetch_image(registry.host, "passthrough/files", "esgz")
+@pytest.fixture
+def image(restart_image):
+    return restart_image
 
 
 @pytest.fixture
@@ -40,7 +34,7 @@ def store(store_daemon_factory, image):
 
 
 def _diff(store, registry, image) -> Path:
-    return store.layer_dir(f"{registry.host}/passthrough/files:esgz", image.layers[0]["digest"]) / "diff"
+    return store.layer_dir(f"{registry.host}/restart/files:esgz", image.layers[0]["digest"]) / "diff"
 
 
 def _read(path: Path, offset: int = 0, size: int = -1) -> bytes:

@@ -18,12 +18,9 @@ import time
 
 import pytest
 
-from tests.e2e.app_images import convert_and_push
 from tests.fixtures.fault_proxy import FaultProxy
-from tests.fixtures.images import write_oci_image
-from tests.fixtures.registry_images import fetch_image
 from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, KILLS, PLANNED_RESTARTS, SMALL_FILES, FileLoop, SlowRead,
-                                         big_file_data, restart_layer, small_file_data, small_file_name, wait_for_reads)
+                                         big_file_data, small_file_data, small_file_name, wait_for_reads)
 from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
 from tests.fixtures.store import REPO_ROOT, is_mounted
 from tests.fixtures.waiting import wait_for
@@ -31,14 +28,6 @@ from tests.fixtures.waiting import wait_for
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 LINK_RATE = 3 << 20  # bytes per second: the 24 MiB file takes several seconds to arrive
-
-
-@pytest.fixture(scope="module")
-def restart_image(registry, tmp_path_factory):
-    work = tmp_path_factory.mktemp("restart-image")
-    write_oci_image(work / "src", [restart_layer().gzip()], tag="src")
-    convert_and_push(work / "src", "src", f"{registry.host}/restart/files:esgz")
-    return fetch_image(registry.host, "restart/files", "esgz")
 
 
 @pytest.fixture
