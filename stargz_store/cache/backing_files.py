@@ -94,6 +94,7 @@ class BackingFileStore:
         self._lock = threading.Lock()
         self._boot = _boot_id()
         self._log_path = self.root / RECORDS
+        self._log_read = 0  # bytes of the records file read so far
         self._stats = dict.fromkeys(("made", "bad_files", "opened"), 0)
         self._load_records()
 
@@ -118,12 +119,40 @@ class BackingFileStore:
     # -- lookups --------------------------------------------------------------------------------
 
     def get(self, key: str) -> BackingFile | None:
-        """The finished backing file `key`, if one was recorded this boot (not opened: see `open`)."""
+        """The finished backing file `key`, if one was recorded this boot (not opened: see `open`).
+        A key not known here is looked for in records another process (the one serving before a
+        restart or a crash, while this one was waiting) appended since they were read."""
         with self._lock:
             ident = self._records.get(key)
+            if ident is None and self._read_new_records():
+                ident = self._records.get(key)
         if ident is None:
             return None
         return BackingFile(key, self.path_for(key), ident.size)
+
+    def _read_new_records(self) -> bool:
+        """Read the lines appended to the records since last read (under `_lock`); True if any."""
+        try:
+            size = os.stat(self._log_path).st_size
+        except OSError:
+            return False
+        if size < self._log_read:
+            self._log_read = 0  # rewritten (compacted) by another process: read it all again
+        if size <= self._log_read:
+            return False
+        try:
+            with open(self._log_path) as f:
+                f.seek(self._log_read)
+                text = f.read(size - self._log_read)
+        except OSError:
+            return False
+        complete = text.rfind("\n") + 1
+        self._log_read += len(text[:complete].encode())
+        for line in text[:complete].splitlines():
+            parsed = self._parse(line)
+            if parsed is not None and parsed[2] == self._boot:
+                self._records[parsed[0]] = parsed[1]
+        return complete > 0
 
     def open(self, backing: BackingFile) -> int | None:
         """A read-only descriptor of `backing`, checked against its record (the caller closes
@@ -197,6 +226,8 @@ class BackingFileStore:
             self._records[key] = ident
             with open(self._log_path, "a") as f:
                 f.write(line)
+                if f.tell() == self._log_read + len(line):
+                    self._log_read = f.tell()  # nobody else appended meanwhile
 
     def _load_records(self) -> None:
         """Read `records.log` (last record per key wins); records of another boot and of files
@@ -206,16 +237,13 @@ class BackingFileStore:
                 lines = f.readlines()
         except FileNotFoundError:
             return
+        self._log_read = sum(len(line.encode()) for line in lines)
         stale: set[str] = set()
         for line in lines:
-            fields = line.split()
-            if len(fields) != 7:
+            parsed = self._parse(line)
+            if parsed is None:
                 continue
-            key, *numbers, boot = fields
-            try:
-                ident = Identity(*(int(n) for n in numbers))
-            except ValueError:
-                continue
+            key, ident, boot = parsed
             if boot != self._boot:
                 stale.add(key)
                 self._records.pop(key, None)
@@ -230,12 +258,24 @@ class BackingFileStore:
         if stale or len(lines) > 2 * len(self._records) + 16:
             self._rewrite()
 
+    @staticmethod
+    def _parse(line: str) -> tuple[str, Identity, str] | None:
+        fields = line.split()
+        if len(fields) != 7:
+            return None
+        key, *numbers, boot = fields
+        try:
+            return key, Identity(*(int(n) for n in numbers)), boot
+        except ValueError:
+            return None
+
     def _rewrite(self) -> None:
         tmp = self._log_path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             for key, i in self._records.items():
                 f.write(f"{key} {i.size} {i.mtime_ns} {i.ctime_ns} {i.ino} {i.dev} {self._boot}\n")
         os.replace(tmp, self._log_path)
+        self._log_read = os.stat(self._log_path).st_size
 
     def _drop(self, key: str, why: str, *, remove: bool) -> None:
         with self._lock:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("stargz_store.daemon")
 
 SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+OPEN_FILES_JOURNAL = "open-files.journal"  # under <root>: `fuse.journal`
 DRAIN_TIMEOUT = 20.0  # below the holder's: the old process reports what it could not finish
 # Requests whose answer changes nothing the next process needs: the old process may still answer
 # them after the next one serves (reads of a slow fetch need not hold up the hand-over).
@@ -100,7 +101,13 @@ class Serving:
         state = fuse.ConnectionState(**go["state"]) if go.get("state") else None
         session = fuse.Session(self.fd, StoreOperations(self.model, self.options), session_options(self.options),
                                state=state)
-        session.adopt_open_files(go.get("files"))  # backing ids belong to the connection: same ids, same modes
+        # Backing ids belong to the connection: answer as the predecessor did (same ids, same modes),
+        # from its hand-over, or after a crash from its journal; a fresh mount starts empty.
+        journal = fuse.OpenFilesJournal(self.root / OPEN_FILES_JOURNAL)
+        files = go.get("files")
+        if files is None and go.get("state"):
+            files = journal.replay()
+        session.adopt_open_files(files if go.get("state") else None, journal)
         session.on_init = self._on_init
         self.model.on_released = KernelNotifier(session).forget_entry
         self.session = session

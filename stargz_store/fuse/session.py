@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 from . import abi
+from .journal import OpenFilesJournal
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class Session:
         self._cached: dict[int, int] = {}  # ino -> files open through the page cache (passthrough on)
         self._backing_lock = threading.Lock()
         self._backing_refused = False  # the kernel refused BACKING_OPEN for lack of privilege
+        self.journal: OpenFilesJournal | None = None  # `adopt_open_files`
         self.passthrough_opens = 0  # backing ids registered (inodes put in passthrough mode)
         self.read_requests = 0
         self._entry_valid = _split_seconds(self.options.entry_timeout)
@@ -528,6 +530,7 @@ class Session:
                 held = self._backing.get(ino)
                 if held is not None:
                     held[1] += 1
+                    self._note(ino, held[0], 1, 0)
                     return abi.FOPEN_PASSTHROUGH, held[0]  # the kernel refuses KEEP_CACHE with it
                 if fd is not None and not self._cached.get(ino) and not self._backing_refused:
                     try:
@@ -537,8 +540,10 @@ class Session:
                     else:
                         self._backing[ino] = [backing_id, 1]
                         self.passthrough_opens += 1
+                        self._note(ino, backing_id, 1, 0)
                         return abi.FOPEN_PASSTHROUGH, backing_id
                 self._cached[ino] = self._cached.get(ino, 0) + 1
+                self._note(ino, 0, 0, 1)
                 return self._cache_flags(opened), 0
         finally:
             if fd is not None:
@@ -558,6 +563,7 @@ class Session:
             held = self._backing.get(ino)
             if held is not None:
                 held[1] -= 1
+                self._note(ino, held[0], -1, 0)
                 if held[1] <= 0:
                     del self._backing[ino]
                     try:
@@ -566,33 +572,46 @@ class Session:
                         log.debug("closing backing id %d: %s", held[0], e.strerror)
                 return
             count = self._cached.get(ino, 0)
+            if count:
+                self._note(ino, 0, 0, -1)
             if count > 1:
                 self._cached[ino] = count - 1
             elif count:
                 del self._cached[ino]
+
+    def _note(self, ino: int, backing_id: int, passthrough: int, through_cache: int) -> None:
+        """Journal one change of the open files (under `_backing_lock`), before it is answered."""
+        journal = self.journal
+        if journal is not None and journal.note(ino, backing_id, passthrough, through_cache):
+            journal.rewrite(self._open_files())
 
     def open_files(self) -> dict[str, list[list[int]]]:
         """The open files per inode and mode (`_open_mode`), for the process taking over: it must
         answer further opens of these inodes in the same mode, with the same backing ids (which
         belong to the connection, not to this process)."""
         with self._backing_lock:
-            return {"backing": [[ino, bid, n] for ino, (bid, n) in self._backing.items()],
-                    "cached": [[ino, n] for ino, n in self._cached.items()]}
+            return self._open_files()
+
+    def _open_files(self) -> dict[str, list[list[int]]]:
+        return {"backing": [[ino, bid, n] for ino, (bid, n) in self._backing.items()],
+                "cached": [[ino, n] for ino, n in self._cached.items()]}
 
     def passthrough_stats(self) -> dict[str, int]:
         with self._backing_lock:
             return {"passthrough_opens": self.passthrough_opens, "read_requests": self.read_requests,
                     "passthrough_inodes": len(self._backing), "cached_inodes": len(self._cached)}
 
-    def adopt_open_files(self, files: dict[str, list[list[int]]] | None) -> None:
-        """Take over a predecessor's `open_files()` (before serving)."""
-        if not files:
-            return
+    def adopt_open_files(self, files: dict[str, list[list[int]]] | None, journal: OpenFilesJournal | None = None) -> None:
+        """Take over a predecessor's `open_files()` (before serving); from now on every change
+        is also appended to `journal` (started over with this table), for a successor after a crash."""
         with self._backing_lock:
-            for ino, bid, n in files.get("backing", ()):
+            for ino, bid, n in (files or {}).get("backing", ()):
                 self._backing[int(ino)] = [int(bid), int(n)]
-            for ino, n in files.get("cached", ()):
+            for ino, n in (files or {}).get("cached", ()):
                 self._cached[int(ino)] = int(n)
+            if journal is not None:
+                journal.rewrite(self._open_files())
+                self.journal = journal
 
     def _read(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
         fh, offset, size = abi.READ_IN.unpack_from(body)[:3]

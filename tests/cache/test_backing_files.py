@@ -93,3 +93,14 @@ def test_a_file_without_a_toc_digest_is_keyed_by_its_chunks(tmp_path):
     fd = store.open(made)
     assert fd is not None
     os.close(fd)
+
+
+def test_files_another_process_made_are_found(tmp_path):
+    """The serving process after a restart or a crash was built before its predecessor made them."""
+    waiting = BackingFileStore(tmp_path / "files")
+    made = _make(BackingFileStore(tmp_path / "files"))
+    found = waiting.get(made.key)
+    assert found == made
+    fd = waiting.open(found)
+    assert fd is not None
+    os.close(fd)

@@ -211,3 +211,34 @@ def test_files_open_by_passthrough_stay_usable_through_a_restart(store, registry
     assert after["read_requests"] == before["read_requests"]
     assert after["passthrough_opens"] == before["passthrough_opens"] + 1
     assert store.stop() == 0
+
+
+def test_files_open_by_passthrough_stay_usable_after_a_crash_of_the_server(store, registry, image):
+    """A crashed process hands nothing over: its successor replays the open files it journaled."""
+    big = _diff(store, registry, image) / BIG_FILE
+    expected = big_file_data()
+    assert _read(big) == expected
+    assert wait_for(lambda: _made(store) == 1, timeout=120)
+    assert wait_for(lambda: _settled(store), timeout=60)
+    first = os.open(big, os.O_RDONLY)
+    try:
+        assert os.pread(first, 4096, 0) == expected[:4096]
+        generation = store.server_state()["generation"]
+        killed = store.kill_server()
+        assert store.wait_generation(generation)["server_pid"] != killed
+        assert _fs(store)["passthrough_inodes"] == 1  # from the journal
+        try:
+            second = os.open(big, os.O_RDONLY)
+        except OSError as e:
+            pytest.fail(f"a second open after the crash failed: {errno.errorcode.get(e.errno)}")
+        try:
+            assert os.pread(second, 1 << 20, 3 << 20) == expected[3 << 20 : 4 << 20]
+        finally:
+            os.close(second)
+    finally:
+        os.close(first)
+    assert wait_for(lambda: _settled(store), timeout=60)
+    before = _fs(store)
+    assert _read(big) == expected
+    assert _fs(store)["read_requests"] == before["read_requests"]
+    assert store.stop() == 0
