@@ -154,6 +154,10 @@ class BackingFileStore:
                 self._records[parsed[0]] = parsed[1]
         return complete > 0
 
+    def known(self, key: str) -> bool:
+        """Whether `key` is recorded here (records other processes appended are not read)."""
+        return key in self._records
+
     def open(self, backing: BackingFile) -> int | None:
         """A read-only descriptor of `backing`, checked against its record (the caller closes
         it); None when it is gone or was touched (then it is removed, to be made again)."""

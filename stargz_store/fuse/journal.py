@@ -5,12 +5,15 @@ already open (and, by passthrough, with the same backing id: `Session._open_mode
 process hands its table over; a crashed one cannot, so every change is appended here first (one
 16-byte record, one `write`, before the OPEN or RELEASE is answered), and the next process
 replays it. Records: inode, backing id, change of the files open by passthrough, change of the
-files open through the page cache. The file is rewritten from the current table when it grows
-past `COMPACT_BYTES`, and at every take-over.
+files open through the page cache. The file is a shared memory mapping (`JOURNAL_BYTES`, sparse):
+a record is a store into memory, no system call, and what is stored is in the page cache when
+the process dies. A record of inode 0 (never a node id) ends the records. The file is rewritten
+from the current table when it is full, and at every take-over.
 """
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RECORD = struct.Struct("<Qihh")  # ino, backing id, passthrough change, cached change
-COMPACT_BYTES = 4 << 20
+JOURNAL_BYTES = 4 << 20
 
 OpenFiles = dict[str, list[list[int]]]  # Session.open_files(): {"backing": [[ino, id, n]], "cached": [[ino, n]]}
 
@@ -29,7 +32,7 @@ class OpenFilesJournal:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._fd = -1
+        self._map: mmap.mmap | None = None
         self._size = 0
 
     def replay(self) -> OpenFiles:
@@ -40,8 +43,10 @@ class OpenFilesJournal:
             data = self.path.read_bytes()
         except FileNotFoundError:
             data = b""
-        usable = len(data) - len(data) % RECORD.size  # a record cut by the crash is dropped
+        usable = len(data) - len(data) % RECORD.size
         for ino, backing_id, passthrough, through_cache in RECORD.iter_unpack(data[:usable]):
+            if ino == 0:
+                break  # the end of the records
             if passthrough:
                 held = backing.setdefault(ino, [backing_id, 0])
                 held[1] += passthrough
@@ -60,31 +65,31 @@ class OpenFilesJournal:
         """Start over with `files` as the whole table (replacing the file atomically)."""
         records = [RECORD.pack(ino, bid, n, 0) for ino, bid, n in files.get("backing", ())]
         records += [RECORD.pack(ino, 0, 0, n) for ino, n in files.get("cached", ())]
+        data = b"".join(records)
+        size = max(JOURNAL_BYTES, len(data) * 2 + RECORD.size)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, b"".join(records))
+            os.write(fd, data)
+            os.ftruncate(fd, size)
+            os.replace(tmp, self.path)
+            self.close()
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        self.close()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._size = len(records) * RECORD.size
+            os.close(fd)  # the mapping keeps the file
+        self._size = len(data)
 
     def note(self, ino: int, backing_id: int, passthrough: int, through_cache: int) -> bool:
-        """Append one change; True when the file should be compacted (`rewrite`)."""
-        if self._fd < 0:
+        """Store one change; True when the journal is full and must be rewritten (`rewrite`)."""
+        journal = self._map
+        if journal is None:
             return False
-        try:
-            os.write(self._fd, RECORD.pack(ino, backing_id, passthrough, through_cache))
-        except OSError as e:
-            log.warning("open files journal %s: %s; a crash now would lose it", self.path, e.strerror)
-            self.close()
-            return False
-        self._size += RECORD.size
-        return self._size > COMPACT_BYTES
+        end = self._size + RECORD.size
+        RECORD.pack_into(journal, self._size, ino, backing_id, passthrough, through_cache)
+        self._size = end
+        return end + RECORD.size > len(journal)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._map is not None:
+            self._map.close()
+            self._map = None

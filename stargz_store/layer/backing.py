@@ -61,7 +61,7 @@ class BackingFiles:
             return
         key = self.key(entry)
         with self._lock:
-            if key in self._pending or self.store.get(key) is not None:
+            if key in self._pending or self.store.known(key):
                 return
             try:
                 self._queue.put_nowait(entry)
@@ -102,7 +102,7 @@ class BackingFiles:
                         self._idle.notify_all()
 
     def _make(self, key: str, entry: TocEntry) -> None:
-        if self.store.get(key) is not None:
+        if self.store.get(key) is not None:  # made meanwhile (here, or by the process before a restart)
             return
         if not all(c.zeros or self.cache.contains(c.digest) for c in entry.chunks):
             self._count("incomplete")
