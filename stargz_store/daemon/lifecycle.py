@@ -77,6 +77,7 @@ class Serving:
         self.drain_timeout = drain_timeout
         self.control: ControlServer | None = None
         self.session: fuse.Session | None = None
+        self.operations: StoreOperations | None = None
         self.ended = threading.Event()  # main may exit
         self.exit_code = 0
         self._stopping = threading.Lock()
@@ -99,8 +100,10 @@ class Serving:
         self.model.nodes.on_added = lambda nodeid, key: self.channel.send("node", id=nodeid, key=list(key))
         self.model.nodes.on_dropped = lambda nodeid: self.channel.send("dropped", id=nodeid)
         state = fuse.ConnectionState(**go["state"]) if go.get("state") else None
-        session = fuse.Session(self.fd, StoreOperations(self.model, self.options), session_options(self.options),
-                               state=state)
+        self.operations = operations = StoreOperations(self.model, self.options)
+        if state is not None:
+            operations.negotiated(state)
+        session = fuse.Session(self.fd, operations, session_options(self.options), state=state)
         # Backing ids belong to the connection: answer as the predecessor did (same ids, same modes),
         # from its hand-over, or after a crash from its journal; a fresh mount starts empty.
         journal = fuse.OpenFilesJournal(self.root / OPEN_FILES_JOURNAL)
@@ -127,6 +130,8 @@ class Serving:
 
     def _on_init(self, state: fuse.ConnectionState) -> None:
         """The kernel's INIT is answered (a fresh mount): the mount serves from now on."""
+        if self.operations is not None:
+            self.operations.negotiated(state)
         if self.options.read_ahead_kb is not None:  # 0 = no readahead; None = the kernel's default
             set_read_ahead(str(self.mountpoint), self.options.read_ahead_kb)
         self.channel.send("init", state=dataclasses.asdict(state))

@@ -126,6 +126,12 @@ class StoreOperations:
         self.ownership: Ownership = getattr(model, "ownership", ROOTFUL)
         self._store_uid = self.ownership.store_uid
         self._owners = self.ownership.attr
+        self.passthrough = False  # what the connection negotiated (`negotiated`): no backing files before
+
+    def negotiated(self, state: fuse.ConnectionState) -> None:
+        """The connection's INIT (this process's, or a predecessor's): look for backing files only
+        when the kernel takes them (else they would be made and never used)."""
+        self.passthrough = self.options.passthrough and state.passthrough
 
     def _caller(self, ctx: fuse.Context) -> Caller:
         return Caller(ctx.uid, self._store_uid)
@@ -206,7 +212,7 @@ class StoreOperations:
     def open(self, ctx: fuse.Context, ino: int, flags: int) -> fuse.OpenReply:
         """With passthrough, a file whose every byte is cached and verified is answered with its
         backing file's descriptor (the session registers it with the kernel, or closes it)."""
-        passthrough = self.options.passthrough
+        passthrough = self.passthrough
         try:
             fh = self.model.open(ino, flags, caller=self._caller(ctx), backing=passthrough)
         except FsError as e:

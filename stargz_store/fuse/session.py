@@ -509,9 +509,11 @@ class Session:
             if opened.backing_fd is not None:
                 os.close(opened.backing_fd)
             open_flags, backing_id = self._cache_flags(opened), 0
-        if not self._reply(unique, abi.OPEN_OUT.pack(opened.fh, open_flags, backing_id)) and self.state is not None \
-                and self.state.passthrough:
-            self._closed(nodeid)  # the caller gave up: the kernel opened nothing, no RELEASE follows
+        if not self._reply(unique, abi.OPEN_OUT.pack(opened.fh, open_flags, backing_id)):
+            # The caller gave up: the kernel opened nothing, and no RELEASE will follow.
+            if self.state is not None and self.state.passthrough:
+                self._closed(nodeid)
+            self.ops.release(nodeid, opened.fh)
 
     @staticmethod
     def _cache_flags(opened: OpenReply) -> int:
