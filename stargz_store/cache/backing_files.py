@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import secrets
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MODE = 0o400
 RECORDS = "records.log"
-MAX_RECORDS = 1 << 20  # lines kept in memory; a larger cache is simply not passed through past it
+MAX_RECORDS = 1 << 20  # files recorded (~150 bytes of memory each); past it a file is simply not passed through
 
 
 class BackingFileError(Exception):
@@ -61,7 +62,8 @@ def _boot_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What `fstat` says of a finished backing file; any change means it was touched."""
+    """What `fstat` says of a finished backing file; any change means it was touched. Kept in
+    memory packed (`packed`, 40 bytes: a record per cached file adds up)."""
 
     size: int
     mtime_ns: int
@@ -72,6 +74,17 @@ class Identity:
     @classmethod
     def of(cls, st: os.stat_result) -> Identity:
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+    @property
+    def packed(self) -> bytes:
+        return _PACKED.pack(self.size, self.mtime_ns, self.ctime_ns, self.ino, self.dev)
+
+    @classmethod
+    def unpack(cls, packed: bytes) -> Identity:
+        return cls(*_PACKED.unpack(packed))
+
+
+_PACKED = struct.Struct("<QqqQQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +103,7 @@ class BackingFileStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
-        self._records: dict[str, Identity] = {}
+        self._records: dict[str, bytes] = {}  # key -> Identity.packed
         self._lock = threading.Lock()
         self._boot = _boot_id()
         self._log_path = self.root / RECORDS
@@ -128,7 +141,7 @@ class BackingFileStore:
                 ident = self._records.get(key)
         if ident is None:
             return None
-        return BackingFile(key, self.path_for(key), ident.size)
+        return BackingFile(key, self.path_for(key), Identity.unpack(ident).size)
 
     def _read_new_records(self) -> bool:
         """Read the lines appended to the records since last read (under `_lock`); True if any."""
@@ -151,7 +164,7 @@ class BackingFileStore:
         for line in text[:complete].splitlines():
             parsed = self._parse(line)
             if parsed is not None and parsed[2] == self._boot:
-                self._records[parsed[0]] = parsed[1]
+                self._records[parsed[0]] = parsed[1].packed
         return complete > 0
 
     def known(self, key: str) -> bool:
@@ -169,7 +182,7 @@ class BackingFileStore:
         st = os.fstat(fd)
         with self._lock:
             ident = self._records.get(backing.key)
-        if ident is None or Identity.of(st) != ident or (st.st_mode & 0o7777) != MODE or st.st_nlink != 1:
+        if ident is None or Identity.of(st).packed != ident or (st.st_mode & 0o7777) != MODE or st.st_nlink != 1:
             os.close(fd)
             self._drop(backing.key, "it changed after it was verified (size, times, inode or mode)", remove=True)
             return None
@@ -227,15 +240,16 @@ class BackingFileStore:
         with self._lock:
             if len(self._records) >= MAX_RECORDS:
                 return
-            self._records[key] = ident
+            self._records[key] = ident.packed
             with open(self._log_path, "a") as f:
                 f.write(line)
                 if f.tell() == self._log_read + len(line):
                     self._log_read = f.tell()  # nobody else appended meanwhile
 
     def _load_records(self) -> None:
-        """Read `records.log` (last record per key wins); records of another boot and of files
-        gone are dropped, their files removed; the log is rewritten when it holds dead lines."""
+        """Read `records.log` (last record per key wins); records of another boot are dropped and
+        their files removed; the log is rewritten when it holds dead lines. (A file gone since
+        is found at its next open.)"""
         try:
             with open(self._log_path) as f:
                 lines = f.readlines()
@@ -253,7 +267,7 @@ class BackingFileStore:
                 self._records.pop(key, None)
             else:
                 stale.discard(key)
-                self._records[key] = ident
+                self._records[key] = ident.packed
         for key in stale:
             try:
                 os.unlink(self.path_for(key))
@@ -276,7 +290,8 @@ class BackingFileStore:
     def _rewrite(self) -> None:
         tmp = self._log_path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            for key, i in self._records.items():
+            for key, packed in self._records.items():
+                i = Identity.unpack(packed)
                 f.write(f"{key} {i.size} {i.mtime_ns} {i.ctime_ns} {i.ino} {i.dev} {self._boot}\n")
         os.replace(tmp, self._log_path)
         self._log_read = os.stat(self._log_path).st_size

@@ -101,12 +101,15 @@ def mount_spec(mountpoint: str, options: MountOptions) -> fuse.MountSpec:
 
 
 def session_options(options: MountOptions) -> fuse.SessionOptions:
+    passthrough = options.passthrough and fuse.passthrough_permitted()
+    if options.passthrough and not passthrough:
+        log.info("FUSE passthrough needs CAP_SYS_ADMIN in the initial user namespace: off, reads go through the store")
     return fuse.SessionOptions(
         attr_timeout=options.attr_timeout,
         entry_timeout=options.entry_timeout,
         negative_timeout=options.negative_timeout,
         no_open=options.no_open,
-        passthrough=options.passthrough and fuse.passthrough_permitted(),
+        passthrough=passthrough,
         debug=options.debug,
         observe=metrics.observe_fuse,
     )
