@@ -14,6 +14,8 @@ What must hold:
 - a file written after a scan is never removed by that pass (it is not in the scan); a chunk
   removed just before a reader opens it is a cache miss, and fetched again (never wrong bytes:
   reads verify every chunk, see `chunk_cache`);
+- passthrough copies (`files/`, `backing_files`) go before any chunk or block: they are made
+  again from local chunks, while a chunk may cost a registry request;
 - recency is the file's access or modification time, whichever is later (with `relatime` the
   kernel updates the access time at most once a day after the write, so "least recently used"
   has day granularity for files read again; files never read since written go by write time);
@@ -206,7 +208,7 @@ class CacheJanitor:
             result.evictable_bytes = sum(f.size for f in candidates)
             size = result.size_before
             if target is not None and size > target:
-                candidates.sort(key=lambda f: f.used)
+                candidates.sort(key=lambda f: (f.kind != "file", f.used))  # copies first: made again locally
                 for f in candidates:
                     if size <= target:
                         break
