@@ -118,3 +118,18 @@ def test_backing_files_are_counted_and_go_even_while_their_chunks_are_in_use(tmp
         os.close(fd)
     assert store.open(made) is None and store.get(made.key) is None
     assert (cache.root / "files" / "records.log").exists()
+
+
+def test_copies_go_before_older_chunks(tmp_path):
+    from stargz_store.cache.backing_files import BackingFileStore
+
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0)
+    old = chunk(cache, b"o", used=1_000_000)  # long unused, but fetched from a registry
+    newer = chunk(cache, b"n", used=2_000_000)
+    data = cache.get(newer)
+    made = BackingFileStore(cache.root / "files").make(newer[7:], len(data), newer, [data])
+    janitor = CacheJanitor(cache, lambda: Protected())
+    size = janitor.measure()
+    result = janitor.prune(size - 1)
+    assert result.removed_files == 1 and not os.path.exists(made.path)
+    assert cache.path_for(old).exists() and cache.path_for(newer).exists()
