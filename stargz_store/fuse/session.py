@@ -552,11 +552,15 @@ class Session:
                 os.close(fd)  # the kernel holds its own reference once registered
 
     def _backing_failed(self, ino: int, error: OSError) -> None:
-        if error.errno in (errno.EPERM, errno.EACCES):
-            self._backing_refused = True  # not root in the initial namespace: it never will be
+        # EPERM: not CAP_SYS_ADMIN in the initial namespace; ELOOP: the copies are on a stacked
+        # filesystem (overlayfs: the store's root inside a container), deeper than the one level
+        # we declare (max_stack_depth 1, so that overlayfs can still stack on this mount). Every
+        # copy is alike: stop asking.
+        if error.errno in (errno.EPERM, errno.EACCES, errno.ELOOP):
+            self._backing_refused = True
             log.warning("FUSE passthrough refused by the kernel (%s): every file is served by the store",
                         error.strerror)
-        else:  # ELOOP (backing file on a stacked filesystem), EINVAL...: this file only
+        else:  # EINVAL...: this file only
             log.info("passthrough of inode %d refused by the kernel (%s): served by the store", ino, error.strerror)
 
     def _closed(self, ino: int) -> None:
