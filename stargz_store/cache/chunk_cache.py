@@ -309,7 +309,9 @@ class ChunkCache:
         visible under a final name); returns how many. Safe while the cache is in use: writes in
         progress in this process are left alone. The daemon runs it once at start."""
         chunk_dirs = [d for d in self.chunk_dir.iterdir() if d.is_dir()]
-        return sweep_temp_files([*chunk_dirs, *self.blob_cache.blob_dirs()], "cache")
+        files = self.root / "files"  # backing files for passthrough (`backing_files`)
+        file_dirs = [d for d in files.iterdir() if d.is_dir()] if files.is_dir() else []
+        return sweep_temp_files([*chunk_dirs, *self.blob_cache.blob_dirs(), *file_dirs], "cache")
 
     def stats(self) -> dict[str, int]:
         with self._stats_lock:

@@ -1,6 +1,6 @@
 """The disk cache's size: measured, reported, and held under `[store] cache_max_size_gb`.
 
-The cache (`chunks/`, `blobs/` under `<root>/cache`) grows with every chunk fetched; nothing in it
+The cache (`chunks/`, `blobs/`, `files/` under `<root>/cache`) grows with every chunk fetched; nothing in it
 is needed for correctness, since every open layer can fetch any chunk again from its registry.
 The janitor removes the least recently used files when the cache grows past its limit (down to
 `LOW_WATER` of it, so it does not run on every write), and on demand (`prune`, the control
@@ -14,6 +14,8 @@ What must hold:
 - a file written after a scan is never removed by that pass (it is not in the scan); a chunk
   removed just before a reader opens it is a cache miss, and fetched again (never wrong bytes:
   reads verify every chunk, see `chunk_cache`);
+- passthrough copies (`files/`, `backing_files`) go before any chunk or block: they are made
+  again from local chunks, while a chunk may cost a registry request;
 - recency is the file's access or modification time, whichever is later (with `relatime` the
   kernel updates the access time at most once a day after the write, so "least recently used"
   has day granularity for files read again; files never read since written go by write time);
@@ -128,7 +130,8 @@ class CacheJanitor:
 
     def files(self) -> Iterator[CacheFile]:
         """Every complete file of the cache (temp files of writes in progress left out)."""
-        for kind, top in (("chunk", self.cache.chunk_dir), ("blob", self.cache.root / "blobs")):
+        for kind, top in (("chunk", self.cache.chunk_dir), ("blob", self.cache.root / "blobs"),
+                          ("file", self.cache.root / "files")):
             try:
                 fans = list(os.scandir(top))
             except FileNotFoundError:
@@ -138,6 +141,8 @@ class CacheJanitor:
                     continue
                 if kind == "chunk":
                     yield from self._chunk_files(fan.path)
+                elif kind == "file":
+                    yield from self._backing_files(fan.path)
                 else:
                     yield from self._blob_files(fan.path)
 
@@ -149,6 +154,17 @@ class CacheJanitor:
             st = _stat(entry)
             if st is not None:
                 yield CacheFile(entry.path, st.st_blocks * 512, max(st.st_atime, st.st_mtime), digest, "chunk")
+
+    def _backing_files(self, directory: str) -> Iterator[CacheFile]:
+        """Backing files for passthrough (`backing_files`): copies of cached chunks, never
+        protected (a file open by passthrough stays readable after its unlink; a later open is
+        served by chunks and the copy made again)."""
+        for entry in _scandir(directory):
+            if entry.name.startswith("."):
+                continue
+            st = _stat(entry)
+            if st is not None:
+                yield CacheFile(entry.path, st.st_blocks * 512, max(st.st_atime, st.st_mtime), "", "file")
 
     def _blob_files(self, directory: str) -> Iterator[CacheFile]:
         for blob in _scandir(directory):
@@ -192,7 +208,7 @@ class CacheJanitor:
             result.evictable_bytes = sum(f.size for f in candidates)
             size = result.size_before
             if target is not None and size > target:
-                candidates.sort(key=lambda f: f.used)
+                candidates.sort(key=lambda f: (f.kind != "file", f.used))  # copies first: made again locally
                 for f in candidates:
                     if size <= target:
                         break

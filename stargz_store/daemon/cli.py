@@ -279,17 +279,23 @@ def build_store(cfg: StoreConfig, root: Path):
     """The object graph: registry client -> chunk cache -> layer resolver -> image pool -> model.
     Returns (pool, model, cache); the cache's temp-file sweep is the caller's (`start_cache_sweep`),
     once no earlier process of this root writes to the cache any more."""
+    from ..cache.backing_files import BackingFileStore
     from ..cache.chunk_cache import ChunkCache
     from ..formats import estargz, zstd_chunked  # noqa: F401  (loaded now, not during the first lookup)
     from ..fs.model import StoreModel
     from ..fs.recorder import AccessRecorder
+    from ..fuse import passthrough_permitted
+    from ..layer.backing import BackingFiles
     from ..layer.resolver import LayerResolver
     from ..registry.client import RegistryClient
     from .pool import ImagePool
 
     client = RegistryClient(cfg.registry)
     cache = ChunkCache(root / "cache", memory_bytes=cfg.memory_cache_bytes)
-    resolver = LayerResolver(client, cache, cfg.layer)
+    backing = None
+    if cfg.mount.passthrough and passthrough_permitted():  # else nothing would use them
+        backing = BackingFiles(BackingFileStore(root / "cache" / "files"), cache, min_size=cfg.passthrough_min_bytes)
+    resolver = LayerResolver(client, cache, cfg.layer, backing=backing)
     pool = ImagePool(client, resolver, cfg.pool, metadata_dir=root / "pool")
     (root / "pool").mkdir(exist_ok=True)
     recorder = AccessRecorder(cfg.record_images, max_entries=cfg.record_max_entries)

@@ -57,7 +57,8 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
-         "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb", "spare_server"},
+         "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb", "spare_server",
+         "passthrough", "passthrough_min_kb"},
         {},
     ),
     "record": ({"images", "max_entries"}, {}),
@@ -75,6 +76,7 @@ class StoreConfig:
     layer: LayerConfig = field(default_factory=LayerConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     spare_server: bool = False  # the holder keeps a second serving process ready for a crash (daemon.holder)
+    passthrough_min_bytes: int = 0  # smallest file given a backing file for passthrough (`layer.backing`)
     mount: MountOptions = field(default_factory=MountOptions)
     memory_cache_bytes: int = 16 << 20  # see config.toml: the kernel's page cache keeps what was read
     log_file_access: bool = False
@@ -181,8 +183,10 @@ def _build(doc: ConfigTable) -> StoreConfig:
         kernel_cache=_bool(store, "kernel_cache", cfg.mount.kernel_cache),
         read_ahead_kb=_int_or_off(store, "read_ahead_kb", cfg.mount.read_ahead_kb),
         no_open=_bool(store, "fuse_no_open", cfg.mount.no_open),
+        passthrough=_bool(store, "passthrough", cfg.mount.passthrough),
         debug=_bool(doc, "debug", False),
     )
+    cfg.passthrough_min_bytes = _int_or_off(store, "passthrough_min_kb", cfg.passthrough_min_bytes >> 10) << 10
     cfg.log_file_access = _bool(doc, "log_file_access", False)
     cfg.memory_cache_bytes = _int_or_off(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20) << 20
     cfg.metrics_address = _metrics_address(doc)

@@ -13,12 +13,16 @@ server -> holder
   process taking over after a crash can rebuild it: ids follow from keys).
 - `uses` {uses: [[ref, key, count]...]}: every use count, after each use or release notification.
 - `credentials` {document}: credentials the runtime sent (a secret: memory only, never logged).
-- `stopped` {nodes: [[key, count]...], uses, drained}: after `stop`, nothing more is read from
-  /dev/fuse and every request read was answered (`drained` false: some were not, in time).
+- `stopped` {nodes: [[key, count]...], uses, drained, files}: after `stop`, nothing more is read
+  from /dev/fuse and every request read was answered (`drained` false: some were not, in time);
+  `files`: the open files per inode and mode with their passthrough backing ids
+  (`fuse.Session.open_files`), which belong to the connection and must be answered alike.
 
 holder -> server
-- `go` {state, nodes, uses, credentials}: serve (`state` None: a fresh mount, INIT comes first;
-  otherwise resume it and ask the kernel to resend what a predecessor read but did not answer).
+- `go` {state, nodes, uses, credentials, files}: serve (`state` None: a fresh mount, INIT comes
+  first; otherwise resume it and ask the kernel to resend what a predecessor read but did not
+  answer). `files` is the stopped predecessor's; None after a crash (the new process then
+  replays the dead one's `<root>/open-files.journal`).
 - `stop`: stop reading requests, answer those read, send `stopped`, exit 0.
 - `shutdown`: the store is being unmounted: fail waiting requests at once and exit once the
   connection has ended.

@@ -126,6 +126,7 @@ class Holder:
         self.nodes: dict[int, list[str]] = {}  # node id -> key, as servers reported them
         self.handed: list[list[Any]] | None = None  # exact [key, count] from a server that stopped
         self.handed_unanswered = False  # ... which could not answer every request it had read
+        self.handed_files: dict[str, Any] | None = None  # its open files per inode and mode (passthrough)
         self.uses: list[list[Any]] = []
         self.credentials: list[Any] = []
         self.current: Server | None = None
@@ -327,9 +328,9 @@ class Holder:
             nodes = self.handed
         else:  # after a crash: the keys the dead server reported, counts unknown
             nodes = [[key, CRASH_COUNT] for key in self.nodes.values()]
-        self.handed = None
+        files, self.handed, self.handed_files = self.handed_files, None, None
         server.channel.send("go", state=self.state, nodes=nodes, uses=self.uses, credentials=self.credentials,
-                            resend=resend)
+                            resend=resend, files=files)
 
     def _serving(self, server: Server, message: dict[str, Any]) -> None:
         server.phase = "serving"
@@ -372,6 +373,7 @@ class Holder:
         if not message.get("drained", True):
             log.warning("server %d stopped with requests unanswered: the kernel is asked to resend them", server.pid)
         self.handed = message.get("nodes")
+        self.handed_files = message.get("files")
         self.handed_unanswered = not message.get("drained", True)
         self.uses = message.get("uses", self.uses)
         self._take_over(server)
@@ -587,13 +589,13 @@ class Holder:
             nodes, resend = self.handed, self.handed_unanswered
         else:  # our server died instead of stopping: the keys it reported, counts unknown
             nodes, resend = [[key, CRASH_COUNT] for key in self.nodes.values()], True
-        self.handed = None
+        files, self.handed, self.handed_files = self.handed_files, None, None  # passthrough ids: the connection's
         successor.nodes = nodes
         successor.phase = "sent"
         sent = successor.channel.send(
             "state", state=self.state, nodes=nodes, reported=[[i, k] for i, k in self.nodes.items()], uses=self.uses,
             credentials=self.credentials, resend=resend, generation=self.generation, restarts=self.restarts,
-            crashes=self.crashes, takeovers=self.takeovers)
+            crashes=self.crashes, takeovers=self.takeovers, files=files)
         log.info("sent the mount's state to holder pid %d (%d nodes, %d use counts)", successor.pid, len(nodes),
                  len(self.uses))
         if not sent:
@@ -669,6 +671,7 @@ class Holder:
             keys = {json.dumps(key): key for key, _ in successor.nodes}
             keys.update((json.dumps(key), key) for key in self.nodes.values())
             self.handed = [[key, CRASH_COUNT] for key in keys.values()]
+            self.handed_files = files  # what it opened since: in the open-files journal (shared root)
             self.handed_unanswered = True  # what its server read and did not answer is resent to ours
             nxt, self.spare = self.spare, None
             if nxt is None or nxt.phase not in ("preparing", "prepared"):
@@ -718,6 +721,7 @@ class Holder:
     def _adopt_predecessor_state(self, message: dict[str, Any]) -> None:
         self.state = message["state"]
         self.handed = message.get("nodes") or []
+        self.handed_files = message.get("files")
         self.handed_unanswered = bool(message.get("resend"))
         self.nodes = {int(i): key for i, key in message.get("reported") or ()}
         self.uses = message.get("uses") or []

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("stargz_store.daemon")
 
 SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+OPEN_FILES_JOURNAL = "open-files.journal"  # under <root>: `fuse.journal`
 DRAIN_TIMEOUT = 20.0  # below the holder's: the old process reports what it could not finish
 # Requests whose answer changes nothing the next process needs: the old process may still answer
 # them after the next one serves (reads of a slow fetch need not hold up the hand-over).
@@ -76,6 +77,7 @@ class Serving:
         self.drain_timeout = drain_timeout
         self.control: ControlServer | None = None
         self.session: fuse.Session | None = None
+        self.operations: StoreOperations | None = None
         self.ended = threading.Event()  # main may exit
         self.exit_code = 0
         self._stopping = threading.Lock()
@@ -98,8 +100,17 @@ class Serving:
         self.model.nodes.on_added = lambda nodeid, key: self.channel.send("node", id=nodeid, key=list(key))
         self.model.nodes.on_dropped = lambda nodeid: self.channel.send("dropped", id=nodeid)
         state = fuse.ConnectionState(**go["state"]) if go.get("state") else None
-        session = fuse.Session(self.fd, StoreOperations(self.model, self.options), session_options(self.options),
-                               state=state)
+        self.operations = operations = StoreOperations(self.model, self.options)
+        if state is not None:
+            operations.negotiated(state)
+        session = fuse.Session(self.fd, operations, session_options(self.options), state=state)
+        # Backing ids belong to the connection: answer as the predecessor did (same ids, same modes),
+        # from its hand-over, or after a crash from its journal; a fresh mount starts empty.
+        journal = fuse.OpenFilesJournal(self.root / OPEN_FILES_JOURNAL)
+        files = go.get("files")
+        if files is None and go.get("state"):
+            files = journal.replay()
+        session.adopt_open_files(files if go.get("state") else None, journal)
         session.on_init = self._on_init
         self.model.on_released = KernelNotifier(session).forget_entry
         self.session = session
@@ -119,6 +130,8 @@ class Serving:
 
     def _on_init(self, state: fuse.ConnectionState) -> None:
         """The kernel's INIT is answered (a fresh mount): the mount serves from now on."""
+        if self.operations is not None:
+            self.operations.negotiated(state)
         if self.options.read_ahead_kb is not None:  # 0 = no readahead; None = the kernel's default
             set_read_ahead(str(self.mountpoint), self.options.read_ahead_kb)
         self.channel.send("init", state=dataclasses.asdict(state))
@@ -177,7 +190,8 @@ class Serving:
         self._close_control()
         reads = sum(session.answering(op) for op in STATELESS_OPS)
         self.channel.send("stopped", nodes=[[list(k), n] for k, n in self.model.nodes.held_keys()],
-                          uses=self.pool.handles.use_counts(), drained=drained, reads=reads)
+                          uses=self.pool.handles.use_counts(), drained=drained, reads=reads,
+                          files=session.open_files())
         finished = session.wait_stopped(self.drain_timeout)
         if not (drained and finished):
             log.warning("requests still unanswered after %g s: the next server gets them again", self.drain_timeout)
@@ -211,6 +225,11 @@ class Serving:
         try:
             document = self.pool.stats()
             document["fs"] = self.model.stats()
+            if self.session is not None:
+                document["fs"].update(self.session.passthrough_stats())
+            backing = getattr(getattr(self.pool, "resolver", None), "backing", None)
+            if backing is not None:
+                document["backing_files"] = backing.stats()
             document["server"] = {"pid": os.getpid()}
             write_stats(document, self.root)
         except Exception:

@@ -92,6 +92,7 @@ class MountOptions:
     fsname: str = "stargzstore"
     read_ahead_kb: int | None = 4096  # 0 = no readahead; None = leave the kernel's default (128)
     no_open: bool = True  # let the kernel skip OPEN/RELEASE (one round trip less per file opened)
+    passthrough: bool = True  # the kernel reads fully cached files from backing files (if it can, and we may)
 
 
 def mount_spec(mountpoint: str, options: MountOptions) -> fuse.MountSpec:
@@ -100,11 +101,15 @@ def mount_spec(mountpoint: str, options: MountOptions) -> fuse.MountSpec:
 
 
 def session_options(options: MountOptions) -> fuse.SessionOptions:
+    passthrough = options.passthrough and fuse.passthrough_permitted()
+    if options.passthrough and not passthrough:
+        log.info("FUSE passthrough needs CAP_SYS_ADMIN in the initial user namespace: off, reads go through the store")
     return fuse.SessionOptions(
         attr_timeout=options.attr_timeout,
         entry_timeout=options.entry_timeout,
         negative_timeout=options.negative_timeout,
         no_open=options.no_open,
+        passthrough=passthrough,
         debug=options.debug,
         observe=metrics.observe_fuse,
     )
@@ -124,6 +129,12 @@ class StoreOperations:
         self.ownership: Ownership = getattr(model, "ownership", ROOTFUL)
         self._store_uid = self.ownership.store_uid
         self._owners = self.ownership.attr
+        self.passthrough = False  # what the connection negotiated (`negotiated`): no backing files before
+
+    def negotiated(self, state: fuse.ConnectionState) -> None:
+        """The connection's INIT (this process's, or a predecessor's): look for backing files only
+        when the kernel takes them (else they would be made and never used)."""
+        self.passthrough = self.options.passthrough and state.passthrough
 
     def _caller(self, ctx: fuse.Context) -> Caller:
         return Caller(ctx.uid, self._store_uid)
@@ -202,11 +213,15 @@ class StoreOperations:
     # -- files --------------------------------------------------------------------------------
 
     def open(self, ctx: fuse.Context, ino: int, flags: int) -> fuse.OpenReply:
+        """With passthrough, a file whose every byte is cached and verified is answered with its
+        backing file's descriptor (the session registers it with the kernel, or closes it)."""
+        passthrough = self.passthrough
         try:
-            fh = self.model.open(ino, flags, caller=self._caller(ctx))
+            fh = self.model.open(ino, flags, caller=self._caller(ctx), backing=passthrough)
         except FsError as e:
             raise _fuse_error(e, "open", ino) from None
-        return fuse.OpenReply(fh, keep_cache=self.options.kernel_cache)
+        backing_fd = self.model.backing_fd(fh) if passthrough else None
+        return fuse.OpenReply(fh, keep_cache=self.options.kernel_cache, backing_fd=backing_fd)
 
     def read(self, ctx: fuse.Context, ino: int, fh: int, offset: int, size: int) -> bytes:
         try:

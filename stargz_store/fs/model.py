@@ -184,12 +184,15 @@ class StoreModel:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def open(self, nodeid: int, flags: int = 0, *, caller: Caller) -> int:
-        """Open for reading; returns a handle for `read`. Any write access is EROFS."""
+    def open(self, nodeid: int, flags: int = 0, *, caller: Caller, backing: bool = False) -> int:
+        """Open for reading; returns a handle for `read`. Any write access is EROFS. `backing`:
+        the kernel could read the file from a backing file (passthrough): see `backing_fd`."""
         if flags & WRITE_FLAGS:
             raise ReadOnly(f"node {nodeid:#x}")
         node = self.node(nodeid, caller)
         opened = node.open()
+        if backing:
+            opened.find_backing()
         if self.recorder.active or self.log_file_access:
             self._first_access(node)
         fh = next(self._next_handle)
@@ -226,6 +229,12 @@ class StoreModel:
             return node.read_held(offset, size)
         finally:
             self.provider.let_go(served)
+
+    def backing_fd(self, fh: int) -> int | None:
+        """A checked read-only descriptor of open file `fh`'s backing file, when its every byte is
+        cached and verified (`layer.backing`); None: its reads come to the store. Caller closes it."""
+        opened = self._handles.get(fh)
+        return None if opened is None else opened.backing_fd()
 
     def release(self, fh: int) -> None:
         with self._lock:

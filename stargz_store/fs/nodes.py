@@ -103,6 +103,13 @@ class Opened:
     def read(self, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
+    def find_backing(self) -> None:
+        """The kernel may read this file from a backing file (passthrough): find it, if it has one."""
+
+    def backing_fd(self) -> int | None:
+        """A checked read-only descriptor of the backing file found (the caller closes it), if any."""
+        return None
+
     def close(self) -> None:
         """The handle is released."""
 
@@ -438,13 +445,36 @@ class LayerOpened(Opened):
         self.served = provider.hold(number)
         self.entry = entry
         self.blob = blob
+        self.backing: object | None = None
+        self.wants_backing = False
 
     def read(self, offset: int, size: int) -> bytes:
         if self.entry is None and not self.blob:
             return b""
         return read_layer(self.served, self.entry, offset, size)
 
+    def find_backing(self) -> None:
+        """A regular file whose every byte is cached has a backing file (`layer.backing`); one
+        without gets offered for one (now, and again at its release)."""
+        layer, entry = self.served.layer, self.entry
+        if entry is None or not hasattr(layer, "backing_file"):
+            return
+        self.wants_backing = True
+        self.backing = layer.backing_file(entry)
+        if self.backing is None:
+            layer.offer_backing(entry)
+
+    def backing_fd(self) -> int | None:
+        if self.backing is None or self.entry is None:
+            return None
+        fd = self.served.layer.open_backing(self.backing, self.entry)
+        if fd is None:
+            self.backing = None  # damaged or gone: served by chunks, and made again
+        return fd
+
     def close(self) -> None:
+        if self.wants_backing and self.backing is None and self.entry is not None:
+            self.served.layer.offer_backing(self.entry)  # its reads may have completed it
         self.provider.let_go(self.served)
 
 

@@ -19,9 +19,8 @@ description (no per-thread clones): requests a dead server had read stay queued 
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 from . import abi
+from .journal import OpenFilesJournal
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,13 @@ class Session:
         self._busy = 0
         self._answering: dict[int, int] = {}  # opcode -> requests of it being answered
         self._answered = threading.Condition(self._lock)
-        self._backing: dict[int, list[int]] = {}  # ino -> [backing id, open files]
+        self._backing: dict[int, list[int]] = {}  # ino -> [backing id, files open by passthrough]
+        self._cached: dict[int, int] = {}  # ino -> files open through the page cache (passthrough on)
         self._backing_lock = threading.Lock()
+        self._backing_refused = False  # the kernel refused BACKING_OPEN for lack of privilege
+        self.journal: OpenFilesJournal | None = None  # `adopt_open_files`
+        self.passthrough_opens = 0  # backing ids registered (inodes put in passthrough mode)
+        self.read_requests = 0
         self._entry_valid = _split_seconds(self.options.entry_timeout)
         self._attr_valid = _split_seconds(self.options.attr_timeout)
         self._negative_valid = _split_seconds(self.options.negative_timeout)
@@ -354,13 +359,16 @@ class Session:
             if observe is not None:
                 observe(opcode, abi.OPCODE_NAMES.get(opcode, str(opcode)), time.monotonic() - began, code)
 
-    def _reply(self, unique: int, *parts: bytes | memoryview) -> None:
+    def _reply(self, unique: int, *parts: bytes | memoryview) -> bool:
+        """Send an answer; False when the caller was interrupted and gave up (ENOENT)."""
         total = abi.OUT_HEADER.size + sum(len(p) for p in parts)
         try:
             os.writev(self.fd, [abi.OUT_HEADER.pack(total, 0, unique), *parts])
         except OSError as e:
-            if e.errno != errno.ENOENT:  # ENOENT: the caller was interrupted and gave up
+            if e.errno != errno.ENOENT:
                 raise
+            return False
+        return True
 
     def _reply_error(self, unique: int, code: int) -> None:
         try:
@@ -495,50 +503,131 @@ class Session:
                 os.close(opened.backing_fd)
             self.ops.release(nodeid, opened.fh)
             raise FuseError(errno.ENOSYS)  # success, and no OPEN (nor RELEASE) for any later open
-        backing_id = 0
-        open_flags = 0
-        if opened.backing_fd is not None and self.state is not None and self.state.passthrough:
-            backing_id = self._backing_acquire(nodeid, opened.backing_fd)
-        if backing_id:
-            open_flags = abi.FOPEN_PASSTHROUGH  # the kernel refuses KEEP_CACHE with it
+        if self.state is not None and self.state.passthrough:
+            open_flags, backing_id = self._open_mode(nodeid, opened)
         else:
-            open_flags = (abi.FOPEN_KEEP_CACHE if opened.keep_cache else 0) | (abi.FOPEN_DIRECT_IO if opened.direct_io else 0)
-        if opened.backing_fd is not None:
-            os.close(opened.backing_fd)
-        self._reply(unique, abi.OPEN_OUT.pack(opened.fh, open_flags, backing_id))
+            if opened.backing_fd is not None:
+                os.close(opened.backing_fd)
+            open_flags, backing_id = self._cache_flags(opened), 0
+        if not self._reply(unique, abi.OPEN_OUT.pack(opened.fh, open_flags, backing_id)):
+            # The caller gave up: the kernel opened nothing, and no RELEASE will follow.
+            if self.state is not None and self.state.passthrough:
+                self._closed(nodeid)
+            self.ops.release(nodeid, opened.fh)
 
-    def _backing_acquire(self, ino: int, fd: int) -> int:
-        """A backing id for inode `ino` (one per inode while it has open files: the kernel wants
-        every open of an inode in the same mode)."""
+    @staticmethod
+    def _cache_flags(opened: OpenReply) -> int:
+        return (abi.FOPEN_KEEP_CACHE if opened.keep_cache else 0) | (abi.FOPEN_DIRECT_IO if opened.direct_io else 0)
+
+    def _open_mode(self, ino: int, opened: OpenReply) -> tuple[int, int]:
+        """(open flags, backing id) of an open while passthrough is on. The kernel wants every
+        open file of an inode in one mode (fs/fuse/iomode.c): while some are open by passthrough,
+        every further open must name the same backing id (another one is EBUSY, a cached open
+        EIO); while some are open through the page cache, a passthrough open is ETXTBSY. So the
+        mode of an inode is decided at its first open and kept until its last release; the open
+        files per inode and mode are counted here (and handed over to a successor: `open_files`)."""
+        fd = opened.backing_fd
+        try:
+            with self._backing_lock:
+                held = self._backing.get(ino)
+                if held is not None:
+                    held[1] += 1
+                    self._note(ino, held[0], 1, 0)
+                    return abi.FOPEN_PASSTHROUGH, held[0]  # the kernel refuses KEEP_CACHE with it
+                if fd is not None and not self._cached.get(ino) and not self._backing_refused:
+                    try:
+                        backing_id = _ioctl(self.fd, abi.DEV_IOC_BACKING_OPEN, abi.BACKING_MAP.pack(fd, 0, 0))
+                    except OSError as e:
+                        self._backing_failed(ino, e)
+                    else:
+                        self._backing[ino] = [backing_id, 1]
+                        self.passthrough_opens += 1
+                        self._note(ino, backing_id, 1, 0)
+                        return abi.FOPEN_PASSTHROUGH, backing_id
+                self._cached[ino] = self._cached.get(ino, 0) + 1
+                self._note(ino, 0, 0, 1)
+                return self._cache_flags(opened), 0
+        finally:
+            if fd is not None:
+                os.close(fd)  # the kernel holds its own reference once registered
+
+    def _backing_failed(self, ino: int, error: OSError) -> None:
+        # EPERM: not CAP_SYS_ADMIN in the initial namespace; ELOOP: the copies are on a stacked
+        # filesystem (overlayfs: the store's root inside a container), deeper than the one level
+        # we declare (max_stack_depth 1, so that overlayfs can still stack on this mount). Every
+        # copy is alike: stop asking.
+        if error.errno in (errno.EPERM, errno.EACCES, errno.ELOOP):
+            self._backing_refused = True
+            log.warning("FUSE passthrough refused by the kernel (%s): every file is served by the store",
+                        error.strerror)
+        else:  # EINVAL...: this file only
+            log.info("passthrough of inode %d refused by the kernel (%s): served by the store", ino, error.strerror)
+
+    def _closed(self, ino: int) -> None:
+        """One open file of `ino` is gone: the last one by passthrough lets go of its backing id."""
         with self._backing_lock:
             held = self._backing.get(ino)
             if held is not None:
-                held[1] += 1
-                return held[0]
-            try:
-                backing_id = _ioctl(self.fd, abi.DEV_IOC_BACKING_OPEN, abi.BACKING_MAP.pack(fd, 0, 0))
-            except OSError as e:
-                log.warning("passthrough of inode %d refused by the kernel (%s): served by the store", ino, e.strerror)
-                return 0
-            self._backing[ino] = [backing_id, 1]
-            return backing_id
-
-    def _read(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
-        fh, offset, size = abi.READ_IN.unpack_from(body)[:3]
-        self._reply(unique, self.ops.read(ctx, nodeid, fh, offset, size))
-
-    def _release(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
-        (fh,) = abi.RELEASE_IN.unpack_from(body)[:1]
-        with self._backing_lock:
-            held = self._backing.get(nodeid)
-            if held is not None:
                 held[1] -= 1
+                self._note(ino, held[0], -1, 0)
                 if held[1] <= 0:
-                    del self._backing[nodeid]
+                    del self._backing[ino]
                     try:
                         _ioctl(self.fd, abi.DEV_IOC_BACKING_CLOSE, held[0].to_bytes(4, "little"))
                     except OSError as e:
                         log.debug("closing backing id %d: %s", held[0], e.strerror)
+                return
+            count = self._cached.get(ino, 0)
+            if count:
+                self._note(ino, 0, 0, -1)
+            if count > 1:
+                self._cached[ino] = count - 1
+            elif count:
+                del self._cached[ino]
+
+    def _note(self, ino: int, backing_id: int, passthrough: int, through_cache: int) -> None:
+        """Journal one change of the open files (under `_backing_lock`), before it is answered."""
+        journal = self.journal
+        if journal is not None and journal.note(ino, backing_id, passthrough, through_cache):
+            journal.rewrite(self._open_files())
+
+    def open_files(self) -> dict[str, list[list[int]]]:
+        """The open files per inode and mode (`_open_mode`), for the process taking over: it must
+        answer further opens of these inodes in the same mode, with the same backing ids (which
+        belong to the connection, not to this process)."""
+        with self._backing_lock:
+            return self._open_files()
+
+    def _open_files(self) -> dict[str, list[list[int]]]:
+        return {"backing": [[ino, bid, n] for ino, (bid, n) in self._backing.items()],
+                "cached": [[ino, n] for ino, n in self._cached.items()]}
+
+    def passthrough_stats(self) -> dict[str, int]:
+        with self._backing_lock:
+            return {"passthrough_opens": self.passthrough_opens, "read_requests": self.read_requests,
+                    "passthrough_inodes": len(self._backing), "cached_inodes": len(self._cached)}
+
+    def adopt_open_files(self, files: dict[str, list[list[int]]] | None, journal: OpenFilesJournal | None = None) -> None:
+        """Take over a predecessor's `open_files()` (before serving); from now on every change
+        is also appended to `journal` (started over with this table), for a successor after a crash."""
+        with self._backing_lock:
+            for ino, bid, n in (files or {}).get("backing", ()):
+                self._backing[int(ino)] = [int(bid), int(n)]
+            for ino, n in (files or {}).get("cached", ()):
+                self._cached[int(ino)] = int(n)
+            if journal is not None:
+                journal.rewrite(self._open_files())
+                self.journal = journal
+
+    def _read(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        fh, offset, size = abi.READ_IN.unpack_from(body)[:3]
+        self.read_requests += 1
+        self._reply(unique, self.ops.read(ctx, nodeid, fh, offset, size))
+
+    def _release(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
+        (fh,) = abi.RELEASE_IN.unpack_from(body)[:1]
+        if self.state is not None and self.state.passthrough:
+            self._closed(nodeid)
         self.ops.release(nodeid, fh)
         self._reply(unique)
 
@@ -657,22 +746,29 @@ class Session:
                 log.debug("inval_entry %d/%r: %s", parent, name, e.strerror)
 
 
+CAP_SYS_ADMIN = 21
+
+
+def passthrough_permitted() -> bool:
+    """Whether this process may register backing files (`FUSE_DEV_IOC_BACKING_OPEN` wants
+    CAP_SYS_ADMIN in the initial user namespace, Linux 6.9-6.18 at least): a rootless store may
+    not, and then keeps `no_open` instead of asking the kernel for passthrough it cannot use."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    effective = int(line.split()[1], 16)
+                    break
+            else:
+                return False
+        with open("/proc/self/uid_map") as f:
+            initial_namespace = f.read().split() == ["0", "0", "4294967295"]
+    except (OSError, ValueError):
+        return False
+    return bool(effective >> CAP_SYS_ADMIN & 1) and initial_namespace
+
+
 def _ioctl(fd: int, request: int, arg: bytes) -> int:
-    """An ioctl whose result is its return value (fcntl.ioctl returns the buffer instead)."""
-    libc = _libc()
-    buf = ctypes.create_string_buffer(arg, len(arg))
-    result = libc.ioctl(fd, ctypes.c_ulong(request), buf)
-    if result < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return result
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _LIBC
+    """An ioctl whose result is its return value: `fcntl.ioctl` returns the system call's result
+    when handed a mutable buffer (raises OSError on failure)."""
+    return fcntl.ioctl(fd, request, bytearray(arg), True)

@@ -16,9 +16,11 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Mapping, Sequence
 
+from ..cache.backing_files import BackingFile
 from ..cache.chunk_cache import ChunkCache
 from ..formats.layer_toc import ParsedToc
 from ..formats.toc import REG, TocEntry
+from .backing import BackingFiles
 from .blob_file import BlobFile
 from .blob_index import stored_size
 from .config import HEURISTICS, LayerConfig
@@ -61,8 +63,10 @@ class Layer:
         *,
         scheduler: FetchScheduler | None = None,
         library_worker: LibraryReadahead | None = None,
+        backing: BackingFiles | None = None,
     ) -> None:
         self.source = source
+        self.backing = backing
         self.parsed = parsed
         self.toc = parsed.toc
         self.descriptor = dict(descriptor)
@@ -180,6 +184,27 @@ class Layer:
                 while len(self._chunk_starts) > _SPANS_TRACKED:
                     self._chunk_starts.popitem(last=False)
         return bisect.bisect_right(starts, offset) - 1, bisect.bisect_right(starts, end - 1) - 1
+
+    # ---- backing files (passthrough) -------------------------------------------------------
+
+    def backing_file(self, entry: TocEntry) -> BackingFile | None:
+        """The backing file of regular file `entry` (every byte cached and verified), if made."""
+        return self.backing.lookup(entry) if self.backing is not None else None
+
+    def open_backing(self, backing: BackingFile, entry: TocEntry) -> int | None:
+        """A checked read-only descriptor of `backing` (caller closes it); None when it was
+        damaged or is gone (then it is made again from verified chunks)."""
+        if self.backing is None:
+            return None
+        fd = self.backing.open(backing)
+        if fd is None:
+            self.backing.offer(entry)
+        return fd
+
+    def offer_backing(self, entry: TocEntry) -> None:
+        """`entry` was opened without a backing file: one is made if all of it is cached."""
+        if self.backing is not None:
+            self.backing.offer(entry)
 
     # ---- raw blob ----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from ..formats.errors import FormatError
 from ..formats.layer_toc import ParsedToc
 from .config import LayerConfig
 from .layer import Layer
+from .backing import BackingFiles
 from .policies import LibraryReadahead
 from .scheduler import FetchScheduler
 from .sources import BlobSource
@@ -181,10 +182,11 @@ class LayerResolver:
 
     def __init__(
         self, client: RegistryClient | None, cache: ChunkCache, config: LayerConfig | None = None,
-        *, library_worker: LibraryReadahead | None = None,
+        *, library_worker: LibraryReadahead | None = None, backing: BackingFiles | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
+        self.backing = backing  # backing files for passthrough (None: none are made)
         self.config = config or LayerConfig()
         self.library_worker = library_worker
         self.scheduler = FetchScheduler(
@@ -221,7 +223,7 @@ class LayerResolver:
             release_frames(e)
             raise
         layer = Layer(source, parsed, descriptor, self.cache, self.config, scheduler=self.scheduler,
-                      library_worker=self.library_worker)
+                      library_worker=self.library_worker, backing=self.backing)
         layer.start()  # prefetch, background fetch: as the config says
         return layer
 

@@ -92,3 +92,44 @@ def test_over_the_limit_a_write_wakes_one_pass_and_a_stuck_cache_warns_once(tmp_
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
     assert any("under its limit" in r.getMessage() for r in caplog.records)
     assert LOW_WATER < 1
+
+
+def test_backing_files_are_counted_and_go_even_while_their_chunks_are_in_use(tmp_path):
+    """Copies for passthrough are never protected: an open one stays readable after its unlink,
+    and a later open is served by the (protected) chunks while the copy is made again."""
+    from stargz_store.cache.backing_files import BackingFileStore
+
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0)
+    digest = chunk(cache, b"y", used=1_000_000)
+    data = cache.get(digest)
+    store = BackingFileStore(cache.root / "files")
+    made = store.make(digest[7:], len(data), digest, [data])
+    janitor = CacheJanitor(cache, lambda: Protected(chunks=frozenset({digest})))
+    size = janitor.measure()
+    assert size >= 2 * len(data)  # the chunk and its copy
+    fd = store.open(made)
+    assert fd is not None
+    try:
+        result = janitor.prune(0)
+        assert result.removed_files == 1 and not os.path.exists(made.path)
+        assert cache.path_for(digest).exists()
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    assert store.open(made) is None and store.get(made.key) is None
+    assert (cache.root / "files" / "records.log").exists()
+
+
+def test_copies_go_before_older_chunks(tmp_path):
+    from stargz_store.cache.backing_files import BackingFileStore
+
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0)
+    old = chunk(cache, b"o", used=1_000_000)  # long unused, but fetched from a registry
+    newer = chunk(cache, b"n", used=2_000_000)
+    data = cache.get(newer)
+    made = BackingFileStore(cache.root / "files").make(newer[7:], len(data), newer, [data])
+    janitor = CacheJanitor(cache, lambda: Protected())
+    size = janitor.measure()
+    result = janitor.prune(size - 1)
+    assert result.removed_files == 1 and not os.path.exists(made.path)
+    assert cache.path_for(old).exists() and cache.path_for(newer).exists()

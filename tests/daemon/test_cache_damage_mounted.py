@@ -24,7 +24,9 @@ def test_damaged_cache_entries_are_fetched_again_and_temp_files_swept(store_daem
     image = push_reference(testdata, private_registry.host, "tricky-esgz", repo="damage/tricky")
     desc = image.layers[0]
     want = {rel: image.expected["source_layers"][0]["overlay_diff"][rel]["sha256"] for rel in FILES}
-    store = store_daemon_factory(FAST_CONFIG)
+    # Chunk damage: files read whole would otherwise be read from their passthrough copies,
+    # which this damage does not touch (test_passthrough.py damages a copy).
+    store = store_daemon_factory(FAST_CONFIG.replace("[store]\n", "[store]\npassthrough = false\n"))
     layer_dir = store.layer_dir(image.ref, desc["digest"])
     read_all = lambda: {rel: hashlib.sha256((layer_dir / "diff" / rel).read_bytes()).hexdigest() for rel in FILES}  # noqa: E731
     assert read_all() == want

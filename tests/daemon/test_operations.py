@@ -82,7 +82,9 @@ def test_metrics_agree_with_the_registry_log(store_daemon_factory, private_regis
     address = f"127.0.0.1:{free_port()}"
     mark = private_registry.log_mark()
     # One range per request, so requests and access log lines pair up one to one.
+    # No passthrough: every byte read is served (and counted) by the store.
     config = FAST_CONFIG.replace("[blob]\n", "[blob]\nforce_single_range_mode = true\n")
+    config = config.replace("[store]\n", "[store]\npassthrough = false\n")
     store = store_daemon_factory(f'metrics_address = "{address}"\n' + config)
     *read_layers, untouched = image.layers
     read_bytes = files = 0
@@ -218,7 +220,9 @@ def test_podman_run_scraped_and_kept_under_the_cache_limit(store_daemon_factory,
     ref = made.ref(registry.host)
     digests = {layer["digest"] for layer in made.image.layers}
     address = f"127.0.0.1:{free_port()}"
-    config = FAST_CONFIG.replace("[blob]\n", "[blob]\nforce_single_range_mode = true\n").replace(
+    # No passthrough: every byte read is served (and counted) by the store.
+    config = FAST_CONFIG.replace("[blob]\n", "[blob]\nforce_single_range_mode = true\n")
+    config = config.replace("[store]\n", "[store]\npassthrough = false\n").replace(
         "[store]\n", f"[store]\ncache_max_size_gb = {limit / (1 << 30)}\n")
     store = store_daemon_factory(f'metrics_address = "{address}"\n' + config, mountpoint=podman_lane.store_mountpoint())
     filler = push_reference(testdata, registry.host, "tricky-esgz", repo="ops/filler")
