@@ -29,7 +29,9 @@ def test_pull_through_mirror_then_origin(private_registry, mirror):
     with RegistryClient() as direct:
         digest, _ = push_image(direct, ref, [layer])
 
-    config = RegistryConfig(max_retries=1, min_wait=0.01, mirrors={origin.host: [mirror.host]})
+    # mirror_race: the mirror's answers are waited for (a cold one on a loaded machine can take longer
+    # than the default head start, and this test checks where each request goes)
+    config = RegistryConfig(max_retries=1, min_wait=0.01, mirror_race=60.0, mirrors={origin.host: [mirror.host]})
     with RegistryClient(config) as client:
         answered = AnsweredRequests(client)
         assert client.get_manifest(ref).digest == digest
@@ -60,6 +62,7 @@ def test_mirror_list_order_and_rich_host_config(private_registry, mirror):
         digest, _ = push_image(direct, ref, [random_blob(10)])
     config = RegistryConfig(
         max_retries=0,
+        mirror_race=60.0,
         mirrors={origin.host: ["127.0.0.1:1"]},
         hosts={origin.host: HostConfig(mirrors=[MirrorConfig(host=mirror.host, headers={"X-Test": "yes"})])},
     )
