@@ -23,7 +23,7 @@ from stargz_store.localenv.counting_proxy import read_log
 from stargz_store.localenv.procs import terminate, wait_for_http
 from stargz_store.localenv.registry import LocalRegistry
 
-from .link import ORIGIN_ADDRESS, FleetLink, LinkSpec
+from .link import FleetLink, LinkSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The origin's site and the mirror stand for machines of their own: they run ahead of the N stores
@@ -109,17 +109,19 @@ class Relay:
 class OriginSite:
     """The origin registry and its relay in the netns, behind the delayed link."""
 
-    def __init__(self, work: Path, data_dir: Path, spec: LinkSpec) -> None:
+    def __init__(self, work: Path, data_dir: Path, spec: LinkSpec, link_class: type[FleetLink] = FleetLink) -> None:
+        """`link_class`: another namespace and addresses (a FleetLink subclass), to run beside the benchmark."""
         self.work = work
-        self.link = FleetLink(spec, work)
-        self.registry = LocalRegistry(work / "origin", port=REGISTRY_PORT, address=ORIGIN_ADDRESS, data_dir=data_dir,
+        self.link = link_class(spec, work)
+        self.address = link_class.FAR_ADDRESS
+        self.registry = LocalRegistry(work / "origin", port=REGISTRY_PORT, address=self.address, data_dir=data_dir,
                                       log_level="error", access_log=False, command_prefix=self.link.netns_command(),
                                       preexec_fn=infra_preexec)
         self.relay: Relay | None = None
 
     @property
     def host(self) -> str:
-        return f"{ORIGIN_ADDRESS}:{ORIGIN_PORT}"
+        return f"{self.address}:{ORIGIN_PORT}"
 
     @property
     def push_host(self) -> str:

@@ -19,6 +19,14 @@ The answers, and what each one leads to:
 - anything else: a typed error; a mirror's failure sends the request to the next endpoint and
   skips that mirror for the blob for the back-off (a dead mirror for every blob, see the client).
 
+A mirror not known to hold the blob (never served a range of it) is raced: it gets `mirror_race`
+to answer (none after it answered with a whole body: it is likely still filling), then the next
+endpoint is asked too and the first answer whose status says it serves the read takes it; the
+other is hung up on (`_race`). A cold pull-through mirror answers only after its own round trips
+to the origin, queued when many nodes miss at once; a warm one answers in milliseconds. Reads
+while a mirror is in back-off for the blob go to the origin unless `mirror_fill_wait` says to
+wait for it.
+
 Why abandon rather than read through: each 200 from distribution's proxy is a stream the mirror
 pulls from the origin for this request alone, so reading it costs the origin what the client
 reads; hanging up right after the status line costs the origin about one TCP window (measured:
