@@ -183,8 +183,9 @@ class _Server(ThreadingHTTPServer):
 class CountingProxy:
     """In-process use (tests of the benchmark): `with CountingProxy(upstream, log_path) as p: p.host`."""
 
-    def __init__(self, upstream: str, log_path: Path | None, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
-        self.server = _Server(listen, make_handler(upstream, _Log(log_path)))
+    def __init__(self, upstream: str, log_path: Path | None, listen: tuple[str, int] = ("127.0.0.1", 0),
+                 challenge: str | None = None) -> None:
+        self.server = _Server(listen, make_handler(upstream, _Log(log_path), challenge))
         self.thread = threading.Thread(target=self.server.serve_forever, name="counting-proxy", daemon=True)
 
     @property
