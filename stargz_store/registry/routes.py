@@ -9,9 +9,10 @@ every node's reads to the origin for good. Jitter keeps N nodes that met the sam
 the same moment from returning to it at the same moment.
 
 The first ranged request to a mirror for a blob whose state there is unknown is a single flight:
-requests for the same blob that arrive meanwhile wait for its answer instead of each meeting the
-cold mirror, where every concurrent miss costs one more full copy from the origin
-(distribution's proxy does not coalesce them).
+requests for the same blob that arrive meanwhile wait for its answer (up to the client's
+`mirror_race`, then they go to the next endpoint) instead of each meeting the cold mirror, where
+every concurrent miss costs the origin one more streamed copy (distribution's proxy starts one
+fill, then streams a copy per concurrent miss).
 
 Bounded: at most `max_blobs` blobs are remembered (oldest forgotten first).
 """
