@@ -40,6 +40,7 @@ from benchmarks.fleet.report import chart, table
 from benchmarks.fleet.run import RunResult, run_once
 from benchmarks.fleet.site import Mirror, OriginSite
 from stargz_store.localenv.procs import unmount_under
+from stargz_store.localenv.store import StoreError
 
 log = logging.getLogger("benchmarks.fleet")
 
@@ -115,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             for bg in [b == "on" for b in _csv(args.bg)]:
                 for n in [int(x) for x in _csv(args.nodes)]:
                     for mode in modes:
-                        r = run_once(work, site, image, refs[name], n, mode, bg, warm, args.store_source)
+                        try:
+                            r = run_once(work, site, image, refs[name], n, mode, bg, warm, args.store_source)
+                        except StoreError as e:  # one run's stores did not start: the others still count
+                            print(f"{name} bg={'on' if bg else 'off'} N={n} {mode}: not run ({e})", flush=True)
+                            continue
                         results.append(r)
                         print(f"{name} bg={'on' if bg else 'off'} N={n} {mode}: origin {r.origin.link_bytes / 1e6:.1f} MB "
                               f"({r.origin.requests} req, blob {r.origin.statuses}), mirror "
