@@ -3,6 +3,7 @@
     python -m benchmarks fleet                                  # the whole matrix (~30-60 min)
     python -m benchmarks.fleet_bench --images app --nodes 1,16 --modes direct,cold --bg off
     python -m benchmarks.fleet_bench --store-source /tmp/main   # the same with another checkout's store
+    python -m benchmarks.fleet.proxy_probe                      # what one request to a cold mirror costs the origin
 
 For each image (`app`: ~21 MB in 2 layers, `big`: ~107 MB in 1 layer, built locally by our
 converter), background fetch off and on, N = 1, 4, 8, 16 and mode (`direct` to the origin,
@@ -11,7 +12,8 @@ own root and FUSE mount) read the workload's files at one barrier. Reported: ori
 (bytes over the delayed link, requests, 200/206 blob answers), mirror egress, per-node
 time-to-ready (p50, max), read errors and chunks rejected by verification. The origin is a
 docker-registry in a network namespace behind the user-space link emulator (20 ms RTT, no rate
-limit by default) and a counting relay; the mirror is Debian's docker-registry in proxy mode,
+limit by default) and a counting relay (which answers the origin's `/v2/` with a challenge, as a
+real registry's does: see benchmarks/fleet/site.py); the mirror is Debian's docker-registry in proxy mode,
 configured as `[[resolver.host."ORIGIN".mirrors]]`. Needs root and docker-registry.
 Results: a Markdown table on stdout, benchmarks/results/fleet-<time>.{md,json,png} and
 fleet-latest.*. STARGZ_FLEET_EXTRA_CONFIG (TOML) is appended to every store's config.toml,
@@ -38,6 +40,7 @@ from benchmarks.fleet.report import chart, table
 from benchmarks.fleet.run import RunResult, run_once
 from benchmarks.fleet.site import Mirror, OriginSite
 from stargz_store.localenv.procs import unmount_under
+from stargz_store.localenv.store import StoreError
 
 log = logging.getLogger("benchmarks.fleet")
 
@@ -113,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             for bg in [b == "on" for b in _csv(args.bg)]:
                 for n in [int(x) for x in _csv(args.nodes)]:
                     for mode in modes:
-                        r = run_once(work, site, image, refs[name], n, mode, bg, warm, args.store_source)
+                        try:
+                            r = run_once(work, site, image, refs[name], n, mode, bg, warm, args.store_source)
+                        except StoreError as e:  # one run's stores did not start: the others still count
+                            print(f"{name} bg={'on' if bg else 'off'} N={n} {mode}: not run ({e})", flush=True)
+                            continue
                         results.append(r)
                         print(f"{name} bg={'on' if bg else 'off'} N={n} {mode}: origin {r.origin.link_bytes / 1e6:.1f} MB "
                               f"({r.origin.requests} req, blob {r.origin.statuses}), mirror "

@@ -11,9 +11,9 @@ log = logging.getLogger(__name__)
 MB = 1e6
 
 
-def _direct(results: list[RunResult], r: RunResult) -> RunResult | None:
+def _same_run_in(results: list[RunResult], r: RunResult, mode: str) -> RunResult | None:
     for d in results:
-        if (d.image, d.nodes, d.background, d.mode) == (r.image, r.nodes, r.background, "direct"):
+        if (d.image, d.nodes, d.background, d.mode) == (r.image, r.nodes, r.background, mode):
             return d
     return None
 
@@ -24,10 +24,11 @@ def _ratio(a: float, b: float | None) -> str:
 
 def table(results: list[RunResult]) -> str:
     head = ("| image | bg | N | mode | origin MB | origin req (blob GETs 200/206) | origin ÷ direct | origin ÷ blobs "
-            "| mirror MB (req) | TTR p50 s | TTR max s | TTR p50 ÷ direct | errors |")
+            "| mirror MB (req) | TTR p50 s | TTR max s | TTR p50 ÷ direct | TTR p50 ÷ warm | errors |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(results, key=lambda r: (r.image, r.background, r.nodes, ["direct", "cold", "warm"].index(r.mode))):
-        d = _direct(results, r)
+        d = _same_run_in(results, r, "direct")
+        w = _same_run_in(results, r, "warm")
         statuses = r.origin.statuses
         blob = f"{statuses.get('200', 0)}/{statuses.get('206', 0) + statuses.get('206 multi', 0)}"
         mirror = f"{r.mirror.body_bytes / MB:.1f} ({r.mirror.requests})" if r.mirror else "-"
@@ -37,7 +38,8 @@ def table(results: list[RunResult]) -> str:
             f"| {r.origin.link_bytes / MB:.1f} | {r.origin.requests} ({blob}) "
             f"| {_ratio(r.origin.link_bytes, d.origin.link_bytes if d else None)} "
             f"| {r.origin.link_bytes / r.image_bytes:.2f} | {mirror} | {r.ttr_p50:.2f} | {r.ttr_max:.2f} "
-            f"| {_ratio(r.ttr_p50, d.ttr_p50 if d else None)} | {errors} |")
+            f"| {_ratio(r.ttr_p50, d.ttr_p50 if d else None)} | {_ratio(r.ttr_p50, w.ttr_p50 if w else None)} "
+            f"| {errors} |")
     return "\n".join(lines)
 
 

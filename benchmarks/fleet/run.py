@@ -230,5 +230,15 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
                 r.kill()
                 r.wait()
         _stop_stores(stores)
+        _keep_logs(work, stores, f"{image.name}-bg{'on' if background else 'off'}-n{nodes}-{mode}")
         if mode == "cold" and mirror is not None:
             mirror.stop()
+
+
+def _keep_logs(work: Path, stores: list[FleetStore], name: str) -> None:
+    """Each node's store log, kept under work/logs/<run> (the next run's nodes start afresh)."""
+    keep = work / "logs" / name
+    keep.mkdir(parents=True, exist_ok=True)
+    for i, store in enumerate(stores):
+        if store.log_path.exists():
+            shutil.copy(store.log_path, keep / f"node{i:02d}.log")

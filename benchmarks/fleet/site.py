@@ -23,7 +23,7 @@ from stargz_store.localenv.counting_proxy import read_log
 from stargz_store.localenv.procs import terminate, wait_for_http
 from stargz_store.localenv.registry import LocalRegistry
 
-from .link import ORIGIN_ADDRESS, FleetLink, LinkSpec
+from .link import FleetLink, LinkSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The origin's site and the mirror stand for machines of their own: they run ahead of the N stores
@@ -33,6 +33,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INFRA_NICE = -10
 ORIGIN_PORT = 5000  # the relay: what stores and the mirror are configured with
 REGISTRY_PORT = 5001
+# The origin's /v2/ answers 401 with a challenge, as every public registry's does (the relay
+# answers it; blobs and manifests need no credentials, to keep the site small). Without one,
+# distribution's pull-through proxy pings the origin's /v2/ under a process-wide lock before each
+# miss (`tryEstablishChallenges`): misses queued behind each other for seconds at N=16, and each
+# one let out after a fill had ended started another whole fill (measured: 5-6 fills per blob at
+# N=16 with background fetch on), which no registry a fleet pulls from would cause. The proxy
+# has no Basic handler: this challenge is recorded and never answered.
+ORIGIN_CHALLENGE = 'Basic realm="fleet-origin"'
 
 
 @dataclass
@@ -75,12 +83,14 @@ def infra_preexec() -> None:
 class Relay:
     """A counting relay process (stargz_store.localenv.counting_proxy), optionally in the netns."""
 
-    def __init__(self, listen: str, upstream: str, log_path: Path, prefix: list[str] | None = None) -> None:
+    def __init__(self, listen: str, upstream: str, log_path: Path, prefix: list[str] | None = None,
+                 challenge: str | None = None) -> None:
         self.listen, self.log_path = listen, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "stargz_store.localenv.counting_proxy",
-             "--listen", listen, "--upstream", upstream, "--log", str(log_path)],
+             "--listen", listen, "--upstream", upstream, "--log", str(log_path),
+             *(["--challenge", challenge] if challenge else [])],
             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path.with_suffix(".err"), "ab"),
             preexec_fn=infra_preexec)
         if not wait_for_http(f"http://{listen}/v2/", self.proc, 30):
@@ -99,17 +109,19 @@ class Relay:
 class OriginSite:
     """The origin registry and its relay in the netns, behind the delayed link."""
 
-    def __init__(self, work: Path, data_dir: Path, spec: LinkSpec) -> None:
+    def __init__(self, work: Path, data_dir: Path, spec: LinkSpec, link_class: type[FleetLink] = FleetLink) -> None:
+        """`link_class`: another namespace and addresses (a FleetLink subclass), to run beside the benchmark."""
         self.work = work
-        self.link = FleetLink(spec, work)
-        self.registry = LocalRegistry(work / "origin", port=REGISTRY_PORT, address=ORIGIN_ADDRESS, data_dir=data_dir,
+        self.link = link_class(spec, work)
+        self.address = link_class.FAR_ADDRESS
+        self.registry = LocalRegistry(work / "origin", port=REGISTRY_PORT, address=self.address, data_dir=data_dir,
                                       log_level="error", access_log=False, command_prefix=self.link.netns_command(),
                                       preexec_fn=infra_preexec)
         self.relay: Relay | None = None
 
     @property
     def host(self) -> str:
-        return f"{ORIGIN_ADDRESS}:{ORIGIN_PORT}"
+        return f"{self.address}:{ORIGIN_PORT}"
 
     @property
     def push_host(self) -> str:
@@ -118,7 +130,8 @@ class OriginSite:
     def up(self) -> None:
         self.link.up()
         self.registry.start(timeout=30)
-        self.relay = Relay(self.host, self.registry.host, self.work / "origin-relay.log", self.link.netns_command())
+        self.relay = Relay(self.host, self.registry.host, self.work / "origin-relay.log", self.link.netns_command(),
+                           challenge=ORIGIN_CHALLENGE)
 
     def down(self) -> None:
         if self.relay is not None:

@@ -108,13 +108,82 @@ def _open_tun(name: str, netns: str | None) -> int:
 
 
 class EmulatedLinkEnds:
-    """What every benchmark link built here shares: its namespace and host-side interface names
-    (class attributes), the emulator process and its log directory."""
+    """What every benchmark link built here shares: a network namespace reached over two TUN
+    devices joined by the user-space emulator (`linkemu`), `up()` then `down()` (safe twice).
+    Its names and addresses are class attributes, so two benchmarks (or other users of the
+    machine) never tear down each other's namespace; a subclass sets them, its `spec` (with `mtu`)
+    and the emulator's shaping arguments (`emulator_args`)."""
 
     NETNS = NETNS
     HOST_IF = HOST_IF
+    NS_IF = NS_IF
+    HOST_ADDRESS = HOST_ADDRESS
+    FAR_ADDRESS = REGISTRY_ADDRESS  # the namespace's end
+    PREFIX_LEN = PREFIX_LEN
+    EMULATOR_QUEUE_BYTES: int | None = None  # None: the emulator's default
+    EMULATOR_NICE = 0  # added to the emulator's niceness (< 0: ahead of what is measured)
     emulator: subprocess.Popen | None
     log_dir: Path
+
+    def emulator_args(self) -> list[str]:
+        """The emulator's shaping arguments (`--rate-mbit`, `--rtt-ms`)."""
+        raise NotImplementedError
+
+    def up(self) -> None:
+        self.clear()
+        _ip("netns", "add", self.NETNS)
+        try:
+            _ip("-n", self.NETNS, "link", "set", "lo", "up")
+            self._up_ends()
+            for ns_args, ifname, address in (([], self.HOST_IF, self.HOST_ADDRESS),
+                                             (["-n", self.NETNS], self.NS_IF, self.FAR_ADDRESS)):
+                _ip(*ns_args, "link", "set", ifname, "mtu", str(self.spec.mtu))  # type: ignore[attr-defined]
+                _ip(*ns_args, "addr", "add", f"{address}/{self.PREFIX_LEN}", "dev", ifname)
+                _ip(*ns_args, "link", "set", ifname, "up")
+        except BaseException:
+            self.down()
+            raise
+
+    def clear(self) -> None:
+        """Undo what an earlier run with these names left behind."""
+        self.down()
+
+    def _up_ends(self) -> None:
+        self._up_shaped()
+
+    def _up_shaped(self) -> None:
+        fd_host = _open_tun(self.HOST_IF, None)
+        try:
+            fd_ns = _open_tun(self.NS_IF, self.NETNS)
+        except BaseException:
+            os.close(fd_host)
+            raise
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            queue = ["--queue-bytes", str(self.EMULATOR_QUEUE_BYTES)] if self.EMULATOR_QUEUE_BYTES else []
+            nice = self.EMULATOR_NICE
+            with open(self.log_dir / "linkemu.log", "ab") as err:
+                self.emulator = subprocess.Popen(
+                    [sys.executable, "-m", EMULATOR_TOKEN, "--fd-a", str(fd_host), "--fd-b", str(fd_ns),
+                     *self.emulator_args(), *queue],
+                    pass_fds=(fd_host, fd_ns), stdout=subprocess.DEVNULL, stderr=err,
+                    cwd=Path(__file__).resolve().parents[2], preexec_fn=(lambda: os.nice(nice)) if nice else None,
+                )
+            self._emulator_started(self.emulator.pid)
+        finally:
+            os.close(fd_host)  # the emulator holds the only references now: the devices die with it
+            os.close(fd_ns)
+
+    def _emulator_started(self, pid: int) -> None:
+        """Hook: the emulator runs as `pid`."""
+
+    def down(self) -> None:
+        terminate(self.emulator, timeout=10)
+        self.emulator = None
+        if Path(f"/run/netns/{self.NETNS}").exists():
+            _ip("netns", "del", self.NETNS, check=False)
+        if Path(f"/sys/class/net/{self.HOST_IF}").exists():
+            _ip("link", "del", self.HOST_IF, check=False)
 
     def check_alive(self) -> None:
         if self.emulator is not None and self.emulator.poll() is not None:
@@ -131,7 +200,7 @@ class EmulatedLinkEnds:
 
 
 class Link(EmulatedLinkEnds):
-    """The namespace and the path to it. `up()` then `down()`; `down()` is safe to call twice."""
+    """The namespace and the path to it: shaped (the emulator) or a plain veth pair."""
 
     def __init__(self, spec: LinkSpec, log_dir: Path, emulated_rtt_ms: float | None = None):
         """`emulated_rtt_ms`: the delay the emulator adds, when it must differ from the target
@@ -141,51 +210,20 @@ class Link(EmulatedLinkEnds):
         self.emulated_rtt_ms = spec.rtt_ms if emulated_rtt_ms is None else emulated_rtt_ms
         self.emulator: subprocess.Popen | None = None
 
-    def up(self) -> None:
+    def emulator_args(self) -> list[str]:
+        return ["--rate-mbit", str(self.spec.rate_mbit), "--rtt-ms", f"{self.emulated_rtt_ms:.3f}"]
+
+    def clear(self) -> None:
         remove_leftovers()
-        _ip("netns", "add", NETNS)
-        try:
-            _ip("-n", NETNS, "link", "set", "lo", "up")
-            if self.spec.shaped:
-                self._up_shaped()
-            else:
-                _ip("link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF, "netns", NETNS)
-            for ns_args, ifname, address in (([], HOST_IF, HOST_ADDRESS), (["-n", NETNS], NS_IF, REGISTRY_ADDRESS)):
-                _ip(*ns_args, "link", "set", ifname, "mtu", str(self.spec.mtu))
-                _ip(*ns_args, "addr", "add", f"{address}/{PREFIX_LEN}", "dev", ifname)
-                _ip(*ns_args, "link", "set", ifname, "up")
-        except BaseException:
-            self.down()
-            raise
 
-    def _up_shaped(self) -> None:
-        fd_host = _open_tun(HOST_IF, None)
-        try:
-            fd_ns = _open_tun(NS_IF, NETNS)
-        except BaseException:
-            os.close(fd_host)
-            raise
-        try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_dir / "linkemu.log", "ab") as err:
-                self.emulator = subprocess.Popen(
-                    [sys.executable, "-m", EMULATOR_TOKEN, "--fd-a", str(fd_host), "--fd-b", str(fd_ns),
-                     "--rate-mbit", str(self.spec.rate_mbit), "--rtt-ms", f"{self.emulated_rtt_ms:.3f}"],
-                    pass_fds=(fd_host, fd_ns), stdout=subprocess.DEVNULL, stderr=err,
-                    cwd=Path(__file__).resolve().parents[2],
-                )
-            leftovers.record_pid(self.emulator.pid, EMULATOR_TOKEN)
-        finally:
-            os.close(fd_host)  # the emulator holds the only references now: the devices die with it
-            os.close(fd_ns)
+    def _up_ends(self) -> None:
+        if self.spec.shaped:
+            self._up_shaped()
+        else:
+            _ip("link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF, "netns", NETNS)
 
-    def down(self) -> None:
-        terminate(self.emulator, timeout=10)
-        self.emulator = None
-        if netns_exists():
-            _ip("netns", "del", NETNS, check=False)
-        if Path(f"/sys/class/net/{HOST_IF}").exists():
-            _ip("link", "del", HOST_IF, check=False)
+    def _emulator_started(self, pid: int) -> None:
+        leftovers.record_pid(pid, EMULATOR_TOKEN)
 
     def emulator_cpu_seconds(self) -> float | None:
         """CPU the user-space link has used so far (it competes with what is measured on a small machine)."""

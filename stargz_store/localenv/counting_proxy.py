@@ -52,7 +52,10 @@ class _Log:
             self._f.write(line + "\n")
 
 
-def make_handler(upstream: str, log: _Log) -> type[BaseHTTPRequestHandler]:
+def make_handler(upstream: str, log: _Log, challenge: str | None = None) -> type[BaseHTTPRequestHandler]:
+    """`challenge`: answer `GET /v2/` with 401 and this WWW-Authenticate value instead of relaying it
+    (see `main`'s --challenge)."""
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stalls
@@ -80,6 +83,9 @@ def make_handler(upstream: str, log: _Log) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
+            if challenge and self.path == "/v2/" and self.command in ("GET", "HEAD"):
+                self._challenge()
+                return
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
             record = {"t": time.time(), "method": self.command, "path": self.path,
                       "range": self.headers.get("Range"), "status": 0, "length": -1, "sent": 0, "complete": False}
@@ -116,6 +122,19 @@ def make_handler(upstream: str, log: _Log) -> type[BaseHTTPRequestHandler]:
                     self._drop_upstream()  # its answer was not read to the end: never reuse it
                 record["dur"] = round(time.time() - record["t"], 4)
                 log.write(record)
+
+        def _challenge(self) -> None:
+            payload = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+            self.send_response_only(401, "Unauthorized")
+            self.send_header("WWW-Authenticate", challenge or "")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(payload)
+            log.write({"t": time.time(), "method": self.command, "path": self.path, "range": None, "status": 401,
+                       "length": len(payload), "sent": len(payload) if self.command == "GET" else 0,
+                       "complete": True, "dur": 0.0})
 
         def _send_upstream(self, body: bytes | None, headers: dict[str, str]) -> http.client.HTTPResponse:
             for attempt in (0, 1):
@@ -164,8 +183,9 @@ class _Server(ThreadingHTTPServer):
 class CountingProxy:
     """In-process use (tests of the benchmark): `with CountingProxy(upstream, log_path) as p: p.host`."""
 
-    def __init__(self, upstream: str, log_path: Path | None, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
-        self.server = _Server(listen, make_handler(upstream, _Log(log_path)))
+    def __init__(self, upstream: str, log_path: Path | None, listen: tuple[str, int] = ("127.0.0.1", 0),
+                 challenge: str | None = None) -> None:
+        self.server = _Server(listen, make_handler(upstream, _Log(log_path), challenge))
         self.thread = threading.Thread(target=self.server.serve_forever, name="counting-proxy", daemon=True)
 
     @property
@@ -200,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, help="ADDRESS:PORT")
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the registry")
     parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--challenge", default=None, metavar="WWW-AUTHENTICATE",
+                        help="answer GET /v2/ with 401 and this challenge, as every public registry does, "
+                             "while the registry behind asks for nothing (a pull-through mirror in front "
+                             "pings /v2/ before each miss, under a lock, until it has seen a challenge)")
     args = parser.parse_args(argv)
     address, _, port = args.listen.rpartition(":")
-    server = _Server((address, int(port)), make_handler(args.upstream, _Log(args.log)))
+    server = _Server((address, int(port)), make_handler(args.upstream, _Log(args.log), args.challenge))
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
@@ -140,9 +141,13 @@ class RegistryClient:
         return any(e.is_mirror for e in self._endpoints(ref))
 
     def _mirror_failed(self, endpoint: Endpoint, exc: RegistryError, what: str) -> None:
-        """A mirror that cannot be reached (or keeps failing) is skipped for a while, so a dead mirror
-        costs one round of retries per cool-down instead of one per read."""
-        if isinstance(exc, (UnreachableError, RegistryTimeoutError, ServerError)):
+        """A mirror that cannot be reached (or does not answer in time) is skipped for a while, so a
+        dead mirror costs one round of retries per cool-down instead of one per read. A mirror that
+        answers with an error is alive and is not skipped host-wide: distribution's pull-through
+        proxy answers 404 or 500 to an OCI manifest asked for by tag, and skipping it then sent
+        every blob read of the node to the origin for 30 s (a blob's reads have their own back-off
+        per mirror, `routes.BlobRoutes`)."""
+        if isinstance(exc, (UnreachableError, RegistryTimeoutError)):
             self._mirror_down_until[endpoint.host] = time.monotonic() + MIRROR_COOLDOWN
             log.warning("%s via mirror %s failed (%s); skipping it for %.0fs", what, endpoint.host, exc,
                         MIRROR_COOLDOWN)
@@ -155,22 +160,73 @@ class RegistryClient:
         return Target(endpoint, path, reference=ref)
 
     def _pull(self, ref: Reference, path: str, method: str, consume: Callable[[requests.Response], T],
-              what: str, headers: dict[str, str] | None = None, image: Reference | None = None) -> tuple[T, Endpoint]:
-        """Try mirrors then the origin; a mirror's failure is logged and the next endpoint tried.
+              what: str, headers: dict[str, str] | None = None, image: Reference | None = None,
+              race: bool = False) -> tuple[T, Endpoint]:
+        """Try mirrors then the origin; a mirror's failure is logged and the next endpoint tried
+        at once (a mirror is not retried: the next endpoint is the better retry).
 
         `image`: the reference the runtime asked for when `ref` is derived from it (an index's
-        platform manifest); runtime credentials are chosen by it."""
-        endpoints = self._live_endpoints(ref)
+        platform manifest); runtime credentials are chosen by it. `race`: a mirror that has not
+        answered within `mirror_race` is raced against the next endpoint (`_pull_raced`); only
+        for a `consume` that returns data, never the open response."""
+        return self._pull_from(self._live_endpoints(ref), ref, path, method, consume, what, headers, image, race)
+
+    def _pull_from(self, endpoints: list[Endpoint], ref: Reference, path: str, method: str,
+                   consume: Callable[[requests.Response], T], what: str, headers: dict[str, str] | None,
+                   image: Reference | None, race: bool) -> tuple[T, Endpoint]:
         for i, endpoint in enumerate(endpoints):
+            last = i == len(endpoints) - 1
+            if race and not last and self.config.mirror_race > 0:
+                return self._pull_raced(endpoint, endpoints[i + 1:], ref, path, method, consume, what, headers, image)
             try:
-                result = self.transport.call(self._target(endpoint, path, image or ref), method, consume,
-                                             repository=ref.repository, headers=headers, what=what)
-                return result, endpoint
+                return self._pull_once(endpoint, last, ref, path, method, consume, what, headers, image), endpoint
             except RegistryError as exc:
-                if i == len(endpoints) - 1 or isinstance(exc, InvalidReferenceError):
+                if last or isinstance(exc, InvalidReferenceError):
                     raise
                 self._mirror_failed(endpoint, exc, what)
         raise AssertionError("endpoint list is never empty")
+
+    def _pull_once(self, endpoint: Endpoint, last: bool, ref: Reference, path: str, method: str,
+                   consume: Callable[[requests.Response], T], what: str, headers: dict[str, str] | None,
+                   image: Reference | None) -> T:
+        return self.transport.call(self._target(endpoint, path, image or ref), method, consume,
+                                   repository=ref.repository, headers=headers, what=what,
+                                   retries=None if last else 0)
+
+    def _pull_raced(self, mirror: Endpoint, rest: list[Endpoint], ref: Reference, path: str, method: str,
+                    consume: Callable[[requests.Response], T], what: str, headers: dict[str, str] | None,
+                    image: Reference | None) -> tuple[T, Endpoint]:
+        """Ask `mirror` on a thread; when it has not answered within `mirror_race`, ask the `rest`
+        too and take the first success. A pull-through mirror that misses asks the origin itself
+        before it answers, and queues those round trips when many nodes miss at once (seconds,
+        measured with distribution 2.8): a node's image lookup should not wait for that."""
+        outcome: dict[str, object] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome["value"] = self._pull_once(mirror, False, ref, path, method, consume, what, headers, image)
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for this answer
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="mirror-pull", daemon=True).start()
+        if not done.wait(self.config.mirror_race):
+            try:
+                return self._pull_from(rest, ref, path, method, consume, what, headers, image, True)
+            except RegistryError:
+                done.wait()
+                if "value" in outcome:
+                    return outcome["value"], mirror  # type: ignore[return-value]
+                raise
+        if "value" in outcome:
+            return outcome["value"], mirror  # type: ignore[return-value]
+        exc = outcome["error"]
+        if not isinstance(exc, RegistryError) or isinstance(exc, InvalidReferenceError):
+            raise exc  # type: ignore[misc]
+        self._mirror_failed(mirror, exc, what)
+        return self._pull_from(rest, ref, path, method, consume, what, headers, image, True)
 
     # ---- manifests -------------------------------------------------------------------------
 
@@ -188,7 +244,8 @@ class RegistryClient:
                 check_same_digest(ref.digest, raw, what)  # inside: a bad mirror falls back to the origin
             return raw, resp.headers.get("Content-Type", "")
 
-        (raw, content_type), _ = self._pull(ref, path, "GET", consume, what, {"Accept": MANIFEST_ACCEPT}, image=image)
+        (raw, content_type), _ = self._pull(ref, path, "GET", consume, what, {"Accept": MANIFEST_ACCEPT}, image=image,
+                                            race=True)
         digest = ref.digest or sha256_digest(raw)
         return raw, sniff_media_type(raw, content_type), digest
 
@@ -205,7 +262,8 @@ class RegistryClient:
             return (resp.headers.get("Docker-Content-Digest"), resp.headers.get("Content-Type", ""),
                     int(resp.headers.get("Content-Length") or 0))
 
-        (digest, media_type, size), _ = self._pull(ref, path, "HEAD", consume, what, {"Accept": MANIFEST_ACCEPT})
+        (digest, media_type, size), _ = self._pull(ref, path, "HEAD", consume, what, {"Accept": MANIFEST_ACCEPT},
+                                                   race=True)
         if ref.digest:
             return ref.digest, media_type.split(";")[0].strip(), size
         if not digest:

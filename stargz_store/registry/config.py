@@ -218,7 +218,8 @@ class RegistryConfig:
     whole_blob_limit: int = 4 << 20
     whole_blob_memory: int = 32 << 20
     mirror_retry: float = 0.5  # first per-blob back-off of a mirror that could not serve a range, seconds
-    mirror_fill_wait: float = 3.0  # a read waits this long at most for a filling mirror (else: the origin)
+    mirror_fill_wait: float = 0.0  # a read waits this long at most for a filling mirror (0: the origin meanwhile)
+    mirror_race: float = 0.1  # a mirror not known to hold a blob answers within this, or the origin is asked too
     background_mirror_wait: float = 30.0  # background fetch waits this long at most for a filling mirror
     push_chunk_size: int = 16 * 1024 * 1024
     monolithic_push_limit: int = 64 * 1024 * 1024
@@ -258,6 +259,8 @@ class RegistryConfig:
         cfg.mirror_retry = (_msec(blob, "mirror_retry_msec") or cfg.mirror_retry * 1000) / 1000
         fill_wait = _msec(blob, "mirror_fill_wait_msec")
         cfg.mirror_fill_wait = cfg.mirror_fill_wait if fill_wait is None else fill_wait / 1000
+        race = _msec(blob, "mirror_race_msec")
+        cfg.mirror_race = cfg.mirror_race if race is None else race / 1000
         background_wait = _msec(blob, "background_mirror_wait_msec")
         cfg.background_mirror_wait = cfg.background_mirror_wait if background_wait is None else background_wait / 1000
         hosts = resolver.table("host")
@@ -284,7 +287,8 @@ HOST_KEYS = frozenset({"mirrors", "insecure", "ca_file", "header", "username", "
 MIRROR_KEYS = frozenset({"host", "insecure", "request_timeout_sec", "header"})
 BLOB_KEYS = frozenset({"fetching_timeout_sec", "max_retries", "min_wait_msec", "max_wait_msec", "valid_interval",
                        "check_always", "force_single_range_mode", "whole_blob_limit_mb", "whole_blob_memory_mb",
-                       "mirror_retry_msec", "mirror_fill_wait_msec", "background_mirror_wait_msec"})
+                       "mirror_retry_msec", "mirror_fill_wait_msec", "mirror_race_msec",
+                       "background_mirror_wait_msec"})
 BLOB_NO_EFFECT = {"chunk_size": "int", "prefetch_chunk_size": "int"}
 
 

@@ -19,6 +19,14 @@ The answers, and what each one leads to:
 - anything else: a typed error; a mirror's failure sends the request to the next endpoint and
   skips that mirror for the blob for the back-off (a dead mirror for every blob, see the client).
 
+A mirror not known to hold the blob (never served a range of it) is raced: it gets `mirror_race`
+to answer (none after it answered with a whole body: it is likely still filling), then the next
+endpoint is asked too and the first answer whose status says it serves the read takes it; the
+other is hung up on (`_race`). A cold pull-through mirror answers only after its own round trips
+to the origin, queued when many nodes miss at once; a warm one answers in milliseconds. Reads
+while a mirror is in back-off for the blob go to the origin unless `mirror_fill_wait` says to
+wait for it.
+
 Why abandon rather than read through: each 200 from distribution's proxy is a stream the mirror
 pulls from the origin for this request alone, so reading it costs the origin what the client
 reads; hanging up right after the status line costs the origin about one TCP window (measured:
@@ -168,6 +176,34 @@ class RegionsWant:
 
 
 _LOOK_AGAIN = object()
+_NEXT = object()  # this endpoint could not serve the request: ask the next one
+
+
+class _RaceLost(Exception):
+    """Raised from a raced answer's consume when the other runner's answer was taken first."""
+
+
+class _Race:
+    """A mirror's answer raced against the next endpoint's (`RangedReader._race`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._winner: Endpoint | None = None
+        self.answered = threading.Event()  # the mirror's status is known (or its attempt ended)
+        self.done = threading.Event()  # the mirror's attempt ended; `outcome` is set
+        self.outcome: tuple[str, object] = ("value", _NEXT)
+
+    def claim(self, endpoint: Endpoint) -> bool:
+        """True for the first answer that claims the read (and for it again), False for any other."""
+        with self._lock:
+            if self._winner is None:
+                self._winner = endpoint
+            return self._winner is endpoint
+
+
+def _claim(race: _Race | None, endpoint: Endpoint, what: str) -> None:
+    if race is not None and not race.claim(endpoint):
+        raise _RaceLost(f"{what}: answered by another endpoint first")
 
 
 class RangedReader:
@@ -285,68 +321,155 @@ class RangedReader:
     def _from_endpoints(self, ref: Reference, key: BlobKey, want: _Want[T], what: str, single_flight: bool):
         """The answer from the first endpoint that gives one, or _LOOK_AGAIN after waiting for
         another request's first contact with a mirror (its outcome changes the order)."""
-        path = f"/v2/{ref.repository}/blobs/{key[2]}"
-        headers = {"Range": want.header(), "Accept-Encoding": "identity"}
-        endpoints = self.routes.order(key, self.endpoints(ref))
+        return self._walk(ref, key, self.routes.order(key, self.endpoints(ref)), want, what, single_flight, None)
+
+    def _walk(self, ref: Reference, key: BlobKey, endpoints: list[Endpoint], want: _Want[T], what: str,
+              single_flight: bool, race: _Race | None):
         for i, endpoint in enumerate(endpoints):
             last = i == len(endpoints) - 1
-            taken: list[WholeBlob] = []
-            final_url: list[str] = []
-            with self.routes.first_contact(key, endpoint, self.config.read_timeout) as contact:
-                if not contact.go and single_flight:
+            delay = None if race is not None or last else self._race_delay(key, endpoint)
+            if delay is not None:
+                return self._race(ref, key, endpoint, endpoints[i + 1:], want, what, single_flight, delay)
+            answer = self._attempt(ref, key, endpoint, want, what, last, single_flight, race)
+            if answer is not _NEXT:
+                return answer
+        raise AssertionError("the last endpoint never passes")
+
+    def _race_delay(self, key: BlobKey, endpoint: Endpoint) -> float | None:
+        """How long a read gives a mirror not known to hold the blob before the origin is asked
+        too (None: no race). A mirror met for the first time gets `mirror_race`; one that answered
+        with a whole body before (still filling, as far as we know) gets no head start unless reads
+        are configured to wait for filling mirrors."""
+        if not endpoint.is_mirror or self.config.mirror_race <= 0:
+            return None
+        confirmed, failures = self.routes.standing(key, endpoint)
+        if confirmed:
+            return None
+        return self.config.mirror_race if not failures or self.config.mirror_fill_wait > 0 else 0.0
+
+    def _race(self, ref: Reference, key: BlobKey, mirror: Endpoint, rest: list[Endpoint], want: _Want[T],
+              what: str, single_flight: bool, delay: float):
+        """Ask `mirror` on a thread; when its answer's status has not come within `delay`, ask the
+        `rest` (the origin) too. The first answer whose status says it serves the read takes it
+        (`_Race.claim`); the other is hung up on, and only the taker writes to a sink. A cold
+        pull-through mirror answers only after its own round trips to the origin (and queues them
+        when many nodes miss at once): without the race every read of a node waited for that."""
+        race = _Race()
+
+        def run() -> None:
+            try:
+                race.outcome = ("value", self._attempt(ref, key, mirror, want, what, False, single_flight, race))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for this answer
+                race.outcome = ("error", exc)
+            finally:
+                race.answered.set()
+                race.done.set()
+
+        threading.Thread(target=run, name=f"mirror-{key[2][7:19]}", daemon=True).start()
+        if race.answered.wait(delay):
+            return self._mirror_answer(ref, key, rest, want, what, single_flight, race)
+        try:
+            answer = self._walk(ref, key, rest, want, what, single_flight, race)
+        except _RaceLost:
+            return self._mirror_answer(ref, key, rest, want, what, single_flight, race)
+        except RegistryError:
+            race.done.wait()
+            kind, value = race.outcome
+            if kind == "value" and value is not _NEXT and value is not _LOOK_AGAIN:
+                return value  # the origin failed, the mirror served
+            raise
+        if answer is _LOOK_AGAIN:
+            return self._mirror_answer(ref, key, rest, want, what, single_flight, race)
+        return answer
+
+    def _mirror_answer(self, ref: Reference, key: BlobKey, rest: list[Endpoint], want: _Want[T], what: str,
+                       single_flight: bool, race: _Race):
+        """The raced mirror's answer once it has ended; the rest of the endpoints when it could not serve."""
+        race.done.wait()
+        kind, value = race.outcome
+        if kind == "error":
+            raise value
+        if value is _NEXT:
+            return self._walk(ref, key, rest, want, what, single_flight, None)
+        return value
+
+    def _attempt(self, ref: Reference, key: BlobKey, endpoint: Endpoint, want: _Want[T], what: str, last: bool,
+                 single_flight: bool, race: _Race | None):
+        """One endpoint's answer: the result, `_NEXT` (ask the next endpoint) or `_LOOK_AGAIN`.
+        Raises `_RaceLost` when `race` went to another answer first."""
+        path = f"/v2/{ref.repository}/blobs/{key[2]}"
+        headers = {"Range": want.header(), "Accept-Encoding": "identity"}
+        taken: list[WholeBlob] = []
+        lost: list[bool] = []
+        final_url: list[str] = []
+        probe_wait = self.config.mirror_race if self.config.mirror_race > 0 else self.config.read_timeout
+        with self.routes.first_contact(key, endpoint, probe_wait) as contact:
+            if not contact.go:
+                if not contact.settled and self.config.mirror_race > 0:
+                    return _NEXT  # another read's first contact is still waiting for this mirror
+                if single_flight:
                     return _LOOK_AGAIN
 
-                def consume(resp: requests.Response):
-                    if getattr(resp, "redirected", False):
-                        final_url[:] = [resp.url]
-                    try:
-                        if resp.status_code == 200:
-                            return self._full_body(key, endpoint, last, resp, want, what, taken)
-                        if resp.status_code == 206:
-                            self.routes.served(key, endpoint, None)
-                    finally:
-                        contact.settle()
-                    return want.consume(resp, what, last)
+            def consume(resp: requests.Response):
+                if getattr(resp, "redirected", False):
+                    final_url[:] = [resp.url]
+                try:
+                    if resp.status_code == 200:
+                        return self._full_body(key, endpoint, last, resp, want, what, taken, race, lost)
+                    if resp.status_code == 206:
+                        self.routes.served(key, endpoint, None)
+                        _claim(race, endpoint, what)
+                finally:
+                    contact.settle()
+                    if race is not None and endpoint.is_mirror:
+                        race.answered.set()
+                return want.consume(resp, what, last)
 
-                try:
-                    result = self.transport.call(self.target(endpoint, path, ref), "GET", consume,
-                                                 repository=ref.repository, headers=headers, what=what)
-                except RangeNotSatisfiableError:
+            try:
+                result = self.transport.call(self.target(endpoint, path, ref), "GET", consume,
+                                             repository=ref.repository, headers=headers, what=what)
+            except RangeNotSatisfiableError:
+                raise
+            except RegistryError as exc:
+                if last:
                     raise
-                except RegistryError as exc:
-                    if last:
-                        raise
-                    if not isinstance(exc, RangeIgnoredError):
-                        self.endpoint_failed(endpoint, exc, what)
-                        self._skip_for_blob(key, endpoint, what, type(exc).__name__)
-                    continue
-            if taken:
-                try:
-                    return want.from_whole(self._start_reader(key, endpoint, taken[0], result, what), self._deadline())
-                except ShortReadError as exc:
-                    if last:
-                        raise
-                    log.info("%s: %s; asking the next endpoint", what, exc)
-                    continue
-            redirect = final_url[0] if final_url and url_host(final_url[0]) != endpoint.host else None
-            self.routes.served(key, endpoint, redirect)
-            return result
-        raise AssertionError("endpoint list is never empty")
+                if not isinstance(exc, RangeIgnoredError):
+                    self.endpoint_failed(endpoint, exc, what)
+                    self._skip_for_blob(key, endpoint, what, type(exc).__name__)
+                return _NEXT
+        if taken:
+            held = self._start_reader(key, endpoint, taken[0], result, what)
+            if lost:
+                return _NEXT  # held for the blob's later reads; this one was answered by the other runner
+            try:
+                return want.from_whole(held, self._deadline())
+            except ShortReadError as exc:
+                if last:
+                    raise
+                log.info("%s: %s; asking the next endpoint", what, exc)
+                return _NEXT
+        redirect = final_url[0] if final_url and url_host(final_url[0]) != endpoint.host else None
+        self.routes.served(key, endpoint, redirect)
+        return result
 
     def _full_body(self, key: BlobKey, endpoint: Endpoint, last: bool, resp: requests.Response,
-                   want: _Want[T], what: str, taken: list[WholeBlob]):
-        """A 200 with the whole blob to a range request (see the module docstring)."""
+                   want: _Want[T], what: str, taken: list[WholeBlob], race: _Race | None, lost: list[bool]):
+        """A 200 with the whole blob to a range request (see the module docstring). In a race it
+        is never read forward: the origin is at hand."""
         size = content_length(resp)
         blob = self.whole.start(key, key[2], size) if size is not None and self.whole.fits(size) else None
         if blob is not None:
             taken.append(blob)
+            if race is not None and not race.claim(endpoint):
+                lost.append(True)
             log.info("%s: %s answered with the whole %d-byte blob; reading it whole", what, endpoint.host, size)
             return resp  # kept open: read on a reader thread
         if endpoint.is_mirror:
             self._skip_for_blob(key, endpoint, what, f"whole {size if size is not None else '?'}-byte body",
                                 (size or 0) / ASSUMED_FILL_RATE)
         end = want.end(size)
-        if last or (end is not None and end <= FULL_BODY_FORWARD_LIMIT):
+        if last or (race is None and end is not None and end <= FULL_BODY_FORWARD_LIMIT):
+            _claim(race, endpoint, what)
             return want.consume(resp, what, last)
         raise RangeIgnoredError(f"{what}: {endpoint.host} answered with the whole blob; not read")
 

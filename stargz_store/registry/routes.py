@@ -9,9 +9,10 @@ every node's reads to the origin for good. Jitter keeps N nodes that met the sam
 the same moment from returning to it at the same moment.
 
 The first ranged request to a mirror for a blob whose state there is unknown is a single flight:
-requests for the same blob that arrive meanwhile wait for its answer instead of each meeting the
-cold mirror, where every concurrent miss costs one more full copy from the origin
-(distribution's proxy does not coalesce them).
+requests for the same blob that arrive meanwhile wait for its answer (up to the client's
+`mirror_race`, then they go to the next endpoint) instead of each meeting the cold mirror, where
+every concurrent miss costs the origin one more streamed copy (distribution's proxy starts one
+fill, then streams a copy per concurrent miss).
 
 Bounded: at most `max_blobs` blobs are remembered (oldest forgotten first).
 """
@@ -86,6 +87,14 @@ class BlobRoutes:
             state = route.mirrors.get(endpoint.host) if route else None
             return state.retry_at if state else 0.0
 
+    def standing(self, key: BlobKey, endpoint: Endpoint) -> tuple[bool, int]:
+        """(confirmed, consecutive failures) of a mirror for this blob: whether it served a range
+        of it last time, and how many times in a row it could not."""
+        with self._lock:
+            route = self._routes.get(key)
+            state = route.mirrors.get(endpoint.host) if route else None
+            return (state.confirmed, state.failures) if state else (False, 0)
+
     def failed(self, key: BlobKey, endpoint: Endpoint, at_least: float = 0.0) -> float:
         """A mirror could not serve this blob: skip it for it for a jittered, doubling back-off
         that starts at `retry_base`, or at `at_least` when that is longer (e.g. the time a mirror
@@ -138,7 +147,8 @@ class BlobRoutes:
         is confirmed for this blob, or the caller is the probe; it then calls `settle()` as soon
         as the answer's status is known, and at the latest when the block ends), False after
         waiting (up to `timeout`) for another caller's probe: the caller then looks again (the
-        mirror may be in back-off now, or the blob held whole)."""
+        mirror may be in back-off now, or the blob held whole); `settled` says whether that probe
+        had its answer within `timeout` (if not, the mirror is slow to answer for this blob)."""
         if not endpoint.is_mirror:
             yield FirstContact(True)
             return
@@ -150,8 +160,7 @@ class BlobRoutes:
             if theirs is None and not (state is not None and state.confirmed):
                 mine = route.probes[endpoint.host] = threading.Event()
         if theirs is not None:
-            theirs.wait(timeout)
-            yield FirstContact(False)
+            yield FirstContact(False, settled=theirs.wait(timeout))
             return
         contact = FirstContact(True, mine, lambda: self._end_probe(key, endpoint, mine))
         try:
@@ -172,10 +181,11 @@ class BlobRoutes:
 class FirstContact:
     """What `BlobRoutes.first_contact` yields: go ahead or look again; `settle()` releases waiters."""
 
-    __slots__ = ("go", "_event", "_end")
+    __slots__ = ("go", "settled", "_event", "_end")
 
-    def __init__(self, go: bool, event: threading.Event | None = None, end=None) -> None:
+    def __init__(self, go: bool, event: threading.Event | None = None, end=None, settled: bool = True) -> None:
         self.go = go
+        self.settled = settled
         self._event = event
         self._end = end
 

@@ -116,7 +116,10 @@ def test_mirror_keys_from_config_toml():
     assert off.mirror_fill_wait == 0.0
     defaults = RegistryConfig.from_toml({})
     assert (defaults.whole_blob_limit, defaults.whole_blob_memory, defaults.mirror_retry, defaults.mirror_fill_wait) == \
-        (4 << 20, 32 << 20, 0.5, 3.0)
+        (4 << 20, 32 << 20, 0.5, 0.0)
+    assert defaults.mirror_race == 0.1
+    assert RegistryConfig.from_toml({"blob": {"mirror_race_msec": 250}}).mirror_race == 0.25
+    assert RegistryConfig.from_toml({"blob": {"mirror_race_msec": 0}}).mirror_race == 0.0
 
 
 def test_background_mirror_wait_from_config_toml():
