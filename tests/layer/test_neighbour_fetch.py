@@ -98,6 +98,22 @@ def test_a_big_file_brings_the_small_files_stored_right_after_it(tmp_path, open_
     assert src.calls == 0
 
 
+def test_the_file_adjacent_to_a_big_one_may_be_as_large_as_the_window(tmp_path, open_layer):
+    """`libgcc_s` (56 KB) stored right after `libc`: read by every C++ program after it, fetched
+    with it; a file of that size one further away is not."""
+    rnd = random.Random(11)
+    files = {"lib/libc.so.6": rnd.randbytes(300_000), "lib/libgcc_s.so.1": rnd.randbytes(40 << 10),
+             "lib/libgcc_s.so.2": rnd.randbytes(40 << 10)}
+    built = build_layer(tmp_path / "l", files)
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=128 << 10))
+    _read(layer, built, "lib/libc.so.6")
+    assert layer.drain(30)
+    src.reset_counters()
+    _read(layer, built, "lib/libgcc_s.so.1")
+    assert src.calls == 0
+    assert not layer.cache.contains(layer.toc.lookup("lib/libgcc_s.so.2").chunks[0].digest)
+
+
 def test_the_off_switch_fetches_only_what_is_read(tmp_path, open_layer):
     built = build_layer(tmp_path / "l", _files())
     off, offsrc = open_layer(built, config=lazy_config(neighbour_fetch_size=0))

@@ -14,12 +14,14 @@ is, never on an image:
 - likeness: a neighbour comes along when it is in the missed file's directory or has its suffix
   (`.h` brings `.h` from the sibling `bits/` directory, `.js` brings `.js` from `lib/`; the `.py`
   sources stored beside the `__pycache__/*.pyc` an interpreter reads do not come with them);
-  around a file larger than the reach (a library, a program, a jar) any small file comes along,
-  so the files stored right after a big one cost no round trip of their own (the Go store's
-  block holding a file's last bytes brings them too);
+  around a file larger than the window (a library, a program, a jar) any small file comes
+  along, so the files stored right after a big one cost no round trip of their own (the Go
+  store's block holding a file's last bytes brings them too);
 - size: a neighbour of more than `_NEIGHBOUR_MAX` compressed bytes is skipped (the walk goes on
   past it): a file saves at most one round trip (20 ms, 250 KB at 100 Mbit/s) if it is read, and
-  costs its size if not, so small files are the good bets.
+  costs its size if not, so small files are the good bets. The file stored right before or after
+  a big one may be as large as the window (next to a big read it costs little: `libgcc_s` beside
+  `libc`, read by every C++ program, is 56 KB).
 
 Designed on the held-out images with the replay of their recorded opens
 (`python -m benchmarks.startup.replay`; README of the startup benchmark): the directory-only
@@ -59,7 +61,8 @@ class NeighbourFetch(FetchPolicy):
 
     def neighbours(self, entry: TocEntry) -> list[Chunk]:
         """Uncached chunks of the small files stored within half the window before and after
-        `entry` that are like it (its directory or its suffix; any, around a big file)."""
+        `entry` that are like it (its directory or its suffix; any, around a big file, whose
+        two adjacent files may be as large as the window)."""
         if not entry.chunks:
             return []
         index = self.reader.index
@@ -68,8 +71,8 @@ class NeighbourFetch(FetchPolicy):
             return []
         half = self.window // 2
         lo, hi = entry.chunks[0].blob_offset - half, entry.chunks[-1].blob_end + half
-        limit = min(_NEIGHBOUR_MAX, self.window)
         any_kind = stored_size(entry) > self.window
+        limit = min(_NEIGHBOUR_MAX, self.window)
         parent, kind = entry.name.rpartition("/")[0], suffix(entry.name)
         out: list[Chunk] = []
         for step in (1, -1):
@@ -77,8 +80,9 @@ class NeighbourFetch(FetchPolicy):
             while (f := index.file_at(j)) is not None:
                 if (f.chunks[0].blob_offset >= hi) if step > 0 else (f.chunks[-1].blob_end <= lo):
                     break
+                adjacent = j == i + step
                 j += step
-                if stored_size(f) > limit:
+                if stored_size(f) > (self.window if any_kind and adjacent else limit):
                     continue
                 if any_kind or f.name.rpartition("/")[0] == parent or suffix(f.name) == kind:
                     out.extend(self.reader.uncached(f.chunks))
