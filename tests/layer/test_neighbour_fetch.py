@@ -53,6 +53,21 @@ def test_a_file_brings_the_files_around_it_of_its_directory_or_suffix_in_one_req
     assert src.calls == 1
 
 
+def test_a_file_of_its_suffix_in_a_far_directory_stays_behind(tmp_path, open_layer):
+    """Same suffix, but two levels apart below what the directories share (`__pycache__` of
+    another subpackage): not fetched; one in a sibling's subdirectory is."""
+    files = {"usr/lib/pkg/a.pyc": _TEXT(120), "usr/lib/pkg/sub/b.pyc": _TEXT(130),
+             "usr/lib/other/deep/c.pyc": _TEXT(140)}
+    built = build_layer(tmp_path / "l", files)
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
+    _read(layer, built, "usr/lib/pkg/sub/b.pyc")
+    assert layer.drain(30)
+    src.reset_counters()
+    _read(layer, built, "usr/lib/pkg/a.pyc")  # the parent directory
+    assert src.calls == 0
+    assert not layer.cache.contains(layer.toc.lookup("usr/lib/other/deep/c.pyc").chunks[0].digest)
+
+
 def test_the_reach_is_half_the_window_on_each_side(tmp_path, open_layer):
     built = build_layer(tmp_path / "l", _files())
     probe, _ = open_layer(built)

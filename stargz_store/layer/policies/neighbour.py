@@ -11,9 +11,11 @@ is, never on an image:
 - reach: `neighbour_fetch_size` compressed bytes around the file, half before its first byte,
   half after its last (a miss lands anywhere in a run of files read together; an aligned block
   brings both sides too);
-- likeness: a neighbour comes along when it is in the missed file's directory or has its suffix
-  (`.h` brings `.h` from the sibling `bits/` directory, `.js` brings `.js` from `lib/`; the `.py`
-  sources stored beside the `__pycache__/*.pyc` an interpreter reads do not come with them);
+- likeness: a neighbour comes along when it is in the missed file's directory, or has its
+  suffix and lies in a close directory (`close_directories`: `.h` brings `.h` from the sibling
+  `bits/` directory, `.js` brings `.js` from the package's `lib/`; the `.py` sources stored beside
+  the `__pycache__/*.pyc` an interpreter reads do not come with them, nor `.pyc` of a far
+  subpackage);
   around a file larger than the window (a library, a program, a jar) any small file comes
   along, so the files stored right after a big one cost no round trip of their own (the Go
   store's block holding a file's last bytes brings them too);
@@ -47,6 +49,20 @@ def suffix(name: str) -> str:
     """What follows the last dot of the base name ('' without one): the kind of file."""
     base = name.rpartition("/")[2]
     return base.rpartition(".")[2] if "." in base else ""
+
+
+def close_directories(a: str, b: str) -> bool:
+    """Whether directories `a` and `b` differ in at most their last component below what they
+    share: the same, parent and child, siblings (`lib/` beside `bin/`), a sibling's child
+    (`pkg/lib/` and `pkg/src/util/`); not two far ends of a tree (`usr/share/doc/x` and
+    `usr/lib/python3/y`)."""
+    pa, pb = a.split("/") if a else [], b.split("/") if b else []
+    shared = 0
+    for x, y in zip(pa, pb):
+        if x != y:
+            break
+        shared += 1
+    return shared >= min(len(pa), len(pb)) - 1
 
 
 class NeighbourFetch(FetchPolicy):
@@ -84,6 +100,7 @@ class NeighbourFetch(FetchPolicy):
                 j += step
                 if stored_size(f) > (self.window if any_kind and adjacent else limit):
                     continue
-                if any_kind or f.name.rpartition("/")[0] == parent or suffix(f.name) == kind:
+                there = f.name.rpartition("/")[0]
+                if any_kind or there == parent or (suffix(f.name) == kind and close_directories(parent, there)):
                     out.extend(self.reader.uncached(f.chunks))
         return out
