@@ -104,6 +104,7 @@ class Successor:
     pid: int = 0
     ready: bool = False  # its server is built: this holder may stop its own
     nodes: list[list[Any]] = field(default_factory=list)  # the node table sent with `state`
+    files: dict[str, Any] | None = None  # the open passthrough files sent with `state`
 
 
 class Holder:
@@ -591,6 +592,7 @@ class Holder:
             nodes, resend = [[key, CRASH_COUNT] for key in self.nodes.values()], True
         files, self.handed, self.handed_files = self.handed_files, None, None  # passthrough ids: the connection's
         successor.nodes = nodes
+        successor.files = files
         successor.phase = "sent"
         sent = successor.channel.send(
             "state", state=self.state, nodes=nodes, reported=[[i, k] for i, k in self.nodes.items()], uses=self.uses,
@@ -671,7 +673,7 @@ class Holder:
             keys = {json.dumps(key): key for key, _ in successor.nodes}
             keys.update((json.dumps(key), key) for key in self.nodes.values())
             self.handed = [[key, CRASH_COUNT] for key in keys.values()]
-            self.handed_files = files  # what it opened since: in the open-files journal (shared root)
+            self.handed_files = successor.files  # what it opened since: in the open-files journal (shared root)
             self.handed_unanswered = True  # what its server read and did not answer is resent to ours
             nxt, self.spare = self.spare, None
             if nxt is None or nxt.phase not in ("preparing", "prepared"):

@@ -30,7 +30,7 @@ def image(restart_image):
 def store(store_daemon_factory, image):
     if not passthrough_permitted():
         pytest.skip("FUSE passthrough needs CAP_SYS_ADMIN in the initial user namespace")
-    return store_daemon_factory(RESTART_CONFIG)
+    return store_daemon_factory(RESTART_CONFIG.replace("[store]\n", "[store]\npassthrough = true\n"))
 
 
 def _diff(store, registry, image) -> Path:
