@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     os.umask(PRIVATE_UMASK)
 
-    from ..cli import package_version
+    from ..commands import package_version
     from .control_ops import AddCredentials, start_control_socket
     from .lifecycle import Serving, block_signals
     from .operations import start_operations
