@@ -57,10 +57,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and its living descendants (the store: holder + serving processes)."""
+def _cpu_of(pids: list[int]) -> float:
     total = 0.0
-    for each in [pid, *descendants(pid)]:
+    for each in pids:
         try:
             total += cpu_seconds(each)
         except (OSError, ValueError, IndexError):
@@ -68,11 +67,19 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def _status_of(pids: list[int], key: str) -> int | None:
+    known = [v for v in (status_bytes(each, key) for each in pids) if v is not None]
+    return sum(known) if known else None
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its living descendants (the store: holder + serving processes)."""
+    return _cpu_of([pid, *descendants(pid)])
+
+
 def tree_status_bytes(pid: int, key: str) -> int | None:
     """A /proc status size (`VmRSS`, `VmHWM`) summed over a process and its living descendants."""
-    values = [status_bytes(each, key) for each in [pid, *descendants(pid)]]
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
+    return _status_of([pid, *descendants(pid)], key)
 
 
 def process_tree_usage(pid: int) -> ProcessUsage:
@@ -83,4 +90,5 @@ def process_tree_usage(pid: int) -> ProcessUsage:
     The sum of each process's peak is an upper bound of the peak of the sum; CPU of a child that
     has exited (a replaced server) is not counted.
     """
-    return ProcessUsage(tree_cpu_seconds(pid), tree_status_bytes(pid, "VmHWM") or 0)
+    pids = [pid, *descendants(pid)]  # one walk of /proc for both figures
+    return ProcessUsage(_cpu_of(pids), _status_of(pids, "VmHWM") or 0)

@@ -19,6 +19,8 @@ from typing import Hashable
 
 WINDOW = 60.0
 MAX_KEYS = 1024
+# Every process of the store (holder, servers, commands) logs lines of this one shape.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class Throttled:

@@ -40,6 +40,7 @@ import threading
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable
 
+from ..logs import LOG_FORMAT
 from .config import DEFAULT_CONFIG_PATH, ConfigError, StoreConfig, load_config
 from .control import SOCKET_NAME as CONTROL_SOCKET_NAME
 from .control_ops import start_control_socket
@@ -192,7 +193,7 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=_LEVELS[level],
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
 
 

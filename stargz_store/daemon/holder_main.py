@@ -21,6 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..logs import LOG_FORMAT
 from .handover import Channel
 from .holder import Holder
 from .succession import Predecessor
@@ -28,7 +29,6 @@ from .succession import Predecessor
 log = logging.getLogger("stargz_store.daemon")
 
 MODULE = "stargz_store.daemon.holder_main"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def command(fd: int, lock_fd: int, mountpoint: Path, root: Path, log_level: int, standby: bool,
