@@ -116,14 +116,16 @@ class Serving:
         self.session = session
         if self.start_control is not None:  # before the first request: the predecessor closed its socket
             self.control = self.start_control()
+        asked = state is not None and go.get("resend", True)
+        # After a crash, and after a predecessor that could not answer all it had read; not while
+        # it still answers its reads (they would be answered twice). Before our workers read:
+        # the kernel sends again every request read and not answered, ours too, and a copy of an
+        # OPEN or RELEASE we are answering must not be counted twice (`Session._counted_before`).
+        resend = session.notify_resend() if asked else False
         threading.Thread(target=self._serve, name="fuse-session", daemon=True).start()
         threading.Thread(target=self._listen, name="handover", daemon=True).start()
         threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
         if state is not None:
-            # After a crash, and after a predecessor that could not answer all it had read; not
-            # while it still answers its reads (they would be answered twice).
-            asked = go.get("resend", True)
-            resend = session.notify_resend() if asked else False
             log.info("took over the mount at %s: %d nodes, %d use counts adopted; resend %s", self.mountpoint,
                      adopted, len(uses), ("accepted" if resend else "not supported") if asked else "not needed")
             self._serving(resend)

@@ -16,6 +16,10 @@ non-blockingly, so `stop()` takes effect within `POLL_INTERVAL` without losing a
 worker has read it answers before it checks the flag again. All workers read the same open file
 description (no per-thread clones): requests a dead server had read stay queued on it, where
 `FUSE_NOTIFY_RESEND` finds them, instead of being aborted with the clone's release.
+A worker counts itself as reading (`_reading`) from before its `read` until the request it read is
+counted as being answered: `wait_answered` after `stop()` then also waits for a request read in
+the instant the flag was set, so what a hand-over reports (`open_files`) includes every OPEN and
+RELEASE this process read.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 from . import abi
-from .journal import OpenFilesJournal
+from .journal import APPLIED_KEPT, OpenFilesJournal
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +208,13 @@ class Session:
         self._idle = 0
         self._busy = 0
         self._answering: dict[int, int] = {}  # opcode -> requests of it being answered
+        self._reading = 0  # workers between their last look at the stop flag and counting what they read
         self._answered = threading.Condition(self._lock)
         self._backing: dict[int, list[int]] = {}  # ino -> [backing id, files open by passthrough]
         self._cached: dict[int, int] = {}  # ino -> files open through the page cache (passthrough on)
         self._backing_lock = threading.Lock()
         self._backing_refused = False  # the kernel refused BACKING_OPEN for lack of privilege
+        self._applied: dict[int, None] = {}  # uniques of OPENs/RELEASEs counted (a resent one is not counted again)
         self.journal: OpenFilesJournal | None = None  # `adopt_open_files`
         self.passthrough_opens = 0  # backing ids registered (inodes put in passthrough mode)
         self.read_requests = 0
@@ -249,7 +255,8 @@ class Session:
         skip = set(but)
         with self._lock:
             return self._answered.wait_for(
-                lambda: not any(n for op, n in self._answering.items() if op not in skip), timeout)
+                lambda: not self._reading and not any(n for op, n in self._answering.items() if op not in skip),
+                timeout)
 
     def answering(self, opcode: int) -> int:
         """Requests with `opcode` being answered right now."""
@@ -280,7 +287,17 @@ class Session:
                     if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                         self._ended_by_kernel("the connection was closed")
                         return
-                    n = os.readv(self.fd, [buf])
+                    with self._lock:
+                        if self._stop.is_set():
+                            continue
+                        self._reading += 1
+                    try:
+                        n = os.readv(self.fd, [buf])
+                    except BaseException:
+                        with self._lock:
+                            self._reading -= 1
+                            self._answered.notify_all()
+                        raise
                 except BlockingIOError:
                     continue  # another worker took the request
                 except InterruptedError:
@@ -294,6 +311,7 @@ class Session:
                     raise
                 opcode = abi.IN_HEADER.unpack_from(view)[1] if n >= abi.IN_HEADER.size else 0
                 with self._lock:
+                    self._reading -= 1
                     self._idle -= 1
                     self._busy += 1
                     self._answering[opcode] = self._answering.get(opcode, 0) + 1
@@ -504,35 +522,41 @@ class Session:
             self.ops.release(nodeid, opened.fh)
             raise FuseError(errno.ENOSYS)  # success, and no OPEN (nor RELEASE) for any later open
         if self.state is not None and self.state.passthrough:
-            open_flags, backing_id = self._open_mode(nodeid, opened)
+            open_flags, backing_id = self._open_mode(nodeid, opened, unique)
         else:
             if opened.backing_fd is not None:
                 os.close(opened.backing_fd)
             open_flags, backing_id = self._cache_flags(opened), 0
         if not self._reply(unique, abi.OPEN_OUT.pack(opened.fh, open_flags, backing_id)):
-            # The caller gave up: the kernel opened nothing, and no RELEASE will follow.
-            if self.state is not None and self.state.passthrough:
-                self._closed(nodeid)
+            # No such request any more (ENOENT): the kernel does not give up on an OPEN it sent
+            # us (it waits for the answer even when the caller is killed), so it was sent again
+            # (`notify_resend`: the same unique with RESEND_BIT) and that copy is answered. The
+            # count stays: the copy finds this open counted (`_counted_before`).
             self.ops.release(nodeid, opened.fh)
 
     @staticmethod
     def _cache_flags(opened: OpenReply) -> int:
         return (abi.FOPEN_KEEP_CACHE if opened.keep_cache else 0) | (abi.FOPEN_DIRECT_IO if opened.direct_io else 0)
 
-    def _open_mode(self, ino: int, opened: OpenReply) -> tuple[int, int]:
+    def _open_mode(self, ino: int, opened: OpenReply, unique: int) -> tuple[int, int]:
         """(open flags, backing id) of an open while passthrough is on. The kernel wants every
         open file of an inode in one mode (fs/fuse/iomode.c): while some are open by passthrough,
         every further open must name the same backing id (another one is EBUSY, a cached open
         EIO); while some are open through the page cache, a passthrough open is ETXTBSY. So the
         mode of an inode is decided at its first open and kept until its last release; the open
-        files per inode and mode are counted here (and handed over to a successor: `open_files`)."""
+        files per inode and mode are counted here (and handed over to a successor: `open_files`).
+        An OPEN counted already (`_counted_before`: a resent copy) is answered in the inode's mode
+        without counting it again."""
         fd = opened.backing_fd
         try:
             with self._backing_lock:
                 held = self._backing.get(ino)
+                again = self._counted_before(unique)
+                if again and (held is not None or self._cached.get(ino)):
+                    return (abi.FOPEN_PASSTHROUGH, held[0]) if held is not None else (self._cache_flags(opened), 0)
                 if held is not None:
                     held[1] += 1
-                    self._note(ino, held[0], 1, 0)
+                    self._note(ino, unique, held[0], 1, 0)
                     return abi.FOPEN_PASSTHROUGH, held[0]  # the kernel refuses KEEP_CACHE with it
                 if fd is not None and not self._cached.get(ino) and not self._backing_refused:
                     try:
@@ -542,10 +566,10 @@ class Session:
                     else:
                         self._backing[ino] = [backing_id, 1]
                         self.passthrough_opens += 1
-                        self._note(ino, backing_id, 1, 0)
+                        self._note(ino, unique, backing_id, 1, 0)
                         return abi.FOPEN_PASSTHROUGH, backing_id
                 self._cached[ino] = self._cached.get(ino, 0) + 1
-                self._note(ino, 0, 0, 1)
+                self._note(ino, unique, 0, 0, 1)
                 return self._cache_flags(opened), 0
         finally:
             if fd is not None:
@@ -563,13 +587,23 @@ class Session:
         else:  # EINVAL...: this file only
             log.info("passthrough of inode %d refused by the kernel (%s): served by the store", ino, error.strerror)
 
-    def _closed(self, ino: int) -> None:
-        """One open file of `ino` is gone: the last one by passthrough lets go of its backing id."""
+    def _counted_before(self, unique: int) -> bool:
+        """Whether the change of the open files that request `unique` makes was counted already:
+        by a copy of it (the kernel sends a request again, with RESEND_BIT, when asked to by
+        `notify_resend`; a copy and its original may both be answered, by this process or by a
+        dead predecessor whose journal we replayed). Under `_backing_lock`."""
+        return bool(unique) and (unique & ~abi.RESEND_BIT) in self._applied
+
+    def _closed(self, ino: int, unique: int) -> None:
+        """One open file of `ino` is gone: the last one by passthrough lets go of its backing id.
+        `unique`: the RELEASE; one counted before (`_counted_before`) is not counted again."""
         with self._backing_lock:
+            if self._counted_before(unique):
+                return
             held = self._backing.get(ino)
             if held is not None:
                 held[1] -= 1
-                self._note(ino, held[0], -1, 0)
+                self._note(ino, unique, held[0], -1, 0)
                 if held[1] <= 0:
                     del self._backing[ino]
                     try:
@@ -579,35 +613,42 @@ class Session:
                 return
             count = self._cached.get(ino, 0)
             if count:
-                self._note(ino, 0, 0, -1)
+                self._note(ino, unique, 0, 0, -1)
             if count > 1:
                 self._cached[ino] = count - 1
             elif count:
                 del self._cached[ino]
 
-    def _note(self, ino: int, backing_id: int, passthrough: int, through_cache: int) -> None:
+    def _note(self, ino: int, unique: int, backing_id: int, passthrough: int, through_cache: int) -> None:
         """Journal one change of the open files (under `_backing_lock`), before it is answered."""
+        unique &= ~abi.RESEND_BIT
+        if unique:
+            self._applied[unique] = None
+            if len(self._applied) > 2 * APPLIED_KEPT:
+                for old in list(self._applied)[:APPLIED_KEPT]:
+                    del self._applied[old]
         journal = self.journal
-        if journal is not None and journal.note(ino, backing_id, passthrough, through_cache):
+        if journal is not None and journal.note(ino, unique, backing_id, passthrough, through_cache):
             journal.rewrite(self._open_files())
 
-    def open_files(self) -> dict[str, list[list[int]]]:
+    def open_files(self) -> dict[str, list]:
         """The open files per inode and mode (`_open_mode`), for the process taking over: it must
         answer further opens of these inodes in the same mode, with the same backing ids (which
         belong to the connection, not to this process)."""
         with self._backing_lock:
             return self._open_files()
 
-    def _open_files(self) -> dict[str, list[list[int]]]:
+    def _open_files(self) -> dict[str, list]:
         return {"backing": [[ino, bid, n] for ino, (bid, n) in self._backing.items()],
-                "cached": [[ino, n] for ino, n in self._cached.items()]}
+                "cached": [[ino, n] for ino, n in self._cached.items()],
+                "applied": list(self._applied)[-APPLIED_KEPT:]}
 
     def passthrough_stats(self) -> dict[str, int]:
         with self._backing_lock:
             return {"passthrough_opens": self.passthrough_opens, "read_requests": self.read_requests,
                     "passthrough_inodes": len(self._backing), "cached_inodes": len(self._cached)}
 
-    def adopt_open_files(self, files: dict[str, list[list[int]]] | None, journal: OpenFilesJournal | None = None) -> None:
+    def adopt_open_files(self, files: dict[str, list] | None, journal: OpenFilesJournal | None = None) -> None:
         """Take over a predecessor's `open_files()` (before serving); from now on every change
         is also appended to `journal` (started over with this table), for a successor after a crash."""
         with self._backing_lock:
@@ -615,6 +656,8 @@ class Session:
                 self._backing[int(ino)] = [int(bid), int(n)]
             for ino, n in (files or {}).get("cached", ()):
                 self._cached[int(ino)] = int(n)
+            for unique in (files or {}).get("applied", ()):
+                self._applied[int(unique)] = None
             if journal is not None:
                 journal.rewrite(self._open_files())
                 self.journal = journal
@@ -627,7 +670,7 @@ class Session:
     def _release(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
         (fh,) = abi.RELEASE_IN.unpack_from(body)[:1]
         if self.state is not None and self.state.passthrough:
-            self._closed(nodeid)
+            self._closed(nodeid, unique)
         self.ops.release(nodeid, fh)
         self._reply(unique)
 

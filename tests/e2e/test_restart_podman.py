@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from stargz_store.fuse import passthrough_permitted
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.images import write_oci_image
 from tests.fixtures.podman import podman, podman_cleanup, podman_command
 from tests.fixtures.registry_images import fetch_image
 from tests.fixtures.restart_load import (BIG_FILE, BIG_SIZE, KILLS, PLANNED_RESTARTS, SMALL_FILES, big_file_data,
                                          restart_layer, small_file_name)
-from tests.fixtures.restart_load import RESTART_CONFIG as CONFIG
+from tests.fixtures.restart_load import RESTART_CONFIG
 from tests.fixtures.store import is_mounted
 from tests.fixtures.waiting import wait_for
 
@@ -38,6 +39,9 @@ pytestmark = [pytest.mark.root, pytest.mark.podman, pytest.mark.slow]
 
 LINK_RATE = 2 << 20
 TAKEOVERS = 3
+# Passthrough on whatever the default: the containers execute and read files the kernel reads
+# from backing files, across every restart, kill and take-over (it is off where not permitted).
+CONFIG = RESTART_CONFIG.replace("[store]\n", "[store]\npassthrough = true\n")
 MIB = 1 << 20
 SMALL_LOOP = ('while true; do while read sum path; do '
               'if [ "$(sha256sum < "$path")" = "$sum  -" ]; then echo "ok $path"; else echo "FAIL $path"; fi; '
@@ -109,9 +113,10 @@ def test_containers_read_on_through_planned_restarts_and_kills_of_the_server(
           f"restarts {readers.loop_out.longest_gap('ok', end=restarts_ended):.2f} s, during kills "
           f"{readers.loop_out.longest_gap('ok', restarts_ended, kills_ended):.2f} s; large file: longest 1 MiB piece "
           f"(over {LINK_RATE >> 20} MiB/s, from its go to its end) {readers.longest_piece():.2f} s; "
-          f"holder state {state}")
+          f"holder state {state}; passthrough {_passthrough_stats(store)}")
     readers.assert_read_right()
     assert (state["restarts"], state["crashes"]) == (PLANNED_RESTARTS, KILLS)
+    assert _passthrough_stats(store)["passthrough_opens"] or not passthrough_permitted()
 
 
 def test_containers_read_on_while_new_stores_take_the_mount_over(restart_image, registry, store_daemon_factory,
@@ -145,9 +150,11 @@ def test_containers_read_on_while_new_stores_take_the_mount_over(restart_image, 
     print(f"\ntake-over test ({podman_lane.name}): {TAKEOVERS} take-overs by new stores (each serving "
           f"{min(took):.1f}-{max(took):.1f} s after its start); small files checked {readers.loop_out.count('ok')}, "
           f"longest gap between two {readers.loop_out.longest_gap('ok'):.2f} s; large file: longest 1 MiB piece "
-          f"(over {LINK_RATE >> 20} MiB/s) {readers.longest_piece():.2f} s; holder state {state}")
+          f"(over {LINK_RATE >> 20} MiB/s) {readers.longest_piece():.2f} s; holder state {state}; "
+          f"passthrough {_passthrough_stats(store)}")
     readers.assert_read_right()
     assert state["takeovers"] == TAKEOVERS
+    assert _passthrough_stats(store)["passthrough_opens"] or not passthrough_permitted()
     assert store.stop() == 0  # the last one, with no successor: a real stop
     assert not is_mounted(store.mountpoint)
 
@@ -192,6 +199,12 @@ class ReadingContainers:
         podman("pull", "--tls-verify=false", ref, env=self.env, timeout=600)
         diff = self.store.layer_dir(ref, self.lane.layer_key(self.image.layers[0])) / "diff"  # what podman reads
         small = [diff / small_file_name(i) for i in range(SMALL_FILES)]
+        # The shell and its applets read whole once from the host: with passthrough on, the
+        # containers then execute a file open by passthrough (its mode across every restart).
+        (diff / "bin" / "busybox").read_bytes()
+        if passthrough_permitted():
+            assert wait_for(lambda: self.store.stats().get("backing_files", {}).get("made", 0) >= 1, timeout=120,
+                            interval=0.05), self.store.stats()
         self.proxy.mode_path_contains = "/blobs/"
         self.proxy.mode_options = {"rate": LINK_RATE}
         self.proxy.mode = "slow"
@@ -251,6 +264,11 @@ class ReadingContainers:
 
     def _tail(self) -> str:
         return _tail(self.loop_out, self.loop_err, self.store)
+
+
+def _passthrough_stats(store) -> dict:
+    fs = store.stats().get("fs", {})
+    return {k: fs.get(k) for k in ("passthrough_opens", "read_requests", "passthrough_inodes", "cached_inodes")}
 
 
 def _drop_page_cache(paths: list[Path], stop: threading.Event) -> None:
