@@ -92,7 +92,7 @@ class MountOptions:
     fsname: str = "stargzstore"
     read_ahead_kb: int | None = 4096  # 0 = no readahead; None = leave the kernel's default (128)
     no_open: bool = True  # let the kernel skip OPEN/RELEASE (one round trip less per file opened)
-    passthrough: bool = False  # the kernel reads fully cached files from backing files (opt-in; if it can, and we may)
+    passthrough: bool = True  # the kernel reads fully cached files from backing files (if it can, and we may)
 
 
 def mount_spec(mountpoint: str, options: MountOptions) -> fuse.MountSpec:
