@@ -285,9 +285,12 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
         fig.cold_walk_s, _ = timed(lambda: walk_and_read(diff / SMALL_DIR))
         settle_backing_files(store, fig, "cold walk")
         cache.drop()
+        requests = store.stats().get("fs", {}).get("requests", {})
         cpu = tree_cpu_seconds(pid)
         fig.walk_s, (files, _) = timed(lambda: walk_and_read(diff / SMALL_DIR))
         walk_cpu = tree_cpu_seconds(pid) - cpu
+        fig.notes.append("warm walk, FUSE requests per file (and the store's µs per file answering them): "
+                         + per_file_requests(requests, store.stats().get("fs", {}).get("requests", {}), files))
         fig.notes.append(f"store walk: {files} files; RSS after the reads {_proc_status_mb(pid, 'VmRSS') or 0:.0f} MB")
         if record:
             from stargz_store.daemon.record_cli import fetch_record
@@ -301,6 +304,18 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
     finally:
         store.stop(timeout=30, unmount_leftover=True)
     return fig
+
+
+def per_file_requests(before: dict, after: dict, files: int) -> str:
+    """The FUSE requests a walk cost per file, by operation, from two `fs.requests` snapshots
+    of stats.json ({operation: [count, seconds]})."""
+    parts = []
+    for name in sorted(after):
+        count = after[name][0] - before.get(name, [0, 0.0])[0]
+        seconds = after[name][1] - before.get(name, [0, 0.0])[1]
+        if count and files:
+            parts.append(f"{name} {count / files:.2f} ({seconds / files * 1e6:.0f} µs)")
+    return ", ".join(parts) or "none"
 
 
 # --- one level down: LayerResolver in this process -------------------------------------------

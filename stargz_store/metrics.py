@@ -164,6 +164,12 @@ class FuseOperations(Collector):
             if error == errno.EIO:
                 row[-1] += 1
 
+    def counts(self) -> dict[str, list[float]]:
+        """Requests answered so far and the seconds they took, by operation: {name: [count,
+        seconds]} (stats.json's `fs.requests`: what one walk costs, per file, in a benchmark)."""
+        with self._lock:
+            return {name: [sum(row[:-2]), round(row[-2], 6)] for name, row in self._rows.items()}
+
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             rows = {name: list(row) for name, row in self._rows.items()}

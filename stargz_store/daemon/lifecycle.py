@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import fuse
+from .. import fuse, metrics
 from ..fs.fuse_adapter import KernelNotifier, MountOptions, StoreOperations, session_options, set_read_ahead
 from .handover import Channel
 from .stats import write_stats
@@ -229,6 +229,7 @@ class Serving:
             document["fs"] = self.model.stats()
             if self.session is not None:
                 document["fs"].update(self.session.passthrough_stats())
+            document["fs"]["requests"] = metrics.fuse_operations.counts()
             backing = getattr(getattr(self.pool, "resolver", None), "backing", None)
             if backing is not None:
                 document["backing_files"] = backing.stats()
