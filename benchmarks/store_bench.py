@@ -266,6 +266,7 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
             "first lookups: " + ", ".join(f"{s:.3f}" for s in lookups) + " s wall; daemon CPU "
             + ", ".join(f"{c:.2f}" for c in cpus) + " s (CPU ticks are 10 ms)"
         )
+        server = store.server_pid()  # the serving process (the holder only keeps the mount)
         fig.rss_mb = _proc_status_mb(server, "VmRSS")
         fig.peak_rss_mb = _proc_status_mb(server, "VmHWM")
         if lookup_only:
