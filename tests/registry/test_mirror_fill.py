@@ -57,8 +57,9 @@ def test_cold_mirror_far_range_is_abandoned_then_the_mirror_serves_after_its_fil
     client read 2.5 MB to reach it), the origin serves that one request, and once the mirror has
     filled and the short back-off has passed, the blob's ranges come from the mirror again (the
     old client pinned the blob to the origin for good). The first read after the back-off races
-    the mirror (no head start: it answered with a whole body before) against the origin; once the
-    mirror has answered a range, the blob's reads go to it alone."""
+    the mirror (no head start: it answered with a whole body before) against the origin (the
+    loser is hung up on; a mirror hung up on before answering is asked again after a back-off);
+    once the mirror has answered a range, the blob's reads go to it alone."""
     data = random_blob(LARGE)
     ref, digest = site.push("fill/far", data)
     with site.client(whole_blob_limit=1 << 20, mirror_retry=0.05) as client:
@@ -71,13 +72,17 @@ def test_cold_mirror_far_range_is_abandoned_then_the_mirror_serves_after_its_fil
         assert wait_for(lambda: site.filled(digest)), "the mirror's own fill completes without us"
         mirror = client._live_endpoints(ref)[0]
         key = (ref.registry, ref.repository, digest)
-        assert wait_for(lambda: client._ranged.routes.retry_at(key, mirror) <= time.monotonic())
-        assert client.read_blob_range(ref, digest, 100, 1000) == data[100:1100]
-        assert wait_for(lambda: client._ranged.routes.standing(key, mirror)[0]), "the mirror answered a range"
+        for _ in range(4):  # the origin may win a race on loopback: then the mirror is asked again
+            assert wait_for(lambda: client._ranged.routes.retry_at(key, mirror) <= time.monotonic())
+            assert client.read_blob_range(ref, digest, 100, 1000) == data[100:1100]
+            if client._ranged.routes.standing(key, mirror)[0]:
+                break
+        assert client._ranged.routes.standing(key, mirror)[0], "the mirror answered a range"
         origin_gets = len(_origin_blob_gets(answered, site, digest))
-        assert origin_gets in (1, 2)
+        mirror_gets = len(_mirror_blob_gets(answered, site, digest))
+        assert 1 <= origin_gets <= 5
         assert client.read_blob_tail(ref, digest, 5000) == (LARGE - 5000, LARGE, data[-5000:])
-        assert len(_mirror_blob_gets(answered, site, digest)) == 3
+        assert len(_mirror_blob_gets(answered, site, digest)) == mirror_gets + 1
         assert len(_origin_blob_gets(answered, site, digest)) == origin_gets
     assert meter.read_from(site.mirror.host, 206)[-1] == 5000
 
