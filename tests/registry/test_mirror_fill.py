@@ -107,13 +107,13 @@ def test_a_mirror_slow_to_answer_does_not_hold_up_reads(site):
     them when a fleet misses at once (seconds, measured). A read gives a mirror not known to hold
     the blob `mirror_race` to answer, then asks the origin too and takes the first answer: here
     the mirror's answers are held back until the reads have returned (the old client waited for
-    the mirror up to its read timeout). A read arriving while that first contact is still
-    unanswered goes to the origin instead of queueing behind it."""
+    the mirror up to its read timeout). The next read does not queue behind that first contact
+    either: the mirror is in back-off for the blob once the origin has answered."""
     data = random_blob(LARGE)
     ref, digest = site.push("fill/slow", data)
     with FaultProxy(site.mirror.host) as slow:
         slow.add_rule("hold", path_contains="/blobs/", times=-1)
-        config = RegistryConfig(max_retries=1, min_wait=0.01, max_wait=0.05, read_timeout=300.0,
+        config = RegistryConfig(max_retries=1, min_wait=0.01, max_wait=0.05, read_timeout=300.0, mirror_retry=30.0,
                                 whole_blob_limit=1 << 20, mirrors={site.origin.host: [slow.host]})
         with RegistryClient(config) as client:
             answered = AnsweredRequests(client)
@@ -134,6 +134,29 @@ def test_a_mirror_slow_to_answer_does_not_hold_up_reads(site):
             assert len(slow.requests_to(f"/blobs/{digest}", "GET")) == 1, "one first contact with the mirror"
             assert len(_origin_blob_gets(answered, site, digest)) == 2
             slow.release.set()
+
+
+def test_a_race_lost_by_the_mirror_hangs_up_on_it_before_its_answer(site):
+    """The origin answered first: the mirror's request is hung up on at once, not when its answer
+    comes. A cold pull-through mirror's answer is a copy of the whole blob streamed from the origin
+    for this request, paid for by the origin until the mirror sees the hang-up (the old client kept
+    the request open until the answer came and its thread got round to closing it). The mirror is
+    then skipped for the blob for a back-off, so the next read does not meet it again at once."""
+    data = random_blob(LARGE)
+    ref, digest = site.push("fill/hangup", data)
+    with FaultProxy(site.mirror.host) as slow:
+        held = slow.add_rule("hold", path_contains="/blobs/", times=-1)
+        config = RegistryConfig(max_retries=1, min_wait=0.01, max_wait=0.05, read_timeout=300.0,
+                                mirror_retry=30.0, mirrors={site.origin.host: [slow.host]})
+        with RegistryClient(config) as client:
+            answered = AnsweredRequests(client)
+            assert client.read_blob_range(ref, digest, 2_000_000, 1000) == data[2_000_000:2_001_000]
+            assert held.hung_up.wait(30), "the mirror's request was left open after the origin answered"
+            assert client.read_blob_range(ref, digest, 100_000, 1000) == data[100_000:101_000]
+            assert len(slow.requests_to(f"/blobs/{digest}", "GET")) == 1, "the mirror is in back-off for the blob"
+            assert len(_origin_blob_gets(answered, site, digest)) == 2
+            slow.release.set()
+    assert not site.filled(digest), "the held request never reached the mirror: nothing started its fill"
 
 
 def test_small_blob_through_a_cold_mirror_is_read_whole_once(site):
