@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                               f"({r.origin.requests} req, blob {r.origin.statuses}), mirror "
                               f"{(r.mirror.body_bytes / 1e6) if r.mirror else 0:.1f} MB, TTR p50 {r.ttr_p50:.2f} s "
                               f"max {r.ttr_max:.2f} s, errors {len(r.errors)}, rejected chunks {r.verify_failures}, "
-                              f"bg {r.background_states or '-'} ({r.wall_seconds:.0f} s)", flush=True)
+                              f"bg {r.background_states or '-'}, CPU s while reading "
+                              + ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_while_reading.items())
+                              + f" ({r.wall_seconds:.0f} s)", flush=True)
     finally:
         if warm is not None:
             warm.stop()

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from benchmarks.procstat import tree_cpu_seconds
 from benchmarks.startup.leftovers import die_with_parent
 from stargz_store.localenv.counting_proxy import NODE_HEADER
 from stargz_store.localenv.procs import is_mounted
@@ -53,6 +54,9 @@ class RunResult:
     fetch_errors: int
     background_states: dict[str, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    # CPU seconds spent from the barrier to the last reader's end, by part of the site: where the
+    # time-to-ready went on a machine that runs every node, the mirror and the link at once
+    cpu_while_reading: dict[str, float] = field(default_factory=dict)
 
     @property
     def ttr_p50(self) -> float:
@@ -203,6 +207,7 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
         site.wait_quiet(quiet=1.0, timeout=30)
         origin_mark = site.mark()
         mirror_mark = mirror.mark() if mirror else 0
+        cpu_mark = _site_cpu(stores, site, mirror)
         for r in readers:  # the barrier
             assert r.stdin is not None
             r.stdin.write("go\n")
@@ -213,6 +218,11 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
             line = r.stdout.readline()
             r.wait(timeout=READ_TIMEOUT)
             results.append(json.loads(line) if line.strip() else {"seconds": float("nan"), "errors": ["no answer"]})
+        cpu_end = _site_cpu(stores, site, mirror)
+        keep = work / "logs" / _run_name(image, background, nodes, mode)
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / "readers.json").write_text(json.dumps(results))
+        cpu_while_reading = {k: round(cpu_end.get(k, 0.0) - v, 2) for k, v in cpu_mark.items()}
         states = _background_done(stores, BACKGROUND_TIMEOUT) if background else {}
         site.wait_quiet()
         origin = site.since(origin_mark)
@@ -230,7 +240,7 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
             image=image.name, nodes=nodes, mode=mode, background=background, needed_per_node=image.needed,
             image_bytes=image.size, origin=origin, mirror=mirror_egress, ttr=[r["seconds"] for r in results],
             errors=[e for r in results for e in r["errors"]], verify_failures=verify, fetch_errors=fetch,
-            background_states=states, wall_seconds=time.monotonic() - began)
+            background_states=states, wall_seconds=time.monotonic() - began, cpu_while_reading=cpu_while_reading)
     finally:
         for r in readers:
             if r.poll() is None:
@@ -240,6 +250,19 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
         _keep_logs(work, stores, _run_name(image, background, nodes, mode))
         if mode == "cold" and mirror is not None:
             mirror.stop()
+
+
+def _site_cpu(stores: list[FleetStore], site: OriginSite, mirror: Mirror | None) -> dict[str, float]:
+    """CPU seconds so far of the stores (holders and servers), the mirror and the origin's side
+    (link emulator, relay, registry)."""
+    def tree(procs) -> float:
+        return sum(tree_cpu_seconds(p.pid) for p in procs if p is not None and p.poll() is None)
+
+    out = {"stores": tree([s.proc for s in stores]),
+           "origin side": tree([site.link.emulator, site.registry.proc, site.relay.proc if site.relay else None])}
+    if mirror is not None:
+        out["mirror"] = tree([mirror.registry.proc])
+    return out
 
 
 def _run_name(image: FleetImage, background: bool, nodes: int, mode: str) -> str:

@@ -589,6 +589,12 @@ class RangedReader:
                                 (content_length(resp) or 0) / ASSUMED_FILL_RATE)
                 raise RangeIgnoredError(f"{what}: {endpoint.host} is still filling")
             state.open(resp, what)
+            if resp.status_code == 206 and endpoint.is_mirror:
+                # It holds the blob: the node's reads of it go to it from now on, without racing the
+                # origin. Not only once the stream has ended: a mirror serving every node's stream
+                # answers reads slower than the origin, and a read that lost a race to the origin
+                # would be hung up on before its answer could confirm the mirror.
+                self.routes.served(key, endpoint, None)
             state.copy(resp, sink, what)
 
         self.transport.call(self.target(endpoint, f"/v2/{ref.repository}/blobs/{key[2]}", ref), "GET", consume,

@@ -236,6 +236,31 @@ def test_stream_blob_waits_for_a_filling_mirror(site):
     assert meter.read_from(site.mirror.host, 206) == [LARGE]
 
 
+def test_a_mirror_streaming_a_blob_serves_its_reads_from_the_first_byte(site):
+    """Background fetch's stream answered with a 206 by the mirror: the mirror holds the blob, so
+    the node's reads of it go to it without racing the origin from then on, not only once the
+    stream has ended. In a fleet every node streams from the mirror at once right after its fill;
+    its answers to reads are then slower than the origin's, and a read that lost a race was hung
+    up on before its answer could confirm the mirror: reads went on racing (a head start each,
+    then the origin) for the whole stream."""
+    data = random_blob(LARGE)
+    ref, digest = site.push("fill/confirm", data)
+    with site.client() as warming:
+        warming.stream_blob(ref, digest, lambda o, p: None, wait_for_mirror=60)
+    assert wait_for(lambda: site.filled(digest))
+    with site.client(mirror_race=0.1) as client:
+        mirror = client._live_endpoints(ref)[0]
+        key = (ref.registry, ref.repository, digest)
+        at_first_piece: list[bool] = []
+
+        def sink(offset: int, piece: bytes) -> None:
+            if not at_first_piece:
+                at_first_piece.append(client._ranged.routes.standing(key, mirror)[0])
+
+        assert client.stream_blob(ref, digest, sink, wait_for_mirror=60) == LARGE
+    assert at_first_piece == [True], "the mirror was confirmed for the blob as its stream began"
+
+
 def test_mirror_whole_body_that_does_not_hash_to_its_digest_is_dropped(private_registry, tmp_path):
     """A mirror whose upstream corrupts the blob: the whole body the client held fails its digest
     at the end, is dropped, and the blob's next ranges come from the origin."""
