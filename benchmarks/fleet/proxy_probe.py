@@ -9,7 +9,10 @@ The origin sits behind the fleet benchmark's delayed link (20 ms RTT) in a names
 uses a fresh mirror and a fresh 20 MiB blob, then reports the origin's blob GETs (status, body
 bytes relayed, whether the answer ran to its end) and whether the mirror holds the blob after.
 Cases: a GET hung up on right after the status line, a HEAD, a GET read for 1 MiB, a GET read
-whole, four concurrent GETs hung up on, five GETs 150 ms apart hung up on.
+whole, four concurrent GETs hung up on, five GETs 150 ms apart hung up on, and four concurrent
+misses hung up on 50 ms after their status line (a busy node slow to react), with the kernel's
+receive buffer and with a 64 KiB one (it changes nothing: the mirror's own upstream window is what
+the origin sends meanwhile).
 """
 from __future__ import annotations
 
