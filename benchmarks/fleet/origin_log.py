@@ -5,8 +5,10 @@
 Kinds: `fill` (the pull-through mirror's own requests: no X-Fleet-Node header), `manifest`,
 `blob range` (a store's ranged blob read: raced, or after the mirror failed it), `blob whole`
 (a store's GET without a range, e.g. background fetch from the origin), `other` (/v2/, tokens).
-Body bytes are what the relay wrote (the link's count adds headers and TCP/IP); `cut` counts the
-answers the client hung up on before their end (a lost race, an abandoned stream).
+Body bytes are what the relay wrote (the link's count adds headers and TCP/IP; for an answer cut
+short, what it wrote into its socket, more than what crossed the link before the hang-up reached
+it); `cut` counts the answers the client hung up on before their end (a mirror's copy for a miss
+that its client abandoned, a lost race).
 """
 from __future__ import annotations
 
