@@ -22,7 +22,9 @@ The answers, and what each one leads to:
 A mirror not known to hold the blob (never served a range of it) is raced: it gets `mirror_race`
 to answer (none after it answered with a whole body: it is likely still filling), then the next
 endpoint is asked too and the first answer whose status says it serves the read takes it; the
-other is hung up on (`_race`). A cold pull-through mirror answers only after its own round trips
+other request is hung up on at that moment, before its own answer has come (`_race`,
+`hangup.py`), and a mirror hung up on so is skipped for the blob for a back-off, after which it
+gets its head start again. A cold pull-through mirror answers only after its own round trips
 to the origin, queued when many nodes miss at once; a warm one answers in milliseconds. Reads
 while a mirror is in back-off for the blob go to the origin unless `mirror_fill_wait` says to
 wait for it.
@@ -44,7 +46,6 @@ from typing import Callable, Protocol, TypeVar
 import requests
 
 from .config import Endpoint, RegistryConfig
-from .hangup import Hangup, HungUp
 from .errors import (
     AuthError,
     DigestMismatchError,
@@ -57,6 +58,7 @@ from .errors import (
     ShortReadError,
     UnreachableError,
 )
+from .hangup import Hangup, HungUp
 from .multipart import merge_regions, parse_content_range, range_header, slice_from_parts
 from .reference import Reference
 from .responses import (
