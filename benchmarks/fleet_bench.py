@@ -19,6 +19,14 @@ Results: a Markdown table on stdout, benchmarks/results/fleet-<time>.{md,json,pn
 fleet-latest.*. STARGZ_FLEET_EXTRA_CONFIG (TOML) is appended to every store's config.toml,
 STARGZ_FLEET_BLOB_CONFIG (keys, one a line) goes into its [blob] table.
 The machine running it is usually shared: figures are indicative.
+
+Per run, under <cache-dir>/run/logs/<image>-bg<on|off>-n<N>-<mode>/: each node's store log, the
+readers' per-file timeline (readers.json) and the origin relay's log of that run (origin.jsonl;
+each store sends the relay an X-Fleet-Node header, so `python -m benchmarks.fleet.origin_log
+FILE` tells the mirror's fills from each node's reads and the answers cut short). The per-run line
+also gives the CPU seconds the stores, the mirror and the origin's side spent while the nodes
+read. `python -m benchmarks.fleet.merge OUT.json IN.json...` merges passes (later runs replace the
+same rows) into one table and chart.
 """
 from __future__ import annotations
 
@@ -126,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                               f"({r.origin.requests} req, blob {r.origin.statuses}), mirror "
                               f"{(r.mirror.body_bytes / 1e6) if r.mirror else 0:.1f} MB, TTR p50 {r.ttr_p50:.2f} s "
                               f"max {r.ttr_max:.2f} s, errors {len(r.errors)}, rejected chunks {r.verify_failures}, "
-                              f"bg {r.background_states or '-'} ({r.wall_seconds:.0f} s)", flush=True)
+                              f"bg {r.background_states or '-'}, CPU s while reading "
+                              + ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_while_reading.items())
+                              + f" ({r.wall_seconds:.0f} s)", flush=True)
     finally:
         if warm is not None:
             warm.stop()

@@ -9,7 +9,10 @@ The origin sits behind the fleet benchmark's delayed link (20 ms RTT) in a names
 uses a fresh mirror and a fresh 20 MiB blob, then reports the origin's blob GETs (status, body
 bytes relayed, whether the answer ran to its end) and whether the mirror holds the blob after.
 Cases: a GET hung up on right after the status line, a HEAD, a GET read for 1 MiB, a GET read
-whole, four concurrent GETs hung up on, five GETs 150 ms apart hung up on.
+whole, four concurrent GETs hung up on, five GETs 150 ms apart hung up on, and four concurrent
+misses hung up on 50 ms after their status line (a busy node slow to react), with the kernel's
+receive buffer and with a 64 KiB one (it changes nothing: the mirror's own upstream window is what
+the origin sends meanwhile).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import http.client
 import os
 import random
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -42,10 +46,17 @@ class ProbeLink(FleetLink):
     FAR_ADDRESS = "10.213.79.2"
 
 
-def _ask(host: str, path: str, method: str = "GET", read: int = 0) -> int:
+def _ask(host: str, path: str, method: str = "GET", read: int = 0, late: float = 0.0, rcvbuf: int = 0) -> int:
+    """One request; `late`: seconds between the status line and the hang-up (a client slow to
+    react, as a busy node is); `rcvbuf`: the socket's receive buffer (0: the kernel's autotuning)."""
     conn = http.client.HTTPConnection(host, timeout=60)
+    conn.connect()
+    if rcvbuf:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     conn.request(method, path, headers={"Range": "bytes=100-200"})
     resp = conn.getresponse()
+    if late:
+        time.sleep(late)
     got = 0
     while got < read and (piece := resp.read(min(1 << 20, read - got))):
         got += len(piece)
@@ -53,6 +64,17 @@ def _ask(host: str, path: str, method: str = "GET", read: int = 0) -> int:
     conn.sock.close()  # hang up, whatever is left of the body
     conn.close()
     return status
+
+
+def _concurrent(mirror: str, path: str, late: float, rcvbuf: int) -> None:
+    """A first miss (the fill), then 4 concurrent misses that each hang up `late` after the status."""
+    _ask(mirror, path)
+    threads = [threading.Thread(target=_ask, args=(mirror, path), kwargs={"late": late, "rcvbuf": rcvbuf})
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def main() -> int:
@@ -72,6 +94,9 @@ def main() -> int:
             "4 concurrent GETs, hung up": lambda m, p: [t.join() for t in [
                 threading.Thread(target=_ask, args=(m, p)) for _ in range(4)] if not t.start()],
             "5 GETs 150 ms apart, hung up": lambda m, p: [(_ask(m, p), time.sleep(0.15)) for _ in range(5)],
+            "1 GET, then 4 concurrent GETs hung up 50 ms after the status line": lambda m, p: _concurrent(m, p, 0.05, 0),
+            "1 GET, then 4 concurrent GETs hung up 50 ms after the status line, 64 KiB receive buffer":
+                lambda m, p: _concurrent(m, p, 0.05, 64 << 10),
         }
         for i, (name, run) in enumerate(cases.items()):
             data = random.Random(i).randbytes(BLOB)

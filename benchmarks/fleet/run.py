@@ -8,6 +8,7 @@ egress. With background fetch on, the run lasts until every node's background fe
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,8 +20,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from benchmarks.procstat import tree_cpu_seconds
 from benchmarks.startup.leftovers import die_with_parent
+from stargz_store.localenv.counting_proxy import NODE_HEADER
 from stargz_store.localenv.procs import is_mounted
 from stargz_store.localenv.store import PACKAGE_PARENT, StoreError, StoreProcess
 
@@ -50,6 +54,9 @@ class RunResult:
     fetch_errors: int
     background_states: dict[str, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    # CPU seconds spent from the barrier to the last reader's end, by part of the site: where the
+    # time-to-ready went on a machine that runs every node, the mirror and the link at once
+    cpu_while_reading: dict[str, float] = field(default_factory=dict)
 
     @property
     def ttr_p50(self) -> float:
@@ -103,23 +110,26 @@ class FleetStore(StoreProcess):
         raise StoreError(f"stargz-store did not mount within {timeout} s:\n{self.log_tail()}")
 
 
-def store_config(origin_host: str, mirror_host: str | None, background: bool) -> str:
+def store_config(origin_host: str, mirror_host: str | None, background: bool, node: str = "") -> str:
+    """`node`: sent to the origin in the relay's X-Fleet-Node header, so its log tells the nodes apart."""
     text = (f"no_background_fetch = {'false' if background else 'true'}\n"
             "[blob]\nfetching_timeout_sec = 120\n" + os.environ.get("STARGZ_FLEET_BLOB_CONFIG", "")
             + "[store]\nresolve_timeout_sec = 120\n"
             f'[resolver.host."{origin_host}"]\ninsecure = true\n')
+    if node:
+        text += f'header = {{ "{NODE_HEADER}" = "{node}" }}\n'
     if mirror_host:
         text += f'[[resolver.host."{origin_host}".mirrors]]\nhost = "{mirror_host}"\ninsecure = true\n'
     return text + os.environ.get("STARGZ_FLEET_EXTRA_CONFIG", "")
 
 
-def _start_stores(work: Path, n: int, config: str, source_tree: Path | None) -> list[FleetStore]:
+def _start_stores(work: Path, n: int, config: Callable[[str], str], source_tree: Path | None) -> list[FleetStore]:
     stores: list[FleetStore] = []
     for i in range(n):
         base = work / f"node{i:02d}"
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
-        (base / "config.toml").write_text(config)
+        (base / "config.toml").write_text(config(f"node{i:02d}"))
         store = FleetStore(root=base / "root", mountpoint=base / "mnt", config_path=base / "config.toml",
                            log_path=base / "store.log", log_level="info", preexec_fn=die_with_parent())
         store.source_tree = source_tree
@@ -191,12 +201,13 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
     stores: list[FleetStore] = []
     readers: list[subprocess.Popen] = []
     try:
-        stores = _start_stores(work, nodes, store_config(site.host, mirror.host if mirror else None, background),
-                               source_tree)
+        stores = _start_stores(work, nodes, functools.partial(store_config, site.host, mirror.host if mirror else None,
+                                                              background), source_tree)
         readers = _spawn_readers(work, stores, ref, image)
         site.wait_quiet(quiet=1.0, timeout=30)
         origin_mark = site.mark()
         mirror_mark = mirror.mark() if mirror else 0
+        cpu_mark = _site_cpu(stores, site, mirror)
         for r in readers:  # the barrier
             assert r.stdin is not None
             r.stdin.write("go\n")
@@ -207,9 +218,15 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
             line = r.stdout.readline()
             r.wait(timeout=READ_TIMEOUT)
             results.append(json.loads(line) if line.strip() else {"seconds": float("nan"), "errors": ["no answer"]})
+        cpu_end = _site_cpu(stores, site, mirror)
+        keep = work / "logs" / _run_name(image, background, nodes, mode)
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / "readers.json").write_text(json.dumps(results))
+        cpu_while_reading = {k: round(cpu_end.get(k, 0.0) - v, 2) for k, v in cpu_mark.items()}
         states = _background_done(stores, BACKGROUND_TIMEOUT) if background else {}
         site.wait_quiet()
         origin = site.since(origin_mark)
+        _keep_origin_log(work, site, origin_mark, _run_name(image, background, nodes, mode))
         mirror_egress = mirror.since(mirror_mark) if mirror else None
         verify = fetch = 0
         for store in stores:
@@ -223,16 +240,44 @@ def run_once(work: Path, site: OriginSite, image: FleetImage, ref: str, nodes: i
             image=image.name, nodes=nodes, mode=mode, background=background, needed_per_node=image.needed,
             image_bytes=image.size, origin=origin, mirror=mirror_egress, ttr=[r["seconds"] for r in results],
             errors=[e for r in results for e in r["errors"]], verify_failures=verify, fetch_errors=fetch,
-            background_states=states, wall_seconds=time.monotonic() - began)
+            background_states=states, wall_seconds=time.monotonic() - began, cpu_while_reading=cpu_while_reading)
     finally:
         for r in readers:
             if r.poll() is None:
                 r.kill()
                 r.wait()
         _stop_stores(stores)
-        _keep_logs(work, stores, f"{image.name}-bg{'on' if background else 'off'}-n{nodes}-{mode}")
+        _keep_logs(work, stores, _run_name(image, background, nodes, mode))
         if mode == "cold" and mirror is not None:
             mirror.stop()
+
+
+def _site_cpu(stores: list[FleetStore], site: OriginSite, mirror: Mirror | None) -> dict[str, float]:
+    """CPU seconds so far of the stores (holders and servers), the mirror and the origin's side
+    (link emulator, relay, registry)."""
+    def tree(procs) -> float:
+        return sum(tree_cpu_seconds(p.pid) for p in procs if p is not None and p.poll() is None)
+
+    out = {"stores": tree([s.proc for s in stores]),
+           "origin side": tree([site.link.emulator, site.registry.proc, site.relay.proc if site.relay else None])}
+    if mirror is not None:
+        out["mirror"] = tree([mirror.registry.proc])
+    return out
+
+
+def _run_name(image: FleetImage, background: bool, nodes: int, mode: str) -> str:
+    return f"{image.name}-bg{'on' if background else 'off'}-n{nodes}-{mode}"
+
+
+def _keep_origin_log(work: Path, site: OriginSite, mark, name: str) -> None:
+    """The origin relay's records of this run (one JSON line per answer, with the node that asked:
+    see `benchmarks.fleet.origin_log`), under work/logs/<run>/origin.jsonl."""
+    keep = work / "logs" / name
+    keep.mkdir(parents=True, exist_ok=True)
+    assert site.relay is not None
+    with open(keep / "origin.jsonl", "w") as f:
+        for record in site.relay.records_since(mark.log_offset):
+            f.write(json.dumps(record) + "\n")
 
 
 def _keep_logs(work: Path, stores: list[FleetStore], name: str) -> None:

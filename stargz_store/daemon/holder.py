@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fuse.mount import MountError, abort_connection, mount_device, unmount
+from ..fuse.mount import MountError, abort_through, mount_device, open_abort_file, unmount
 from .handover import PROTOCOL, Channel, ChannelClosed
 from .succession import PROTOCOL as SUCCESSION_PROTOCOL
 from .succession import SUCCESSION_STOP_WAIT, Listener, Predecessor, send_device
@@ -754,6 +754,10 @@ class Holder:
         servers = [s for s in (self.current, self.next, self.spare) if s is not None and s.phase != "gone"]
         for server in servers:
             server.channel.send("shutdown")
+        # Opened while the mount at our path is ours: after the unmount its number may be another
+        # mount's (see `open_abort_file`; a stale abort ended other stores' mounts at their start).
+        abort_fd = (open_abort_file(self.device)
+                    if self.device and mount_device(str(self.mountpoint)) == self.device else None)
         try:
             unmount(str(self.mountpoint))
         except MountError as e:
@@ -764,13 +768,16 @@ class Holder:
                 log.error("%s", e2)
         if not _wait_all(servers, self.abort_after):
             log.warning("FUSE connection %s still busy after %g s; aborting it", self.device, self.abort_after)
-            if self.device:
-                abort_connection(self.device)
+            if abort_fd is not None:
+                abort_through(abort_fd, self.device or "?")
+                abort_fd = None
             if not _wait_all(servers, self.abort_after):
                 log.warning("servers still busy after the unmount; killing them")
                 for server in servers:
                     _kill(server.pid, signal.SIGKILL)
                 _wait_all(servers, self.abort_after)
+        if abort_fd is not None:
+            os.close(abort_fd)
         self._finish(0)
 
     def _finish(self, code: int) -> None:

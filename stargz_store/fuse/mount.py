@@ -189,14 +189,31 @@ def is_dead_mount(mountpoint: str | Path) -> bool:
     return False
 
 
-def abort_connection(device: str) -> None:
-    """Abort the FUSE connection of mount `device` (`major:minor`) through fusectl (mounted if
-    needed): the last resort for a mount that stays busy after its unmount."""
+def open_abort_file(device: str) -> int | None:
+    """A write descriptor of the fusectl `abort` file of mount `device` (`major:minor`; fusectl is
+    mounted if needed), or None. Open it while the mount is known to be ours, write through it
+    later (`abort_through`): fusectl names connections by the minor of their mount's device, which
+    the kernel frees when the mount goes and hands the next FUSE mount of the machine at once (the
+    lowest free number). A path opened after our unmount may therefore be another store's, another
+    program's connection; a descriptor opened before stays our connection's, and once that is gone
+    writing through it does nothing."""
     control = Path("/sys/fs/fuse/connections")
     minor = device.split(":")[1]
     if not (control / minor).exists() and not os.path.ismount(control):
         subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], capture_output=True)
     try:
-        (control / minor / "abort").write_text("1")
+        return os.open(control / minor / "abort", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        log.warning("cannot open the abort file of FUSE connection %s: %s", device, e)
+        return None
+
+
+def abort_through(fd: int, device: str) -> None:
+    """Abort the FUSE connection whose abort file `fd` is (`open_abort_file`): the last resort for a
+    mount that stays busy after its unmount. Closes `fd`."""
+    try:
+        os.write(fd, b"1")
     except OSError as e:
         log.error("cannot abort FUSE connection %s: %s", device, e)
+    finally:
+        os.close(fd)

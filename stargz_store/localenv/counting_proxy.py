@@ -11,12 +11,13 @@ them), one upstream connection per client connection. Each relayed answer is one
 log, written when the answer ended:
 
     {"t": 1.5e9, "method": "GET", "path": "/v2/...", "range": "bytes=0-9", "status": 206,
-     "length": 10, "sent": 10, "complete": true, "dur": 0.02}
+     "length": 10, "sent": 10, "complete": true, "dur": 0.02, "node": "node03", "ua": "..."}
 
 `t` is when the request arrived, `dur` how long its answer took; `sent` counts body bytes written
 to the client (headers excluded; a piece whose write failed is not counted, so the link's own
 counter is the exact figure of bytes that left); `complete` is false when the client or the
-upstream went away before the announced length.
+upstream went away before the announced length; `node` is the request's X-Fleet-Node header (absent
+without one), `ua` its User-Agent (which tells a pull-through mirror's fill from a store's read).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO
 
+# A header naming the client (the fleet benchmark gives each store its own): logged as "node".
+NODE_HEADER = "X-Fleet-Node"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 PIECE = 256 << 10
 UPSTREAM_TIMEOUT = 120.0
@@ -89,6 +92,9 @@ def make_handler(upstream: str, log: _Log, challenge: str | None = None) -> type
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
             record = {"t": time.time(), "method": self.command, "path": self.path,
                       "range": self.headers.get("Range"), "status": 0, "length": -1, "sent": 0, "complete": False}
+            if self.headers.get(NODE_HEADER):
+                record["node"] = self.headers[NODE_HEADER]
+            record["ua"] = self.headers.get("User-Agent", "")
             try:
                 resp = self._send_upstream(body, headers)
             except OSError as e:
@@ -111,7 +117,7 @@ def make_handler(upstream: str, log: _Log, challenge: str | None = None) -> type
                 if self.command == "HEAD":
                     resp.read()  # nothing to read, but http.client wants the answer finished
                 else:
-                    record["sent"] = self._relay_body(resp, chunked)
+                    self._relay_body(resp, chunked, record)
                 record["complete"] = resp.isclosed()
             except (OSError, http.client.HTTPException) as e:
                 record["error"] = type(e).__name__
@@ -148,8 +154,9 @@ def make_handler(upstream: str, log: _Log, challenge: str | None = None) -> type
                         raise
             raise AssertionError("unreachable")
 
-        def _relay_body(self, resp: http.client.HTTPResponse, chunked: bool) -> int:
-            sent = 0
+        def _relay_body(self, resp: http.client.HTTPResponse, chunked: bool, record: dict) -> None:
+            """Relays the body, counting it in record["sent"] piece by piece (so an answer cut short
+            still shows what was written before the failed write)."""
             buf = bytearray(PIECE)
             view = memoryview(buf)
             while True:
@@ -161,10 +168,9 @@ def make_handler(upstream: str, log: _Log, challenge: str | None = None) -> type
                 self.wfile.write(view[:n])
                 if chunked:
                     self.wfile.write(b"\r\n")
-                sent += n
+                record["sent"] += n
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
-            return sent
 
         do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 

@@ -22,7 +22,9 @@ The answers, and what each one leads to:
 A mirror not known to hold the blob (never served a range of it) is raced: it gets `mirror_race`
 to answer (none after it answered with a whole body: it is likely still filling), then the next
 endpoint is asked too and the first answer whose status says it serves the read takes it; the
-other is hung up on (`_race`). A cold pull-through mirror answers only after its own round trips
+other request is hung up on at that moment, before its own answer has come (`_race`,
+`hangup.py`), and a mirror hung up on so is skipped for the blob for a back-off, after which it
+gets its head start again. A cold pull-through mirror answers only after its own round trips
 to the origin, queued when many nodes miss at once; a warm one answers in milliseconds. Reads
 while a mirror is in back-off for the blob go to the origin unless `mirror_fill_wait` says to
 wait for it.
@@ -56,6 +58,7 @@ from .errors import (
     ShortReadError,
     UnreachableError,
 )
+from .hangup import Hangup, HungUp
 from .multipart import merge_regions, parse_content_range, range_header, slice_from_parts
 from .reference import Reference
 from .responses import (
@@ -189,16 +192,35 @@ class _Race:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._winner: Endpoint | None = None
+        self._hangups: dict[str, Hangup] = {}  # by endpoint host: the runners' requests
         self.answered = threading.Event()  # the mirror's status is known (or its attempt ended)
         self.done = threading.Event()  # the mirror's attempt ended; `outcome` is set
         self.outcome: tuple[str, object] = ("value", _NEXT)
 
-    def claim(self, endpoint: Endpoint) -> bool:
-        """True for the first answer that claims the read (and for it again), False for any other."""
+    def hangup_for(self, endpoint: Endpoint) -> Hangup:
+        """The switch of `endpoint`'s request in this race (hung up on at once if it already lost)."""
+        hangup = Hangup()
         with self._lock:
-            if self._winner is None:
+            self._hangups[endpoint.host] = hangup
+            lost = self._winner is not None and self._winner is not endpoint
+        if lost:
+            hangup.hang_up()
+        return hangup
+
+    def claim(self, endpoint: Endpoint) -> bool:
+        """True for the first answer that claims the read (and for it again), False for any other.
+        The first claim hangs up on the other runners' requests whose answers have not come yet:
+        a cold mirror's answer is a whole blob streamed from the origin, paid for until the mirror
+        sees the hang-up (see `hangup.py`)."""
+        with self._lock:
+            first = self._winner is None
+            if first:
                 self._winner = endpoint
-            return self._winner is endpoint
+            won = self._winner is endpoint
+            others = [h for host, h in self._hangups.items() if host != endpoint.host] if first else []
+        for hangup in others:
+            hangup.hang_up()
+        return won
 
 
 def _claim(race: _Race | None, endpoint: Endpoint, what: str) -> None:
@@ -342,10 +364,10 @@ class RangedReader:
         are configured to wait for filling mirrors."""
         if not endpoint.is_mirror or self.config.mirror_race <= 0:
             return None
-        confirmed, failures = self.routes.standing(key, endpoint)
+        confirmed, failures, slow = self.routes.standing(key, endpoint)
         if confirmed:
             return None
-        return self.config.mirror_race if not failures or self.config.mirror_fill_wait > 0 else 0.0
+        return self.config.mirror_race if not failures or slow or self.config.mirror_fill_wait > 0 else 0.0
 
     def _race(self, ref: Reference, key: BlobKey, mirror: Endpoint, rest: list[Endpoint], want: _Want[T],
               what: str, single_flight: bool, delay: float):
@@ -425,12 +447,19 @@ class RangedReader:
                         race.answered.set()
                 return want.consume(resp, what, last)
 
+            hangup = race.hangup_for(endpoint) if race is not None else None
             try:
                 result = self.transport.call(self.target(endpoint, path, ref), "GET", consume,
-                                             repository=ref.repository, headers=headers, what=what)
+                                             repository=ref.repository, headers=headers, what=what, hangup=hangup)
+            except HungUp:
+                self._lost_before_answering(key, endpoint, what)
+                raise _RaceLost(f"{what}: answered by another endpoint first") from None
             except RangeNotSatisfiableError:
                 raise
             except RegistryError as exc:
+                if hangup is not None and hangup.hung_up:  # e.g. a token request it made was hung up on
+                    self._lost_before_answering(key, endpoint, what)
+                    raise _RaceLost(f"{what}: answered by another endpoint first") from None
                 if last:
                     raise
                 if not isinstance(exc, RangeIgnoredError):
@@ -473,8 +502,16 @@ class RangedReader:
             return want.consume(resp, what, last)
         raise RangeIgnoredError(f"{what}: {endpoint.host} answered with the whole blob; not read")
 
-    def _skip_for_blob(self, key: BlobKey, endpoint: Endpoint, what: str, reason: str, at_least: float = 0.0) -> None:
-        delay = self.routes.failed(key, endpoint, at_least)
+    def _lost_before_answering(self, key: BlobKey, endpoint: Endpoint, what: str) -> None:
+        """A mirror hung up on in a race it lost before its status came: skip it for this blob for
+        a back-off (were it asked again at once, a cold mirror would start another copy for every
+        read), but give it its head start again after it (it may be warm and only slow)."""
+        if endpoint.is_mirror:
+            self._skip_for_blob(key, endpoint, what, "slower than the origin; hung up on", slow=True)
+
+    def _skip_for_blob(self, key: BlobKey, endpoint: Endpoint, what: str, reason: str, at_least: float = 0.0,
+                       slow: bool = False) -> None:
+        delay = self.routes.failed(key, endpoint, at_least, slow)
         if delay:
             log.info("%s: mirror %s could not serve the range (%s); asking it again for this blob in %.1f s",
                      what, endpoint.host, reason, delay)
@@ -554,6 +591,12 @@ class RangedReader:
                                 (content_length(resp) or 0) / ASSUMED_FILL_RATE)
                 raise RangeIgnoredError(f"{what}: {endpoint.host} is still filling")
             state.open(resp, what)
+            if resp.status_code == 206 and endpoint.is_mirror:
+                # It holds the blob: the node's reads of it go to it from now on, without racing the
+                # origin. Not only once the stream has ended: a mirror serving every node's stream
+                # answers reads slower than the origin, and a read that lost a race to the origin
+                # would be hung up on before its answer could confirm the mirror.
+                self.routes.served(key, endpoint, None)
             state.copy(resp, sink, what)
 
         self.transport.call(self.target(endpoint, f"/v2/{ref.repository}/blobs/{key[2]}", ref), "GET", consume,

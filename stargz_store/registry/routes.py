@@ -38,6 +38,7 @@ class _MirrorState:
     retry_at: float = 0.0  # monotonic time before which the mirror is skipped for this blob
     failures: int = 0  # consecutive failures (the back-off doubles with each)
     confirmed: bool = False  # it served a range of this blob: no single flight needed
+    slow: bool = False  # the last failure was only slowness (hung up on in a race it lost)
 
 
 @dataclass
@@ -87,25 +88,28 @@ class BlobRoutes:
             state = route.mirrors.get(endpoint.host) if route else None
             return state.retry_at if state else 0.0
 
-    def standing(self, key: BlobKey, endpoint: Endpoint) -> tuple[bool, int]:
-        """(confirmed, consecutive failures) of a mirror for this blob: whether it served a range
-        of it last time, and how many times in a row it could not."""
+    def standing(self, key: BlobKey, endpoint: Endpoint) -> tuple[bool, int, bool]:
+        """(confirmed, consecutive failures, slow) of a mirror for this blob: whether it served a
+        range of it last time, how many times in a row it could not, and whether the last of those
+        was only slowness (it lost a race before answering)."""
         with self._lock:
             route = self._routes.get(key)
             state = route.mirrors.get(endpoint.host) if route else None
-            return (state.confirmed, state.failures) if state else (False, 0)
+            return (state.confirmed, state.failures, state.slow) if state else (False, 0, False)
 
-    def failed(self, key: BlobKey, endpoint: Endpoint, at_least: float = 0.0) -> float:
+    def failed(self, key: BlobKey, endpoint: Endpoint, at_least: float = 0.0, slow: bool = False) -> float:
         """A mirror could not serve this blob: skip it for it for a jittered, doubling back-off
         that starts at `retry_base`, or at `at_least` when that is longer (e.g. the time a mirror
-        needs to fill a large blob). Returns the delay in seconds (0.0 for the origin, which is
-        never skipped)."""
+        needs to fill a large blob). `slow`: it only answered later than the origin (hung up on
+        before its status came). Returns the delay in seconds (0.0 for the origin, which is never
+        skipped)."""
         if not endpoint.is_mirror:
             return 0.0
         with self._lock:
             state = self._route(key).mirrors.setdefault(endpoint.host, _MirrorState())
             state.failures += 1
             state.confirmed = False
+            state.slow = slow
             base = max(self.retry_base, at_least)
             delay = min(MAX_BACKOFF, base * 2 ** (state.failures - 1)) * self._rng.uniform(0.5, 1.5)
             state.retry_at = time.monotonic() + delay
@@ -118,7 +122,7 @@ class BlobRoutes:
             route.endpoint, route.redirect_url, route.resolved_at = endpoint, redirect_url, time.monotonic()
             if endpoint.is_mirror:
                 state = route.mirrors.setdefault(endpoint.host, _MirrorState())
-                state.failures, state.retry_at, state.confirmed = 0, 0.0, True
+                state.failures, state.retry_at, state.confirmed, state.slow = 0, 0.0, True, False
 
     def redirect(self, key: BlobKey, valid_for: float) -> str | None:
         """The blob's redirect target while it is fresh, else None."""

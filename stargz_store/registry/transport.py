@@ -19,11 +19,10 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
-
 from .auth import Authorizer, TransientError
 from .config import Endpoint, RegistryConfig
 from .credentials import Credentials, CredentialStore
+from .hangup import Hangup, HangupAdapter, HungUp
 from .multipart import parse_content_range
 from .reference import Reference
 from .runtime_credentials import RuntimeCredentials
@@ -138,7 +137,7 @@ class Transport:
         # Credentials come from the auth files and helpers (`CredentialStore`); this keeps requests
         # from looking for a ~/.netrc on every request (proxy variables are still honoured).
         self.session.auth = _no_netrc
-        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=max(1, config.pool_size), max_retries=0)
+        adapter = HangupAdapter(pool_connections=16, pool_maxsize=max(1, config.pool_size), max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         self.session.headers.update({
@@ -182,8 +181,11 @@ class Transport:
         what: str = "",
         follow_redirects: bool = True,
         retries: int | None = None,
+        hangup: Hangup | None = None,
     ) -> T:
-        """Run `consume(response)` with retries; `body` may be a factory so a retry re-reads a file."""
+        """Run `consume(response)` with retries; `body` may be a factory so a retry re-reads a file.
+        `hangup`: another thread may end the request before its answer comes (`HungUp` is raised
+        then, never retried; see `hangup.py`)."""
         max_retries = self.config.max_retries if retries is None else retries
         deadline = time.monotonic() + self.config.max_retry_time
         attempt = 0
@@ -191,7 +193,14 @@ class Transport:
         while True:
             resp: requests.Response | None = None
             try:
-                resp = self._send(target, method, repository, actions, headers, params, body, follow_redirects)
+                if hangup is None:
+                    resp = self._send(target, method, repository, actions, headers, params, body, follow_redirects)
+                else:
+                    with hangup.active():
+                        resp = self._send(target, method, repository, actions, headers, params, body,
+                                          follow_redirects)
+                    if not hangup.answered():
+                        raise HungUp(f"{what}: hung up on (another answer was taken)")
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s %s -> HTTP %d", method, redact_url(resp.url), resp.status_code)
                 _partial_marked_200(resp, headers)
@@ -222,6 +231,8 @@ class Transport:
             except requests.exceptions.RequestException as exc:
                 if resp is not None:
                     resp.close()
+                if hangup is not None and hangup.hung_up:
+                    raise HungUp(f"{what}: hung up on (another answer was taken)") from None
                 mapped = self._map_exception(exc, what)
                 if isinstance(exc, requests.exceptions.SSLError) or isinstance(exc, requests.exceptions.InvalidURL):
                     raise mapped from None
