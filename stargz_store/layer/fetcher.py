@@ -66,8 +66,11 @@ class _StreamLander:
     Holds only the bytes pending extents still need: from the earliest start among them on.
     Pieces already seen (a retried request starts over) are skipped."""
 
-    def __init__(self, fetcher: Fetcher, req: Request, flights: dict[str, Flight]) -> None:
+    def __init__(self, fetcher: Fetcher, req: Request, flights: dict[str, Flight],
+                 count: Callable[[int], None]) -> None:
         self.fetcher = fetcher
+        self.count = count  # told the bytes received, before any extent of them lands
+        self.counted = 0
         self.flights = flights
         self.extents = sorted(req.extents, key=lambda e: e.end)
         earliest = []
@@ -92,6 +95,8 @@ class _StreamLander:
         self.end += len(fresh)
         self.received += len(fresh)
         extents = self.extents
+        if self.next < len(extents) and extents[self.next].end <= self.end:
+            self.flush_count()
         while self.next < len(extents) and extents[self.next].end <= self.end:
             ext = extents[self.next]
             self.next += 1
@@ -102,6 +107,15 @@ class _StreamLander:
         if cut >= _STREAM_TRIM or (cut > 0 and self.next == len(extents)):
             del self.buf[:cut]
             self.base += cut
+
+    def flush_count(self) -> None:
+        """Count the bytes received since the last call. Called before an extent lands, so a
+        reader that got its bytes (or `status`, or a metrics scrape after it) never sees them
+        uncounted while the rest of a long stream is still coming."""
+        fresh = self.received - self.counted
+        if fresh:
+            self.counted = self.received
+            self.count(fresh)
 
 
 class Fetcher:
@@ -245,16 +259,23 @@ class Fetcher:
         """One request of many extents (a prefetch, a long read), each landed as soon as its last
         byte has arrived, so a reader of the first file of a 20 MB prefetch waits for that file's
         bytes only. Extents landed before a failure stay landed; the rest get the error."""
-        lander = _StreamLander(self, req, flights)
+        timer = metrics.FetchTimer(kind)
+
+        def count(fresh: int) -> None:
+            self.counters.add("fetched_bytes", fresh)
+            if not foreground:
+                self.counters.add("background_bytes", fresh)
+            timer.received(fresh)
+
+        lander = _StreamLander(self, req, flights, count)
         self.counters.add("fetch_calls")
         self.counters.add("requests")
-        timer = metrics.FetchTimer(kind)
         try:
             with timer:
                 try:
                     stream(req.start, req.length, lander.feed)
                 finally:
-                    timer.received(lander.received)
+                    lander.flush_count()
             if lander.end < req.end:
                 raise LayerReadError(f"short read: {lander.end - req.start} of {req.length} bytes at {req.start}")
         except Exception as e:
@@ -265,10 +286,6 @@ class Fetcher:
             err = LayerReadError(f"fetching [{req.start}, {req.end}) of {self.name} failed: {e}")
             err.__cause__ = e
             self._fail((ext.key for ext in req.extents), flights, err)  # landed ones are no longer there
-        finally:
-            self.counters.add("fetched_bytes", lander.received)
-            if not foreground:
-                self.counters.add("background_bytes", lander.received)
 
     def _drop_cached(self, batch: list[Request], flights: dict[str, Flight]) -> list[Request]:
         """Land extents that reached the cache since they were planned (another flight finished

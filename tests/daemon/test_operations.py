@@ -94,8 +94,19 @@ def test_metrics_agree_with_the_registry_log(store_daemon_factory, private_regis
         read_bytes += sum(len(b) for b in tree.values())
     assert files and read_bytes
 
-    m = scrape(address)
-    gets, got_bytes = registry_blob_gets(private_registry.log_since(mark), image.manifest["config"]["digest"])
+    # A reader gets its bytes as soon as they land, while the rest of that request (neighbours
+    # fetched with it) may still be streaming, and a FUSE answer is counted just after it is
+    # sent: wait until the store's counts and the registry's log have caught up with the reads.
+    def settled() -> bool:
+        nonlocal m, gets, got_bytes
+        m = scrape(address)
+        gets, got_bytes = registry_blob_gets(private_registry.log_since(mark), image.manifest["config"]["digest"])
+        return (total(m["stargz_store_fetched_bytes_total"]) == got_bytes
+                and total(m["stargz_store_fuse_operation_seconds_count"], operation="read") >= files)
+
+    m: dict = {}
+    gets = got_bytes = 0
+    wait_for(settled, timeout=30, interval=0.2)
     # Every byte and range the store says it fetched is one the registry says it sent, and back.
     assert total(m["stargz_store_fetched_bytes_total"]) == got_bytes > 0
     assert total(m["stargz_store_fetch_requests_total"]) == gets
