@@ -1,29 +1,46 @@
-"""Replay a corpus image's recorded opens against its layers with the real `Layer`: round trips and
-bytes of a fetch policy, without podman, the link or timing noise.
+"""Replay a corpus image's recorded opens against its layers with the real `Layer`: round trips,
+bytes and a link-time estimate of a fetch policy, without podman, the link or timing noise.
 
-    python -m benchmarks.startup.replay                      # every image, default and baseline
-    python -m benchmarks.startup.replay --images node,cxx --configs default,baseline,dir=/tmp/x.toml
+    python -m benchmarks.startup.replay                      # every image, both lazy modes, default and baseline
+    python -m benchmarks.startup.replay --images node,cxx --modes estargz-noopt --configs default,baseline,dir=/tmp/x.toml
 
 Each recorded path (first-open order, `record.jsonl` of the image) is read whole from the topmost
-layer that has it, and the fetches it starts are waited for before the next open, so every miss
-is one round trip on a real link. The layers are the `estargz-noopt` variant in the benchmark
-registry's storage (the same blobs the startup benchmark pulls; nothing is prioritized, so the
-read path's policies do all the work), served from a local file. What is counted: `read_ranges`
-and `stream_range` calls of the layers' sources (round trips; the baseline's block requests
-included) and bytes read from them, against the compressed size of the recorded files' chunks.
-Prefetch, background fetch and library readahead are off (they need a running image or time);
-everything else is the store variant's config (`--configs`, as for the startup benchmark).
+layer that has it, and the fetches it starts are waited for before the next open, so every open
+that misses costs at least one round trip on a real link. The layers are the mode's variant in
+the benchmark registry's storage (the same blobs the startup benchmark pulls), served from a
+local file: `estargz-noopt` (nothing prioritized: the read path's policies do all the work) and
+`estargz` (`optimize`d: the layers' prioritized regions are prefetched first, as one step, then
+the opens run). Background fetch and library readahead are off (they need time or a running
+image); everything else is the store variant's config (`--configs`, as for the startup benchmark).
 
-It answers "does a fetch-policy change cut round trips on images nobody tuned for, and at what
-bytes", on a machine where the timed benchmark is too noisy to tell 10% apart. Timing still needs
-the startup benchmark.
+What is counted, per open (a *step*):
+- `calls`: `read_ranges` and `stream_range` calls of the layers' sources;
+- `round trips`: the calls a step must wait for one after another. A step's calls to one layer
+  run `max_concurrency` at a time (a read's requests go out together, over that many
+  connections), so a step costs ceil(calls / max_concurrency) round trips of its busiest layer.
+  (Counting calls instead, as this tool did first, charged the default's parallel requests, at
+  8 connections, as if they were sequential, and the baseline's 2 connections nothing for their
+  queueing);
+- `link s`: round trips x RTT + bytes / rate per step, summed (defaults: the startup benchmark's
+  20 ms and 100 Mbit/s): the time the link costs the start if the container did nothing else.
+  Slow start and the kernel's own read sizes are not modelled; a big file is read whole here,
+  which favours the baseline (on a real start its blocks come one page fault at a time, the
+  default's executable fetch streams the file in one request);
+- `fetched ÷ needed`: bytes read from the sources against the compressed size of the recorded
+  files' chunks (the `needed` of the startup benchmark, without TOCs and footers).
+
+It answers "does a fetch-policy change cut round trips and link time on images nobody tuned for,
+and at what bytes", on a machine where the timed benchmark is too noisy to tell 10% apart. Timing
+still needs the startup benchmark.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +49,24 @@ from .needed import registry_blob_path
 from .variants import StoreVariant, VariantError, parse
 
 DEFAULT_CACHE_DIR = Path("/var/tmp/stargz-bench")
+MODES = ("estargz-noopt", "estargz")
 _OFF = {"noprefetch": True, "no_background_fetch": True, "store": {"library_readahead": False}}
 
 
+@dataclass(frozen=True)
+class Link:
+    """What a round trip and a byte cost on the modelled link."""
+
+    rtt_s: float = 0.020
+    rate_bytes_per_s: float = 100e6 / 8
+
+    def step_seconds(self, round_trips: int, nbytes: int) -> float:
+        return round_trips * self.rtt_s + nbytes / self.rate_bytes_per_s
+
+
 def layer_config(variant: StoreVariant) -> Any:
+    """The layer config of `variant` as replayed: background fetch, library readahead and
+    prefetch at open off (`replay` runs the prefetch itself, as its own step, in `estargz`)."""
     from stargz_store.daemon.config import config_from_toml
 
     from .variants import merged
@@ -43,15 +74,39 @@ def layer_config(variant: StoreVariant) -> Any:
     return config_from_toml(merged(variant.settings, _OFF)).layer
 
 
-def replay(cache_dir: Path, image: str, config: Any) -> dict:
-    """Round trips, bytes fetched and bytes needed for `image`'s recorded opens under `config`."""
+class _Steps:
+    """Round trips, bytes and link time of the steps of one replay."""
+
+    def __init__(self, sources: list, concurrency: int, link: Link) -> None:
+        self.sources = sources
+        self.concurrency = max(1, concurrency)
+        self.link = link
+        self.round_trips = 0
+        self.seconds = 0.0
+        self._mark = self._counts()
+
+    def _counts(self) -> list[tuple[int, int]]:
+        return [(s.calls, s.bytes_read) for s in self.sources]
+
+    def end_step(self) -> None:
+        now = self._counts()
+        trips = max((math.ceil((c - c0) / self.concurrency) for (c, _), (c0, _) in zip(now, self._mark)), default=0)
+        nbytes = sum(b - b0 for (_, b), (_, b0) in zip(now, self._mark))
+        self.round_trips += trips
+        self.seconds += self.link.step_seconds(trips, nbytes)
+        self._mark = now
+
+
+def replay(cache_dir: Path, image: str, config: Any, mode: str = "estargz-noopt", link: Link = Link()) -> dict:
+    """Round trips, calls, link seconds, bytes fetched and bytes needed for `image`'s recorded
+    opens under `config`, against the layers of variant `mode`."""
     from stargz_store.cache import ChunkCache
     from stargz_store.layer import FileBlobSource, LayerResolver
 
     registry = cache_dir / "registry"
     repo = registry / "docker/registry/v2/repositories/bench" / image
-    link = repo / "_manifests/tags/estargz-noopt/current/link"
-    manifest = json.loads(registry_blob_path(registry, link.read_text().strip()).read_text())
+    tag = repo / "_manifests/tags" / mode / "current/link"
+    manifest = json.loads(registry_blob_path(registry, tag.read_text().strip()).read_text())
     record = cache_dir / "images" / image / "record.jsonl"
     paths = [json.loads(line)["path"].lstrip("/") for line in record.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(prefix="sgz-replay-") as tmp:
@@ -61,6 +116,13 @@ def replay(cache_dir: Path, image: str, config: Any) -> dict:
         try:
             for s in sources:
                 s.reset_counters()
+            steps = _Steps(sources, config.max_concurrency, link)
+            if mode != "estargz-noopt":  # the prioritized regions, all layers at once, as at layer open
+                for layer in layers:
+                    layer.prefetch(None)
+                for layer in layers:
+                    layer.drain(120)
+                steps.end_step()
             needed = 0
             for path in dict.fromkeys(paths):
                 for layer in reversed(layers):
@@ -74,8 +136,9 @@ def replay(cache_dir: Path, image: str, config: Any) -> dict:
                 needed += sum(c.blob_end - c.blob_offset for c in entry.chunks)
                 layer.read(entry, 0, entry.size)
                 layer.drain(60)
-            return {"round_trips": sum(s.calls for s in sources), "fetched": sum(s.bytes_read for s in sources),
-                    "needed": needed}
+                steps.end_step()
+            return {"round_trips": steps.round_trips, "calls": sum(s.calls for s in sources),
+                    "link_s": steps.seconds, "fetched": sum(s.bytes_read for s in sources), "needed": needed}
         finally:
             for layer in layers:
                 layer.close()
@@ -84,27 +147,39 @@ def replay(cache_dir: Path, image: str, config: Any) -> dict:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.startup.replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", default="all", help="comma-separated names or groups: tuning, held-out, all")
+    ap.add_argument("--modes", default=",".join(MODES), help="lazy modes (variants of the layers): " + ", ".join(MODES))
     ap.add_argument("--configs", default="default,baseline", help="store variants, as for the startup benchmark")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    ap.add_argument("--rtt-ms", type=float, default=20.0, help="modelled round trip (default 20)")
+    ap.add_argument("--rate-mbit", type=float, default=100.0, help="modelled link rate (default 100)")
     args = ap.parse_args(argv)
     groups = {"all": [*TUNING, *HELD_OUT], "tuning": list(TUNING), "held-out": list(HELD_OUT)}
     images = [n for part in args.images.split(",") for n in groups.get(part, [part])]
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := [m for m in modes if m not in MODES]:
+        print(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}", file=sys.stderr)
+        return 2
     try:
         variants = [parse(spec) for spec in args.configs.split(",")]
     except VariantError as e:
         print(e, file=sys.stderr)
         return 2
-    configs = [(v.name, layer_config(v)) for v in variants]
-    print("| image | MB needed | " + " | ".join(f"{name}: round trips / fetched ÷ needed" for name, _ in configs) + " |")
-    print("|---|---|" + "---|" * len(configs))
-    for image in images:
-        cells = []
-        needed = 0
-        for _, config in configs:
-            r = replay(args.cache_dir, image, config)
-            needed = r["needed"]
-            cells.append(f"{r['round_trips']} / {r['fetched'] / max(1, needed):.2f}x")
-        print(f"| {image} | {needed / 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
+    link = Link(args.rtt_ms / 1000, args.rate_mbit * 1e6 / 8)
+    names = [v.name for v in variants]
+    print(f"round trips / link s / fetched ÷ needed; link {args.rtt_ms:g} ms, {args.rate_mbit:g} Mbit/s")
+    for mode in modes:
+        configs = [layer_config(v) for v in variants]
+        print(f"\n{mode}\n")
+        print("| image | MB needed | " + " | ".join(names) + (" | " + " ÷ ".join(names[:2]) + " link s" if len(names) > 1 else "")
+              + " |")
+        print("|---|---|" + "---|" * (len(names) + (len(names) > 1)))
+        for image in images:
+            results = [replay(args.cache_dir, image, config, mode, link) for config in configs]
+            needed = results[0]["needed"]
+            cells = [f"{r['round_trips']} / {r['link_s']:.2f} / {r['fetched'] / max(1, needed):.2f}x" for r in results]
+            if len(results) > 1:
+                cells.append(f"{results[0]['link_s'] / max(1e-9, results[1]['link_s']):.2f}")
+            print(f"| {image} | {needed / 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

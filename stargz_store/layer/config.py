@@ -9,7 +9,7 @@ The fetch policies (layer/policies/) and the knob that switches each:
 
 | policy               | switch                                   | what it fetches beyond the read            |
 |----------------------|------------------------------------------|--------------------------------------------|
-| neighbour            | `neighbour_fetch_size` > 0               | same-directory files stored next to a small file |
+| neighbour            | `neighbour_fetch_size` > 0               | small files stored around a file, of its directory or suffix |
 | executable           | `executable_fetch_limit` > 0             | the rest of a multi-chunk executable       |
 | small_layer          | `small_layer_fetch_size` > 0             | a whole small layer at its first miss      |
 | sequential_readahead | `readahead_size` > 0                     | a sequentially read file's next chunks     |
@@ -64,8 +64,8 @@ class LayerConfig:
 
     # ---- fetch policies (config/config.toml explains each key with its measurements) ----
     fetch_policy: str = "default"           # "baseline": fetch as the Go store does (see `baseline`)
-    neighbour_fetch_size: int = 64 << 10    # a miss on a small file also fetches the files stored next to it
-                                            # in the same directory, up to this many compressed bytes (0: off)
+    neighbour_fetch_size: int = 64 << 10    # a miss on a file also fetches the small files of its directory or
+                                            # suffix stored within half this many compressed bytes of it (0: off)
     executable_fetch_limit: int = 64 << 20  # first miss on a multi-chunk executable fetches all its chunks, when
                                             # it is at most this many compressed bytes (0: off)
     small_layer_fetch_size: int = 2 << 20   # the first miss in a layer whose data is at most this many compressed

