@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
+
 from .auth import Authorizer, TransientError
 from .config import Endpoint, RegistryConfig
 from .credentials import Credentials, CredentialStore

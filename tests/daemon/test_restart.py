@@ -139,6 +139,9 @@ def test_a_server_that_cannot_start_leaves_the_old_one_serving(store_daemon_fact
     store = store_daemon_factory(CONFIG)
     diff = store.layer_dir(f"{registry.host}/restart/files:esgz", restart_image.layers[0]["digest"]) / "diff"
     assert (diff / small_file_name(1)).read_bytes() == small_file_data(1)
+    # The spare server's start rewrites server.json (`standby`): wait for it, so that what the
+    # failed start must not write is the only writer left.
+    assert wait_for(lambda: store.server_state(timeout=0).get("standby"), timeout=120, interval=0.05)
     before = store.server_state()
     (store.root / "server.json").unlink()
     store.config_path.write_text("this is = = not toml\n")  # the next process refuses its config
