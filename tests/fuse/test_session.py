@@ -180,6 +180,32 @@ def test_passthrough_serves_reads_from_the_backing_file(mounted, workdir):
     assert fs.calls["open"] == 2
 
 
+def _context_switches(tids: list[int]) -> int:
+    total = 0
+    for tid in tids:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    return total
+
+
+def test_one_idle_worker_is_woken_per_request(mounted):
+    """Idle workers all wait on the one descriptor; a request must wake one of them, not all
+    (each woken worker is a context switch, six per request in a warm walk before)."""
+    m = mounted(min_threads=8)
+    assert wait_for(lambda: sum(t.name.startswith("fuse-") for t in threading.enumerate()) >= 8, timeout=10)
+    tids = [t.native_id for t in threading.enumerate() if t.name.startswith("fuse-")]
+    fd = os.open(m.path / "hello", os.O_RDONLY)
+    try:
+        assert not os.isatty(fd)  # an IOCTL, answered ENOTTY
+        before = _context_switches(tids)
+        for _ in range(200):
+            assert not os.isatty(fd)
+        per_request = (_context_switches(tids) - before) / 200
+    finally:
+        os.close(fd)
+    assert per_request < 3, f"{per_request:.1f} context switches of the workers per request"
+
+
 def _fds_on(path: Path) -> int:
     """Descriptors of this process open on `path`."""
     count = 0
