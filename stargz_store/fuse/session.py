@@ -13,10 +13,10 @@ Threads: every worker reads the one descriptor (the kernel hands each request to
 answers on it; a request that blocks (a fetch from the registry) holds only its worker, and a new
 worker is started when none is idle, up to `max_threads`. Workers wait with `epoll` (one woken
 per request: `_waiter`) and read non-blockingly, so `stop()` takes effect within `POLL_INTERVAL`
-without losing a request: what a
-worker has read it answers before it checks the flag again. All workers read the same open file
-description (no per-thread clones): requests a dead server had read stay queued on it, where
-`FUSE_NOTIFY_RESEND` finds them, instead of being aborted with the clone's release.
+without losing a request: what a worker has read it answers before it checks the flag again.
+All workers read the same open file description (no per-thread clones): requests a dead
+server had read stay queued on it, where `FUSE_NOTIFY_RESEND` finds them, instead of being
+aborted with the clone's release.
 A worker counts itself as reading (`_reading`) from before its `read` until the request it read is
 counted as being answered: `wait_answered` after `stop()` then also waits for a request read in
 the instant the flag was set, so what a hand-over reports (`open_files`) includes every OPEN and
@@ -665,16 +665,14 @@ class Session:
 
     def _drop_kept(self) -> None:
         """Let go of every kept registration, and close the descriptors held of registrations in
-        use (their ids are handed over with `open_files`; the kernel holds its own references)."""
+        use (their ids are handed over with `open_files`; the kernel holds its own references).
+        Under the lock throughout: a caller of `wait_stopped` may close the FUSE descriptor as
+        soon as it returns, so this must be done by then, whichever thread did it."""
         with self._backing_lock:
-            kept = list(self._kept.values())
-            held = list(self._held.values())
-            self._kept.clear()
-            self._held.clear()
-        for k in kept:
-            self._let_go(k)
-        for k in held:
-            os.close(k.fd)
+            while self._kept:
+                self._let_go(self._kept.popitem()[1])
+            while self._held:
+                os.close(self._held.popitem()[1].fd)
 
     def _backing_failed(self, ino: int, error: OSError) -> None:
         # EPERM: not CAP_SYS_ADMIN in the initial namespace; ELOOP: the copies are on a stacked
