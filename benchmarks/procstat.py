@@ -77,6 +77,25 @@ def tree_cpu_seconds(pid: int) -> float:
     return _cpu_of([pid, *descendants(pid)])
 
 
+def tree_context_switches(pid: int) -> int:
+    """Context switches (voluntary and not) of every thread of a process and its living
+    descendants so far: each wake-up of a sleeping thread is one, so for a FUSE server it counts
+    the wake-ups a request costs, whatever the load."""
+    total = 0
+    for each in [pid, *descendants(pid)]:
+        try:
+            tasks = os.listdir(f"/proc/{each}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{each}/task/{task}/status") as f:
+                    total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+            except (OSError, ValueError, IndexError):
+                pass  # exited meanwhile
+    return total
+
+
 def tree_status_bytes(pid: int, key: str) -> int | None:
     """A /proc status size (`VmRSS`, `VmHWM`) summed over a process and its living descendants."""
     return _status_of([pid, *descendants(pid)], key)

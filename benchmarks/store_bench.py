@@ -43,7 +43,7 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.procstat import status_bytes, tree_cpu_seconds, tree_status_bytes  # noqa: E402
+from benchmarks.procstat import status_bytes, tree_context_switches, tree_cpu_seconds, tree_status_bytes  # noqa: E402
 from benchmarks.startup.store import store_package_parent  # noqa: E402
 from benchmarks.store_image import BIG_PATH, SMALL_DIR, BuiltImage, ImageShape, build_image  # noqa: E402
 from stargz_store.localenv.registry import LocalRegistry  # noqa: E402
@@ -227,10 +227,16 @@ def store_process(base: Path, record: bool = False, store_keys: tuple[str, ...] 
 
 def settle_backing_files(store: StoreProcess, fig: Figures, what: str, timeout: float = 300.0) -> None:
     """Wait until the store has made the backing files the pass before offered (passthrough), so
-    the warm pass finds them; the wait is noted (it is work the store does once per file)."""
+    the warm pass finds them: first for every RELEASE to be answered (a file is offered at its
+    release), then for the queue; the wait is noted (it is work the store does once per file)."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
-        backing = store.stats().get("backing_files")
+        stats = store.stats()
+        fs = stats.get("fs", {})
+        if fs.get("cached_inodes") or fs.get("passthrough_inodes"):
+            time.sleep(0.05)  # a RELEASE not answered yet (the kernel sends them after close): it offers the file
+            continue
+        backing = stats.get("backing_files")
         if backing is None or not backing.get("queued"):
             break
         time.sleep(0.2)
@@ -287,12 +293,14 @@ def measure_daemon(ref: str, manifest: dict, base: Path, cache: PageCache, runs:
         settle_backing_files(store, fig, "cold walk")
         cache.drop()
         requests = store.stats().get("fs", {}).get("requests", {})
-        cpu = tree_cpu_seconds(pid)
+        cpu, switches = tree_cpu_seconds(pid), tree_context_switches(pid)
         fig.walk_s, (files, _) = timed(lambda: walk_and_read(diff / SMALL_DIR))
         walk_cpu = tree_cpu_seconds(pid) - cpu
+        switches = tree_context_switches(pid) - switches
         fig.notes.append("warm walk, FUSE requests per file (and the store's µs per file answering them): "
                          + per_file_requests(requests, store.stats().get("fs", {}).get("requests", {}), files))
-        fig.notes.append(f"store walk: {files} files; RSS after the reads {_proc_status_mb(pid, 'VmRSS') or 0:.0f} MB")
+        fig.notes.append(f"store walk: {files} files; RSS after the reads {_proc_status_mb(pid, 'VmRSS') or 0:.0f} MB; "
+                         f"the store's threads were switched to {switches / max(1, files):.1f} times per file")
         if record:
             from stargz_store.daemon.record_cli import fetch_record
 

@@ -58,7 +58,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "fuse_no_open", "small_layer_fetch_kb",
          "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb", "spare_server",
-         "passthrough", "passthrough_min_kb"},
+         "passthrough", "passthrough_min_kb", "passthrough_keep_files"},
         {},
     ),
     "record": ({"images", "max_entries"}, {}),
@@ -184,6 +184,7 @@ def _build(doc: ConfigTable) -> StoreConfig:
         read_ahead_kb=_int_or_off(store, "read_ahead_kb", cfg.mount.read_ahead_kb),
         no_open=_bool(store, "fuse_no_open", cfg.mount.no_open),
         passthrough=_bool(store, "passthrough", cfg.mount.passthrough),
+        passthrough_keep=_int_or_off(store, "passthrough_keep_files", cfg.mount.passthrough_keep),
         debug=_bool(doc, "debug", False),
     )
     cfg.passthrough_min_bytes = _int_or_off(store, "passthrough_min_kb", cfg.passthrough_min_bytes >> 10) << 10

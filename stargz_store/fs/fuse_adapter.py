@@ -93,6 +93,7 @@ class MountOptions:
     read_ahead_kb: int | None = 4096  # 0 = no readahead; None = leave the kernel's default (128)
     no_open: bool = True  # let the kernel skip OPEN/RELEASE (one round trip less per file opened)
     passthrough: bool = True  # the kernel reads fully cached files from backing files (if it can, and we may)
+    passthrough_keep: int = 1024  # backing files kept registered after their last close (`Session._claim_kept`)
 
 
 def mount_spec(mountpoint: str, options: MountOptions) -> fuse.MountSpec:
@@ -110,6 +111,7 @@ def session_options(options: MountOptions) -> fuse.SessionOptions:
         negative_timeout=options.negative_timeout,
         no_open=options.no_open,
         passthrough=passthrough,
+        passthrough_keep=options.passthrough_keep,
         debug=options.debug,
         observe=metrics.observe_fuse,
     )
@@ -212,10 +214,11 @@ class StoreOperations:
 
     # -- files --------------------------------------------------------------------------------
 
-    def open(self, ctx: fuse.Context, ino: int, flags: int) -> fuse.OpenReply:
+    def open(self, ctx: fuse.Context, ino: int, flags: int, *, backing: bool = True) -> fuse.OpenReply:
         """With passthrough, a file whose every byte is cached and verified is answered with its
-        backing file's descriptor (the session registers it with the kernel, or closes it)."""
-        passthrough = self.passthrough
+        backing file's descriptor (the session registers it with the kernel, or closes it).
+        `backing` False: the session holds a checked one already (`Session._claim_kept`)."""
+        passthrough = self.passthrough and backing
         try:
             fh = self.model.open(ino, flags, caller=self._caller(ctx), backing=passthrough)
         except FsError as e:

@@ -11,11 +11,12 @@ an OPEN answered with a backing file lets the kernel read that file directly.
 
 Threads: every worker reads the one descriptor (the kernel hands each request to one reader) and
 answers on it; a request that blocks (a fetch from the registry) holds only its worker, and a new
-worker is started when none is idle, up to `max_threads`. Workers wait with `poll` and read
-non-blockingly, so `stop()` takes effect within `POLL_INTERVAL` without losing a request: what a
-worker has read it answers before it checks the flag again. All workers read the same open file
-description (no per-thread clones): requests a dead server had read stay queued on it, where
-`FUSE_NOTIFY_RESEND` finds them, instead of being aborted with the clone's release.
+worker is started when none is idle, up to `max_threads`. Workers wait with `epoll` (one woken
+per request: `_waiter`) and read non-blockingly, so `stop()` takes effect within `POLL_INTERVAL`
+without losing a request: what a worker has read it answers before it checks the flag again.
+All workers read the same open file description (no per-thread clones): requests a dead
+server had read stay queued on it, where `FUSE_NOTIFY_RESEND` finds them, instead of being
+aborted with the clone's release.
 A worker counts itself as reading (`_reading`) from before its `read` until the request it read is
 counted as being answered: `wait_answered` after `stop()` then also waits for a request read in
 the instant the flag was set, so what a hand-over reports (`open_files`) includes every OPEN and
@@ -31,6 +32,7 @@ import os
 import select
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
@@ -139,6 +141,10 @@ class SessionOptions:
     max_threads: int = 64
     max_write: int = 4096  # we refuse writes; this only sizes the read buffer
     no_open: bool = False  # files need no OPEN: see `_open` (off when passthrough is on: it needs OPEN)
+    # Backing files kept registered after their inode's last release, for a cheap re-open
+    # (`_claim_kept`): at most this many (each holds a descriptor here and an open file in the
+    # kernel), and never more than a quarter of the descriptors this process may open.
+    passthrough_keep: int = 0
     debug: bool = False  # log every request and every error answer (at DEBUG level)
     # Called after each answered request with (opcode, its name, seconds taken, errno sent or 0):
     # the daemon's metrics. Must be quick and must not raise.
@@ -157,7 +163,9 @@ class Operations(Protocol):
 
     def readlink(self, ctx: Context, ino: int) -> bytes: ...
 
-    def open(self, ctx: Context, ino: int, flags: int) -> OpenReply: ...
+    def open(self, ctx: Context, ino: int, flags: int, *, backing: bool = True) -> OpenReply: ...
+    # `backing` False: the session already holds a checked backing file for this inode (a kept
+    # registration), so none is looked for or opened (`OpenReply.backing_fd` stays None).
 
     def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview: ...
 
@@ -214,6 +222,12 @@ class Session:
         self._cached: dict[int, int] = {}  # ino -> files open through the page cache (passthrough on)
         self._backing_lock = threading.Lock()
         self._backing_refused = False  # the kernel refused BACKING_OPEN for lack of privilege
+        # Registrations whose backing file we hold a descriptor of (`_claim_kept`): of inodes open
+        # by passthrough (ino -> Kept), and kept after their last release, oldest first.
+        self._held: dict[int, Kept] = {}
+        self._kept: OrderedDict[int, Kept] = OrderedDict()
+        self._keep = _keep_limit(self.options.passthrough_keep)
+        self.kept_reopens = 0  # opens answered with a kept registration (no backing file opened)
         self._applied: dict[int, None] = {}  # uniques of OPENs/RELEASEs counted (a resent one is not counted again)
         self.journal: OpenFilesJournal | None = None  # `adopt_open_files`
         self.passthrough_opens = 0  # backing ids registered (inodes put in passthrough mode)
@@ -230,11 +244,13 @@ class Session:
     # -- running -------------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Serve until unmounted, aborted or `stop()`ped. Returns once every worker has ended."""
+        """Serve until unmounted, aborted or `stop()`ped. Returns once every worker has ended,
+        having let go of the registrations it kept (`_claim_kept`: no other process knows them)."""
         with self._lock:
             for _ in range(max(1, self.options.min_threads)):
                 self._start_worker()
         self._ended.wait()
+        self._drop_kept()
 
     def stop(self) -> None:
         """Stop reading requests; those being answered are answered first (see `wait_stopped`).
@@ -247,7 +263,12 @@ class Session:
                 pass  # already closed: every worker has ended
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
-        return self._ended.wait(timeout)
+        """Wait until every worker has ended; then the kept registrations are let go of (as at
+        the end of `serve`, which may return after a hand-over has already moved on)."""
+        if not self._ended.wait(timeout):
+            return False
+        self._drop_kept()
+        return True
 
     def wait_answered(self, timeout: float | None, but: Iterable[int] = ()) -> bool:
         """Wait until no request is being answered, apart from those with an opcode in `but`
@@ -275,16 +296,14 @@ class Session:
     def _worker(self) -> None:
         buf = bytearray(self._buffer_size)
         view = memoryview(buf)
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller = _waiter(self.fd, self._wake_r)
         try:
             while not self._stop.is_set():
                 try:
-                    ready = [(fd, ev) for fd, ev in poller.poll(POLL_INTERVAL * 1000) if fd == self.fd]
+                    ready = [(fd, ev) for fd, ev in poller.poll(POLL_INTERVAL) if fd == self.fd]
                     if not ready or self._stop.is_set():
                         continue
-                    if ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    if ready[0][1] & (select.EPOLLERR | select.EPOLLHUP):
                         self._ended_by_kernel("the connection was closed")
                         return
                     with self._lock:
@@ -328,6 +347,7 @@ class Session:
         except Exception:
             log.exception("FUSE worker failed")
         finally:
+            poller.close()
             with self._lock:
                 self._workers -= 1
                 self._idle -= 1
@@ -515,14 +535,22 @@ class Session:
 
     def _open(self, unique: int, ctx: Context, nodeid: int, body: memoryview) -> None:
         flags, _ = abi.OPEN_IN.unpack_from(body)
-        opened = self.ops.open(ctx, nodeid, flags)  # its refusals (EROFS, EACCES...) still answer this open
+        passthrough = self.state is not None and self.state.passthrough
+        kept = self._claim_kept(nodeid) if passthrough and self._kept else None
+        try:
+            # Its refusals (EROFS, EACCES...) still answer this open.
+            opened = self.ops.open(ctx, nodeid, flags, backing=kept is None)
+        except BaseException:
+            if kept is not None:
+                self._keep_registration(nodeid, kept)
+            raise
         if self.state is not None and self.state.no_open:
             if opened.backing_fd is not None:
                 os.close(opened.backing_fd)
             self.ops.release(nodeid, opened.fh)
             raise FuseError(errno.ENOSYS)  # success, and no OPEN (nor RELEASE) for any later open
-        if self.state is not None and self.state.passthrough:
-            open_flags, backing_id = self._open_mode(nodeid, opened, unique)
+        if passthrough:
+            open_flags, backing_id = self._open_mode(nodeid, opened, unique, kept)
         else:
             if opened.backing_fd is not None:
                 os.close(opened.backing_fd)
@@ -538,7 +566,7 @@ class Session:
     def _cache_flags(opened: OpenReply) -> int:
         return (abi.FOPEN_KEEP_CACHE if opened.keep_cache else 0) | (abi.FOPEN_DIRECT_IO if opened.direct_io else 0)
 
-    def _open_mode(self, ino: int, opened: OpenReply, unique: int) -> tuple[int, int]:
+    def _open_mode(self, ino: int, opened: OpenReply, unique: int, kept: Kept | None = None) -> tuple[int, int]:
         """(open flags, backing id) of an open while passthrough is on. The kernel wants every
         open file of an inode in one mode (fs/fuse/iomode.c): while some are open by passthrough,
         every further open must name the same backing id (another one is EBUSY, a cached open
@@ -546,7 +574,8 @@ class Session:
         mode of an inode is decided at its first open and kept until its last release; the open
         files per inode and mode are counted here (and handed over to a successor: `open_files`).
         An OPEN counted already (`_counted_before`: a resent copy) is answered in the inode's mode
-        without counting it again."""
+        without counting it again. `kept`: a registration claimed for this open (`_claim_kept`),
+        used when the inode has no open file, let go of otherwise."""
         fd = opened.backing_fd
         try:
             with self._backing_lock:
@@ -558,6 +587,13 @@ class Session:
                     held[1] += 1
                     self._note(ino, unique, held[0], 1, 0)
                     return abi.FOPEN_PASSTHROUGH, held[0]  # the kernel refuses KEEP_CACHE with it
+                if kept is not None and not self._cached.get(ino):
+                    kept, reused = None, kept
+                    self._backing[ino] = [reused.backing_id, 1]
+                    self._held[ino] = reused
+                    self.kept_reopens += 1
+                    self._note(ino, unique, reused.backing_id, 1, 0)
+                    return abi.FOPEN_PASSTHROUGH, reused.backing_id
                 if fd is not None and not self._cached.get(ino) and not self._backing_refused:
                     try:
                         backing_id = _ioctl(self.fd, abi.DEV_IOC_BACKING_OPEN, abi.BACKING_MAP.pack(fd, 0, 0))
@@ -567,6 +603,10 @@ class Session:
                         self._backing[ino] = [backing_id, 1]
                         self.passthrough_opens += 1
                         self._note(ino, unique, backing_id, 1, 0)
+                        if len(self._held) < self._keep:  # room, the oldest kept let go of if need be
+                            self._held[ino] = Kept(backing_id, fd, _identity(os.fstat(fd)))
+                            fd = None  # kept open: a re-open after the last release checks it (`_claim_kept`)
+                            self._trim_kept()
                         return abi.FOPEN_PASSTHROUGH, backing_id
                 self._cached[ino] = self._cached.get(ino, 0) + 1
                 self._note(ino, unique, 0, 0, 1)
@@ -574,6 +614,65 @@ class Session:
         finally:
             if fd is not None:
                 os.close(fd)  # the kernel holds its own reference once registered
+            if kept is not None:  # claimed but not used (the inode was opened meanwhile)
+                self._let_go(kept)
+
+    def _claim_kept(self, ino: int) -> Kept | None:
+        """The registration kept for `ino` after its last release, taken out of the kept set for
+        this open, if its backing file is unchanged. Why keep them: a re-open then costs no
+        lookup, open or check of the copy by path and no BACKING_OPEN (nor a BACKING_CLOSE at its
+        release), which are most of what an OPEN of a cached file costs. What still holds
+        (README "Security model"): the copy is checked at every open, here by `fstat` of the
+        descriptor kept of it against what it was when it was opened and checked by path; a
+        write, truncation, `chmod`, `touch`, or a removal or replacement of its name (the link
+        count drops) changes that, and the registration is then let go of and the open goes the
+        long way (`Operations.open` looks the copy up and checks it against its record)."""
+        with self._backing_lock:
+            kept = self._kept.pop(ino, None)
+        if kept is None:
+            return None
+        try:
+            unchanged = _identity(os.fstat(kept.fd)) == kept.identity
+        except OSError:
+            unchanged = False
+        if unchanged:
+            return kept
+        log.info("backing file of inode %d changed since it was checked: it is looked up again", ino)
+        self._let_go(kept)
+        return None
+
+    def _keep_registration(self, ino: int, kept: Kept) -> None:
+        """Put `kept` (newest) into the kept set, letting go of the oldest beyond the limit."""
+        with self._backing_lock:
+            previous = self._kept.pop(ino, None)
+            self._kept[ino] = kept
+            if previous is not None:
+                self._let_go(previous)
+            self._trim_kept()
+
+    def _trim_kept(self) -> None:
+        """Let go of the oldest kept registrations beyond the limit (under `_backing_lock`)."""
+        while len(self._held) + len(self._kept) > self._keep and self._kept:
+            self._let_go(self._kept.popitem(last=False)[1])
+
+    def _let_go(self, kept: Kept) -> None:
+        """Unregister a backing id nobody uses and close its descriptor."""
+        try:
+            _ioctl(self.fd, abi.DEV_IOC_BACKING_CLOSE, kept.backing_id.to_bytes(4, "little"))
+        except OSError as e:
+            log.debug("closing backing id %d: %s", kept.backing_id, e.strerror)
+        os.close(kept.fd)
+
+    def _drop_kept(self) -> None:
+        """Let go of every kept registration, and close the descriptors held of registrations in
+        use (their ids are handed over with `open_files`; the kernel holds its own references).
+        Under the lock throughout: a caller of `wait_stopped` may close the FUSE descriptor as
+        soon as it returns, so this must be done by then, whichever thread did it."""
+        with self._backing_lock:
+            while self._kept:
+                self._let_go(self._kept.popitem()[1])
+            while self._held:
+                os.close(self._held.popitem()[1].fd)
 
     def _backing_failed(self, ino: int, error: OSError) -> None:
         # EPERM: not CAP_SYS_ADMIN in the initial namespace; ELOOP: the copies are on a stacked
@@ -606,6 +705,13 @@ class Session:
                 self._note(ino, unique, held[0], -1, 0)
                 if held[1] <= 0:
                     del self._backing[ino]
+                    kept = self._held.pop(ino, None)
+                    if kept is not None and kept.backing_id == held[0]:
+                        self._kept[ino] = kept  # a re-open may use it (`_claim_kept`)
+                        self._trim_kept()
+                        return
+                    if kept is not None:
+                        os.close(kept.fd)
                     try:
                         _ioctl(self.fd, abi.DEV_IOC_BACKING_CLOSE, held[0].to_bytes(4, "little"))
                     except OSError as e:
@@ -646,7 +752,8 @@ class Session:
     def passthrough_stats(self) -> dict[str, int]:
         with self._backing_lock:
             return {"passthrough_opens": self.passthrough_opens, "read_requests": self.read_requests,
-                    "passthrough_inodes": len(self._backing), "cached_inodes": len(self._cached)}
+                    "passthrough_inodes": len(self._backing), "cached_inodes": len(self._cached),
+                    "kept_backing": len(self._kept), "kept_reopens": self.kept_reopens}
 
     def adopt_open_files(self, files: dict[str, list] | None, journal: OpenFilesJournal | None = None) -> None:
         """Take over a predecessor's `open_files()` (before serving); from now on every change
@@ -787,6 +894,48 @@ class Session:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 log.debug("inval_entry %d/%r: %s", parent, name, e.strerror)
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A registered backing file this process holds a descriptor of (`Session._claim_kept`):
+    `identity` is what `fstat` said of it when it was registered, just after its owner checked it."""
+
+    backing_id: int
+    fd: int
+    identity: tuple[int, ...]
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What a change of a file would change: size, times, inode, device, mode, link count."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_mode, st.st_nlink)
+
+
+def _waiter(fuse_fd: int, wake_fd: int) -> select.epoll:
+    """A worker's wait for a request (or for `stop`). Exclusive (`EPOLLEXCLUSIVE`, Linux 4.5+):
+    the kernel wakes one idle worker per request queued, not every one (a plain `poll` on the
+    shared descriptor woke them all: one context switch per idle worker per request, ~6 per
+    request in a warm walk). The wake pipe is not exclusive: `stop` wakes them all."""
+    poller = select.epoll()
+    try:
+        poller.register(fuse_fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    except OSError:
+        poller.register(fuse_fd, select.EPOLLIN)
+    poller.register(wake_fd, select.EPOLLIN)
+    return poller
+
+
+def _keep_limit(wanted: int) -> int:
+    """`SessionOptions.passthrough_keep`, at most a quarter of this process's descriptor limit."""
+    if wanted <= 0:
+        return 0
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return wanted
+    return wanted if soft == resource.RLIM_INFINITY else max(0, min(wanted, soft // 4))
 
 
 CAP_SYS_ADMIN = 21

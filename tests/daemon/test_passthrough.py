@@ -76,6 +76,20 @@ def _backing_files(store) -> list[Path]:
     return [p for p in files.glob("*/*") if p.is_file() and not p.name.startswith(".")]
 
 
+def _read_after_damage(store, backing: Path, offset: int, path: Path, expected: bytes) -> tuple[dict, dict]:
+    """Write into `backing` at `offset` (root may; the store must notice), then read `path`: the
+    damage is seen at open and the file served by verified chunks. The `fs` stats around the read."""
+    with open(backing, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * 16)
+    assert wait_for(lambda: _settled(store), timeout=60)
+    before = _fs(store)
+    assert _read(path) == expected
+    after = _fs(store)
+    assert after["read_requests"] > before["read_requests"]
+    return before, after
+
+
 def test_a_fully_cached_file_is_read_by_the_kernel_from_its_backing_file(store, registry, image):
     big = _diff(store, registry, image) / BIG_FILE
     expected = big_file_data()
@@ -141,14 +155,7 @@ def test_a_damaged_backing_file_is_detected_at_open_and_made_again(store, regist
     assert _read(big) == expected
     assert wait_for(lambda: _made(store) == 1, timeout=120)
     (backing,) = _backing_files(store)
-    with open(backing, "r+b") as f:  # root may write it; the store must notice
-        f.seek(BIG_SIZE // 2)
-        f.write(b"\0" * 16)
-    assert wait_for(lambda: _settled(store), timeout=60)
-    before = _fs(store)
-    assert _read(big) == expected  # the damage is seen at open: served by verified chunks
-    after = _fs(store)
-    assert after["read_requests"] > before["read_requests"]
+    before, after = _read_after_damage(store, backing, BIG_SIZE // 2, big, expected)
     assert after["passthrough_opens"] == before["passthrough_opens"]
     stats = store.stats()["backing_files"]
     assert stats["bad_files"] == 1
@@ -159,6 +166,31 @@ def test_a_damaged_backing_file_is_detected_at_open_and_made_again(store, regist
     after = _fs(store)
     assert after["read_requests"] == before["read_requests"]
     assert after["passthrough_opens"] == before["passthrough_opens"] + 1
+
+
+def test_a_reopen_uses_the_kept_registration_and_a_copy_changed_meanwhile_is_still_caught(store, registry, image):
+    """After a file's last close its backing id stays registered (`passthrough_keep_files`): the
+    re-open checks the kept descriptor and opens nothing by path. A copy written to while kept
+    is caught at the next open all the same: served by verified chunks, then made again."""
+    small = _diff(store, registry, image) / small_file_name(3)
+    expected = small_file_data(3)
+    assert _read(small) == expected
+    assert wait_for(lambda: _made(store) == 1, timeout=120)
+    assert wait_for(lambda: _settled(store), timeout=60)
+    assert _read(small) == expected  # the first open by passthrough: the copy opened by path
+    assert wait_for(lambda: _settled(store), timeout=60)
+    before, opened = _fs(store), store.stats()["backing_files"]["opened"]
+    assert _read(small) == expected
+    after = _fs(store)
+    assert after["read_requests"] == before["read_requests"], "the store was asked: not passthrough"
+    assert after["kept_reopens"] == before["kept_reopens"] + 1
+    assert after["passthrough_opens"] == before["passthrough_opens"]  # no new backing id
+    assert store.stats()["backing_files"]["opened"] == opened  # the copy was not opened by path
+    (backing,) = _backing_files(store)
+    before, after = _read_after_damage(store, backing, 0, small, expected)
+    assert after["kept_reopens"] == before["kept_reopens"]
+    assert store.stats()["backing_files"]["bad_files"] == 1
+    assert wait_for(lambda: _made(store) == 2, timeout=120)  # made again from the chunks
 
 
 def test_with_passthrough_off_every_read_goes_through_the_store(store_daemon_factory, registry, image):

@@ -122,12 +122,13 @@ class MemFS:
             raise FuseError(errno.EINVAL)
         return node.target
 
-    def open(self, ctx: Context, ino: int, flags: int) -> OpenReply:
+    def open(self, ctx: Context, ino: int, flags: int, *, backing: bool = True) -> OpenReply:
         self._count("open")
         node = self._node(ino)
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise FuseError(errno.EROFS)
-        if node.backing and self.passthrough:
+        if node.backing and self.passthrough and backing:
+            self._count("backing_opened")
             return OpenReply(backing_fd=os.open(node.backing, os.O_RDONLY))
         return OpenReply()
 

@@ -180,6 +180,114 @@ def test_passthrough_serves_reads_from_the_backing_file(mounted, workdir):
     assert fs.calls["open"] == 2
 
 
+def _context_switches(tids: list[int]) -> int:
+    total = 0
+    for tid in tids:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    return total
+
+
+def test_one_idle_worker_is_woken_per_request(mounted):
+    """Idle workers all wait on the one descriptor; a request must wake one of them, not all
+    (each woken worker is a context switch, six per request in a warm walk before)."""
+    m = mounted(min_threads=8)
+    assert wait_for(lambda: sum(t.name.startswith("fuse-") for t in threading.enumerate()) >= 8, timeout=10)
+    tids = [t.native_id for t in threading.enumerate() if t.name.startswith("fuse-")]
+    fd = os.open(m.path / "hello", os.O_RDONLY)
+    try:
+        assert not os.isatty(fd)  # an IOCTL, answered ENOTTY
+        before = _context_switches(tids)
+        for _ in range(200):
+            assert not os.isatty(fd)
+        per_request = (_context_switches(tids) - before) / 200
+    finally:
+        os.close(fd)
+    assert per_request < 3, f"{per_request:.1f} context switches of the workers per request"
+
+
+def _fds_on(path: Path) -> int:
+    """Descriptors of this process open on `path`."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == str(path)
+        except OSError:
+            pass
+    return count
+
+
+def test_a_reopen_uses_the_registration_kept_after_the_last_release(mounted, workdir):
+    """A file opened again after its last close is answered with the backing id kept from its
+    first open: the filesystem is not asked for its backing file again, the kernel still reads it."""
+    backing = workdir / "backing.bin"
+    payload = os.urandom(1 << 20)
+    backing.write_bytes(payload)
+    fs = MemFS(sample_tree(str(backing)), passthrough=True)
+    m = mounted(fs, passthrough=True, passthrough_keep=8)
+    if not m.session.state.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    for _ in range(3):
+        assert (m.path / "big").read_bytes() == payload
+    wait_for(lambda: m.session.passthrough_stats()["passthrough_inodes"] == 0, timeout=10)  # RELEASE is async
+    stats = m.session.passthrough_stats()
+    assert fs.calls["open"] == 3 and fs.calls["backing_opened"] == 1
+    assert (stats["passthrough_opens"], stats["kept_reopens"], stats["kept_backing"]) == (1, 2, 1)
+    assert fs.calls.get("read", 0) == 0, "the kernel read the backing file, not the store"
+    assert _fds_on(backing) == 1  # the kept registration's descriptor
+    m.session.stop()
+    assert m.session.wait_stopped(10)
+    assert _fds_on(backing) == 0 and m.session.passthrough_stats()["kept_backing"] == 0
+
+
+def test_a_kept_registration_whose_file_changed_is_not_used(mounted, workdir):
+    """The copy is checked at every open: one changed since (times, mode, or its name removed)
+    is let go of, and the open asks the filesystem for its backing file again."""
+    backing = workdir / "backing.bin"
+    backing.write_bytes(b"x" * 8192)
+    fs = MemFS(sample_tree(str(backing)), passthrough=True)
+    m = mounted(fs, passthrough=True, passthrough_keep=8)
+    if not m.session.state.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    released = lambda: m.session.passthrough_stats()["passthrough_inodes"] == 0  # noqa: E731
+    for change in (lambda: os.utime(backing, ns=(1, 1)), lambda: backing.chmod(0o600),
+                   lambda: os.link(backing, workdir / "second-name")):
+        assert (m.path / "big").read_bytes() == b"x" * 8192
+        wait_for(released, timeout=10)
+        assert m.session.passthrough_stats()["kept_backing"] == 1
+        before = fs.calls["backing_opened"]
+        change()
+        assert (m.path / "big").read_bytes() == b"x" * 8192
+        assert fs.calls["backing_opened"] == before + 1
+        wait_for(released, timeout=10)
+    assert m.session.passthrough_stats()["kept_reopens"] == 2  # the opens before each change
+
+
+def test_kept_registrations_are_bounded(mounted, workdir):
+    """Beyond `passthrough_keep` the oldest kept registration is let go of (and its descriptor)."""
+    nodes = sample_tree()
+    paths = []
+    for i in range(4):
+        path = workdir / f"backing{i}.bin"
+        path.write_bytes(bytes([i]) * 4096)
+        paths.append(path)
+        ino = 9000 + i
+        nodes[ino] = Node(ino, stat.S_IFREG | 0o644, size=4096, backing=str(path))
+        nodes[1].children[f"b{i}".encode()] = ino
+    fs = MemFS(nodes, passthrough=True)
+    m = mounted(fs, passthrough=True, passthrough_keep=2)
+    if not m.session.state.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    for i in range(4):
+        assert (m.path / f"b{i}").read_bytes() == bytes([i]) * 4096
+        wait_for(lambda: m.session.passthrough_stats()["passthrough_inodes"] == 0, timeout=10)
+    assert m.session.passthrough_stats()["kept_backing"] == 2
+    assert [_fds_on(p) for p in paths] == [0, 0, 1, 1]
+    assert (m.path / "b3").read_bytes() == bytes([3]) * 4096
+    assert (m.path / "b0").read_bytes() == bytes([0]) * 4096
+    assert fs.calls["backing_opened"] == 5  # b0 again, b3 from what was kept
+
+
 def _start_server(fd: int, mode: str, state: str | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "tests.fuse.memfs", str(fd), mode] + ([state] if state else [])
     return subprocess.Popen(args, pass_fds=[fd], stdout=subprocess.PIPE, text=True, cwd=CHECKOUT)
