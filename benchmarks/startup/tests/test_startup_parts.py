@@ -347,11 +347,12 @@ def test_built_layout_converts_and_needed_bytes_count_only_recorded_files(tmp_pa
     assert needed_bytes(partial(oci_blob_path, dst), manifest, record_path) > needed + (3 << 20) * 0.99
 
 
-def test_replay_runs_the_variants_read_path_without_what_needs_a_running_image():
+def test_replay_runs_the_variants_read_path_without_what_needs_time():
     from benchmarks.startup import replay, variants
 
     default = replay.layer_config(variants.builtin(variants.DEFAULT))
-    assert default.enabled_policies() == ("neighbour", "executable", "small_layer", "reads_hold_background")
+    assert default.enabled_policies() == ("neighbour", "executable", "small_layer", "library_readahead",
+                                          "reads_hold_background")
     baseline = replay.layer_config(variants.builtin(variants.BASELINE))
     assert baseline.fetch_policy == "baseline" and baseline.max_concurrency == 2
     assert baseline.enabled_policies() == () and baseline.fetch_block_size == 50_000
@@ -376,3 +377,62 @@ def test_replay_counts_a_steps_parallel_calls_as_one_round_trip_per_wave_of_conn
         steps.end_step()  # nothing fetched: free
         assert steps.round_trips == trips
         assert abs(steps.seconds - (trips * 0.02 + 0.5)) < 1e-9
+
+
+def _estargz_layer(path: Path, files: dict[str, bytes], modes: dict[str, int], links: dict[str, str] = {}) -> tuple[Path, dict]:
+    """An eStargz blob of `files` (with their directories and `links`) and its descriptor."""
+    import io
+    import tarfile
+
+    from stargz_store.formats.estargz import build_estargz
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        dirs = sorted({"/".join(n.split("/")[:i]) for n in files for i in range(1, n.count("/") + 1)})
+        for d in dirs:
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(ti)
+        for name, target in links.items():
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname = tarfile.SYMTYPE, target
+            tf.addfile(ti)
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode = len(data), modes.get(name, 0o644)
+            tf.addfile(ti, io.BytesIO(data))
+    with open(path, "wb") as dst:
+        result = build_estargz(io.BytesIO(buf.getvalue()), dst, chunk_size=64 << 10)
+    return path, {"mediaType": result.media_type, "digest": result.digest, "size": result.size,
+                  "annotations": dict(result.annotations)}
+
+
+def test_replay_fetches_the_libraries_a_program_loads_in_one_step_as_the_store_does(tmp_path):
+    """Library readahead is on in the store: the libraries an ELF program loads come in one
+    dependent round trip after the program's, all at once, and without the neighbours a miss
+    on each would bring. (Replayed with library readahead off, as before, each library was a
+    miss of its own and a large one brought the small files stored beside it.)"""
+    import random
+
+    from benchmarks.startup import replay, variants
+    from stargz_store.layer.elf import MULTIARCH, dynamic_info
+
+    program = Path(shutil.which("ls") or "/bin/ls").resolve().read_bytes()
+    info = dynamic_info(lambda offset, size: program[offset : offset + size])
+    assert info is not None and len(info.needed) >= 2  # Debian's ls: libselinux and libc
+    libdir = f"usr/lib/{MULTIARCH[info.machine]}"
+    rng = random.Random(5)
+    libs = {f"{libdir}/{name}": rng.randbytes(100_000) for name in info.needed}  # each larger than the neighbour window
+    lower = {**libs, f"{libdir}/libunused.so.1": rng.randbytes(4_000)}  # stored beside them, never loaded
+    blobs = [
+        _estargz_layer(tmp_path / "lower", lower, {}),
+        _estargz_layer(tmp_path / "upper", {"usr/bin/prog": program}, {"usr/bin/prog": 0o755}, {"lib": "usr/lib"}),
+    ]
+    paths = ["usr/bin/prog", *libs]  # the loader opens the program, then each library
+    config = replay.layer_config(variants.builtin(variants.DEFAULT))
+    assert config.library_readahead
+    result = replay.replay_blobs(blobs, paths, config)
+    assert result["round_trips"] == 2  # the program's open, then every library at once
+    # the program and its libraries, no neighbour (libunused is 4,000 random bytes); the few bytes
+    # over are the upper layer's landmark entry, which the small-layer fetch brings with the program
+    assert result["needed"] <= result["fetched"] < result["needed"] + 1_000

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .background import BackgroundFetch
 from .base import HOOKS, FetchPolicy, PolicyFactory, PolicyHost
 from .executable import ExecutableFetch
-from .libraries import LibraryReadahead, LibraryReadaheadPolicy, resolve_in_layers, shared_worker
+from .libraries import LibraryReadahead, LibraryReadaheadPolicy, fetch_libraries, resolve_in_layers, shared_worker
 from .neighbour import NeighbourFetch
 from .prefetch import Prefetch
 from .readahead import SequentialReadahead
@@ -18,7 +18,7 @@ from .reads_hold_background import ReadsHoldBackground
 from .small_layer import SmallLayerFetch
 
 __all__ = [
-    "HOOKS", "BackgroundFetch", "ExecutableFetch", "FetchPolicy", "LibraryReadahead", "LibraryReadaheadPolicy",
+    "HOOKS", "BackgroundFetch", "ExecutableFetch", "FetchPolicy", "LibraryReadahead", "fetch_libraries", "LibraryReadaheadPolicy",
     "PolicyHost",
     "NeighbourFetch", "POLICY_CLASSES", "Prefetch", "ReadsHoldBackground", "SequentialReadahead", "SmallLayerFetch", "resolve_in_layers",
     "shared_worker",

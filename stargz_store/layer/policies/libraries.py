@@ -106,23 +106,34 @@ class LibraryReadahead:
                 log.debug("library readahead for %s failed: %s", item[2].name, e)
 
     def _fetch_libraries(self, image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> None:
-        info = dynamic_info(lambda offset, size: layer.read(entry, offset, size))
-        if info is None:
+        started = fetch_libraries(image_layers, layer, entry)
+        if started is None:
             return
         self.programs += 1
-        layers = image_layers()
-        dirs = library_dirs(info, "/" + entry.name.rpartition("/")[0])
-        started = []
-        for name in info.needed:
-            for d in dirs:
-                hit = resolve_in_layers(layers, f"{d}/{name}")
-                if hit is not None:
-                    if hit[0].fetch_ahead(hit[1]):
-                        started.append(hit[1].name)
-                    break
-        if started:
-            self.libraries += len(started)
-            log.debug("%s loads %s: fetching %s ahead", entry.name, ", ".join(info.needed), ", ".join(started))
+        self.libraries += len(started)
+
+
+def fetch_libraries(image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> list[str] | None:
+    """Start fetching the libraries ELF file `entry` of `layer` loads (its DT_NEEDED list, looked
+    up where the loader would in `image_layers()`), without waiting; the names of those started,
+    or None when `entry` is not a dynamically linked ELF file. The worker's step, callable on its
+    own (the startup benchmark's replay runs it in step with the reads it models)."""
+    info = dynamic_info(lambda offset, size: layer.read(entry, offset, size))
+    if info is None:
+        return None
+    layers = image_layers()
+    dirs = library_dirs(info, "/" + entry.name.rpartition("/")[0])
+    started = []
+    for name in info.needed:
+        for d in dirs:
+            hit = resolve_in_layers(layers, f"{d}/{name}")
+            if hit is not None:
+                if hit[0].fetch_ahead(hit[1]):
+                    started.append(hit[1].name)
+                break
+    if started:
+        log.debug("%s loads %s: fetching %s ahead", entry.name, ", ".join(info.needed), ", ".join(started))
+    return started
 
 
 _shared: LibraryReadahead | None = None
