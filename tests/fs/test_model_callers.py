@@ -12,6 +12,7 @@ import pytest
 from stargz_store.fs.caller import ROOT, Caller
 from stargz_store.fs.errors import EntryNotFound, PermissionDenied
 from stargz_store.fs.inodes import store_nodeid
+from tests.fixtures.waiting import wait_for
 
 from .test_model import b64, manifest_of, read_all, ref_of, store  # noqa: F401  (store: the fixture)
 
@@ -74,6 +75,8 @@ def test_an_unprivileged_caller_sees_a_resolved_image_and_only_its_layers(store,
     layers = manifest_of(testdata, IMAGE)["layers"]
     key = layers[0]["digest"]
     model.getattr(f"/{b64(ref)}/{key}/diff", caller=ROOT)
+    # The image's other layers are opened in parallel with this one: counted once all are.
+    assert wait_for(lambda: resolver.opened == len(layers), timeout=30)
     manifests, opened = client.manifest_calls, resolver.opened
 
     calls = every_call(model, ref, key, NOBODY)
