@@ -227,6 +227,8 @@ def run_link(kind: str, args: argparse.Namespace, built: list[images_mod.BuiltIm
                     r = runner.measure(envs, image, mode, run, markers[image], run_dir, variant)
                     status = "ok" if r.ok else f"FAILED: {r.error[:300]}"
                     rss = f"  RSS {r.daemon_peak_rss_bytes / 1e6:4.0f} MB" if r.daemon_peak_rss_bytes else ""
+                    if r.store_background_bytes:
+                        rss += f"  background {r.store_background_bytes / 1e6:.1f} MB"
                     print(f"  [{kind}] {image:9} {mode:13} {r.config:14} run {run}: pull {r.pull_s:6.2f}  "
                           f"create {r.create_s:5.2f}  run {r.run_s:5.2f}  total {r.total_s:6.2f} s  "
                           f"{r.link_bytes_first_output / 1e6:7.1f} MB, {r.registry_blob_gets_first_output:4d} GETs "

@@ -69,6 +69,7 @@ class Summary:
     daemon_rss_mb: float | None
     store_requests: float | None = None  # the store's own request counter at exit
     mb_needed: float | None = None  # compressed chunks of the files the workload reads, plus TOCs
+    mb_background: float | None = None  # of the store's fetched bytes (at exit), what background fetch brought
 
     @property
     def ok(self) -> bool:
@@ -119,11 +120,16 @@ def summarize(results: list[dict], needed_bytes: Mapping[str, int | None] | None
             _median_or_none([r.get("registry_blob_gets_first_output") for r in ok]),
             _median_or_none([r.get("registry_blob_gets") for r in ok]),
             _median_or_none([r.get("daemon_cpu_s") for r in ok]),
-            rss / 1e6 if rss is not None else None,
+            _mb_or_none(rss),
             _median_or_none([r.get("store_requests") for r in ok]),
             (needed_bytes.get(f"{image}:{mode}") or 0) / 1e6 or None,
+            _mb_or_none(_median_or_none([r.get("store_background_bytes") for r in ok])),
         ))
     return summaries
+
+
+def _mb_or_none(value: float | None) -> float | None:
+    return value / 1e6 if value is not None else None
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.startup import leftovers, link as link_mod
-from benchmarks.startup import record, report, rootfs
+from benchmarks.startup import record, report, rootfs, runner
 from benchmarks.startup.linkemu import Direction
 from benchmarks.startup.registry import Registry
 
@@ -436,3 +436,17 @@ def test_replay_fetches_the_libraries_a_program_loads_in_one_step_as_the_store_d
     # the program and its libraries, no neighbour (libunused is 4,000 random bytes); the few bytes
     # over are the upper layer's landmark entry, which the small-layer fetch brings with the program
     assert result["needed"] <= result["fetched"] < result["needed"] + 1_000
+
+
+def test_a_run_and_its_summary_say_what_background_fetch_brought():
+    """Background fetch runs in any quiet second (a compiler generating code reads nothing), so
+    the bytes before first output are told apart: the store's totals carry its background share."""
+    stats = {"layers": {"a": {"requests": 3, "fetched_bytes": 5_000_000, "background_bytes": 2_000_000},
+                        "b": {"requests": 1, "fetched_bytes": 700_000, "background_bytes": 0},
+                        "c": "closed"}}
+    assert runner._store_totals(stats) == (4, 5_700_000, 2_000_000)
+    assert runner._store_totals({"layers": {}}) == (None, None, None)
+    runs = [_run("cxx", "estargz", t, store_background_bytes=b)
+            for t, b in ((9.0, 18_000_000), (6.0, 0), (7.0, 2_000_000))]
+    (lazy,) = report.summarize(runs)
+    assert lazy.mb_background == 2.0 and lazy.to_json()["mb_background"] == 2.0
