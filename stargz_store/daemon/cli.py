@@ -11,8 +11,8 @@ mount fails, 2 for usage, configuration, lock or mountpoint problems.
 Memory: glibc gives every thread that allocates its own malloc arena (up to 8 per core), and
 freed chunk buffers stay in them; with a dozen FUSE and fetch threads a daemon that read a few
 hundred MB held ~400 MB it no longer used. `tune_malloc` caps the arenas at startup (before any
-worker thread exists), gives large buffers their own mappings (freed at once, see `MMAP_THRESHOLD`)
-and `MemoryTrimmer` hands free heap pages back to the kernel after busy periods. Both are no-ops on a libc without them (musl).
+worker thread exists) and `MemoryTrimmer` hands free heap pages back to the kernel after busy
+periods. Both are no-ops on a libc without them (musl).
 
 Privacy: the data root holds image metadata, counters and cached layer bytes of every image
 (including files other users may not read through the mount), so it is 0700 (an existing wider
@@ -320,23 +320,14 @@ def start_cache_sweep(cache: ChunkCache) -> threading.Thread:
     return thread
 
 
-M_ARENA_MAX = -8  # glibc mallopt parameters
-M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8  # glibc mallopt parameter
 MALLOC_ARENAS = 2
-# Larger blocks (fetched extents, inflated chunks, memory-LRU entries: 128 KiB to 64 MiB) get their
-# own mapping, unmapped when freed. glibc's default threshold starts at 128 KiB but rises to the
-# size of each mapped block freed (up to 32 MiB), after which such buffers come from the heap and
-# stay resident until the next trim: python image, unoptimized start, the serving process's peak
-# 150 -> 135 MB. Setting it also fixes it (no rise). A block costs an mmap, page faults and munmap
-# (~0.1 ms per MiB), nothing beside a fetch over the network.
-MMAP_THRESHOLD = 256 << 10
 TRIM_INTERVAL = 2.0  # seconds between checks of the trimmer
 TRIM_AFTER_CPU = 0.05  # CPU seconds used since the last trim that make a trim worthwhile
 
 
-def tune_malloc(arenas: int = MALLOC_ARENAS, mmap_threshold: int = MMAP_THRESHOLD) -> Callable[[], int] | None:
-    """Cap glibc's malloc arenas and fix its mmap threshold (unless MALLOC_ARENA_MAX or
-    MALLOC_MMAP_THRESHOLD_ is set); returns `malloc_trim(0)`, if any."""
+def tune_malloc(arenas: int = MALLOC_ARENAS) -> Callable[[], int] | None:
+    """Cap glibc's malloc arenas (unless MALLOC_ARENA_MAX is set); returns `malloc_trim(0)`, if any."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -348,9 +339,6 @@ def tune_malloc(arenas: int = MALLOC_ARENAS, mmap_threshold: int = MMAP_THRESHOL
         mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         if mallopt(M_ARENA_MAX, arenas) != 1:
             log.debug("mallopt(M_ARENA_MAX, %d) refused", arenas)
-    if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        if mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
-            log.debug("mallopt(M_MMAP_THRESHOLD, %d) refused", mmap_threshold)
     if trim is None:
         return None
     trim.argtypes = (ctypes.c_size_t,)
