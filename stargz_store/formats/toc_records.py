@@ -147,6 +147,7 @@ def _struct_xattrs(name: str, x: Mapping[str, str]) -> Mapping[str, bytes]:
 
 def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits) -> Toc:
     """The tree from `_RawEntry` records (field types already checked by msgspec), in one pass.
+    Consumes `raw_entries`: the list is emptied once the first pass has read it.
 
     Entries are made as they come; what needs the whole TOC (chunk extents, hardlink link counts,
     parent checks, implicit directories) is settled afterwards from short lists. Everything the
@@ -298,9 +299,10 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
     ):
         raise DuplicateEntryError(f"duplicate entry {_first_repeated_name(raw_entries)!r} in TOC")
     # The decoder's records are let go from here on, as the tree's last objects are made: those
-    # fill the memory the records leave instead of new arenas, and the records' arenas do not stay
-    # pinned by a few tree objects afterwards (python image: 25 MB less RSS after resolving).
+    # fill the memory the records leave instead of new arenas (python image, 44,000 entries: the
+    # serving process's peak while resolving 132 -> 119-122 MB; what it keeps after is unchanged).
     # Only files with data (in `with_data`), hardlinks and the landmark keep theirs a while longer.
+    # This empties the caller's list: it is the decoder's, made for this build alone.
     n_raw = len(raw_entries)
     raw_entries.clear()
 

@@ -5,7 +5,7 @@ the whole tree was built, so a resolve's peak was the records plus the whole tre
 now empties the record list once the first pass has read it and drops each file's record once
 its chunks are built; what the tree allocates after that fills the memory the records left, and
 the peak over what the tree keeps falls (python image: serving-process peak while resolving its
-44,000-entry layer 132 -> 121 MB, `python -m benchmarks startup`). Measured with tracemalloc
+44,000-entry layer 132 -> 119-122 MB, sampled from /proc during `python -m benchmarks startup`). Measured with tracemalloc
 (Python's own allocations, deterministic), not RSS.
 """
 from __future__ import annotations
