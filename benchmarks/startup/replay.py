@@ -56,7 +56,9 @@ from .variants import StoreVariant, VariantError, parse
 
 DEFAULT_CACHE_DIR = Path("/var/tmp/stargz-bench")
 MODES = ("estargz-noopt", "estargz")
-_OFF = {"noprefetch": True, "no_background_fetch": True}
+# Off in a replay: what runs in time rather than in step with the reads (the start fetch works
+# during podman's pull, which the replay does not model).
+_OFF = {"noprefetch": True, "no_background_fetch": True, "store": {"start_fetch_mb": 0}}
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ class Image:
         if config_raw:
             self.config_ready.set()
         self.slots: dict[str, Slot] = {}
+        self.start_fetched = False  # the start fetch ran (once all layers were first open: pool.py)
         self.by_toc: dict[str, str] = {}
         self.checked_at = 0.0 if from_disk else time.monotonic()
 

@@ -35,6 +35,7 @@ from .protocols import EarlyTail, LayerOpener, OpenLayer, RegistryAccess
 from .stats import PoolCounters, layer_stats
 
 from ..layer import release_frozen
+from ..layer.start_fetch import start_image
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,19 @@ class ImagePool:
             raise LayerUnavailable(f"{image.ref} was forgotten while its layer {slot.blob_digest} opened")
         self.counters.add("layer_opens")
         log.info("%s: layer %s ready (%s, %d entries)", image.ref, slot.blob_digest, parsed.format, len(parsed.toc))
+        self._start_fetch_when_complete(image)
         return served
+
+    def _start_fetch_when_complete(self, image: Image) -> None:
+        """Once every layer of `image` is open (the first time only), start fetching what its
+        config's command will read first (layer/start_fetch.py), on a thread of its own."""
+        with self._lock:
+            if image.start_fetched or any(s.served is None for s in image.slots.values()):
+                return
+            image.start_fetched = True
+            layers = [s.served.layer for s in sorted(image.slots.values(), key=lambda s: s.index, reverse=True)
+                      if s.served is not None]
+        start_image(layers, image.config_raw, name=image.key)
 
     def _with_config(self, image: Image, layer: OpenLayer) -> OpenLayer:
         """`layer` once the image's config is known (its `info` needs the DiffID); closed if the

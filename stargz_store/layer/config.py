@@ -18,6 +18,9 @@ The fetch policies (layer/policies/) and the knob that switches each:
 |                      |                                          | background fetch back, as fetches do       |
 | prefetch             | not `no_prefetch`                        | the prioritized region, at open            |
 | background           | not `no_background_fetch`                | everything else, in the gaps               |
+| start                | `start_fetch_limit` > 0                  | what the image config's command runs and   |
+|                      |                                          | names, once all the image's layers are open|
+|                      |                                          | (image-wide: start_fetch.py, not a layer's)|
 
 `fetch_policy = "baseline"` (`baseline()`) fetches the way the Go store does instead: no
 heuristics, each chunk as the 50,000-byte aligned blocks of the blob that hold it, two requests
@@ -32,7 +35,8 @@ from ..formats.toc import TocLimits
 
 HEURISTICS = ("neighbour", "executable", "small_layer", "sequential_readahead", "library_readahead",
               "reads_hold_background")
-POLICIES = (*HEURISTICS, "prefetch", "background")
+LAYER_POLICIES = (*HEURISTICS, "prefetch", "background")  # each made per layer by `Layer`
+POLICIES = (*LAYER_POLICIES, "start")  # "start" works on a whole image (layer/start_fetch.py, run by the pool)
 FETCH_POLICIES = ("default", "baseline")
 
 # The Go store's fetch shape (stargz-snapshotter `[blob] chunk_size` and `max_concurrency` defaults).
@@ -49,6 +53,7 @@ _OFF: dict[str, dict[str, object]] = {
     "reads_hold_background": {"background_waits_for_reads": False},
     "prefetch": {"no_prefetch": True},
     "background": {"no_background_fetch": True},
+    "start": {"start_fetch_limit": 0},
 }
 
 
@@ -83,6 +88,9 @@ class LayerConfig:
     prefetch_size: int = 0                  # used when a layer has no landmark (0: no prefetch then)
     no_prefetch: bool = False
     no_background_fetch: bool = False
+    start_fetch_limit: int = 64 << 20       # once every layer of an image is open, fetch the program its config
+                                            # runs, its libraries and the files its command line names, up to
+                                            # this many compressed bytes per image (0: off; start_fetch.py)
 
     # ---- fetching ----
     disable_verification: bool = False

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 ELF_MAGIC = b"\x7fELF"
-_PT_LOAD, _PT_DYNAMIC = 1, 2
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
 _DT_NULL, _DT_NEEDED, _DT_STRTAB, _DT_STRSZ, _DT_RPATH, _DT_RUNPATH = 0, 1, 5, 10, 15, 29
 _MAX_PHNUM = 256
 _MAX_DYNAMIC = 64 << 10
@@ -38,6 +38,7 @@ class DynamicInfo:
     search_paths: tuple[str, ...]  # DT_RUNPATH (else DT_RPATH) entries, unexpanded ($ORIGIN...)
     machine: int
     is_64: bool
+    interpreter: str = ""  # PT_INTERP: the dynamic loader the kernel maps first ("" when none)
 
 
 def dynamic_info(read: Callable[[int, int], bytes]) -> DynamicInfo | None:
@@ -72,12 +73,15 @@ def _parse(read: Callable[[int, int], bytes]) -> DynamicInfo | None:
     table = read(phoff, phnum * phentsize)
     loads: list[tuple[int, int, int]] = []  # (vaddr, offset, filesz)
     dynamic: tuple[int, int] | None = None
+    interp: tuple[int, int] | None = None
     for i in range(phnum):
         ph = dict(zip(names, struct.unpack_from(ph_fmt, table, i * phentsize)))
         if ph["type"] == _PT_LOAD:
             loads.append((ph["vaddr"], ph["offset"], ph["filesz"]))
         elif ph["type"] == _PT_DYNAMIC:
             dynamic = (ph["offset"], min(ph["filesz"], _MAX_DYNAMIC))
+        elif ph["type"] == _PT_INTERP:
+            interp = (ph["offset"], min(ph["filesz"], _MAX_NAME))
     if dynamic is None:
         return None  # static: loads nothing
     raw = read(*dynamic)
@@ -109,12 +113,14 @@ def _parse(read: Callable[[int, int], bytes]) -> DynamicInfo | None:
         raw = read(offset + at, min(_MAX_NAME, strsz - at))
         return raw[: raw.index(b"\0")].decode()
 
+    interpreter = read(*interp).split(b"\0", 1)[0].decode() if interp is not None else ""
     search = string(paths[_DT_RUNPATH]) if _DT_RUNPATH in paths else string(paths[_DT_RPATH]) if _DT_RPATH in paths else ""
     return DynamicInfo(
         needed=tuple(n for n in map(string, needed) if n and "/" not in n),
         search_paths=tuple(p for p in search.split(":") if p),
         machine=machine,
         is_64=is_64,
+        interpreter=interpreter,
     )
 
 

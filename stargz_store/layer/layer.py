@@ -39,7 +39,7 @@ _SPANS_TRACKED = 256  # files whose chunk start offsets are kept, for a bisect p
 LAYER_COUNTERS = (
     "chunks_fetched", "cache_hits", "cache_misses", "gap_chunks", "prefetch_bytes", "neighbour_chunks",
     "executable_chunks", "small_layer_chunks", "readahead_chunks", "ahead_chunks", "programs_read",
-    "reads_holding_background", "blob_cache_hits", "cache_write_errors",
+    "reads_holding_background", "blob_cache_hits", "cache_write_errors", "start_chunks",
 )
 
 
@@ -155,16 +155,17 @@ class Layer:
             on_data(entry, offset, result)
         return result
 
-    def fetch_ahead(self, entry: TocEntry) -> bool:
+    def fetch_ahead(self, entry: TocEntry, counter: str = "ahead_chunks") -> bool:
         """Start fetching the uncached chunks of file `entry` (at most `library_fetch_limit`
-        compressed bytes) without waiting: a guess that it is read soon (library readahead asks
-        this of the layer that holds a library). True if anything started."""
+        compressed bytes) without waiting: a guess that it is read soon (library readahead and
+        the start fetch ask this of the layer that holds a file). `counter` counts the chunks
+        started. True if anything started."""
         if entry.type != REG or not entry.chunks or self.reader.closed.is_set():
             return False
         if stored_size(entry) > max(self.config.library_fetch_limit, 0):
             return False
         plan = FetchPlan(self.reader)
-        if not plan.add(self.reader.uncached(entry.chunks), "ahead_chunks"):
+        if not plan.add(self.reader.uncached(entry.chunks), counter):
             return False
         self.reader.dispatch(plan)
         return True

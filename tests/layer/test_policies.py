@@ -16,7 +16,7 @@ import pytest
 from stargz_store.cache import ChunkCache
 from stargz_store.daemon.config import config_from_toml
 from stargz_store.layer import LayerConfig
-from stargz_store.layer.config import POLICIES
+from stargz_store.layer.config import LAYER_POLICIES, POLICIES
 from stargz_store.layer.elf import MULTIARCH, dynamic_info
 
 from .helpers import BuiltLayer, WatchedScheduler, build_layer, wait_until
@@ -33,6 +33,7 @@ COUNTERS = {
     "reads_hold_background": "reads_holding_background",
     "prefetch": "prefetch_bytes",
     "background": "background_bytes",
+    "start": "start_chunks",  # image-wide (tests/layer/test_start_fetch.py): no layer alone runs it
 }
 # Production leaves sequential readahead off (0 = off); to drive it alone, give it a window.
 VALUES = {"sequential_readahead": {"readahead_size": 256 << 10}}
@@ -43,7 +44,7 @@ def test_the_production_table_is_the_daemons():
     assert config_from_toml({}).layer == production
     assert production.enabled_policies() == (
         "neighbour", "executable", "small_layer", "library_readahead", "reads_hold_background", "prefetch",
-        "background")
+        "background", "start")
     assert set(COUNTERS) == set(POLICIES)
     off = production.with_policies()
     assert off.enabled_policies() == ()
@@ -86,7 +87,7 @@ def _workload(layer, files: dict[str, bytes]) -> None:
     assert layer.read(prog, 0, 4096) == files["usr/bin/prog"][:4096]
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", LAYER_POLICIES)
 def test_each_policy_alone_moves_its_counter_and_no_other(policy, busy_layer, open_layer):
     config = LayerConfig().with_policies(policy, fetch_timeout=30.0, **VALUES.get(policy, {}))
     assert config.enabled_policies() == (policy,)

@@ -1,0 +1,151 @@
+"""Start fetch: what an image config's command will read first, fetched once its layers are open.
+
+Real layers (eStargz blobs built here, read through the layer's verified reader from a counting
+local source); the program is a real dynamically linked system program, so its interpreter and
+libraries are the ones its ELF headers name.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from stargz_store.layer import LayerConfig
+from stargz_store.layer.elf import MULTIARCH, dynamic_info
+from stargz_store.layer.start_fetch import StartCommand, StartFetch, start_image
+
+from .conftest import lazy_config
+from .test_library_readahead import _layer_of, _member
+
+PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
+PROGRAM_BYTES = PROGRAM.read_bytes()
+INFO = dynamic_info(lambda offset, size: PROGRAM_BYTES[offset : offset + size])
+LIBDIR = f"usr/lib/{MULTIARCH[INFO.machine]}" if INFO else "usr/lib"
+RND = random.Random(5)
+LIBC = RND.randbytes(150_000)
+LOADER = RND.randbytes(90_000)
+MODEL = RND.randbytes(300_000)
+UNREAD = RND.randbytes(300_000)
+CONF = b"threads = 2\n"
+SCRIPT = (b"#!/bin/sh\n# cat /data/unread.bin is only a comment\n"
+          b"set -e\nMODEL=/data/model.bin\ntool --config=/etc/app.conf < /data/model.bin > /data/unread.bin\n"
+          b"exec prog /data/model.bin\n")
+
+
+def _config(argv: list[str], **extra) -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux",
+                       "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], **extra, "Cmd": argv}}).encode()
+
+
+@pytest.fixture
+def image(tmp_path, open_layer):
+    """Two layers: the libraries and data below, the programs and a script on top (merged /usr)."""
+    assert INFO is not None and INFO.interpreter and "libc.so.6" in INFO.needed
+    loader = INFO.interpreter.lstrip("/")
+    lower_files = {f"{LIBDIR}/libc.so.6": LIBC, loader: LOADER, "data/model.bin": MODEL, "data/unread.bin": UNREAD,
+                   "etc/app.conf": CONF, "usr/bin/other": RND.randbytes(100_000)}
+    dirs = sorted({"/".join(n.split("/")[: i + 1]) for n in lower_files for i in range(n.count("/"))})
+    lower = _layer_of(tmp_path / "lower", [_member(d, tarfile.DIRTYPE, mode=0o755) for d in dirs] + [
+        _member(n, size=len(b), mode=0o755 if n.startswith("usr/bin") else 0o644) for n, b in lower_files.items()
+    ], lower_files)
+    upper_files = {"usr/bin/prog": PROGRAM_BYTES, "usr/bin/sh": PROGRAM_BYTES, "usr/bin/tool": PROGRAM_BYTES,
+                   "app/start.sh": SCRIPT}
+    upper = _layer_of(tmp_path / "upper", [
+        _member("bin", tarfile.SYMTYPE, link="usr/bin"), _member("usr", tarfile.DIRTYPE, mode=0o755),
+        _member("usr/bin", tarfile.DIRTYPE, mode=0o755), _member("app", tarfile.DIRTYPE, mode=0o755),
+        *(_member(n, size=len(b), mode=0o755) for n, b in upper_files.items()),
+    ], upper_files)
+    config = lazy_config()  # every layer policy off: only what the start fetch asks for is fetched
+    bottom, bottom_src = open_layer(lower, config=config)
+    top, top_src = open_layer(upper, config=config)
+    return [top, bottom], [top_src, bottom_src]
+
+
+def _run(layers, argv, **kw) -> StartFetch:
+    plan = StartFetch(layers, StartCommand.from_config(_config(argv)), limit=kw.pop("limit", 64 << 20),
+                      file_limit=64 << 20, **kw)
+    plan.run()
+    for layer in layers:
+        assert layer.drain(30)
+    return plan
+
+
+def _cached(layer, name: str) -> bool:
+    entry = layer.toc.lookup(name)
+    return all(layer.reader.cache.contains(c.digest) for c in entry.chunks)
+
+
+def test_a_shell_command_line_brings_its_programs_their_libraries_and_the_files_it_names(image):
+    layers, sources = image
+    top, bottom = layers
+    plan = _run(layers, ["/bin/sh", "-c", "MODEL=/data/model.bin; prog --in=/data/model.bin | tool /etc/app.conf > /data/unread.bin"])
+    loader = "/" + INFO.interpreter.lstrip("/")
+    assert plan.report.programs[:3] == ["/usr/bin/sh", "/usr/bin/prog", "/usr/bin/tool"]  # the commands, then
+    assert plan.report.programs[3:] == [loader, f"/{LIBDIR}/libc.so.6"]  # what they load (once: the same files)
+    assert set(plan.report.programs) == {"/usr/bin/sh", "/usr/bin/prog", "/usr/bin/tool", loader, f"/{LIBDIR}/libc.so.6"}
+    assert set(plan.report.files) == {"/data/model.bin", "/etc/app.conf"}  # not what `>` writes to
+    for name in ("usr/bin/sh", "usr/bin/prog", "usr/bin/tool"):
+        assert _cached(top, name)
+    for name in (f"{LIBDIR}/libc.so.6", INFO.interpreter.lstrip("/"), "data/model.bin", "etc/app.conf"):
+        assert _cached(bottom, name)
+    assert not _cached(bottom, "data/unread.bin") and not _cached(bottom, "usr/bin/other")
+    assert bottom.stats()["start_chunks"] > 0 and top.stats()["start_chunks"] > 0
+    # what was fetched verifies and reads back without another request
+    calls = sum(s.calls for s in sources)
+    model = bottom.toc.lookup("data/model.bin")
+    assert bottom.read(model, 0, model.size) == MODEL
+    assert sum(s.calls for s in sources) == calls
+
+
+def test_a_script_is_read_for_its_commands_and_paths_one_level_deep(image):
+    layers, _ = image
+    top, bottom = layers
+    plan = _run(layers, ["/bin/sh", "/app/start.sh"])
+    assert "/app/start.sh" in plan.report.files
+    assert {"/usr/bin/tool", "/usr/bin/prog"} <= set(plan.report.programs)
+    assert {"/data/model.bin", "/etc/app.conf"} <= set(plan.report.files)
+    assert "/data/unread.bin" not in plan.report.files  # a comment, and a `>` target
+    assert not _cached(bottom, "data/unread.bin")
+    assert _cached(bottom, "data/model.bin") and _cached(top, "usr/bin/tool")
+
+
+def test_a_program_found_on_path_with_jar_style_arguments(image):
+    layers, _ = image
+    plan = _run(layers, ["prog", "-cp", "/etc/app.conf:/data/model.bin:/nowhere.jar", "Main"])
+    assert plan.report.programs[0] == "/usr/bin/prog"
+    assert set(plan.report.files) == {"/etc/app.conf", "/data/model.bin"}
+
+
+def test_the_limit_bounds_what_is_started(image):
+    layers, _ = image
+    top, bottom = layers
+    size_of = lambda layer, name: sum(c.blob_end - c.blob_offset for c in layer.toc.lookup(name).chunks)  # noqa: E731
+    limit = size_of(top, "usr/bin/sh") + 1000  # the shell only
+    plan = _run(layers, ["/bin/sh", "-c", "cat /data/model.bin"], limit=limit)
+    assert plan.report.programs == ["/usr/bin/sh"]
+    assert "/data/model.bin" in plan.report.skipped and plan.report.started_bytes <= limit
+    assert not _cached(bottom, "data/model.bin")
+
+
+def test_the_command_of_an_image_config():
+    cmd = StartCommand.from_config(json.dumps({"config": {
+        "Entrypoint": ["/entry.sh"], "Cmd": ["--serve", "/srv"], "Env": ["A=1", "PATH=/opt/bin:relative:/bin"],
+        "WorkingDir": "/work"}}).encode())
+    assert cmd == StartCommand(("/entry.sh", "--serve", "/srv"), ("/opt/bin", "/bin"), "/work")
+    assert StartCommand.from_config(b'{"config": {"Env": ["PATH=/bin"]}}') is None  # no command
+    assert StartCommand.from_config(b"not json") is None
+    assert StartCommand.from_config(b'{"config": {"Cmd": ["/bin/true"]}}').path[-1] == "/bin"  # the default PATH
+
+
+def test_the_baseline_and_a_zero_limit_start_nothing(image):
+    layers, sources = image
+    assert LayerConfig().start_fetch_limit > 0 and LayerConfig().baseline().start_fetch_limit == 0
+    for s in sources:
+        s.reset_counters()
+    # the test layers run `lazy_config()`, every policy off, start fetch included
+    assert start_image(layers, _config(["/bin/sh", "-c", "cat /data/model.bin"])) is None
+    assert sum(s.calls for s in sources) == 0
