@@ -82,7 +82,8 @@ class StartCommand:
         conf = doc.get("config") if isinstance(doc, dict) else None
         if not isinstance(conf, dict):
             return None
-        argv = [w for part in ("Entrypoint", "Cmd") for w in (conf.get(part) or []) if isinstance(w, str)]
+        argv = [w for part in ("Entrypoint", "Cmd") if isinstance(conf.get(part), list)
+                for w in conf[part] if isinstance(w, str)]
         if not argv:
             return None
         path = DEFAULT_PATH
@@ -130,8 +131,8 @@ class StartFetch:
             programs.append(program)
         shell = posixpath.basename(cmd.argv[0]) in SHELLS
         words = list(cmd.argv[1:])
-        if shell and "-c" in words[:3]:
-            at = words.index("-c")
+        at = next((i for i, w in enumerate(words[:3]) if w[:1] == "-" and w[1:2] != "-" and "c" in w[1:]), None)
+        if shell and at is not None:  # `sh -c TEXT`, `bash -lc TEXT`, `sh -ec TEXT`
             text = words[at + 1] if at + 1 < len(words) else ""
             words = words[:at]
             self._take_shell_text(text, programs, data, scripts)
@@ -246,6 +247,8 @@ class StartFetch:
     def _paths_in_word(self, word: str) -> list[tuple[Any, TocEntry]]:
         """Regular files a command-line word names: itself, its `:`-separated parts, or the
         value after `=` (`--config=/etc/app.conf`)."""
+        if any(c.isspace() for c in word):  # program text (`python3 -c CODE`): the paths in it
+            return [hit for path in _PATH_IN_TEXT.findall(word) for hit in self._paths_in_word(path)]
         candidates = [word]
         if "=" in word:
             candidates.append(word.split("=", 1)[1])

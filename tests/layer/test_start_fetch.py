@@ -120,6 +120,15 @@ def test_a_program_found_on_path_with_jar_style_arguments(image):
     assert set(plan.report.files) == {"/etc/app.conf", "/data/model.bin"}
 
 
+def test_shell_flags_and_program_text(image):
+    layers, _ = image
+    plan = _run(layers, ["/bin/sh", "-ec", "tool /etc/app.conf"])  # -c among other flags
+    assert plan.report.programs[:2] == ["/usr/bin/sh", "/usr/bin/tool"] and plan.report.files == ["/etc/app.conf"]
+    # Another language's `-c CODE`: the paths written in the code
+    plan = _run(layers, ["prog", "-c", "import sys\nprint(open('/data/model.bin', 'rb').read(4), '/nowhere')"])
+    assert plan.report.files == ["/data/model.bin"]
+
+
 def test_the_limit_bounds_what_is_started(image):
     layers, _ = image
     top, bottom = layers
@@ -138,6 +147,7 @@ def test_the_command_of_an_image_config():
     assert cmd == StartCommand(("/entry.sh", "--serve", "/srv"), ("/opt/bin", "/bin"), "/work")
     assert StartCommand.from_config(b'{"config": {"Env": ["PATH=/bin"]}}') is None  # no command
     assert StartCommand.from_config(b"not json") is None
+    assert StartCommand.from_config(b'{"config": {"Cmd": "/bin/sh -c date"}}') is None  # not an array
     assert StartCommand.from_config(b'{"config": {"Cmd": ["/bin/true"]}}').path[-1] == "/bin"  # the default PATH
 
 
