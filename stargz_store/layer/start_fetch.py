@@ -20,6 +20,9 @@ the merged view of the image's layers (whiteouts honoured, symlinks followed):
    deep, never further;
 3. starts the programs and their libraries first, waits for them (bounded), then the other files.
 
+An optimized image (a layer with a `.prefetch.landmark`) gets none: its prioritized files are the
+record of its start and are prefetched already.
+
 Everything is a guess made from the image alone (podman may run another command: then the bytes
 are fetched early for nothing, as the background fetch would later), so it is bounded:
 `start_fetch_limit` compressed bytes per image, each file at most `library_fetch_limit`, a
@@ -329,6 +332,12 @@ def start_image(layers: Sequence[Any], config_raw: bytes, *, name: str = "") -> 
     if not isinstance(config, LayerConfig) or config.start_fetch_limit <= 0:
         return None
     limit, file_limit = config.start_fetch_limit, config.library_fetch_limit
+    if config.policy_enabled("prefetch") and any(layer.toc.prefetch_landmark_offset is not None for layer in layers):
+        # An optimized image: its prioritized files are a record of its start, already being
+        # prefetched; a guess adds nothing there but competition (five-run A/B, optimized
+        # corpus: 1.015x the time with the guess, none of its cells faster).
+        log.debug("%s: no start fetch: the image has prioritized files, prefetched", name)
+        return None
     command = StartCommand.from_config(config_raw)
     if command is None:
         return None

@@ -19,6 +19,7 @@ from stargz_store.layer.elf import MULTIARCH, dynamic_info
 from stargz_store.layer.start_fetch import StartCommand, StartFetch, start_image
 
 from .conftest import lazy_config
+from .helpers import build_layer
 from .test_library_readahead import _layer_of, _member
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
@@ -149,6 +150,23 @@ def test_the_command_of_an_image_config():
     assert StartCommand.from_config(b"not json") is None
     assert StartCommand.from_config(b'{"config": {"Cmd": "/bin/sh -c date"}}') is None  # not an array
     assert StartCommand.from_config(b'{"config": {"Cmd": ["/bin/true"]}}').path[-1] == "/bin"  # the default PATH
+
+
+def test_an_optimized_image_is_left_to_its_prefetch(tmp_path, open_layer):
+    """A layer with prioritized files (a `.prefetch.landmark`) carries the record of the start:
+    no guess is made on top of its prefetch; the same image unoptimized gets one."""
+    files = {"bin/tool": RND.randbytes(50_000), "etc/app.conf": CONF}
+    config = LayerConfig(fetch_timeout=10.0, no_background_fetch=True)  # production policies, prefetch on
+    optimized, _ = open_layer(build_layer(tmp_path / "opt", files, prioritized=("etc/app.conf",),
+                                          executables=("bin/tool",)), config=config)
+    plain, _ = open_layer(build_layer(tmp_path / "plain", files, executables=("bin/tool",)), config=config)
+    assert optimized.toc.prefetch_landmark_offset is not None and plain.toc.prefetch_landmark_offset is None
+    cmd = _config(["/bin/tool", "/etc/app.conf"])
+    assert start_image([optimized], cmd) is None
+    thread = start_image([plain], cmd)
+    assert thread is not None
+    thread.join(30)
+    assert plain.drain(30) and plain.stats()["start_chunks"] > 0
 
 
 def test_the_baseline_and_a_zero_limit_start_nothing(image):
