@@ -40,7 +40,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from ..formats.toc import REG, TocEntry
 from .blob_index import stored_size
