@@ -12,7 +12,9 @@ So when the last layer of an image is open, a worker thread reads the config's c
 the merged view of the image's layers (whiteouts honoured, symlinks followed):
 1. resolves the program (PATH from the config's Env, else the default one; WorkingDir for a
    relative path) and starts fetching it whole; for an ELF file its interpreter (PT_INTERP) and
-   its DT_NEEDED libraries, and theirs in turn; for a script its `#!` interpreter;
+   its DT_NEEDED libraries, and theirs in turn; for a script its `#!` interpreter, and the script
+   is read as in 2. Through a wrapper (`tini --`, `env A=1`, `nice -n 5`) the command it runs
+   too; after an entrypoint script, its first argument when that is a program (`exec "$@"`);
 2. takes the words of the command line: a path (absolute, or relative with a `/`; also the
    parts of `a.jar:b.jar` and the value of `--opt=/path`) naming a regular file; the words in
    command position of a shell's `-c` string, resolved like the program. A small text file it
@@ -40,6 +42,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import dropwhile
 from typing import Any, Sequence
 
 from ..formats.toc import REG, TocEntry
@@ -57,9 +60,13 @@ _MAX_FILES = 256
 _MAX_SCRIPT = 64 << 10       # a named text file larger than this is fetched, not read for more names
 _MAX_LIBRARY_DEPTH = 8
 _WAIT_PROGRAMS = 10.0        # seconds the plan waits for the programs before it starts the other files
-# Words after which the next word is a command again (shell keywords and command wrappers).
-_COMMAND_PREFIXES = frozenset({"then", "do", "else", "elif", "if", "while", "until", "!", "time", "exec",
-                               "command", "env", "nice", "nohup", "xargs", "timeout", "{"})
+# Shell words after which the next word is a command again.
+_KEYWORDS = frozenset({"then", "do", "else", "elif", "if", "while", "until", "!", "time", "exec", "command", "{"})
+# Programs that run the command given after their own options (and, for `env`, assignments):
+# fetched themselves, and that command too. An init like tini is often the Entrypoint.
+WRAPPERS = frozenset({"env", "nice", "nohup", "timeout", "stdbuf", "setsid", "xargs", "tini", "dumb-init",
+                      "catatonit"})
+_WRAPPER_ARGUMENT = re.compile(r"^(?:-.*|[A-Za-z_][A-Za-z0-9_]*=.*|\d+(?:\.\d+)?[smhd]?)$")  # an option, NAME=V, 5, 10s
 _CONTROL = frozenset({";", "&&", "||", "|", "&", "(", ")", ";;", "|&", "`"})
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _OPERATOR_CHARS = frozenset(";&|()<>")
@@ -121,19 +128,33 @@ class StartFetch:
         self.report = StartPlanReport()
         self._seen: set[tuple[int, str]] = set()
         self._started: list[tuple[Any, TocEntry]] = []
+        self._exec_scripts: list[tuple[Any, TocEntry]] = []  # programs that turned out to be `#!` scripts
 
     # ---- the plan ------------------------------------------------------------------------------
 
     def run(self) -> StartPlanReport:
-        cmd = self.command
         programs: list[tuple[Any, TocEntry]] = []
         scripts: list[tuple[Any, TocEntry, bool]] = []  # (layer, entry, shell source)
         data: list[tuple[Any, TocEntry]] = []
-        program = self._resolve_command(cmd.argv[0])
-        if program is not None:
-            programs.append(program)
-        shell = posixpath.basename(cmd.argv[0]) in SHELLS
-        words = list(cmd.argv[1:])
+        argv = list(self.command.argv)
+        while True:  # the program, and through wrappers (`tini --`, `env A=1`) the command they run
+            program = self._resolve_command(argv[0])
+            if program is not None:
+                programs.append(program)
+            if posixpath.basename(argv[0]) not in WRAPPERS:
+                break
+            rest = list(dropwhile(_WRAPPER_ARGUMENT.match, argv[1:]))
+            if not rest:
+                break
+            argv = rest
+        shell = posixpath.basename(argv[0]) in SHELLS
+        words = argv[1:]
+        if words and not shell and words[0][:1] != "-" and "/" not in words[0]:
+            # `ENTRYPOINT ["/docker-entrypoint.sh"]` with `CMD ["postgres"]`: an entrypoint script
+            # runs its first argument when that is a program (`exec "$@"`)
+            hit = self._resolve_command(words[0])
+            if hit is not None and hit[1].mode & 0o111:
+                programs.append(hit)
         at = next((i for i, w in enumerate(words[:3]) if w[:1] == "-" and w[1:2] != "-" and "c" in w[1:]), None)
         if shell and at is not None:  # `sh -c TEXT`, `bash -lc TEXT`, `sh -ec TEXT`
             text = words[at + 1] if at + 1 < len(words) else ""
@@ -149,6 +170,11 @@ class StartFetch:
                     data.append((layer, entry))
         self._start_programs(programs)
         found: list[tuple[Any, TocEntry]] = []
+        # Scripts run as programs (an entrypoint script, found by its `#!`: started already) are
+        # read like a shell's script operand.
+        for layer, entry in list(self._exec_scripts):
+            if entry.size <= _MAX_SCRIPT:
+                self._scan_script(layer, entry, False, found, data)
         for layer, entry, is_shell in scripts:
             if entry.size > _MAX_SCRIPT:
                 data.append((layer, entry))
@@ -238,6 +264,7 @@ class StartFetch:
                         found.append(hit)
                         break
         elif head[:2] == b"#!":
+            self._exec_scripts.append((layer, entry))
             words = head[2:].split(b"\n", 1)[0].decode(errors="replace").split()
             if words:
                 found.append(self._resolve(words[0]))
@@ -277,11 +304,14 @@ class StartFetch:
                 tokens = list(lexer)
             except ValueError:  # unbalanced quotes and the like: words as they are
                 tokens = line.split()
-            command_position, shell_operand, skip = True, False, False
+            command_position, shell_operand, skip, wrapped = True, False, False, False
             for tok in tokens:
                 if skip:  # what a `>` writes to is not read
                     skip = False
                     continue
+                if wrapped and _WRAPPER_ARGUMENT.match(tok):  # a wrapper's options: its command comes next
+                    continue
+                wrapped = False
                 if tok in _CONTROL or set(tok) <= _OPERATOR_CHARS:
                     skip = ">" in tok
                     command_position = not ("<" in tok or ">" in tok)
@@ -291,11 +321,14 @@ class StartFetch:
                     if _ASSIGNMENT.match(tok):
                         data.extend(self._paths_in_word(tok))
                         continue
-                    if tok in _COMMAND_PREFIXES:
+                    if tok in _KEYWORDS:
                         continue
                     hit = self._resolve_command(tok)
                     if hit is not None and hit[1].mode & 0o111:
                         programs.append(hit)
+                    if posixpath.basename(tok) in WRAPPERS:
+                        wrapped = True
+                        continue
                     command_position = False
                     shell_operand = posixpath.basename(tok) in SHELLS
                     continue

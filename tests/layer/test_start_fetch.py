@@ -54,7 +54,7 @@ def image(tmp_path, open_layer):
         _member(n, size=len(b), mode=0o755 if n.startswith("usr/bin") else 0o644) for n, b in lower_files.items()
     ], lower_files)
     upper_files = {"usr/bin/prog": PROGRAM_BYTES, "usr/bin/sh": PROGRAM_BYTES, "usr/bin/tool": PROGRAM_BYTES,
-                   "app/start.sh": SCRIPT}
+                   "usr/bin/env": PROGRAM_BYTES, "usr/bin/tini": PROGRAM_BYTES, "app/start.sh": SCRIPT}
     upper = _layer_of(tmp_path / "upper", [
         _member("bin", tarfile.SYMTYPE, link="usr/bin"), _member("usr", tarfile.DIRTYPE, mode=0o755),
         _member("usr/bin", tarfile.DIRTYPE, mode=0o755), _member("app", tarfile.DIRTYPE, mode=0o755),
@@ -128,6 +128,25 @@ def test_shell_flags_and_program_text(image):
     # Another language's `-c CODE`: the paths written in the code
     plan = _run(layers, ["prog", "-c", "import sys\nprint(open('/data/model.bin', 'rb').read(4), '/nowhere')"])
     assert plan.report.files == ["/data/model.bin"]
+
+
+def test_an_entrypoint_script_is_read_and_its_cmd_is_a_program(image):
+    """`ENTRYPOINT ["tini", "--", "/app/start.sh"]`, `CMD ["other"]`: tini, the script (an
+    executable `#!/bin/sh` file: its interpreter and its commands), and the program it execs."""
+    layers, _ = image
+    top, bottom = layers
+    plan = _run(layers, ["tini", "--", "/app/start.sh", "other"])
+    assert plan.report.programs[:3] == ["/usr/bin/tini", "/app/start.sh", "/usr/bin/other"]
+    assert {"/usr/bin/sh", "/usr/bin/tool", "/usr/bin/prog"} <= set(plan.report.programs)
+    assert {"/data/model.bin", "/etc/app.conf"} <= set(plan.report.files)
+    assert _cached(bottom, "usr/bin/other") and _cached(bottom, "data/model.bin")
+
+
+def test_wrappers_in_a_shell_line_run_the_command_after_their_options(image):
+    layers, _ = image
+    plan = _run(layers, ["/bin/sh", "-c", "env A=1 B=2 timeout 10s tool -v /etc/app.conf"])
+    assert plan.report.programs[:3] == ["/usr/bin/sh", "/usr/bin/env", "/usr/bin/tool"]
+    assert plan.report.files == ["/etc/app.conf"]
 
 
 def test_the_limit_bounds_what_is_started(image):
