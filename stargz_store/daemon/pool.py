@@ -278,8 +278,7 @@ class ImagePool:
             if image.start_fetched or any(s.served is None for s in image.slots.values()):
                 return
             image.start_fetched = True
-            layers = [s.served.layer for s in sorted(image.slots.values(), key=lambda s: s.index, reverse=True)
-                      if s.served is not None]
+            layers = _open_layers(image)
         start_image(layers, image.config_raw, name=image.key)
 
     def _with_config(self, image: Image, layer: OpenLayer) -> OpenLayer:
@@ -293,11 +292,7 @@ class ImagePool:
     def _attach_image(self, layer: OpenLayer, image: Image) -> None:
         """Give the layer a view of its image's open layers, topmost first (library readahead
         resolves the libraries a program loads in it)."""
-        def view() -> list[Any]:
-            slots = sorted(image.slots.values(), key=lambda s: s.index, reverse=True)
-            return [s.served.layer for s in slots if s.served is not None]
-
-        layer.attach_image(view)
+        layer.attach_image(lambda: _open_layers(image))
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -374,6 +369,12 @@ class ImagePool:
                       for _, slot in self._numbered.values() if slot.served is not None}
         pool.update(self.handles.stats())
         return {"pool": pool, "refcounts": refcounts, "layers": layer_stats(layers)}
+
+
+def _open_layers(image: Image) -> list[Any]:
+    """The open layers of `image`, topmost first (the merged view's lookup order)."""
+    slots = sorted(image.slots.values(), key=lambda s: s.index, reverse=True)
+    return [s.served.layer for s in slots if s.served is not None]
 
 
 def _close_quietly(layer: OpenLayer) -> None:

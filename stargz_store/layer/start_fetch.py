@@ -48,9 +48,9 @@ from typing import Any, Sequence
 from ..formats.toc import REG, TocEntry
 from .blob_index import stored_size
 from .config import LayerConfig
-from .elf import ELF_MAGIC, dynamic_info, library_dirs
+from .elf import ELF_MAGIC, dynamic_info
 from .errors import LayerReadError
-from .policies.libraries import resolve_in_layers
+from .policies.libraries import find_libraries, resolve_in_layers
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +257,7 @@ class StartFetch:
                 return []
             if info.interpreter:
                 found.append(self._resolve(info.interpreter))
-            for name in info.needed:
-                for d in library_dirs(info, "/" + entry.name.rpartition("/")[0]):
-                    hit = resolve_in_layers(self.layers, f"{d}/{name}")
-                    if hit is not None:
-                        found.append(hit)
-                        break
+            found += find_libraries(self.layers, info, entry)
         elif head[:2] == b"#!":
             self._exec_scripts.append((layer, entry))
             words = head[2:].split(b"\n", 1)[0].decode(errors="replace").split()

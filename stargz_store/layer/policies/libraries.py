@@ -19,7 +19,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from ...formats.toc import DIR, REG, SYMLINK, TocEntry
-from ..elf import ELF_MAGIC, dynamic_info, library_dirs
+from ..elf import ELF_MAGIC, DynamicInfo, dynamic_info, library_dirs
 from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,20 @@ def resolve_in_layers(layers: Sequence[Any], path: str) -> tuple[Any, TocEntry] 
             return None
         done.append(comp)
     return None
+
+
+def find_libraries(layers: Sequence[Any], info: DynamicInfo, entry: TocEntry) -> list[tuple[Any, TocEntry]]:
+    """(layer, entry) of each library in `info.needed` (the dynamic section of ELF file `entry`)
+    that `layers` hold, found where the loader looks (`library_dirs`), in the list's order."""
+    dirs = library_dirs(info, "/" + entry.name.rpartition("/")[0])
+    found = []
+    for name in info.needed:
+        for d in dirs:
+            hit = resolve_in_layers(layers, f"{d}/{name}")
+            if hit is not None:
+                found.append(hit)
+                break
+    return found
 
 
 def _lookup(layers: Sequence[Any], name: str) -> tuple[Any, TocEntry] | None:
@@ -121,16 +135,7 @@ def fetch_libraries(image_layers: Callable[[], Sequence[Any]], layer: Any, entry
     info = dynamic_info(lambda offset, size: layer.read(entry, offset, size))
     if info is None:
         return None
-    layers = image_layers()
-    dirs = library_dirs(info, "/" + entry.name.rpartition("/")[0])
-    started = []
-    for name in info.needed:
-        for d in dirs:
-            hit = resolve_in_layers(layers, f"{d}/{name}")
-            if hit is not None:
-                if hit[0].fetch_ahead(hit[1]):
-                    started.append(hit[1].name)
-                break
+    started = [lib.name for owner, lib in find_libraries(image_layers(), info, entry) if owner.fetch_ahead(lib)]
     if started:
         log.debug("%s loads %s: fetching %s ahead", entry.name, ", ".join(info.needed), ", ".join(started))
     return started
