@@ -6,14 +6,23 @@ records: about twice as fast as `json.loads` over dicts, with half the transient
 already decoded as dicts (`toc.build_toc`) are converted to the same records first, so both entry
 points give the same tree and the same typed errors (tests/formats/test_toc_paths.py).
 Call it through `toc.build_toc` / `toc.parse_toc_document`.
+
+Memory: a JSON document is decoded a batch of entries at a time (`RecordBatches`), and what the
+second pass needs of a file's pieces waits in one small tuple per piece, not in its records. So
+the records of a whole layer never live at once, and the few arenas a batch fills are reused by
+the next batch instead of being left behind, part empty, between the tree's objects (python
+image, 44,000-entry layer: the serving process kept ~25 MB of such half-empty arenas).
 """
 from __future__ import annotations
 
 import base64
 import bisect
+import itertools
+import re
+from array import array
 from collections import defaultdict
 from types import MappingProxyType
-from typing import Annotated, Any, Iterable, Literal, Mapping
+from typing import Annotated, Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import msgspec
 
@@ -82,8 +91,11 @@ class _RawEntry(msgspec.Struct, rename="camel", gc=False):
     chunk_type: str | None = ""
 
 
-class _RawDocument(msgspec.Struct, rename="camel"):
-    entries: list[_RawEntry] | None = None
+class _RawIndex(msgspec.Struct, rename="camel"):
+    """The document with each entry left undecoded: a `Raw` view of its bytes (no copy, ~50
+    bytes each), so the entries can be decoded a batch at a time (`RecordBatches`)."""
+
+    entries: list[msgspec.Raw] | None = None
     tar_split_digest: str | None = ""
 
 
@@ -95,9 +107,13 @@ class _CountedDocument(msgspec.Struct):
     entries: list[_Counted] | None = None
 
 
-_DOC_DECODER = msgspec.json.Decoder(_RawDocument)
+_INDEX_DECODER = msgspec.json.Decoder(_RawIndex)
+_BATCH_DECODER = msgspec.json.Decoder(list[_RawEntry])
 _COUNT_DECODER = msgspec.json.Decoder(_CountedDocument)
 _RAW_ENTRIES = list[_RawEntry]
+# Entries decoded at once: ~600 bytes of records each, so a batch fills well under a megabyte.
+RECORD_BATCH = 1024
+_BATCH_INDEX_RE = re.compile(r"`\$\[(\d+)\]")
 
 
 def _decode(decoder: msgspec.json.Decoder, toc_json: bytes | bytearray) -> Any:
@@ -109,15 +125,50 @@ def _decode(decoder: msgspec.json.Decoder, toc_json: bytes | bytearray) -> Any:
         raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
 
 
-def records_from_json(toc_json: bytes | bytearray) -> tuple[list[Any], str]:
-    """The `entries` of a TOC document as `_RawEntry` records, and its `tarSplitDigest`."""
-    doc = _decode(_DOC_DECODER, toc_json)
-    return doc.entries or [], doc.tar_split_digest or ""
+class RecordBatches:
+    """The `entries` of a TOC document as `_RawEntry` records, decoded a batch at a time.
+
+    Iterating twice decodes twice (the duplicate-name error's slow path does). A wrong type in
+    an entry is found when its batch is decoded, and named by its place in the document."""
+
+    def __init__(self, raws: list[msgspec.Raw]) -> None:
+        self._raws = raws
+
+    def __len__(self) -> int:
+        return len(self._raws)
+
+    def batches(self) -> Iterator[list[Any]]:
+        raws = self._raws
+        for start in range(0, len(raws), RECORD_BATCH):
+            yield _decode_batch(b"".join((b"[", b",".join(raws[start : start + RECORD_BATCH]), b"]")), start)
+
+
+def _decode_batch(data: bytes, start: int) -> list[Any]:
+    try:
+        return _BATCH_DECODER.decode(data)
+    except msgspec.ValidationError as e:
+        where = _BATCH_INDEX_RE.sub(lambda m: f"`$.entries[{start + int(m.group(1))}]", str(e))
+        raise InvalidTocError(f"TOC has a wrong type: {where}") from None
+    except msgspec.DecodeError as e:  # each entry was checked as JSON when the index was decoded
+        raise InvalidTocError(f"TOC is not valid JSON: {e}") from None
+
+
+Records = Sequence[Any] | RecordBatches
+
+
+def records_from_json(toc_json: bytes | bytearray) -> tuple[RecordBatches, str]:
+    """The `entries` of a TOC document (decoded lazily, `RecordBatches`), and its `tarSplitDigest`."""
+    doc = _decode(_INDEX_DECODER, toc_json)
+    return RecordBatches(doc.entries or []), doc.tar_split_digest or ""
 
 
 def count_entries(toc_json: bytes | bytearray) -> int:
     """How many entries the document lists, at 24 bytes of memory each (see `toc.count_objects`)."""
     return len(_decode(_COUNT_DECODER, toc_json).entries or ())
+
+
+def _batches(records: Records) -> Iterable[list[Any]] | tuple[Sequence[Any]]:
+    return records.batches() if isinstance(records, RecordBatches) else (records,)
 
 
 def records_from_dicts(raw_entries: Iterable[Mapping[str, Any]]) -> list[Any]:
@@ -145,16 +196,16 @@ def _struct_xattrs(name: str, x: Mapping[str, str]) -> Mapping[str, bytes]:
         raise InvalidTocError(f"entry {name!r}: xattr value is not base64: {e}") from None
 
 
-def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits) -> Toc:
+def build_from_records(raw_entries: Records, data_end: int, limits: TocLimits) -> Toc:
     """The tree from `_RawEntry` records (field types already checked by msgspec), in one pass.
-    Consumes `raw_entries`: the list is emptied once the first pass has read it.
 
     Entries are made as they come; what needs the whole TOC (chunk extents, hardlink link counts,
-    parent checks, implicit directories) is settled afterwards from short lists. Everything the
-    tree keeps is a fresh object, not one of the decoder's (see `toc._copy_str`).
+    parent checks, implicit directories) is settled afterwards from short lists and columns: no
+    record outlives its batch (see the module's docstring). Everything the tree keeps is a fresh
+    object, not one of the decoder's (see `toc._copy_str`).
 
     This loop is most of a resolve's CPU time (~2 us per entry), hence the local bindings, the
-    one-slot caches and the inline one-piece chunk path; `_build_chunks_structs` stays the
+    one-slot caches and the inline one-piece chunk path; `_build_chunks` stays the
     general rule (and the one that words a bad piece's error). The caller has checked the entry
     count against `limits`; names are checked for depth here, implied directories counted.
     """
@@ -163,8 +214,11 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
     # dict to put it there afterwards costs more than the whole hardlink pass).
     entries: dict[str, Any] = {"": None}
     built: list[Any] = []
-    with_data: list[tuple[int, Any, list[Any]]] = []  # (position, raw, pieces) of files with data
-    hardlinks: dict[str, Any] = {}
+    # Files with data: their positions in `built`. Until the second pass, such a file's field
+    # tuple holds, where its chunks go, its one piece (a `_piece` tuple) or a list of them.
+    data_pos = array("q")
+    add_data_pos = data_pos.append
+    hardlinks: dict[str, str] = {}  # name -> linkName
     dirs: list[int] = []
     child_names: defaultdict[str, list[str]] = defaultdict(list)  # a plain dict for the Toc
     offsets: list[int] = []
@@ -178,9 +232,11 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
     add_offset = offsets.append
     add_built = built.append
     root_pos: int | None = None
-    landmark_raw: Any = None
-    last_pieces: list[Any] | None = None
-    ignored_pieces: list[Any] = []
+    landmark_offset: int | None = None
+    # What a `chunk` entry continues: None (nothing: an error), the name of a file with data
+    # (its pieces are kept), or "" (an empty file: the pieces' offsets count, nothing else).
+    piece_owner: str | None = None
+    owner_pieces: list[tuple] | None = None
     # TOCs repeat a few mtimes and digests (empty files) in runs: one-slot caches save a hash and
     # a dict lookup per entry (the hot loop runs ~120,000 times per resolve).
     last_modtime: str | None = None
@@ -190,17 +246,27 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
     hardlink_count = 0
     ino = 2  # the root is inode 1, explicit or implicit
     long_name = limits.long_name
-    for raw in raw_entries:
+    for raw in itertools.chain.from_iterable(_batches(raw_entries)):
         etype = raw.type  # one of the module's constants (see _EntryType), or None
         if etype is None:
             raise InvalidTocError(f"entry {raw.name!r} has no type")
         if etype is CHUNK:
-            if last_pieces is None:
+            if piece_owner is None:
                 raise InvalidTocError(f"chunk entry {raw.name!r} does not follow a regular file")
-            last_pieces.append(raw)
             off = raw.offset or 0
             if off >= 0:
                 add_offset(off)
+            if piece_owner:
+                chunk_digest = raw.chunk_digest
+                if chunk_digest:
+                    chunk_digest = _checked_digest(chunk_digest, piece_owner, "chunkDigest", digests)
+                piece = _piece(raw, off, chunk_digest or None, 0)
+                if owner_pieces is None:  # the file's second piece: its field tuple takes a list
+                    f = entries[piece_owner]
+                    owner_pieces = [f[12], piece]
+                    built[data_pos[-1]] = entries[piece_owner] = (*f[:12], owner_pieces, *f[13:])
+                else:
+                    owner_pieces.append(piece)
             continue
         name = raw.name or ""
         if name and name[0] not in "./" and "//" not in name and "/." not in name and "\0" not in name:
@@ -210,13 +276,13 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
         if len(name) > long_name:
             check_depth(name, limits)
         # Duplicate names are found after the loop, by counting (a lookup per entry costs more).
-        last_pieces = None
+        piece_owner = None
         if name:
             # Entries come grouped by directory: the previous entry's sibling list is usually
             # this one's, and telling so is cheaper than cutting and hashing the parent's name.
             child_names[name.rpartition("/")[0]].append(name)
             if etype is HARDLINK:
-                hardlinks[name] = raw  # its target's inode; settled below
+                hardlinks[name] = raw.link_name or ""  # its target's inode; settled below
                 hardlink_count += 1
                 continue
             this_ino = ino
@@ -259,20 +325,40 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
             if size < 0:
                 raise OutOfBoundsError(f"file {name!r} has negative size {size}")
             if name == PREFETCH_LANDMARK:
-                landmark_raw = raw
-            fields = (
-                name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, size + 0, mtime_ns, "",
-                raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, xattrs) if xattrs else no_xattrs,
-                digest, (), this_ino, 1,
-            )
+                landmark_offset = off
             if size:  # made a TocEntry once its chunks are known (below)
-                last_pieces = [raw]
-                with_data.append((len(built), raw, last_pieces))
+                chunk_digest = raw.chunk_digest
+                if not chunk_digest:
+                    chunk_digest = None
+                elif chunk_digest == raw.digest:  # the file's, already checked and shared
+                    chunk_digest = digest
+                else:
+                    chunk_digest = digests.get(chunk_digest) or _checked_digest(chunk_digest, name, "chunkDigest", digests)
+                fields = (
+                    name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, size + 0, mtime_ns, "",
+                    raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, xattrs) if xattrs else no_xattrs,
+                    digest,
+                    (  # a `_piece`, inline
+                        raw.chunk_offset or 0, raw.chunk_size or 0, off, raw.inner_offset or 0,
+                        raw.chunk_type == "zeros", chunk_digest, raw.end_offset or 0,
+                    ),
+                    this_ino, 1,
+                )
+                add_data_pos(len(built))
+                piece_owner = name
+                owner_pieces = None
                 entries[name] = fields
                 add_built(fields)
                 continue
-            last_pieces = ignored_pieces  # chunks of an empty file are checked for order, then dropped
-            e = new_tuple(entry_cls, fields)
+            piece_owner = ""  # chunks of an empty file are checked for order, then dropped
+            e = new_tuple(
+                entry_cls,
+                (
+                    name, etype, perms[(raw.mode or 0) & 0o7777], uid, gid, 0, mtime_ns, "",
+                    raw.dev_major or 0, raw.dev_minor or 0, _struct_xattrs(name, xattrs) if xattrs else no_xattrs,
+                    digest, (), this_ino, 1,
+                ),
+            )
         else:
             link_name = ""
             if etype is SYMLINK:
@@ -293,18 +379,13 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
         entries[name] = e
         add_built(e)
 
+    raw = None  # the last record: none outlives its batch
     # Every named entry took one key (`entries` also holds the root's); fewer keys mean a repeat.
     if len(entries) != ino - 1 or len(hardlinks) != hardlink_count or (
         hardlinks and any(name in entries for name in hardlinks)
     ):
         raise DuplicateEntryError(f"duplicate entry {_first_repeated_name(raw_entries)!r} in TOC")
-    # The decoder's records are let go from here on, as the tree's last objects are made: those
-    # fill the memory the records leave instead of new arenas (python image, 44,000 entries: the
-    # serving process's peak while resolving 132 -> 119-122 MB; what it keeps after is unchanged).
-    # Only files with data (in `with_data`), hardlinks and the landmark keep theirs a while longer.
-    # This empties the caller's list: it is the decoder's, made for this build alone.
     n_raw = len(raw_entries)
-    raw_entries.clear()
 
     # Chunks: each piece's compressed extent ends at the next larger data offset.
     offsets.sort()  # nearly sorted already (TOC order is blob order); duplicates do not disturb bisect
@@ -316,47 +397,38 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
     chunk_cls = Chunk
     bisect_right = bisect.bisect_right
     max_chunk, max_extent = limits.max_chunk_size, 2 * limits.max_chunk_size
-    for k, (pos, raw, pieces) in enumerate(with_data):
-        with_data[k] = None  # type: ignore[call-overload]  # this record's last reference but `raw`
+    for pos in data_pos:
         f = built[pos]
         name = f[0]
         size = f[5]
-        if len(pieces) == 1:  # the common case, inline: a whole file in one piece
-            file_offset = raw.chunk_offset or 0
-            offset = raw.offset or 0
-            inner = raw.inner_offset or 0
-            csize = raw.chunk_size or size - file_offset  # 0 means "to the end of the file"
+        piece = f[12]
+        if type(piece) is tuple:  # the common case, inline: a whole file in one piece
+            file_offset, csize, offset, inner, zeros, chunk_digest, end_offset = piece
+            csize = csize or size - file_offset  # 0 means "to the end of the file"
             if offset < 0 or offset >= data_end or inner < 0 or file_offset != 0 or csize != size or inner + size > INT64_MAX:
-                chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)  # its error
+                chunks = _build_chunks(name, [piece], size, f[11], starts, data_end, limits)  # its error
             else:
-                chunk_digest = raw.chunk_digest
-                if not chunk_digest or chunk_digest == raw.digest:  # the file's, already checked and shared
-                    chunk_digest = f[11]
-                    if not chunk_digest:
-                        raise InvalidTocError(f"file {name!r}: piece at 0 has no chunkDigest")
-                else:
-                    chunk_digest = (
-                        digests.get(chunk_digest) or _checked_digest(chunk_digest, name, "chunkDigest", digests)
-                    )
+                chunk_digest = chunk_digest or f[11]
+                if not chunk_digest:
+                    raise InvalidTocError(f"file {name!r}: piece at 0 has no chunkDigest")
                 j = bisect_right(starts, offset)
                 blob_end = starts[j] if j < n_starts else data_end
-                end_offset = raw.end_offset or 0
                 if offset < end_offset < blob_end:
                     blob_end = end_offset
                 if inner + size > max_chunk or blob_end - offset > max_extent:
                     limits.check_chunk(name, 0, inner + size, blob_end - offset)
-                zeros = raw.chunk_type == "zeros"
                 chunks = (  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
                     new_tuple(chunk_cls, (0, size, offset + 0, blob_end + 0, inner + 0, chunk_digest, zeros)),
                 )
         else:
-            chunks = _build_chunks_structs(name, raw, pieces, size, f[11], starts, data_end, digests, limits)
+            chunks = _build_chunks(name, piece, size, f[11], starts, data_end, limits)
         built[pos] = entries[name] = new_tuple(entry_cls, (*f[:12], chunks, f[13], 1))
+    del data_pos
 
     # Hardlinks: resolve chains to the final non-hardlink target; count its links.
     link_count: dict[str, int] = {}
     hardlink_target = resolve_hardlinks(
-        {name: raw.link_name or "" for name, raw in hardlinks.items()},
+        hardlinks,
         lambda target: None if (e := entries.get(target)) is None else e[1],
     )
     for target in hardlink_target.values():
@@ -401,17 +473,25 @@ def build_from_records(raw_entries: list[Any], data_end: int, limits: TocLimits)
             child_names.setdefault(grandparent, []).append(parent)
             child, parent = parent, grandparent
 
-    landmark_offset = (landmark_raw.offset or 0) if landmark_raw is not None else None
     if root_pos:  # an explicit root after other entries keeps its TOC position
         root = entries.pop("")
         entries = _with_root_at(entries, root_pos, root)
     return _settle(entries, built, dirs, subdirs, implicit, ino, hardlink_target, dict(child_names), landmark_offset)
 
 
-def _first_repeated_name(raw_entries: list[Any]) -> str:
+def _piece(raw: Any, offset: int, digest: str | None, end_offset: int) -> tuple:
+    """What the second pass needs of one piece of a file (the file's own entry or a `chunk`
+    entry): file offset, size (0: to the end of the file), blob offset, inner offset, whether it
+    is zeros, its checked and shared chunk digest (None when not given), and the file's
+    `endOffset` (zstd:chunked; 0 when absent or not the first piece)."""
+    return (raw.chunk_offset or 0, raw.chunk_size or 0, offset, raw.inner_offset or 0,
+            raw.chunk_type == "zeros", digest, end_offset)
+
+
+def _first_repeated_name(raw_entries: Records) -> str:
     """The first name given twice (the root aside), for the duplicate error (a slow path)."""
     seen: set[str] = set()
-    for raw in raw_entries:
+    for raw in itertools.chain.from_iterable(_batches(raw_entries)):
         if raw.type is CHUNK:
             continue
         name = normalize_name(raw.name or "")
@@ -427,29 +507,24 @@ def _with_root_at(entries: dict[str, Any], pos: int, root: Any) -> dict[str, Any
     return dict(items)
 
 
-def _build_chunks_structs(
+def _build_chunks(
     name: str,
-    raw: Any,
-    pieces: list[Any],
+    pieces: list[tuple],
     size: int,
     digest: str,
     starts: list[int],
     data_end: int,
-    digests: dict[str, str],
     limits: TocLimits,
 ) -> tuple[Chunk, ...]:
-    end_offset = raw.end_offset or 0
+    """A file's chunks from its pieces (`_piece`), every rule checked (and an error worded)."""
+    end_offset = pieces[0][6]
     last = len(pieces) - 1
     n_starts = len(starts)
     chunks: list[Chunk] = []
     expected_start = 0
-    for i, piece in enumerate(pieces):
-        file_offset = piece.chunk_offset or 0
-        csize = piece.chunk_size or 0
+    for i, (file_offset, csize, offset, inner, zeros, chunk_digest, _) in enumerate(pieces):
         if csize == 0:
             csize = size - file_offset  # the last piece runs to the end of the file
-        offset = piece.offset or 0
-        inner = piece.inner_offset or 0
         if offset < 0 or offset >= data_end:
             raise OutOfBoundsError(
                 f"file {name!r} piece at {file_offset}: blob offset {offset} outside data area [0, {data_end})"
@@ -460,10 +535,7 @@ def _build_chunks_structs(
             raise ChunkCoverageError(
                 f"file {name!r}: piece at file offset {file_offset} (size {csize}), expected one at {expected_start}"
             )
-        chunk_digest = piece.chunk_digest
-        if chunk_digest:
-            chunk_digest = _checked_digest(chunk_digest, name, "chunkDigest", digests)
-        elif last == 0:
+        if not chunk_digest and last == 0:
             chunk_digest = digest
         if not chunk_digest:
             raise InvalidTocError(f"file {name!r}: piece at {file_offset} has no chunkDigest")
@@ -473,10 +545,7 @@ def _build_chunks_structs(
             blob_end = min(blob_end, end_offset)
         limits.check_chunk(name, file_offset, inner + csize, blob_end - offset)
         chunks.append(  # `+ 0`: new ints, not the decoder's (see `_copy_str`)
-            _new_tuple(
-                Chunk,
-                (file_offset + 0, csize + 0, offset + 0, blob_end + 0, inner + 0, chunk_digest, piece.chunk_type == "zeros"),
-            )
+            _new_tuple(Chunk, (file_offset + 0, csize + 0, offset + 0, blob_end + 0, inner + 0, chunk_digest, zeros))
         )
         expected_start = file_offset + csize
     if expected_start != size:
