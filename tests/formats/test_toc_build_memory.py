@@ -1,12 +1,13 @@
-"""Building a TOC tree lets the decoder's records go while the tree's last objects are made.
+"""Building a TOC tree never holds the decoder's records of a whole layer at once.
 
 The records msgspec decodes (a struct and its strings per entry, ~600 bytes) used to live until
-the whole tree was built, so a resolve's peak was the records plus the whole tree. The builder
-now empties the record list once the first pass has read it and drops each file's record once
-its chunks are built; what the tree allocates after that fills the memory the records left, and
-the peak over what the tree keeps falls (python image: serving-process peak while resolving its
-44,000-entry layer 132 -> 119-122 MB, sampled from /proc during `python -m benchmarks startup`). Measured with tracemalloc
-(Python's own allocations, deterministic), not RSS.
+the whole tree was built, so a resolve's peak was the records plus the whole tree, and the arenas
+they filled stayed resident, part empty, between the tree's objects. Then (rss6) the builder let
+each file's record go as its chunks were built (python image: serving-process peak while
+resolving its 44,000-entry layer 132 -> 119-122 MB). Now the JSON is decoded a batch of entries at
+a time and a file keeps only a small tuple of its pieces until the second pass, so the records
+alive at once are one batch's (44,000 entries: RSS after the build 98 -> 86 MB, peak 113 -> 100 MB;
+see benchmarks/startup/README.md, round 6). Measured with tracemalloc (Python's own allocations, deterministic), not RSS.
 """
 from __future__ import annotations
 
@@ -46,5 +47,6 @@ def test_records_are_let_go_while_the_tree_is_built():
     assert len(toc) == 31_504  # the files, their 1,500 directories and the 4 implicit ones up to the root
     kept -= before
     transient = peak - before - kept
-    # Before: records and the whole tree at once, 1.2x what the tree keeps on top of it; now 0.88x.
-    assert transient < kept, (transient >> 10, kept >> 10)
+    # Records of the whole layer at once: 1.2x what the tree keeps on top of it; letting each go as
+    # its file's chunks were built: 0.88x; one batch of records at a time: 0.35x.
+    assert transient < kept / 2, (transient >> 10, kept >> 10)

@@ -3,7 +3,9 @@
 `parse_toc_document` decodes JSON straight into typed records (msgspec); `build_toc` converts
 entries already decoded as dicts into the same records. Both must agree on every valid TOC
 (entries, inode numbers, link counts, child maps, landmark) and raise the same typed error on
-every invalid one.
+every invalid one. The JSON is decoded a batch of entries at a time (`toc_records.RecordBatches`),
+so each case is also parsed with batches of one and two entries: a file's chunk entries, a
+hardlink and its target, a directory and its children then sit in different batches.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stargz_store.formats import toc_records
 from stargz_store.formats.errors import FormatError, InvalidTocError
 from stargz_store.formats.estargz import parse_footer
 from stargz_store.formats.toc_member import extract_toc_json
@@ -131,8 +134,14 @@ def _outcome(build):
         return type(e)
 
 
+@pytest.fixture(params=[toc_records.RECORD_BATCH, 1, 2], ids=lambda n: f"batch{n}")
+def batch(request, monkeypatch):
+    monkeypatch.setattr(toc_records, "RECORD_BATCH", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", sorted(VALID))
-def test_valid_tocs_build_the_same_tree(case):
+def test_valid_tocs_build_the_same_tree(case, batch):
     raw = VALID[case]
     doc = json.dumps({"version": 1, "entries": raw}).encode()
     built = _outcome(lambda: _snapshot(build_toc(raw, data_end=500)))
@@ -141,13 +150,20 @@ def test_valid_tocs_build_the_same_tree(case):
 
 
 @pytest.mark.parametrize("case", sorted(INVALID))
-def test_invalid_tocs_raise_the_same_error(case):
+def test_invalid_tocs_raise_the_same_error(case, batch):
     raw = INVALID[case]
     doc = json.dumps({"version": 1, "entries": raw}).encode()
     built = _outcome(lambda: build_toc(raw, data_end=500))
     parsed = _outcome(lambda: parse_toc_document(doc, data_end=500))
     assert built == parsed
     assert isinstance(built, type) and issubclass(built, InvalidTocError)
+
+
+def test_a_wrong_type_is_named_by_its_place_in_the_document(batch):
+    """Entries are decoded a batch at a time; the error still names the entry's own index."""
+    entries = [{"name": f"d{i}/", "type": "dir"} for i in range(5)] + [{"name": "f", "type": "dir", "uid": "0"}]
+    with pytest.raises(InvalidTocError, match=r"\$\.entries\[5\]\.uid"):
+        parse_toc_document(json.dumps({"entries": entries}).encode(), data_end=100)
 
 
 @pytest.mark.parametrize("doc", [b"[1, 2]", b"{", b'{"entries": {}}', b"\xff\xfe", b'{"entries": [{"name": 1}]}'])
