@@ -10,8 +10,10 @@ Call it through `toc.build_toc` / `toc.parse_toc_document`.
 Memory: a JSON document is decoded a batch of entries at a time (`RecordBatches`), and what the
 second pass needs of a file's pieces waits in one small tuple per piece, not in its records. So
 the records of a whole layer never live at once, and the few arenas a batch fills are reused by
-the next batch instead of being left behind, part empty, between the tree's objects (python
-image, 44,000-entry layer: the serving process kept ~25 MB of such half-empty arenas).
+the next batch instead of being left behind, part empty, between the tree's objects (44,000
+entries: Python's allocator held 71 arenas of 1 MiB after the build, 19 MB of them in empty pools;
+now 53, 3.5 MB; the process's RSS 98 -> 86 MB). The price is one more pass over the JSON, the
+index of entries (~8 % more instructions for a whole build).
 """
 from __future__ import annotations
 
@@ -200,8 +202,8 @@ def build_from_records(raw_entries: Records, data_end: int, limits: TocLimits) -
     """The tree from `_RawEntry` records (field types already checked by msgspec), in one pass.
 
     Entries are made as they come; what needs the whole TOC (chunk extents, hardlink link counts,
-    parent checks, implicit directories) is settled afterwards from short lists and columns: no
-    record outlives its batch (see the module's docstring). Everything the tree keeps is a fresh
+    parent checks, implicit directories) is settled afterwards from short lists and one small
+    tuple per piece of a file with data: no record outlives its batch (see the module's docstring). Everything the tree keeps is a fresh
     object, not one of the decoder's (see `toc._copy_str`).
 
     This loop is most of a resolve's CPU time (~2 us per entry), hence the local bindings, the
