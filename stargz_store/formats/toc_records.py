@@ -13,7 +13,8 @@ the records of a whole layer never live at once, and the few arenas a batch fill
 the next batch instead of being left behind, part empty, between the tree's objects (44,000
 entries: Python's allocator held 71 arenas of 1 MiB after the build, 19 MB of them in empty pools;
 now 53, 3.5 MB; the process's RSS 98 -> 86 MB). The price is one more pass over the JSON, the
-index of entries (~8 % more instructions for a whole build).
+index of entries: 8-12 % more instructions for a whole build (benchmarks/startup/README.md,
+round 6).
 """
 from __future__ import annotations
 
