@@ -19,7 +19,13 @@ What must hold:
 - recency is the file's access or modification time, whichever is later (with `relatime` the
   kernel updates the access time at most once a day after the write, so "least recently used"
   has day granularity for files read again; files never read since written go by write time);
-- one pass at a time (`_pass_lock`); the sizes are allocated bytes (`st_blocks`), what `du` says.
+- one pass at a time (`_pass_lock`); the sizes are allocated bytes (`st_blocks`), what `du` says;
+- the running size (`size`: the last scan plus the writes counted since) never loses a write: a
+  write counted while a scan runs may have missed the scan, so it is added to the scan's total
+  (counting one twice costs a pass, which measures again; losing one left the janitor asleep over
+  its limit, since only a write or a change in the layers in use wakes it);
+- a scan made for someone else (`measure`, `prune`: the `status` operation) that finds the cache
+  over its limit wakes the automatic pass, as a write would.
 """
 from __future__ import annotations
 
@@ -102,6 +108,7 @@ class CacheJanitor:
         self._lock = threading.Lock()
         self._pass_lock = threading.Lock()
         self._size: int | None = None  # last measured size plus what was written since
+        self._scan_writes: int | None = None  # bytes written since the running scan began (None: no scan)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._warned_over = False
@@ -114,11 +121,32 @@ class CacheJanitor:
 
     def written(self, nbytes: int) -> None:
         """The cache wrote a new file of `nbytes` (ChunkCache.on_write): wake the pass when over."""
+        allocated = (nbytes + 4095) & ~4095  # what the measure counts: allocated blocks, mostly 4 KiB
         with self._lock:
+            if self._scan_writes is not None:
+                self._scan_writes += allocated
             if self._size is None:
                 return
-            self._size += (nbytes + 4095) & ~4095  # what the measure counts: allocated blocks, mostly 4 KiB
+            self._size += allocated
             over = self._wake_above is not None and self._size > self._wake_above
+        if over:
+            self._wake.set()
+
+    def _scan_began(self) -> None:
+        with self._lock:
+            self._scan_writes = 0
+
+    def _scan_ended(self, scanned: int) -> None:
+        """The size is what a scan found, plus what was written while it ran (see the module
+        docstring: a write the scan missed must not be lost)."""
+        with self._lock:
+            self._size = scanned + (self._scan_writes or 0)
+            self._scan_writes = None
+
+    def _wake_if_over(self) -> None:
+        """Wake the automatic pass when the running size is past what wakes it."""
+        with self._lock:
+            over = self._size is not None and self._wake_above is not None and self._size > self._wake_above
         if over:
             self._wake.set()
 
@@ -179,21 +207,27 @@ class CacheJanitor:
                     yield CacheFile(entry.path, st.st_blocks * 512, max(st.st_atime, st.st_mtime), digest, "blob")
 
     def measure(self) -> int:
-        """Scan the cache and return its size (also kept as `size`)."""
-        total = sum(f.size for f in self.files())
-        with self._lock:
-            self._size = total
+        """Scan the cache and return its size (kept as `size`, with the writes made meanwhile)."""
+        with self._pass_lock:
+            self._scan_began()
+            total = sum(f.size for f in self.files())
+            self._scan_ended(total)
+        self._wake_if_over()
         return total
 
     # -- passes ---------------------------------------------------------------------------------
 
     def prune(self, target: int | None) -> PruneResult:
         """Remove least recently used unprotected files until the cache is at most `target`
-        bytes (0: everything unprotected; None: only measure)."""
-        return self._prune(target)[0]
+        bytes (0: everything unprotected; None: only measure). Wakes the automatic pass when
+        the cache is still over its limit (`status` scans with this)."""
+        result = self._prune(target)[0]
+        self._wake_if_over()
+        return result
 
     def _prune(self, target: int | None) -> tuple[PruneResult, Hashable]:
         with self._pass_lock:
+            self._scan_began()
             files = list(self.files())
             in_use = self.in_use()
             keep = self.protected()
@@ -224,8 +258,7 @@ class CacheJanitor:
                     result.removed_bytes += f.size
                 self._remove_empty_blob_dirs()
             result.size_after = size
-            with self._lock:
-                self._size = size
+            self._scan_ended(size)
             if result.removed_bytes and self.on_removed is not None:
                 self.on_removed(result.removed_bytes)
             return result, in_use
@@ -247,6 +280,11 @@ class CacheJanitor:
         if size is None:
             size = self.measure()
         if size <= self.max_bytes:
+            # Under it (things were removed some other way): writes wake a pass again as soon as
+            # the cache is over, not only past the mark of an earlier stuck pass.
+            self._stuck = None
+            with self._lock:
+                self._wake_above = self.max_bytes
             return None
         began = time.monotonic()
         result, in_use = self._prune(int(self.max_bytes * LOW_WATER))
@@ -269,6 +307,7 @@ class CacheJanitor:
             if self._warned_over:
                 self._warned_over = False
                 log.info("cache is under its limit of %s again", size_text(self.max_bytes))
+        self._wake_if_over()  # written while the pass ran, past what wakes the next one
         return result
 
     # -- the thread -----------------------------------------------------------------------------
@@ -290,6 +329,7 @@ class CacheJanitor:
         except OSError as e:
             log.warning("cannot measure the disk cache %s: %s", self.cache.root, e)
         while not self._stop.is_set():
+            self._wake.clear()  # what woke us is covered by this pass; a write during it wakes the next
             try:
                 self.over_limit_pass()
             except Exception:
@@ -301,11 +341,12 @@ class CacheJanitor:
                 except OSError:
                     pass
 
-
     def _wait(self) -> bool:
         """Until woken (True), or the check interval passed (False). While stuck over the limit,
         also returns (True) as soon as the layers in use are no longer those of the stuck pass
         (a container stopped, an image was removed): their chunks may go now."""
+        if self._stop.is_set():
+            return True
         stuck = self._stuck
         if stuck is None:
             woken = self._wake.wait(self.interval)

@@ -8,6 +8,7 @@ import threading
 
 from stargz_store.cache.chunk_cache import ChunkCache
 from stargz_store.cache.janitor import LOW_WATER, CacheJanitor, Protected
+from tests.fixtures.waiting import wait_for
 
 
 def chunk(cache: ChunkCache, text: bytes, used: float) -> str:
@@ -133,3 +134,46 @@ def test_copies_go_before_older_chunks(tmp_path):
     result = janitor.prune(size - 1)
     assert result.removed_files == 1 and not os.path.exists(made.path)
     assert cache.path_for(old).exists() and cache.path_for(newer).exists()
+
+
+def test_a_write_during_a_scan_is_not_lost_from_the_running_size(tmp_path):
+    """A chunk written while a scan runs (here: between the listing and the end of the pass) may be
+    missing from the listing; the running size must still count it, or the janitor believes the
+    cache under its limit while it is over, and sleeps."""
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0)
+    first = chunk(cache, b"a", used=1_000_000)
+    written: list[str] = []
+
+    def protected() -> Protected:  # called by a pass after its listing of the files
+        if not written:
+            written.append(chunk(cache, b"b", used=1_000_001))
+        return Protected(chunks=frozenset({first}))
+
+    janitor = CacheJanitor(cache, protected, max_bytes=12 << 10)  # room for one 8 KiB chunk, not two
+    janitor.measure()
+    janitor.prune(None)  # a scan for `status`: the second chunk arrives during it
+    assert janitor.size == janitor.measure() == 16 << 10
+    result = janitor.over_limit_pass()
+    assert result is not None and result.removed_files == 1
+    assert cache.path_for(first).exists() and not cache.path_for(written[0]).exists()
+    assert janitor.size == 8 << 10
+
+
+def test_a_scan_for_status_that_finds_the_cache_over_wakes_the_pass(tmp_path):
+    """A file the janitor was not told of (written before it counted writes, or by another way)
+    is found by the next scan anyone makes: that scan wakes the automatic pass, which must not
+    sleep on until its next periodic check."""
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0)
+    first = chunk(cache, b"a", used=1_000_000)
+    janitor = CacheJanitor(cache, lambda: Protected(chunks=frozenset({first})), max_bytes=12 << 10)
+    janitor.start()
+    try:
+        assert wait_for(lambda: janitor.size == 8 << 10, timeout=30)
+        cache.on_write = None  # this write goes uncounted
+        other = chunk(cache, b"b", used=1_000_001)
+        assert janitor.size == 8 << 10
+        janitor.prune(None)
+        assert wait_for(lambda: not cache.path_for(other).exists(), timeout=30)
+        assert cache.path_for(first).exists()
+    finally:
+        janitor.close()

@@ -172,6 +172,15 @@ def test_status_lists_images_layers_and_the_cache(store_daemon_factory, registry
     assert gone.returncode == 1 and "no stargz-store daemon" in gone.stderr
 
 
+def _over_limit_report(store, filler_digest: str) -> str:
+    """Why the cache stays over its limit: the status (what holds each open layer) and the
+    store's log lines about the filler layer, the janitor, releases and idle closes."""
+    words = (filler_digest, "janitor", "limit", "release", "idle", "forget", "inval")
+    lines = [line for line in store.log_path.read_text(errors="replace").splitlines()
+             if any(w in line for w in words) and "control socket" not in line]
+    return f"status: {json.dumps(status(store))}\nlog:\n" + "\n".join(lines[-80:])
+
+
 def chunk_files(store) -> set[str]:
     return {p.name for p in (store.root / "cache" / "chunks").glob("*/*") if not p.name.startswith(".")}
 
@@ -273,7 +282,8 @@ def test_podman_run_scraped_and_kept_under_the_cache_limit(store_daemon_factory,
             assert len((filler_dir / "diff" / "files" / "random.bin").read_bytes()) == 16789561
             with pytest.raises(FileNotFoundError):
                 os.rmdir(filler_dir)
-            assert wait_for(lambda: status(store)["cache"]["size"] <= limit, timeout=120, interval=1), store.log_tail()
+            assert wait_for(lambda: status(store)["cache"]["size"] <= limit, timeout=120, interval=1), \
+                _over_limit_report(store, layer["digest"])
             assert in_use <= chunk_files(store)
             m = scrape(address)
             assert total(m["stargz_store_cache_evicted_bytes_total"]) >= 16 << 20

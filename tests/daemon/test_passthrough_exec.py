@@ -50,6 +50,30 @@ def _settled(store) -> bool:
     return fs["passthrough_inodes"] == 0 and fs["cached_inodes"] == 0
 
 
+def _processes_holding(path: Path) -> list[str]:
+    """Processes that still have `path` open or mapped (by /proc), to tell a count the store
+    keeps too high from a file something still holds."""
+    found = []
+    target = str(path)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            maps = (proc / "maps").read_text()
+            exe = os.readlink(proc / "exe") if (proc / "exe").exists() else ""
+        except OSError:
+            continue
+        if target in fds or target in maps or exe == target:
+            found.append(f"{proc.name} {(proc / 'cmdline').read_bytes().replace(bytes(1), b' ')[:80]!r}")
+    return found
+
+
+def _unsettled_report(store, busybox: Path) -> str:
+    return (f"fs {store.stats()['fs']}; still holding {busybox}: {_processes_holding(busybox)}\n"
+            f"{store.log_tail(12000)}")
+
+
 class Churn:
     """Threads that execute `busybox true` and open+read+close busybox from the mount, over and
     over; every failure is kept with its errno."""
@@ -156,7 +180,7 @@ def test_programs_executed_by_passthrough_run_and_start_across_server_replacemen
             p.wait()
     # Every open of the churn and of the holders was released: the store let go of the id, and
     # the next open registers a new one.
-    assert wait_for(lambda: _settled(store), timeout=60), store.stats()["fs"]
+    assert wait_for(lambda: _settled(store), timeout=60), _unsettled_report(store, busybox)
     before = store.stats()["fs"]["passthrough_opens"]
     subprocess.run([str(busybox), "true"], check=True, timeout=300)
     assert store.stats()["fs"]["passthrough_opens"] == before + 1
