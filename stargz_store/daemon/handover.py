@@ -16,7 +16,9 @@ server -> holder
 - `stopped` {nodes: [[key, count]...], uses, drained, files}: after `stop`, nothing more is read
   from /dev/fuse and every request read was answered (`drained` false: some were not, in time);
   `files`: the open files per inode and mode with their passthrough backing ids
-  (`fuse.Session.open_files`), which belong to the connection and must be answered alike.
+  (`fuse.Session.hand_over_open_files`), which belong to the connection and must be answered
+  alike. An OPEN or RELEASE not yet counted when `files` is taken is never answered by the
+  stopped process: the next one counts it when the kernel resends it.
 
 holder -> server
 - `go` {state, nodes, uses, credentials, files}: serve (`state` None: a fresh mount, INIT comes

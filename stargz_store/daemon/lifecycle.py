@@ -193,7 +193,7 @@ class Serving:
         reads = sum(session.answering(op) for op in STATELESS_OPS)
         self.channel.send("stopped", nodes=[[list(k), n] for k, n in self.model.nodes.held_keys()],
                           uses=self.pool.handles.use_counts(), drained=drained, reads=reads,
-                          files=session.open_files())
+                          files=session.hand_over_open_files())
         finished = session.wait_stopped(self.drain_timeout)
         if not (drained and finished):
             log.warning("requests still unanswered after %g s: the next server gets them again", self.drain_timeout)

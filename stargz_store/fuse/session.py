@@ -45,6 +45,12 @@ POLL_INTERVAL = 0.5
 _U64 = (1 << 64) - 1
 
 
+class Abandoned(Exception):
+    """Raised while answering a request this process must leave unanswered: the open-file table
+    was handed over (`hand_over_open_files`) before the request changed it, so the next process
+    must count it, and answer it when the kernel sends it again (FUSE_NOTIFY_RESEND)."""
+
+
 class FuseError(Exception):
     """Raised by an operation: the request is answered with `errno`."""
 
@@ -229,6 +235,7 @@ class Session:
         self._keep = _keep_limit(self.options.passthrough_keep)
         self.kept_reopens = 0  # opens answered with a kept registration (no backing file opened)
         self._applied: dict[int, None] = {}  # uniques of OPENs/RELEASEs counted (a resent one is not counted again)
+        self._handed_over = False  # the open-file table went to the next process: OPENs/RELEASEs are left to it
         self.journal: OpenFilesJournal | None = None  # `adopt_open_files`
         self.passthrough_opens = 0  # backing ids registered (inodes put in passthrough mode)
         self.read_requests = 0
@@ -384,6 +391,9 @@ class Session:
         code = 0
         try:
             handler(unique, Context(uid, gid, pid), nodeid, body)
+        except Abandoned:
+            log.info("FUSE %s node %d left to the next server (the open files were handed over before it was "
+                     "counted)", abi.OPCODE_NAMES.get(opcode, opcode), nodeid)
         except FuseError as e:
             if self.options.debug:
                 log.debug("FUSE %s node %d: %s", abi.OPCODE_NAMES.get(opcode, opcode), nodeid, errno.errorcode.get(e.errno, e.errno))
@@ -550,7 +560,11 @@ class Session:
             self.ops.release(nodeid, opened.fh)
             raise FuseError(errno.ENOSYS)  # success, and no OPEN (nor RELEASE) for any later open
         if passthrough:
-            open_flags, backing_id = self._open_mode(nodeid, opened, unique, kept)
+            try:
+                open_flags, backing_id = self._open_mode(nodeid, opened, unique, kept)
+            except Abandoned:
+                self.ops.release(nodeid, opened.fh)
+                raise
         else:
             if opened.backing_fd is not None:
                 os.close(opened.backing_fd)
@@ -579,6 +593,8 @@ class Session:
         fd = opened.backing_fd
         try:
             with self._backing_lock:
+                if self._handed_over:
+                    raise Abandoned()
                 held = self._backing.get(ino)
                 again = self._counted_before(unique)
                 if again and (held is not None or self._cached.get(ino)):
@@ -697,6 +713,8 @@ class Session:
         """One open file of `ino` is gone: the last one by passthrough lets go of its backing id.
         `unique`: the RELEASE; one counted before (`_counted_before`) is not counted again."""
         with self._backing_lock:
+            if self._handed_over:
+                raise Abandoned()
             if self._counted_before(unique):
                 return
             held = self._backing.get(ino)
@@ -742,6 +760,18 @@ class Session:
         answer further opens of these inodes in the same mode, with the same backing ids (which
         belong to the connection, not to this process)."""
         with self._backing_lock:
+            return self._open_files()
+
+    def hand_over_open_files(self) -> dict[str, list]:
+        """`open_files()` for the process taking over after `stop()`, and from now on no OPEN or
+        RELEASE is counted or answered here (`Abandoned`). Why: one still being answered when the
+        hand-over could not wait any longer (`drained` false) would otherwise change this table
+        after its copy was taken, and be answered: the next process, never told, would count the
+        files of that inode one off (one too many: its backing id is never let go of; one too few:
+        it lets go of it while the kernel still reads through it). Left unanswered, the kernel
+        sends it again to the next process (FUSE_NOTIFY_RESEND), which counts it."""
+        with self._backing_lock:
+            self._handed_over = True
             return self._open_files()
 
     def _open_files(self) -> dict[str, list]:

@@ -89,6 +89,8 @@ class MemFS:
         self.removed: list[bytes] = []
         self._lock = threading.Lock()
         self.read_gate: threading.Event | None = None  # reads of /slow wait for it, when set
+        self.open_gate: threading.Event | None = None  # opens of files with a backing file wait for it, when set
+        self.open_entered = threading.Event()  # set when such an open waits at the gate
         self.cache_listings = True  # opendir lets the kernel keep listings (the tree never changes)
 
     def _count(self, op: str) -> None:
@@ -127,6 +129,9 @@ class MemFS:
         node = self._node(ino)
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise FuseError(errno.EROFS)
+        if node.backing and self.open_gate is not None:
+            self.open_entered.set()
+            self.open_gate.wait(30)
         if node.backing and self.passthrough and backing:
             self._count("backing_opened")
             return OpenReply(backing_fd=os.open(node.backing, os.O_RDONLY))

@@ -401,3 +401,57 @@ def test_an_invalidated_entry_is_forgotten_by_the_kernel(mounted):
     lookups = m.fs.calls["lookup"]
     os.stat(m.path / "hello")  # looked up anew
     assert m.fs.calls["lookup"] == lookups + 1
+
+
+def test_an_open_still_being_answered_at_a_hand_over_is_left_to_the_next_server(mounted, workdir):
+    """A hand-over that cannot wait for an OPEN any longer hands its open-file table over without
+    it: the OPEN must then be counted and answered by the next server (the kernel sends it again),
+    not by this one, or the next server's table misses an open file and answers a second open of
+    the same inode with another backing id (the kernel refuses that: EIO)."""
+    backing = workdir / "backing.bin"
+    payload = os.urandom(1 << 20)
+    backing.write_bytes(payload)
+    fs = MemFS(sample_tree(str(backing)), passthrough=True)
+    m = mounted(fs, passthrough=True)
+    if not m.session.state.passthrough:
+        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    old = m.session
+    fs.open_gate = threading.Event()
+    opened: dict[str, object] = {}
+
+    def first_open() -> None:
+        try:
+            opened["fd"] = os.open(m.path / "big", os.O_RDONLY)
+        except OSError as e:
+            opened["error"] = e
+
+    opener = threading.Thread(target=first_open, daemon=True)
+    opener.start()
+    assert fs.open_entered.wait(10)
+    old.stop()
+    assert not old.wait_answered(0.2, but={abi.READ})  # the OPEN is still being answered
+    files = old.hand_over_open_files()
+    assert files["backing"] == []
+    fs.open_gate.set()  # the OPEN goes on in the old server, which must leave it unanswered
+    assert old.wait_stopped(10)
+    opener.join(0.5)
+    answered_by_old = not opener.is_alive()
+
+    new = Session(m.fd, fs, SessionOptions(passthrough=True), state=old.state)
+    new.adopt_open_files(files)
+    m.session = new
+    m.thread = threading.Thread(target=new.serve, daemon=True)
+    m.thread.start()
+    if not new.notify_resend():
+        pytest.skip("kernel without FUSE_NOTIFY_RESEND (Linux < 6.9)")
+    opener.join(10)
+    assert "fd" in opened, opened
+    fd = opened["fd"]
+    try:  # (closing needs a server: FLUSH)
+        assert not answered_by_old, "answered by the server that had handed its table over"
+        assert new.passthrough_stats()["passthrough_inodes"] == 1
+        assert (m.path / "big").read_bytes() == payload  # a second open: the same backing id
+        assert os.pread(fd, 4096, 0) == payload[:4096]
+    finally:
+        os.close(fd)
+    assert wait_for(lambda: new.passthrough_stats()["passthrough_inodes"] == 0, timeout=10)
