@@ -179,3 +179,21 @@ class WholeStreamFileSource(FileBlobSource):
     def stream_blob(self, offset, sink) -> int:
         self.stream_range(offset, self.size - offset, sink)
         return self.size
+
+
+def layer_of(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes]) -> BuiltLayer:
+    """An eStargz layer at `path` of exactly these tar members (in this order), 64 KiB chunks."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for ti in members:
+            tf.addfile(ti, io.BytesIO(data[ti.name]) if ti.isreg() else None)
+    with open(path, "wb") as dst:
+        result = build_estargz(io.BytesIO(buf.getvalue()), dst, chunk_size=64 << 10)
+    return BuiltLayer(path, result, data)
+
+
+def tar_member(name: str, kind=tarfile.REGTYPE, size: int = 0, link: str = "", mode: int = 0o644) -> tarfile.TarInfo:
+    """One tar header: a file, directory or link of `layer_of`."""
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size, ti.linkname, ti.mode = kind, size, link, mode
+    return ti

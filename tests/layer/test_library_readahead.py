@@ -2,7 +2,6 @@
 them in an image's merged layers, and fetched before the loader asks for them."""
 from __future__ import annotations
 
-import io
 import random
 import shutil
 import tarfile
@@ -11,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from stargz_store.layer.policies.libraries import LibraryReadahead, resolve_in_layers
-from stargz_store.formats.estargz import build_estargz
 from stargz_store.formats.toc import build_toc
 from stargz_store.layer.elf import MULTIARCH, dynamic_info, library_dirs
 
 from .conftest import lazy_config
-from .helpers import BuiltLayer, wait_until
+from .helpers import layer_of, tar_member, wait_until
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
 
@@ -75,35 +73,19 @@ def test_paths_resolve_through_symlinks_and_stop_at_whiteouts():
     assert resolve_in_layers([loop], "/a") is None
 
 
-def _layer_of(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes]) -> BuiltLayer:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for ti in members:
-            tf.addfile(ti, io.BytesIO(data[ti.name]) if ti.isreg() else None)
-    with open(path, "wb") as dst:
-        result = build_estargz(io.BytesIO(buf.getvalue()), dst, chunk_size=64 << 10)
-    return BuiltLayer(path, result, data)
-
-
-def _member(name: str, kind=tarfile.REGTYPE, size: int = 0, link: str = "", mode: int = 0o644) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.size, ti.linkname, ti.mode = kind, size, link, mode
-    return ti
-
-
 def test_reading_a_program_fetches_its_libraries_before_the_loader_asks(tmp_path, open_layer):
     program = PROGRAM.read_bytes()
     info = dynamic_info(_read_file(PROGRAM))
     libdir = f"usr/lib/{MULTIARCH[info.machine]}"
     libc = random.Random(1).randbytes(150_000)
-    lower = _layer_of(tmp_path / "lower", [
-        _member("usr", tarfile.DIRTYPE, mode=0o755), _member("usr/lib", tarfile.DIRTYPE, mode=0o755),
-        _member(libdir, tarfile.DIRTYPE, mode=0o755), _member(f"{libdir}/libc.so.6", size=len(libc)),
+    lower = layer_of(tmp_path / "lower", [
+        tar_member("usr", tarfile.DIRTYPE, mode=0o755), tar_member("usr/lib", tarfile.DIRTYPE, mode=0o755),
+        tar_member(libdir, tarfile.DIRTYPE, mode=0o755), tar_member(f"{libdir}/libc.so.6", size=len(libc)),
     ], {f"{libdir}/libc.so.6": libc})
-    upper = _layer_of(tmp_path / "upper", [
-        _member("lib", tarfile.SYMTYPE, link="usr/lib"),
-        _member("usr", tarfile.DIRTYPE, mode=0o755), _member("usr/bin", tarfile.DIRTYPE, mode=0o755),
-        _member("usr/bin/prog", size=len(program), mode=0o755),
+    upper = layer_of(tmp_path / "upper", [
+        tar_member("lib", tarfile.SYMTYPE, link="usr/lib"),
+        tar_member("usr", tarfile.DIRTYPE, mode=0o755), tar_member("usr/bin", tarfile.DIRTYPE, mode=0o755),
+        tar_member("usr/bin/prog", size=len(program), mode=0o755),
     ], {"usr/bin/prog": program})
     config = lazy_config(library_readahead=True)  # the policy alone
     readahead = LibraryReadahead()

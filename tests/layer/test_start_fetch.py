@@ -19,8 +19,7 @@ from stargz_store.layer.elf import MULTIARCH, dynamic_info
 from stargz_store.layer.start_fetch import StartCommand, StartFetch, start_image
 
 from .conftest import lazy_config
-from .helpers import build_layer
-from .test_library_readahead import _layer_of, _member
+from .helpers import build_layer, layer_of, tar_member
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
 PROGRAM_BYTES = PROGRAM.read_bytes()
@@ -50,15 +49,15 @@ def image(tmp_path, open_layer):
     lower_files = {f"{LIBDIR}/libc.so.6": LIBC, loader: LOADER, "data/model.bin": MODEL, "data/unread.bin": UNREAD,
                    "etc/app.conf": CONF, "usr/bin/other": RND.randbytes(100_000)}
     dirs = sorted({"/".join(n.split("/")[: i + 1]) for n in lower_files for i in range(n.count("/"))})
-    lower = _layer_of(tmp_path / "lower", [_member(d, tarfile.DIRTYPE, mode=0o755) for d in dirs] + [
-        _member(n, size=len(b), mode=0o755 if n.startswith("usr/bin") else 0o644) for n, b in lower_files.items()
+    lower = layer_of(tmp_path / "lower", [tar_member(d, tarfile.DIRTYPE, mode=0o755) for d in dirs] + [
+        tar_member(n, size=len(b), mode=0o755 if n.startswith("usr/bin") else 0o644) for n, b in lower_files.items()
     ], lower_files)
     upper_files = {"usr/bin/prog": PROGRAM_BYTES, "usr/bin/sh": PROGRAM_BYTES, "usr/bin/tool": PROGRAM_BYTES,
                    "usr/bin/env": PROGRAM_BYTES, "usr/bin/tini": PROGRAM_BYTES, "app/start.sh": SCRIPT}
-    upper = _layer_of(tmp_path / "upper", [
-        _member("bin", tarfile.SYMTYPE, link="usr/bin"), _member("usr", tarfile.DIRTYPE, mode=0o755),
-        _member("usr/bin", tarfile.DIRTYPE, mode=0o755), _member("app", tarfile.DIRTYPE, mode=0o755),
-        *(_member(n, size=len(b), mode=0o755) for n, b in upper_files.items()),
+    upper = layer_of(tmp_path / "upper", [
+        tar_member("bin", tarfile.SYMTYPE, link="usr/bin"), tar_member("usr", tarfile.DIRTYPE, mode=0o755),
+        tar_member("usr/bin", tarfile.DIRTYPE, mode=0o755), tar_member("app", tarfile.DIRTYPE, mode=0o755),
+        *(tar_member(n, size=len(b), mode=0o755) for n, b in upper_files.items()),
     ], upper_files)
     config = lazy_config()  # every layer policy off: only what the start fetch asks for is fetched
     bottom, bottom_src = open_layer(lower, config=config)
