@@ -58,7 +58,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,32 +78,37 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
 LISTENER, SUCCESSOR, PREDECESSOR = "listener", "successor", "predecessor"  # selector keys besides servers
 
 
-@dataclass
 class Server:
-    """One serving process, as the holder sees it."""
+    """One serving process, as the holder sees it. (No dataclasses in the holder's modules:
+    `dataclasses` with `inspect` is a megabyte of the holder's small heap.)"""
 
-    proc: subprocess.Popen
-    channel: Channel
-    phase: str = "preparing"  # preparing, prepared, serving, stopping, stopped, gone
-    version: str = "?"
-    stop_deadline: float = 0.0
-    started: float = field(default_factory=time.monotonic)
+    __slots__ = ("proc", "channel", "phase", "version", "stop_deadline", "started")
+
+    def __init__(self, proc: subprocess.Popen, channel: Channel) -> None:
+        self.proc = proc
+        self.channel = channel
+        self.phase = "preparing"  # preparing, prepared, serving, stopping, stopped, gone
+        self.version = "?"
+        self.stop_deadline = 0.0
+        self.started = time.monotonic()
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
 
-@dataclass
 class Successor:
     """A new holder taking this one's mount over (`succession`), as this holder sees it."""
 
-    channel: Channel
-    phase: str = "greeting"  # greeting, connected (has the descriptor), stopping, sent (the state), retired
-    pid: int = 0
-    ready: bool = False  # its server is built: this holder may stop its own
-    nodes: list[list[Any]] = field(default_factory=list)  # the node table sent with `state`
-    files: dict[str, Any] | None = None  # the open passthrough files sent with `state`
+    __slots__ = ("channel", "phase", "pid", "ready", "nodes", "files")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.phase = "greeting"  # greeting, connected (has the descriptor), stopping, sent (the state), retired
+        self.pid = 0
+        self.ready = False  # its server is built: this holder may stop its own
+        self.nodes: list[list[Any]] = []  # the node table sent with `state`
+        self.files: dict[str, Any] | None = None  # the open passthrough files sent with `state`
 
 
 class Holder:

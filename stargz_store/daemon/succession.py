@@ -45,9 +45,8 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 from .handover import Channel
 
@@ -76,8 +75,7 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
-@dataclass
-class Listener:
+class Listener(NamedTuple):
     """The socket on which a holder that serves waits for its successor."""
 
     sock: socket.socket
@@ -137,8 +135,7 @@ def send_device(channel: Channel, fds: list[int], **fields: Any) -> None:
     socket.send_fds(channel.sock, [data], fds)
 
 
-@dataclass
-class Predecessor:
+class Predecessor(NamedTuple):
     """What a new holder got from the running one: the channel, the mount's descriptor and the
     root lock (the same open file: the lock is held as long as either holds it)."""
 

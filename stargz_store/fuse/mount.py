@@ -13,17 +13,15 @@ aborts it and leaves a dead mount that answers ENOTCONN: `is_dead_mount`, `unmou
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 import pwd
-import shutil
 import socket
 import stat
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +35,11 @@ class MountError(Exception):
     """The mount could not be made (the message says why, for an operator)."""
 
 
-@dataclass(frozen=True)
-class MountSpec:
+class MountSpec(NamedTuple):
     """How to mount. `allow_other` lets other users (podman's processes, the containers) in;
-    `default_permissions` makes the kernel check modes and owners like a local filesystem."""
+    `default_permissions` makes the kernel check modes and owners like a local filesystem.
+    A NamedTuple, not a dataclass: the holder imports this module, and `dataclasses` (with
+    `inspect`) is a megabyte of its small heap."""
 
     mountpoint: str
     fsname: str = "stargzstore"
@@ -63,7 +62,14 @@ class MountSpec:
 
 
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """glibc by its soname; `ctypes.util` (which imports tempfile, shutil, random...) only where
+    that name does not load: the holder imports this module and stays small."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes import util
+
+        return ctypes.CDLL(util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 DEVICE = "/dev/fuse"
@@ -117,6 +123,8 @@ def _mount_as_root(spec: MountSpec) -> int:
 
 def _mount_with_fusermount(spec: MountSpec) -> int:
     """`fusermount3 -o OPTS MOUNTPOINT` with `_FUSE_COMMFD`: it sends the descriptor back."""
+    import shutil
+
     if shutil.which(FUSERMOUNT) is None:
         raise MountError(f"{FUSERMOUNT} not found: install the fuse3 package to mount as a user")
     if os.path.exists(DEVICE) and not os.access(DEVICE, os.R_OK | os.W_OK):
