@@ -6,7 +6,8 @@ root and mount; if the same process then became the holder, it would keep every 
 server needs resident (35-40 MB of a Python heap that never serves a request). So once mounted,
 cli.py execs this module with the `/dev/fuse` descriptor and the root lock inherited: same pid
 (systemd, the lock file and `server.json` still name it), a fresh interpreter that imports only
-the holder, the FUSE mount helpers and the hand-over channel (~15 MB).
+the holder, the FUSE mount helpers and the hand-over channel (17 MB resident: the package loads
+the FUSE session only on first use, and these modules avoid `dataclasses` and `ctypes.util`).
 
 What must hold: nothing here imports registry, layer, cache or fs code (tests check the module
 list); the flags are the holder's constructor arguments, nothing else is read (the config was
