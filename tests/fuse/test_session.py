@@ -166,14 +166,21 @@ def test_an_unmount_ends_the_session(workdir):
     assert mount_device(str(mnt)) is None
 
 
-def test_passthrough_serves_reads_from_the_backing_file(mounted, workdir):
+def _passthrough_mount(mounted, workdir: Path, payload: bytes, **options) -> tuple[Mounted, MemFS, Path]:
+    """A MemFS whose `big` is backed by a file of `payload`, mounted with passthrough on
+    (skips where the kernel does not offer it)."""
     backing = workdir / "backing.bin"
-    payload = os.urandom(3 << 20)
     backing.write_bytes(payload)
     fs = MemFS(sample_tree(str(backing)), passthrough=True)
-    m = mounted(fs, passthrough=True)
+    m = mounted(fs, passthrough=True, **options)
     if not m.session.state.passthrough:
         pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    return m, fs, backing
+
+
+def test_passthrough_serves_reads_from_the_backing_file(mounted, workdir):
+    payload = os.urandom(3 << 20)
+    m, fs, _ = _passthrough_mount(mounted, workdir, payload)
     assert (m.path / "big").read_bytes() == payload
     assert (m.path / "big").read_bytes() == payload  # a second open reuses nothing stale
     assert fs.calls.get("read", 0) == 0, "the kernel read the backing file, not the store"
@@ -222,13 +229,8 @@ def _fds_on(path: Path) -> int:
 def test_a_reopen_uses_the_registration_kept_after_the_last_release(mounted, workdir):
     """A file opened again after its last close is answered with the backing id kept from its
     first open: the filesystem is not asked for its backing file again, the kernel still reads it."""
-    backing = workdir / "backing.bin"
     payload = os.urandom(1 << 20)
-    backing.write_bytes(payload)
-    fs = MemFS(sample_tree(str(backing)), passthrough=True)
-    m = mounted(fs, passthrough=True, passthrough_keep=8)
-    if not m.session.state.passthrough:
-        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    m, fs, backing = _passthrough_mount(mounted, workdir, payload, passthrough_keep=8)
     for _ in range(3):
         assert (m.path / "big").read_bytes() == payload
         # RELEASE is async: the next open must come after it (else it joins the open file's id)
@@ -246,12 +248,7 @@ def test_a_reopen_uses_the_registration_kept_after_the_last_release(mounted, wor
 def test_a_kept_registration_whose_file_changed_is_not_used(mounted, workdir):
     """The copy is checked at every open: one changed since (times, mode, or its name removed)
     is let go of, and the open asks the filesystem for its backing file again."""
-    backing = workdir / "backing.bin"
-    backing.write_bytes(b"x" * 8192)
-    fs = MemFS(sample_tree(str(backing)), passthrough=True)
-    m = mounted(fs, passthrough=True, passthrough_keep=8)
-    if not m.session.state.passthrough:
-        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    m, fs, backing = _passthrough_mount(mounted, workdir, b"x" * 8192, passthrough_keep=8)
     released = lambda: m.session.passthrough_stats()["passthrough_inodes"] == 0  # noqa: E731
     for change in (lambda: os.utime(backing, ns=(1, 1)), lambda: backing.chmod(0o600),
                    lambda: os.link(backing, workdir / "second-name")):
@@ -408,13 +405,8 @@ def test_an_open_still_being_answered_at_a_hand_over_is_left_to_the_next_server(
     it: the OPEN must then be counted and answered by the next server (the kernel sends it again),
     not by this one, or the next server's table misses an open file and answers a second open of
     the same inode with another backing id (the kernel refuses that: EIO)."""
-    backing = workdir / "backing.bin"
     payload = os.urandom(1 << 20)
-    backing.write_bytes(payload)
-    fs = MemFS(sample_tree(str(backing)), passthrough=True)
-    m = mounted(fs, passthrough=True)
-    if not m.session.state.passthrough:
-        pytest.skip("this kernel does not offer FUSE passthrough (Linux 6.9+)")
+    m, fs, _ = _passthrough_mount(mounted, workdir, payload)
     old = m.session
     fs.open_gate = threading.Event()
     opened: dict[str, object] = {}
