@@ -33,7 +33,7 @@ RECORD = struct.Struct("<QQihh")  # ino, unique, backing id, passthrough change,
 JOURNAL_BYTES = 4 << 20
 APPLIED_KEPT = 1024  # uniques of the latest changes replayed (more than a process has workers)
 
-# Session.open_files(): {"backing": [[ino, id, n]], "cached": [[ino, n]], "applied": [unique, ...]}
+# Session.hand_over_open_files(): {"backing": [[ino, id, n]], "cached": [[ino, n]], "applied": [unique, ...]}
 OpenFiles = dict[str, list]
 
 

@@ -19,8 +19,8 @@ server had read stay queued on it, where `FUSE_NOTIFY_RESEND` finds them, instea
 aborted with the clone's release.
 A worker counts itself as reading (`_reading`) from before its `read` until the request it read is
 counted as being answered: `wait_answered` after `stop()` then also waits for a request read in
-the instant the flag was set, so what a hand-over reports (`open_files`) includes every OPEN and
-RELEASE this process read.
+the instant the flag was set, so what a hand-over reports (`hand_over_open_files`) includes
+every OPEN and RELEASE this process read.
 """
 from __future__ import annotations
 
@@ -586,7 +586,7 @@ class Session:
         every further open must name the same backing id (another one is EBUSY, a cached open
         EIO); while some are open through the page cache, a passthrough open is ETXTBSY. So the
         mode of an inode is decided at its first open and kept until its last release; the open
-        files per inode and mode are counted here (and handed over to a successor: `open_files`).
+        files per inode and mode are counted here (and handed over to a successor: `hand_over_open_files`).
         An OPEN counted already (`_counted_before`: a resent copy) is answered in the inode's mode
         without counting it again. `kept`: a registration claimed for this open (`_claim_kept`),
         used when the inode has no open file, let go of otherwise."""
@@ -681,7 +681,7 @@ class Session:
 
     def _drop_kept(self) -> None:
         """Let go of every kept registration, and close the descriptors held of registrations in
-        use (their ids are handed over with `open_files`; the kernel holds its own references).
+        use (their ids are handed over with `hand_over_open_files`; the kernel holds its own references).
         Under the lock throughout: a caller of `wait_stopped` may close the FUSE descriptor as
         soon as it returns, so this must be done by then, whichever thread did it."""
         with self._backing_lock:
@@ -755,15 +755,10 @@ class Session:
         if journal is not None and journal.note(ino, unique, backing_id, passthrough, through_cache):
             journal.rewrite(self._open_files())
 
-    def open_files(self) -> dict[str, list]:
-        """The open files per inode and mode (`_open_mode`), for the process taking over: it must
-        answer further opens of these inodes in the same mode, with the same backing ids (which
-        belong to the connection, not to this process)."""
-        with self._backing_lock:
-            return self._open_files()
-
     def hand_over_open_files(self) -> dict[str, list]:
-        """`open_files()` for the process taking over after `stop()`, and from now on no OPEN or
+        """The open files per inode and mode (`_open_mode`), for the process taking over after
+        `stop()`: it must answer further opens of these inodes in the same mode, with the same
+        backing ids (which belong to the connection, not to this process). From now on no OPEN or
         RELEASE is counted or answered here (`Abandoned`). Why: one still being answered when the
         hand-over could not wait any longer (`drained` false) would otherwise change this table
         after its copy was taken, and be answered: the next process, never told, would count the
@@ -786,7 +781,7 @@ class Session:
                     "kept_backing": len(self._kept), "kept_reopens": self.kept_reopens}
 
     def adopt_open_files(self, files: dict[str, list] | None, journal: OpenFilesJournal | None = None) -> None:
-        """Take over a predecessor's `open_files()` (before serving); from now on every change
+        """Take over a predecessor's `hand_over_open_files()` (before serving); from now on every change
         is also appended to `journal` (started over with this table), for a successor after a crash."""
         with self._backing_lock:
             for ino, bid, n in (files or {}).get("backing", ()):
