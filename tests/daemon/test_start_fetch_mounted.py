@@ -53,6 +53,10 @@ def test_layers_looked_up_bring_what_the_command_reads(start_fetch_mb, command_i
     if start_fetch_mb:
         logged = lambda: "start fetch of" in store.log_tail(200000)  # noqa: E731
         wait_for(logged, timeout=60, interval=0.1)
+        # The log line comes once the fetches are started; the count below must wait until they
+        # are answered (no flight left in any layer), not for a moment after the line.
+        quiet = lambda: all(s.get("in_flight", 0) == 0 for s in store.stats().get("layers", {}).values())  # noqa: E731
+        assert wait_for(quiet, timeout=60, interval=0.1)
         settled = fetched()
         assert settled > 600_000  # busybox, the script and the file it names
         line = next(l for l in store.log_tail(200000).splitlines() if "start fetch of" in l)
