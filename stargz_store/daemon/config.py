@@ -55,7 +55,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
     "store": (
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
-         "sequential_readahead_kb", "wait_for_prefetch", "neighbour_fetch_kb",
+         "sequential_readahead_kb", "wait_for_prefetch", "prefetch_piece_kb", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "start_fetch_mb", "fuse_no_open", "small_layer_fetch_kb",
          "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb", "spare_server",
          "passthrough", "passthrough_min_kb", "passthrough_keep_files"},
@@ -144,6 +144,7 @@ def _build(doc: ConfigTable) -> StoreConfig:
     layer.prefetch_timeout = float(_num(doc, "prefetch_timeout_sec", layer.prefetch_timeout))
     layer.no_prefetch = _bool(doc, "noprefetch", layer.no_prefetch)
     layer.prefetch_wait = _bool(store, "wait_for_prefetch", layer.prefetch_wait)
+    layer.prefetch_piece_size = _int_or_off(store, "prefetch_piece_kb", layer.prefetch_piece_size >> 10) << 10
     # The fetch policies' defaults are LayerConfig's (the one table, layer/config.py); 0 = off.
     layer.executable_fetch_limit = _int_or_off(store, "executable_fetch_limit_mb", layer.executable_fetch_limit >> 20) << 20
     layer.neighbour_fetch_size = _int_or_off(store, "neighbour_fetch_kb", layer.neighbour_fetch_size >> 10) << 10

@@ -36,7 +36,7 @@ from ..formats.toc import TocLimits
 HEURISTICS = ("neighbour", "executable", "small_layer", "sequential_readahead", "library_readahead",
               "reads_hold_background")
 LAYER_POLICIES = (*HEURISTICS, "prefetch", "background")  # each made per layer by `Layer`
-POLICIES = (*LAYER_POLICIES, "start")  # "start" works on a whole image (layer/start_fetch.py, run by the pool)
+POLICIES = (*LAYER_POLICIES, "reads_overtake_prefetch", "start")  # "start" works on a whole image (layer/start_fetch.py, run by the pool)
 FETCH_POLICIES = ("default", "baseline")
 
 # The Go store's fetch shape (stargz-snapshotter `[blob] chunk_size` and `max_concurrency` defaults).
@@ -53,6 +53,7 @@ _OFF: dict[str, dict[str, object]] = {
     "reads_hold_background": {"background_waits_for_reads": False},
     "prefetch": {"no_prefetch": True},
     "background": {"no_background_fetch": True},
+    "reads_overtake_prefetch": {"prefetch_piece_size": 0},
     "start": {"start_fetch_limit": 0},
 }
 
@@ -86,6 +87,10 @@ class LayerConfig:
                                             # streams in and a read of a prefetched file waits for that file's
                                             # chunks only (as the Go stargz-store, where nobody waits)
     prefetch_size: int = 0                  # used when a layer has no landmark (0: no prefetch then)
+    prefetch_piece_size: int = 4 << 20      # a prioritized region is claimed a piece of this many compressed bytes
+                                            # at a time, as its request goes out, so a read of a chunk further on
+                                            # fetches it at once instead of waiting for the stream (0: the whole
+                                            # region claimed at open, as the Go store; policies/prefetch.py)
     no_prefetch: bool = False
     no_background_fetch: bool = False
     start_fetch_limit: int = 64 << 20       # once every layer of an image is open, fetch the program its config

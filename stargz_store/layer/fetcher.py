@@ -67,9 +67,10 @@ class _StreamLander:
     Pieces already seen (a retried request starts over) are skipped."""
 
     def __init__(self, fetcher: Fetcher, req: Request, flights: dict[str, Flight],
-                 count: Callable[[int], None]) -> None:
+                 count: Callable[[int], None], progress: Callable[[int], None] | None = None) -> None:
         self.fetcher = fetcher
         self.count = count  # told the bytes received, before any extent of them lands
+        self.progress = progress  # told each piece's count of new bytes as it arrives
         self.counted = 0
         self.flights = flights
         self.extents = sorted(req.extents, key=lambda e: e.end)
@@ -94,6 +95,8 @@ class _StreamLander:
         self.buf += fresh
         self.end += len(fresh)
         self.received += len(fresh)
+        if self.progress is not None:
+            self.progress(len(fresh))
         extents = self.extents
         if self.next < len(extents) and extents[self.next].end <= self.end:
             self.flush_count()
@@ -176,6 +179,11 @@ class Fetcher:
 
         self._submit_foreground(run_all, requests, flights)
 
+    def submit_work(self, work: Callable[[], None], requests: list[Request], flights: dict[str, Flight]) -> None:
+        """Run `work` on a worker thread as one foreground item; it must land every flight of
+        `requests` (`run_batch` does), which are failed here if the layer is closing."""
+        self._submit_foreground(work, requests, flights)
+
     def _submit_foreground(self, work: Callable[[], None], requests: list[Request], flights: dict[str, Flight]) -> None:
         """Queue `work` for a worker thread as one foreground work item.
 
@@ -204,17 +212,18 @@ class Fetcher:
         future.add_done_callback(lambda f: self._item_ended() if f.cancelled() else None)
 
     def run_batch(self, batch: list[Request], flights: dict[str, Flight], foreground: bool = False,
-                  kind: str | None = None) -> None:
+                  kind: str | None = None, progress: Callable[[int], None] | None = None) -> None:
         """Fetch one batch with one `read_ranges` call and land every flight in it. Runs on a
         worker thread for foreground work (inside its item's scheduler scope), on the caller's
         thread for background work (inside its `background_turn`). Landed flights are dropped
-        from `flights` as they land: pass a dict of the batch's own."""
+        from `flights` as they land: pass a dict of the batch's own. `progress`, if given, is told
+        the bytes as they arrive (the request is then streamed, even for one extent)."""
         all_keys = [ext.key for req in batch for ext in req.extents]
         kind = kind or ("on_demand" if foreground else "background")
         try:
             live = self._drop_cached(batch, flights)
             if live:
-                self._fetch_and_land(live, flights, foreground, kind)
+                self._fetch_and_land(live, flights, foreground, kind, progress)
         except BaseException as e:  # never leave a flight unlanded, whatever happened
             log.exception("%s: fetch worker failed", self.name)
             self._fail(all_keys, flights, LayerReadError(f"internal error fetching {self.name}: {e}"))
@@ -222,10 +231,11 @@ class Fetcher:
         finally:
             self._fail(all_keys, flights, LayerReadError(f"fetch of {self.name} abandoned"))  # what is left
 
-    def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool, kind: str) -> None:
+    def _fetch_and_land(self, live: list[Request], flights: dict[str, Flight], foreground: bool, kind: str,
+                        progress: Callable[[int], None] | None = None) -> None:
         stream = getattr(self.source, "stream_range", None)
-        if stream is not None and len(live) == 1 and len(live[0].extents) > 1:
-            self._stream_and_land(stream, live[0], flights, foreground, kind)
+        if stream is not None and len(live) == 1 and (len(live[0].extents) > 1 or progress is not None):
+            self._stream_and_land(stream, live[0], flights, foreground, kind, progress)
             return
         ranges = [(r.start, r.end - r.start) for r in live]
         try:
@@ -247,6 +257,8 @@ class Fetcher:
             err.__cause__ = e
             self._fail((ext.key for req in live for ext in req.extents), flights, err)
             return
+        if progress is not None:
+            progress(sum(len(b) for b in bufs))
         for req, buf in zip(live, bufs):
             self.counters.add("fetched_bytes", len(buf))
             if not foreground:
@@ -255,7 +267,8 @@ class Fetcher:
             for ext in req.extents:
                 self._land(ext, flights, view[ext.start - req.start : ext.end - req.start])
 
-    def _stream_and_land(self, stream, req: Request, flights: dict[str, Flight], foreground: bool, kind: str) -> None:
+    def _stream_and_land(self, stream, req: Request, flights: dict[str, Flight], foreground: bool, kind: str,
+                         progress: Callable[[int], None] | None = None) -> None:
         """One request of many extents (a prefetch, a long read), each landed as soon as its last
         byte has arrived, so a reader of the first file of a 20 MB prefetch waits for that file's
         bytes only. Extents landed before a failure stay landed; the rest get the error."""
@@ -267,7 +280,7 @@ class Fetcher:
                 self.counters.add("background_bytes", fresh)
             timer.received(fresh)
 
-        lander = _StreamLander(self, req, flights, count)
+        lander = _StreamLander(self, req, flights, count, progress)
         self.counters.add("fetch_calls")
         self.counters.add("requests")
         try:

@@ -40,6 +40,7 @@ LAYER_COUNTERS = (
     "chunks_fetched", "cache_hits", "cache_misses", "gap_chunks", "prefetch_bytes", "neighbour_chunks",
     "executable_chunks", "small_layer_chunks", "readahead_chunks", "ahead_chunks", "programs_read",
     "reads_holding_background", "blob_cache_hits", "cache_write_errors", "start_chunks",
+    "prefetch_pieces",
 )
 
 

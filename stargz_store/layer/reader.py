@@ -68,8 +68,12 @@ class FetchPlan:
         return mine, theirs
 
     def add(self, chunks: Iterable[Chunk], counter: str, *, keep_in_memory: bool = False, alongside: bool = False) -> int:
-        """Claim `chunks` not planned yet and not in flight elsewhere; how many were added."""
-        extra = {c.digest: c for c in chunks if c.digest not in self.flights}
+        """Claim `chunks` not planned yet, not in flight elsewhere and not left to the prefetch
+        (`ChunkReader.reserved`: a guess there would only share the link with the stream that
+        brings it anyway); how many were added."""
+        lo, hi = self.reader.reserved
+        extra = {c.digest: c for c in chunks
+                 if c.digest not in self.flights and not (lo <= c.blob_offset and c.blob_end <= hi)}
         if not extra:
             return 0
         mine, _ = self.reader.fetcher.claim(extra)
@@ -110,6 +114,9 @@ class ChunkReader:
         self.counters = counters
         self.index = BlobIndex(parsed.toc)
         self.closed = threading.Event()
+        # Blob span [lo, hi) the prefetch will fetch later, piece by piece (prefetch.py): guesses
+        # leave its chunks to it; only what a reader waits for overtakes it.
+        self.reserved: tuple[int, int] = (0, 0)
         self.fetcher = Fetcher(
             source, name=f"blob {blob_digest}", max_concurrency=config.max_concurrency,
             scheduler=scheduler, counters=counters,

@@ -33,6 +33,7 @@ COUNTERS = {
     "reads_hold_background": "reads_holding_background",
     "prefetch": "prefetch_bytes",
     "background": "background_bytes",
+    "reads_overtake_prefetch": "prefetch_pieces",  # a region of more than two pieces (test_prefetch_pieces.py)
     "start": "start_chunks",  # image-wide (tests/layer/test_start_fetch.py): no layer alone runs it
 }
 # Production leaves sequential readahead off (0 = off); to drive it alone, give it a window.
@@ -44,7 +45,7 @@ def test_the_production_table_is_the_daemons():
     assert config_from_toml({}).layer == production
     assert production.enabled_policies() == (
         "neighbour", "executable", "small_layer", "library_readahead", "reads_hold_background", "prefetch",
-        "background", "start")
+        "background", "reads_overtake_prefetch", "start")
     assert set(COUNTERS) == set(POLICIES)
     off = production.with_policies()
     assert off.enabled_policies() == ()
