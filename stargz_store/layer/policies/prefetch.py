@@ -19,7 +19,6 @@ the same bytes.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Iterable, NamedTuple
 
@@ -124,10 +123,9 @@ class Prefetch(FetchPolicy):
         reader = self.reader
         fetcher = reader.fetcher
         size = self.config.prefetch_piece_size
-        log.debug("layer %s: prefetching %d piece(s) in turn", reader.blob_digest, len(pieces))
-        reader.reserved = (pieces[0][0].blob_offset, pieces[-1][-1].blob_end)
-
         end = pieces[-1][-1].blob_end
+        reader.reserved = (pieces[0][0].blob_offset, end)
+        log.debug("layer %s: prefetching %d piece(s) in turn", reader.blob_digest, len(pieces))
 
         def claim_from(index: int) -> _Claimed | None:
             """The first piece from `index` on with something left to fetch, claimed; the rest of
@@ -152,17 +150,19 @@ class Prefetch(FetchPolicy):
                 requests[0].start = 0
             length = sum(r.length for r in requests)
             self.counters.add("prefetch_bytes", length)
-            left = [length]
-            handed = threading.Event()
+            left = length
+            handed = False
 
-            def hand_off() -> None:
-                if following is not None and not handed.is_set():
-                    handed.set()
+            def hand_off() -> None:  # (only ever on this piece's worker thread)
+                nonlocal handed
+                if following is not None and not handed:
+                    handed = True
                     send(following, claim_from(following.index + 1))
 
             def received(n: int) -> None:
-                left[0] -= n
-                if left[0] <= _HAND_OFF:
+                nonlocal left
+                left -= n
+                if left <= _HAND_OFF:
                     hand_off()
 
             def run() -> None:
