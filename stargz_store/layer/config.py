@@ -36,7 +36,9 @@ from ..formats.toc import TocLimits
 HEURISTICS = ("neighbour", "executable", "small_layer", "sequential_readahead", "library_readahead",
               "reads_hold_background")
 LAYER_POLICIES = (*HEURISTICS, "prefetch", "background")  # each made per layer by `Layer`
-POLICIES = (*LAYER_POLICIES, "reads_overtake_prefetch", "start")  # "start" works on a whole image (layer/start_fetch.py, run by the pool)
+# "reads_overtake_prefetch" is how the prefetch claims its region (policies/prefetch.py); "start"
+# works on a whole image (layer/start_fetch.py, run by the pool).
+POLICIES = (*LAYER_POLICIES, "reads_overtake_prefetch", "start")
 FETCH_POLICIES = ("default", "baseline")
 
 # The Go store's fetch shape (stargz-snapshotter `[blob] chunk_size` and `max_concurrency` defaults).
@@ -88,9 +90,9 @@ class LayerConfig:
                                             # chunks only (as the Go stargz-store, where nobody waits)
     prefetch_size: int = 0                  # used when a layer has no landmark (0: no prefetch then)
     prefetch_piece_size: int = 4 << 20      # a prioritized region is claimed a piece of this many compressed bytes
-                                            # at a time, as its request goes out, so a read of a chunk further on
-                                            # fetches it at once instead of waiting for the stream (0: the whole
-                                            # region claimed at open, as the Go store; policies/prefetch.py)
+                                            # at a time, one piece ahead of the request on the wire, so a read of a
+                                            # chunk further on fetches it at once instead of waiting for the stream
+                                            # (0: the whole region claimed at open, as the Go store; prefetch.py)
     no_prefetch: bool = False
     no_background_fetch: bool = False
     start_fetch_limit: int = 64 << 20       # once every layer of an image is open, fetch the program its config

@@ -1,4 +1,4 @@
-"""Prefetch: at open, the layer's prioritized region (up to `.prefetch.landmark`) in one request.
+"""Prefetch: at open, the layer's prioritized region (up to `.prefetch.landmark`), in order.
 
 The region's chunks are verified and cached one by one as their bytes arrive (streamed), so a
 reader of its first file waits for that file only; readers of chunks still on their way wait
@@ -6,15 +6,14 @@ for those chunks rather than fetch them again. Without a landmark, `prefetch_siz
 none); with `.no.prefetch.landmark`, nothing. A region of which some chunks are cached or in
 flight elsewhere is fetched around them (no byte twice), in pieces of `prefetch_request_size`.
 
-Reads overtake the prefetch (`prefetch_piece_size`, off in the baseline): a region larger than
-two pieces is not claimed at open but a piece at a time, one piece ahead of the request on the
-wire. A read of a chunk further on is then an ordinary miss, fetched at once on its own request,
-and the prefetch later skips it. Claimed whole at open, that
-read would wait for the stream to get there: a JVM opening its classpath reads every jar's
-central directory (its last bytes) first, so with whole jars prioritized in first-open order the
-start waited for the whole region, and for the unread classes inside the jars with it. The
-pieces follow one another on the link (the next asked for as the current one ends) and bring
-the same bytes.
+A region of at most two pieces (`prefetch_piece_size`) is one request, claimed at open. Reads
+overtake a larger one (off in the baseline): it is claimed a piece at a time, one piece ahead of
+the request on the wire, so a read of a chunk further on is an ordinary miss, fetched at once on
+its own request, and the prefetch later skips it. Claimed whole at open, that read would wait
+for the stream to get there: a JVM opening its classpath reads every jar's central directory
+(its last bytes) first, so with whole jars prioritized in first-open order its start waited for
+the whole region, the classes it never reads included. The pieces follow one another on the link
+(the next asked for as the current one ends) and bring the same bytes.
 """
 from __future__ import annotations
 
