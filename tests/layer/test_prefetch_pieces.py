@@ -155,3 +155,30 @@ def test_the_next_piece_is_asked_for_before_the_current_one_ends(region, open_la
     finally:
         src.gate.set()
     assert layer.drain(60)
+
+
+class BrokenStreams(FileBlobSource):
+    """Every streamed request fails while `broken` (the TOC's reads are not streamed)."""
+
+    broken = True
+
+    def stream_range(self, offset, length, sink):
+        if self.broken:
+            raise ConnectionError("connection reset by peer")
+        super().stream_range(offset, length, sink)
+
+
+def test_a_failed_piece_ends_the_prefetch_and_reads_still_get_their_bytes(region, open_layer):
+    """A registry that fails gets no more of the prefetch than one request did (the piece that
+    failed and the one already claimed behind it), and every file still reads, fetched when read."""
+    built, names = region
+    src = BrokenStreams(built.path)  # the TOC reads, then every streamed request fails
+    layer, _ = open_layer(built, source=src, config=lazy_config(no_prefetch=False, prefetch_piece_size=PIECE))
+    assert layer.drain(60)
+    stats = layer.stats()
+    assert stats["prefetch_pieces"] == 2 and stats["fetch_errors"] == 2
+    assert layer.reader.reserved == (0, 0)
+    src.broken = False
+    for name in names:
+        entry = layer.toc.lookup(name)
+        assert layer.read(entry, 0, entry.size) == built.files[name]

@@ -118,18 +118,21 @@ class Prefetch(FetchPolicy):
         around, never twice). The next piece is asked for once the current one has at most
         `_HAND_OFF` bytes to go, so the link is not idle for a round trip between them. `whole`:
         nothing of the region was cached or in flight at open, so the first request starts at 0
-        and brings the tar headers before the first file along."""
+        and brings the tar headers before the first file along. A piece that fails (an error,
+        bytes that do not verify) ends the prefetch once what it had claimed is sent: a stalled
+        or broken registry gets no more of it than one request did, and reads fetch the rest."""
         reader = self.reader
         fetcher = reader.fetcher
         size = self.config.prefetch_piece_size
         end = pieces[-1][-1].blob_end
         reader.reserved = (pieces[0][0].blob_offset, end)
         log.debug("layer %s: prefetching %d piece(s) in turn", reader.blob_digest, len(pieces))
+        stopped = False
 
         def claim_from(index: int) -> _Claimed | None:
             """The first piece from `index` on with something left to fetch, claimed; the rest of
             the region stays reserved to the prefetch (guesses leave it alone)."""
-            while index < len(pieces) and not reader.closed.is_set():
+            while index < len(pieces) and not reader.closed.is_set() and not stopped:
                 chunks = pieces[index]
                 reader.reserved = (pieces[index + 1][0].blob_offset, end) if index + 1 < len(pieces) else (0, 0)
                 missing = {c.digest: c for c in chunks if not reader.cache.contains(c.digest)}
@@ -165,11 +168,17 @@ class Prefetch(FetchPolicy):
                     hand_off()
 
             def run() -> None:
+                nonlocal stopped
                 try:
                     if length <= _HAND_OFF:
                         hand_off()
                     for req in requests:
                         fetcher.run_batch([req], flights, True, "prefetch", received)
+                    if any(f.error is not None for f in flights.values()):  # (landed ones are gone)
+                        stopped = True
+                        reader.reserved = (0, 0)
+                        log.warning("layer %s: prefetch stopped after a failed piece; the rest is fetched as read",
+                                    reader.blob_digest)
                 finally:
                     hand_off()
 
