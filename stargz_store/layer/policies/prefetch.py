@@ -24,7 +24,7 @@ from typing import Iterable, NamedTuple
 from ...formats.toc import Chunk
 from ..errors import LayerReadError
 from ..flight import Flight
-from ..ranges import Request
+from ..ranges import Extent, Request
 from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
@@ -72,27 +72,25 @@ class Prefetch(FetchPolicy):
         if not missing:
             log.debug("layer %s: prefetch region already cached", self.reader.blob_digest)
             return
-        piece = self.config.prefetch_piece_size
-        if timeout is None and piece > 0:  # (an open that waits has no reader to overtake it)
-            pieces = split_into_pieces(missing.values(), piece)
+        piece_size = self.config.prefetch_piece_size
+        if timeout is None and piece_size > 0:  # (an open that waits has no reader to overtake it)
+            pieces = split_into_pieces(missing.values(), piece_size)
             if len(pieces) > 2:
                 self.fetch_in_pieces(pieces, whole=len(missing) == len(chunks))
                 return
         fetcher = self.reader.fetcher
         mine, theirs = fetcher.claim(missing)
         if mine:
-            extents = [self.reader.chunk_extent(missing[k], keep_in_memory=False) for k in mine]
+            extents = self._extents(missing, mine)
             flights = dict(mine)  # chunks the planner adds between extents join these
             piece = self.config.prefetch_request_size
             whole = len(mine) == len(chunks)  # nothing of the region cached or in flight elsewhere
             end = max(limit, max(e.end for e in extents))  # (block-aligned extents may end past it)
             if whole and end <= piece:  # one request from 0: the tar headers before the first file come along
                 requests = [Request(0, end, extents)]
+                self.counters.add("prefetch_bytes", end)
             else:  # around what is cached or in flight elsewhere; a huge region one piece at a time
-                requests = self.reader.plan_requests(extents, flights, gap=piece, max_size=piece)
-                if whole:
-                    requests[0].start = 0
-            self.counters.add("prefetch_bytes", sum(r.length for r in requests))
+                requests = self._plan(extents, flights, piece, from_zero=whole)
             log.debug("layer %s: prefetching %d request(s) up to %d", self.reader.blob_digest, len(requests), limit)
             if len(requests) == 1:
                 fetcher.submit(requests, flights, "prefetch")
@@ -108,6 +106,21 @@ class Prefetch(FetchPolicy):
         else:
             log.debug("layer %s: prefetch of %d chunk(s) ready in %.3f s", self.reader.blob_digest, len(missing),
                       time.monotonic() - began)
+
+    def _extents(self, missing: dict[str, Chunk], mine: dict[str, Flight]) -> list[Extent]:
+        """The claimed chunks' extents, on the direct path (to disk, not the memory LRU)."""
+        return [self.reader.chunk_extent(missing[k], keep_in_memory=False) for k in mine]
+
+    def _plan(self, extents: list[Extent], flights: dict[str, Flight], size: int, *, from_zero: bool) -> list[Request]:
+        """Requests of at most `size` bytes for claimed `extents`, around what is cached or in
+        flight elsewhere (chunks the planner adds between them join `flights`), counted as
+        prefetch bytes. `from_zero`: the first starts at 0, bringing the tar headers before the
+        first file along."""
+        requests = self.reader.plan_requests(extents, flights, gap=size, max_size=size)
+        if from_zero:
+            requests[0].start = 0
+        self.counters.add("prefetch_bytes", sum(r.length for r in requests))
+        return requests
 
     def fetch_in_pieces(self, pieces: list[list[Chunk]], *, whole: bool) -> None:
         """Fetch `pieces` in order, one request after another. A piece is claimed when the one
@@ -145,14 +158,10 @@ class Prefetch(FetchPolicy):
 
         def send(piece: _Claimed, following: _Claimed | None) -> None:
             self.counters.add("prefetch_pieces")
-            extents = [reader.chunk_extent(piece.missing[k], keep_in_memory=False) for k in piece.mine]
             flights = dict(piece.mine)
-            requests = reader.plan_requests(extents, flights, gap=size, max_size=size)
-            if piece.index == 0 and whole and len(piece.mine) == piece.size:
-                requests[0].start = 0
-            length = sum(r.length for r in requests)
-            self.counters.add("prefetch_bytes", length)
-            left = length
+            requests = self._plan(self._extents(piece.missing, piece.mine), flights, size,
+                                  from_zero=piece.index == 0 and whole and len(piece.mine) == piece.size)
+            length = left = sum(r.length for r in requests)
             handed = False
 
             def hand_off() -> None:  # (only ever on this piece's worker thread)
