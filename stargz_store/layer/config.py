@@ -93,9 +93,9 @@ class LayerConfig:
                                             # at a time, one piece ahead of the request on the wire, so a read of a
                                             # chunk further on fetches it at once instead of waiting for the stream
                                             # (0: the whole region claimed at open, as the Go store; prefetch.py).
-                                            # Each piece is a request of its own that starts slow (most likely TCP
-                                            # slow start on a connection that was idle): 4 MiB made the optimized
-                                            # toolchain image 6 % slower, java 4 % (five runs each, same pass)
+                                            # Each piece is a request of its own that starts slow (TCP slow start
+                                            # on a connection that was idle): 4 MiB made the optimized toolchain
+                                            # image 6 % slower, java 4 % (five runs each, same pass)
     no_prefetch: bool = False
     no_background_fetch: bool = False
     start_fetch_limit: int = 64 << 20       # once every layer of an image is open, fetch the program its config

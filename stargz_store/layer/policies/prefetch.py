@@ -16,9 +16,9 @@ the whole region, the classes it never reads included. The pieces follow one ano
 (the next asked for as the current one ends) and bring the same bytes. They are large (16 MiB):
 each is a request of its own, which starts slow (most likely TCP's slow start: a connection
 idle for a while starts again at the initial window), so every piece boundary costs a few round
-trips of a link not yet full. 4 MiB pieces made an optimized toolchain start (a 21 MB region read
-in order) 6 % slower than 16 MiB, which leaves it one request: 2.49 s against 2.34, five runs
-each in one pass.
+trips of a link not yet full (4 MiB pieces
+made an optimized toolchain start, a 21 MB region read in order, 6 % slower than 16 MiB, which
+leaves it one request: 2.49 s against 2.34, five runs each in one pass).
 """
 from __future__ import annotations
 
