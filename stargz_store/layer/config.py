@@ -89,13 +89,10 @@ class LayerConfig:
                                             # streams in and a read of a prefetched file waits for that file's
                                             # chunks only (as the Go stargz-store, where nobody waits)
     prefetch_size: int = 0                  # used when a layer has no landmark (0: no prefetch then)
-    prefetch_piece_size: int = 16 << 20     # a prioritized region is claimed a piece of this many compressed bytes
+    prefetch_piece_size: int = 4 << 20      # a prioritized region is claimed a piece of this many compressed bytes
                                             # at a time, one piece ahead of the request on the wire, so a read of a
                                             # chunk further on fetches it at once instead of waiting for the stream
-                                            # (0: the whole region claimed at open, as the Go store; prefetch.py).
-                                            # Each piece is a request of its own that starts slow (TCP slow start
-                                            # on a connection that was idle): 4 MiB made the optimized toolchain
-                                            # image 6 % slower, java 4 % (five runs each, same pass)
+                                            # (0: the whole region claimed at open, as the Go store; prefetch.py)
     no_prefetch: bool = False
     no_background_fetch: bool = False
     start_fetch_limit: int = 64 << 20       # once every layer of an image is open, fetch the program its config

@@ -51,7 +51,7 @@ def test_daemon_defaults_of_the_latency_features():
     layer = config_from_toml({}).layer
     assert not layer.prefetch_wait
     assert (layer.neighbour_fetch_size, layer.executable_fetch_limit) == (64 << 10, 64 << 20)
-    assert layer.small_layer_fetch_size == 2 << 20 and layer.prefetch_piece_size == 16 << 20
+    assert layer.small_layer_fetch_size == 2 << 20 and layer.prefetch_piece_size == 4 << 20
     off = config_from_toml({"store": {"neighbour_fetch_kb": 0, "executable_fetch_limit_mb": 0,
                                       "small_layer_fetch_kb": 0, "prefetch_piece_kb": 0}}).layer
     assert (off.neighbour_fetch_size, off.executable_fetch_limit, off.small_layer_fetch_size) == (0, 0, 0)

@@ -13,12 +13,7 @@ its own request, and the prefetch later skips it. Claimed whole at open, that re
 for the stream to get there: a JVM opening its classpath reads every jar's central directory
 (its last bytes) first, so with whole jars prioritized in first-open order its start waited for
 the whole region, the classes it never reads included. The pieces follow one another on the link
-(the next asked for as the current one ends) and bring the same bytes. They are large (16 MiB):
-each is a request of its own, which starts slow (most likely TCP's slow start: a connection
-idle for a while starts again at the initial window), so every piece boundary costs a few round
-trips of a link not yet full (4 MiB pieces
-made an optimized toolchain start, a 21 MB region read in order, 6 % slower than 16 MiB, which
-leaves it one request: 2.49 s against 2.34, five runs each in one pass).
+(the next asked for as the current one ends) and bring the same bytes.
 """
 from __future__ import annotations
 
