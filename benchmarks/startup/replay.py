@@ -57,8 +57,10 @@ from .variants import StoreVariant, VariantError, parse
 DEFAULT_CACHE_DIR = Path("/var/tmp/stargz-bench")
 MODES = ("estargz-noopt", "estargz")
 # Off in a replay: what runs in time rather than in step with the reads (the start fetch works
-# during podman's pull, which the replay does not model).
-_OFF = {"noprefetch": True, "no_background_fetch": True, "store": {"start_fetch_mb": 0}}
+# during podman's pull, which the replay does not model; import readahead follows modules as
+# they arrive, on a worker of its own, which the replay's steps cannot pace: the replay of the
+# default is the default without it).
+_OFF = {"noprefetch": True, "no_background_fetch": True, "store": {"start_fetch_mb": 0, "import_readahead": False}}
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ BASELINE_CONCURRENCY = 2  # the Go store's max_concurrency in the issue's compar
 
 # every read-path heuristic the store has, off (config/config.toml explains each)
 _KNOBS_OFF = {"neighbour_fetch_kb": 0, "small_layer_fetch_kb": 0, "executable_fetch_limit_mb": 0,
-              "library_readahead": False, "sequential_readahead_kb": 0}
+              "library_readahead": False, "import_readahead": False, "sequential_readahead_kb": 0}
 
 
 class VariantError(ValueError):

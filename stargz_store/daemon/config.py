@@ -56,7 +56,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
         {"negative_cache_ttl_sec", "resolve_timeout_sec", "resolve_workers", "memory_cache_size_mb",
          "max_toc_size_mb", "max_toc_entries", "max_path_depth", "max_chunk_size_mb", "platform", "kernel_cache", "negative_timeout", "read_ahead_kb",
          "sequential_readahead_kb", "wait_for_prefetch", "prefetch_piece_kb", "neighbour_fetch_kb",
-         "executable_fetch_limit_mb", "library_readahead", "start_fetch_mb", "fuse_no_open", "small_layer_fetch_kb",
+         "executable_fetch_limit_mb", "library_readahead", "import_readahead", "start_fetch_mb", "fuse_no_open", "small_layer_fetch_kb",
          "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb", "spare_server",
          "passthrough", "passthrough_min_kb", "passthrough_keep_files"},
         {},
@@ -151,6 +151,7 @@ def _build(doc: ConfigTable) -> StoreConfig:
     layer.small_layer_fetch_size = _int_or_off(store, "small_layer_fetch_kb", layer.small_layer_fetch_size >> 10) << 10
     layer.readahead_size = _int_or_off(store, "sequential_readahead_kb", layer.readahead_size >> 10) << 10
     layer.library_readahead = _bool(store, "library_readahead", layer.library_readahead)
+    layer.import_readahead = _bool(store, "import_readahead", layer.import_readahead)
     layer.start_fetch_limit = _int_or_off(store, "start_fetch_mb", layer.start_fetch_limit >> 20) << 20
     layer.background_waits_for_reads = _bool(store, "background_waits_for_reads", layer.background_waits_for_reads)
     layer.no_background_fetch = _bool(doc, "no_background_fetch", layer.no_background_fetch)

@@ -150,12 +150,12 @@ class Fetcher:
     def claim(self, keys: Iterable[str]) -> tuple[dict[str, Flight], dict[str, Flight]]:
         return self.flights.claim(keys)
 
-    def submit_requests(self, requests: list[Request], flights: dict[str, Flight]) -> None:
+    def submit_requests(self, requests: list[Request], flights: dict[str, Flight], *, batches: int | None = None) -> None:
         """Run planned requests for claimed extents on the worker threads (foreground), spread
-        over up to `max_concurrency` `read_ranges` calls. `flights` is copied: the fetcher drops
-        each flight from its copy once landed (see `_land`)."""
+        over up to `batches` (default `max_concurrency`) `read_ranges` calls. `flights` is
+        copied: the fetcher drops each flight from its copy once landed (see `_land`)."""
         flights = dict(flights)
-        for batch in split_into_batches(requests, self.max_concurrency):
+        for batch in split_into_batches(requests, min(batches or self.max_concurrency, self.max_concurrency)):
             self._submit_foreground(lambda batch=batch: self.run_batch(batch, flights, True), batch, flights)
 
     def submit(self, batch: list[Request], flights: dict[str, Flight], kind: str = "on_demand") -> None:

@@ -26,7 +26,7 @@ from .blob_index import stored_size
 from .config import HEURISTICS, LayerConfig
 from .errors import LayerReadError
 from .fetcher import FETCH_COUNTERS, Counters
-from .policies import POLICY_CLASSES, BackgroundFetch, FetchPolicy, LibraryReadahead, Prefetch
+from .policies import POLICY_CLASSES, BackgroundFetch, FetchPolicy, ImportReadahead, LibraryReadahead, Prefetch
 from .reader import ChunkReader, FetchPlan
 from .scheduler import FetchScheduler
 from .sources import BlobSource
@@ -40,7 +40,7 @@ LAYER_COUNTERS = (
     "chunks_fetched", "cache_hits", "cache_misses", "gap_chunks", "prefetch_bytes", "neighbour_chunks",
     "executable_chunks", "small_layer_chunks", "readahead_chunks", "ahead_chunks", "programs_read",
     "reads_holding_background", "blob_cache_hits", "cache_write_errors", "start_chunks",
-    "prefetch_pieces",
+    "prefetch_pieces", "modules_read", "import_chunks",
 )
 
 
@@ -64,6 +64,7 @@ class Layer:
         *,
         scheduler: FetchScheduler | None = None,
         library_worker: LibraryReadahead | None = None,
+        import_worker: ImportReadahead | None = None,
         backing: BackingFiles | None = None,
     ) -> None:
         self.source = source
@@ -77,6 +78,7 @@ class Layer:
         self.config = config or LayerConfig()
         self.scheduler = scheduler or FetchScheduler()
         self.library_worker = library_worker
+        self.import_worker = import_worker
         self.counters = Counters(*FETCH_COUNTERS, *LAYER_COUNTERS)
         self.reader = ChunkReader(source, parsed, self.blob_digest, self.blob_size, cache, self.config,
                                   self.scheduler, self.counters)
@@ -117,8 +119,10 @@ class Layer:
 
     # ---- file data ---------------------------------------------------------------------------
 
-    def read(self, entry: TocEntry, offset: int, size: int) -> bytes:
-        """Bytes `[offset, offset+size)` of regular file `entry`, clipped to its size."""
+    def read(self, entry: TocEntry, offset: int, size: int, *, keep_in_memory: bool = True) -> bytes:
+        """Bytes `[offset, offset+size)` of regular file `entry`, clipped to its size.
+        `keep_in_memory=False`: chunks read from the disk cache stay out of the memory LRU (a
+        policy's look at a file, not a reader's)."""
         if offset < 0 or size < 0:
             raise ValueError(f"negative offset {offset} or size {size}")
         if entry.type != REG:
@@ -130,7 +134,7 @@ class Layer:
         reader = self.reader
         reader.check_open()
         deadline = reader.deadline()
-        data, missing = reader.lookup(chunks)
+        data, missing = reader.lookup(chunks, keep_in_memory=keep_in_memory)
         waits = {}
         if missing:
             plan = FetchPlan(reader)
@@ -161,15 +165,22 @@ class Layer:
         compressed bytes) without waiting: a guess that it is read soon (library readahead and
         the start fetch ask this of the layer that holds a file). `counter` counts the chunks
         started. True if anything started."""
-        if entry.type != REG or not entry.chunks or self.reader.closed.is_set():
-            return False
-        if stored_size(entry) > max(self.config.library_fetch_limit, 0):
-            return False
+        return bool(self.fetch_files_ahead([entry], counter))
+
+    def fetch_files_ahead(self, entries: Sequence[TocEntry], counter: str, *, gap: int | None = None,
+                          batches: int | None = None) -> list[TocEntry]:
+        """`fetch_ahead` for several files in one plan: files stored at most `gap` compressed
+        bytes apart (default `coalesce_gap`) share a request, sent as at most `batches`
+        `read_ranges` calls (default `max_concurrency`). The files anything was started for."""
+        if self.reader.closed.is_set():
+            return []
+        limit = max(self.config.library_fetch_limit, 0)
         plan = FetchPlan(self.reader)
-        if not plan.add(self.reader.uncached(entry.chunks), counter):
-            return False
-        self.reader.dispatch(plan)
-        return True
+        started = [e for e in entries if e.type == REG and e.chunks and stored_size(e) <= limit
+                   and plan.add(self.reader.uncached(e.chunks), counter)]
+        if started:
+            self.reader.dispatch(plan, gap=gap, batches=batches)
+        return started
 
     def _chunk_span(self, entry: TocEntry, offset: int, size: int) -> tuple[int, int]:
         """Indexes of the first and last chunk holding file bytes `[offset, offset+size)` (first >

@@ -124,14 +124,15 @@ class ChunkReader:
 
     # ---- lookups ------------------------------------------------------------------------------
 
-    def lookup(self, chunks: Iterable[Chunk]) -> tuple[dict[str, bytes], dict[str, Chunk]]:
-        """(bytes of the chunks the cache has or a hole makes, the missing chunks by digest)."""
+    def lookup(self, chunks: Iterable[Chunk], *, keep_in_memory: bool = True) -> tuple[dict[str, bytes], dict[str, Chunk]]:
+        """(bytes of the chunks the cache has or a hole makes, the missing chunks by digest);
+        `keep_in_memory`: what is read from disk goes into the memory LRU."""
         got: dict[str, bytes] = {}
         missing: dict[str, Chunk] = {}
         for c in chunks:
             if c.digest in got or c.digest in missing:
                 continue
-            d = self.cache.get(c.digest, c.size)
+            d = self.cache.get(c.digest, c.size, keep_in_memory=keep_in_memory)
             if d is None and c.zeros:
                 d = self.synthesize_zeros(c, keep_in_memory=True)
             if d is None:
@@ -169,16 +170,19 @@ class ChunkReader:
         self.dispatch(plan)
         return got, {**mine, **theirs}
 
-    def dispatch(self, plan: FetchPlan, *, max_request_size: int | None = None) -> None:
+    def dispatch(self, plan: FetchPlan, *, max_request_size: int | None = None, gap: int | None = None,
+                 batches: int | None = None) -> None:
         """Send what `plan` claimed: its alongside extents first (their own requests), then the
-        rest (`max_request_size` 0: one request per extent, so they land one by one in parallel)."""
+        rest (`max_request_size` 0: one request per extent, so they land one by one in parallel;
+        `gap`: extents this close share a request, default `coalesce_gap`; `batches`: at most
+        this many `read_ranges` calls, default `max_concurrency`)."""
         for extents in (plan.alongside, plan.extents):
             if extents:
                 requests = self.plan_requests(
-                    extents, plan.flights, gap=self.config.coalesce_gap,
+                    extents, plan.flights, gap=self.config.coalesce_gap if gap is None else gap,
                     max_size=self.config.max_request_size if max_request_size is None else max_request_size,
                 )
-                self.fetcher.submit_requests(requests, plan.flights)
+                self.fetcher.submit_requests(requests, plan.flights, batches=batches)
 
     def plan_requests(self, extents: list[Extent], flights: dict[str, Flight], *, gap: int, max_size: int) -> list[Request]:
         """Coalesce claimed extents into requests without fetching any byte twice.

@@ -15,7 +15,7 @@ from ..formats.layer_toc import ParsedToc
 from .config import LayerConfig
 from .layer import Layer
 from .backing import BackingFiles
-from .policies import LibraryReadahead
+from .policies import ImportReadahead, LibraryReadahead
 from .scheduler import FetchScheduler
 from .sources import BlobSource
 from .trees import building_trees
@@ -178,17 +178,20 @@ class TailCachedReadAt:
 class LayerResolver:
     """Opens layers for the daemon. One per daemon; thread-safe (layers of an image are opened
     in parallel). Its layers share one `FetchScheduler` (background fetch waits for every
-    layer's reads) and one library readahead worker (`library_worker`; None: the process's)."""
+    layer's reads), one library readahead worker (`library_worker`; None: the process's) and one
+    import readahead worker (`import_worker`, likewise)."""
 
     def __init__(
         self, client: RegistryClient | None, cache: ChunkCache, config: LayerConfig | None = None,
-        *, library_worker: LibraryReadahead | None = None, backing: BackingFiles | None = None,
+        *, library_worker: LibraryReadahead | None = None, import_worker: ImportReadahead | None = None,
+        backing: BackingFiles | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
         self.backing = backing  # backing files for passthrough (None: none are made)
         self.config = config or LayerConfig()
         self.library_worker = library_worker
+        self.import_worker = import_worker
         self.scheduler = FetchScheduler(
             background_slots=self.config.background_slots,
             quiet_period=self.config.background_quiet_period,
@@ -223,7 +226,8 @@ class LayerResolver:
             release_frames(e)
             raise
         layer = Layer(source, parsed, descriptor, self.cache, self.config, scheduler=self.scheduler,
-                      library_worker=self.library_worker, backing=self.backing)
+                      library_worker=self.library_worker,
+                      import_worker=self.import_worker, backing=self.backing)
         layer.start()  # prefetch, background fetch: as the config says
         return layer
 

@@ -20,7 +20,10 @@ the merged view of the image's layers (whiteouts honoured, symlinks followed):
    command position of a shell's `-c` string, resolved like the program. A small text file it
    names (a script) is read, and the programs and paths in it are taken the same way, one level
    deep, never further;
-3. starts the programs and their libraries first, waits for them (bounded), then the other files.
+3. for a Python interpreter run with `-c CODE` or `-m MODULE`, hands the modules that code
+   imports to import readahead (policies/imports.py), which fetches them and what they import
+   in turn, when that policy is on;
+4. starts the programs and their libraries first, waits for them (bounded), then the other files.
 
 An optimized image (a layer with a `.prefetch.landmark`) gets none: its prioritized files are the
 record of its start and are prefetched already.
@@ -50,7 +53,9 @@ from .blob_index import stored_size
 from .config import LayerConfig
 from .elf import ELF_MAGIC, dynamic_info
 from .errors import LayerReadError
+from .policies.imports import ModuleFile, shared_import_worker
 from .policies.libraries import find_libraries, resolve_in_layers
+from .pyimports import Import, imports_of
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ _CONTROL = frozenset({";", "&&", "||", "|", "&", "(", ")", ";;", "|&", "`"})
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _OPERATOR_CHARS = frozenset(";&|()<>")
 _SHELL_SHEBANG = re.compile(r"#!\s*\S*/(?:env\s+)?(?:" + "|".join(sorted(SHELLS)) + r")\b")
+_PYTHON = re.compile(r"python(?:\d(?:\.\d+)?)?$")
+_PYTHON_VERSION = re.compile(r"python(\d\.\d+)$")
 _PATH_IN_TEXT = re.compile(r"(?<![\w.~$/-])/(?:[\w.+@-]+/)*[\w.+@-]+")
 
 
@@ -112,6 +119,7 @@ class StartPlanReport:
     files: list[str] = field(default_factory=list)      # other files the command names
     started_bytes: int = 0                               # compressed bytes of the files it fetched
     skipped: list[str] = field(default_factory=list)    # files left out by a limit
+    modules: int = 0                                     # module files of `python -c`/`-m` handed to import readahead
 
 
 class StartFetch:
@@ -169,6 +177,8 @@ class StartFetch:
                 else:
                     data.append((layer, entry))
         self._start_programs(programs)
+        if _PYTHON.match(posixpath.basename(argv[0])):
+            self._python_imports(argv[0], words)
         found: list[tuple[Any, TocEntry]] = []
         # Scripts run as programs (an entrypoint script, found by its `#!`: started already) are
         # read like a shell's script operand.
@@ -215,6 +225,31 @@ class StartFetch:
                 layer.read(entry, entry.size - 1, 1)
             except (LayerReadError, OSError) as e:
                 log.debug("start fetch: /%s not in: %s", entry.name, e)
+
+    def _python_imports(self, program: str, words: list[str]) -> None:
+        """`python3 -c CODE` or `python3 -m MODULE`: start fetching the modules the interpreter
+        imports first (import readahead follows what they import); a script operand is followed
+        when Python reads it, as any module."""
+        config = getattr(self.layers[0], "config", None)
+        if not isinstance(config, LayerConfig) or not config.policy_enabled("import_readahead"):
+            return
+        imports: list[Import] | None = None
+        for i, word in enumerate(words[:-1]):
+            if word == "-m":
+                imports = [Import(words[i + 1], 0, ())]
+            elif word[:1] == "-" and word[1:2] != "-" and word.endswith("c"):  # -c, -Bc, -uc
+                imports = imports_of("-c.py", words[i + 1].encode())
+            elif word[:1] == "-":
+                continue
+            break
+        if not imports:
+            return
+        hit = self._resolve_command(program)
+        version = _PYTHON_VERSION.search(hit[1].name) if hit is not None else None
+        where = ModuleFile(self.command.workdir.strip("/"), "__main__", "", version[1] if version else "")
+        worker = getattr(self.layers[0], "import_worker", None) or shared_import_worker()
+        layers = self.layers
+        self.report.modules = worker.fetch_imports(lambda: layers, where, imports, "the command line")
 
     # ---- programs ------------------------------------------------------------------------------
 
@@ -377,8 +412,9 @@ def start_image(layers: Sequence[Any], config_raw: bytes, *, name: str = "") -> 
         except Exception as e:  # a guess: never let it take anything down
             log.debug("%s: start fetch failed: %s", name, e)
             return
-        log.info("%s: start fetch of %d program(s) and %d file(s), %.1f MB, in %.2f s%s", name,
-                 len(report.programs), len(report.files), report.started_bytes / 1e6, time.monotonic() - began,
+        log.info("%s: start fetch of %d program(s), %d file(s) and %d Python module(s), %.1f MB, in %.2f s%s", name,
+                 len(report.programs), len(report.files), report.modules, report.started_bytes / 1e6,
+                 time.monotonic() - began,
                  f" ({len(report.skipped)} over the limits)" if report.skipped else "")
         log.debug("%s: start fetch programs %s; files %s", name, report.programs, report.files)
 

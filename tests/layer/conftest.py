@@ -28,14 +28,15 @@ def lazy_config(**kw) -> LayerConfig:
 
 @pytest.fixture
 def open_layer(cache):
-    """open_layer(built, source=None, config=None, cache=None, scheduler=None, library_worker=None)
+    """open_layer(built, source=None, config=None, cache=None, scheduler=None, library_worker=None, import_worker=None)
     -> (layer, source); closes them after. `scheduler` replaces the resolver's (e.g. a WatchedScheduler)."""
     opened = []
 
     def _open(built: BuiltLayer, *, source=None, config: LayerConfig | None = None, cache_=None, scheduler=None,
-              library_worker=None):
+              library_worker=None, import_worker=None):
         src = source or built.source()
-        resolver = LayerResolver(None, cache_ or cache, config or lazy_config(), library_worker=library_worker)
+        resolver = LayerResolver(None, cache_ or cache, config or lazy_config(), library_worker=library_worker,
+                                 import_worker=import_worker)
         if scheduler is not None:
             resolver.scheduler = scheduler
         layer = resolver.open_layer_from_source(src, built.descriptor)

@@ -30,6 +30,7 @@ COUNTERS = {
     "small_layer": "small_layer_chunks",
     "sequential_readahead": "readahead_chunks",
     "library_readahead": "ahead_chunks",
+    "import_readahead": "import_chunks",
     "reads_hold_background": "reads_holding_background",
     "prefetch": "prefetch_bytes",
     "background": "background_bytes",
@@ -44,8 +45,8 @@ def test_the_production_table_is_the_daemons():
     production = LayerConfig()
     assert config_from_toml({}).layer == production
     assert production.enabled_policies() == (
-        "neighbour", "executable", "small_layer", "library_readahead", "reads_hold_background", "prefetch",
-        "background", "reads_overtake_prefetch", "start")
+        "neighbour", "executable", "small_layer", "library_readahead", "import_readahead", "reads_hold_background",
+        "prefetch", "background", "reads_overtake_prefetch", "start")
     assert set(COUNTERS) == set(POLICIES)
     off = production.with_policies()
     assert off.enabled_policies() == ()
@@ -54,15 +55,16 @@ def test_the_production_table_is_the_daemons():
 
 @pytest.fixture(scope="module")
 def busy_layer(tmp_path_factory) -> BuiltLayer:
-    """Small files side by side, executables of several chunks, a program and the libc it loads,
-    a file read sequentially, a prioritized file: under 2 MiB, so a small layer."""
+    """Small files side by side (a module importing its sibling), executables of several chunks,
+    a program and the libc it loads, a file read sequentially, a prioritized file: under 2 MiB,
+    so a small layer."""
     info = dynamic_info(lambda offset, size: PROGRAM.read_bytes()[offset : offset + size])
     assert info is not None and "libc.so.6" in info.needed
     rnd = random.Random(9)
     text = lambda n, tag: b"".join(b"%s %d\n" % (tag, i) for i in range(n))  # noqa: E731
     files = {
         "etc/motd": b"welcome\n",
-        "pkg/a.py": text(200, b"a"), "pkg/b.py": text(200, b"b"), "pkg/c.py": text(200, b"c"),
+        "pkg/a.py": text(200, b"a"), "pkg/b.py": b"from . import c\n" + text(200, b"b"), "pkg/c.py": text(200, b"c"),
         "bin/tool": rnd.randbytes(300_000),
         "data/seq": rnd.randbytes(400_000),
         "usr/bin/prog": PROGRAM.read_bytes(),
@@ -97,7 +99,7 @@ def test_each_policy_alone_moves_its_counter_and_no_other(policy, busy_layer, op
     counter = COUNTERS[policy]
     if policy == "background":
         assert layer.wait_background(60) and layer.background_state == "done"
-    elif policy == "library_readahead":  # looked up on the readahead worker
+    elif policy in ("library_readahead", "import_readahead"):  # looked up on a readahead worker
         wait_until(lambda: layer.stats()[counter] > 0)
     assert layer.drain(30)
     stats = layer.stats()

@@ -195,3 +195,39 @@ def test_the_baseline_and_a_zero_limit_start_nothing(image):
     # the test layers run `lazy_config()`, every policy off, start fetch included
     assert start_image(layers, _config(["/bin/sh", "-c", "cat /data/model.bin"])) is None
     assert sum(s.calls for s in sources) == 0
+
+
+@pytest.mark.parametrize("argv, started, fetched", [
+    (["python3", "-c", "import json, mylib.util\nprint(1)"], 2, {"json/__init__.py", "json/decoder.py", "mylib/util.py"}),
+    (["python3", "-u", "-m", "mylib.util"], 1, {"mylib/util.py"}),
+    (["python3", "-c", "print(1)"], 0, set()),
+])
+def test_a_python_command_hands_its_imports_to_import_readahead(tmp_path, open_layer, argv, started, fetched):
+    """`python3 -c CODE` / `-m MODULE`: the modules it imports are fetched before Python runs, and
+    what those import in turn (json/__init__ imports .decoder); not what it does not import.
+    (An empty file has no chunks: nothing to fetch.)"""
+    from stargz_store.layer.policies.imports import ImportReadahead
+
+    lib = "usr/lib/python3.11"
+    files = {"usr/bin/python3.11": PROGRAM_BYTES, f"{lib}/json/__init__.py": b"from .decoder import JSONDecoder\n",
+             f"{lib}/json/decoder.py": b"x = 1\n", f"{lib}/mylib/__init__.py": b"",
+             f"{lib}/mylib/util.py": b"y = 2\n" * 10, f"{lib}/unused.py": RND.randbytes(30_000).hex().encode()}
+    dirs = sorted({"/".join(n.split("/")[: i + 1]) for n in files for i in range(n.count("/"))})
+    built = layer_of(tmp_path / "l", [tar_member(d, tarfile.DIRTYPE, mode=0o755) for d in dirs] + [
+        tar_member("usr/bin/python3", tarfile.SYMTYPE, link="python3.11"),
+        *(tar_member(n, size=len(b), mode=0o755 if n.startswith("usr/bin") else 0o644) for n, b in files.items())],
+        files)
+    worker = ImportReadahead()
+    layer, _ = open_layer(built, config=lazy_config(import_readahead=True), import_worker=worker)
+    try:
+        layer.attach_image(lambda: [layer])
+        plan = _run([layer], argv)
+        worker.close()
+        worker._thread.join(10)  # what the command's modules import, looked at
+        assert layer.drain(30)
+        assert plan.report.modules == started  # json/__init__.py and mylib/util.py (mylib/__init__.py is empty)
+        python_files = {name.removeprefix(f"{lib}/") for name in files if name.startswith(lib) and files[name]
+                        and _cached(layer, name)}
+        assert python_files == fetched
+    finally:
+        worker.close()

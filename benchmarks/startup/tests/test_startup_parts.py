@@ -352,7 +352,7 @@ def test_replay_runs_the_variants_read_path_without_what_needs_time():
 
     default = replay.layer_config(variants.builtin(variants.DEFAULT))
     assert default.enabled_policies() == ("neighbour", "executable", "small_layer", "library_readahead",
-                                          "reads_hold_background")
+                                          "reads_hold_background", "reads_overtake_prefetch")  # (no prefetch to overtake)
     baseline = replay.layer_config(variants.builtin(variants.BASELINE))
     assert baseline.fetch_policy == "baseline" and baseline.max_concurrency == 2
     assert baseline.enabled_policies() == () and baseline.fetch_block_size == 50_000

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .background import BackgroundFetch
 from .base import HOOKS, FetchPolicy, PolicyFactory, PolicyHost
 from .executable import ExecutableFetch
+from .imports import ImportReadahead, ImportReadaheadPolicy
 from .libraries import LibraryReadahead, LibraryReadaheadPolicy, fetch_libraries, resolve_in_layers, shared_worker
 from .neighbour import NeighbourFetch
 from .prefetch import Prefetch
@@ -18,7 +19,7 @@ from .reads_hold_background import ReadsHoldBackground
 from .small_layer import SmallLayerFetch
 
 __all__ = [
-    "HOOKS", "BackgroundFetch", "ExecutableFetch", "FetchPolicy", "LibraryReadahead", "fetch_libraries", "LibraryReadaheadPolicy",
+    "HOOKS", "BackgroundFetch", "ExecutableFetch", "FetchPolicy", "ImportReadahead", "ImportReadaheadPolicy", "LibraryReadahead", "fetch_libraries", "LibraryReadaheadPolicy",
     "PolicyHost",
     "NeighbourFetch", "POLICY_CLASSES", "Prefetch", "ReadsHoldBackground", "SequentialReadahead", "SmallLayerFetch", "resolve_in_layers",
     "shared_worker",
@@ -30,6 +31,7 @@ POLICY_CLASSES: dict[str, PolicyFactory] = {
     "small_layer": SmallLayerFetch,
     "sequential_readahead": SequentialReadahead,
     "library_readahead": LibraryReadaheadPolicy,
+    "import_readahead": ImportReadaheadPolicy,
     "reads_hold_background": ReadsHoldBackground,
     "prefetch": Prefetch,
     "background": BackgroundFetch,

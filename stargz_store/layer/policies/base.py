@@ -41,6 +41,7 @@ class PolicyHost(Protocol):
     scheduler: FetchScheduler
     counters: Counters
     library_worker: Any
+    import_worker: Any
 
     def read(self, entry: TocEntry, offset: int, size: int) -> bytes: ...
 

@@ -40,7 +40,7 @@ def resolve_in_layers(layers: Sequence[Any], path: str) -> tuple[Any, TocEntry] 
             if done:
                 done.pop()
             continue
-        hit = _lookup(layers, "/".join([*done, comp]))
+        hit = lookup_in_layers(layers, "/".join([*done, comp]))
         if hit is None:
             return None
         entry = hit[1]
@@ -74,7 +74,9 @@ def find_libraries(layers: Sequence[Any], info: DynamicInfo, entry: TocEntry) ->
     return found
 
 
-def _lookup(layers: Sequence[Any], name: str) -> tuple[Any, TocEntry] | None:
+def lookup_in_layers(layers: Sequence[Any], name: str) -> tuple[Any, TocEntry] | None:
+    """(layer, entry) of `name` (any type, no symlink followed) in the merged view of `layers`
+    (top first), None when absent or deleted by a whiteout above."""
     parent, _, base = name.rpartition("/")
     whiteout = f"{parent}/.wh.{base}" if parent else f".wh.{base}"
     for layer in layers:
