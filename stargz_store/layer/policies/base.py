@@ -19,7 +19,8 @@ use of it), so this package does not depend on `layer.py`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence
+import threading
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Mapping, Protocol, Sequence, TypeVar
 
 from ...formats.layer_toc import ParsedToc
 from ...formats.toc import Chunk, Toc, TocEntry
@@ -51,6 +52,23 @@ class PolicyHost(Protocol):
 
 
 PolicyFactory = Callable[[PolicyHost], "FetchPolicy"]
+_Worker = TypeVar("_Worker")
+
+
+class SharedWorker(Generic[_Worker]):
+    """The process's one worker of a kind (one thread for all layers), made on first call:
+    `shared = SharedWorker(LibraryReadahead)`, then `shared()`."""
+
+    def __init__(self, make: Callable[[], _Worker]) -> None:
+        self._make = make
+        self._worker: _Worker | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> _Worker:
+        with self._lock:
+            if self._worker is None:
+                self._worker = self._make()
+            return self._worker
 
 HOOKS = ("on_open", "on_miss", "on_read", "on_data", "close")
 

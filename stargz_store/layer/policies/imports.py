@@ -52,7 +52,7 @@ from ..blob_index import stored_size
 from ..cincludes import includes_of, is_c_source, is_cxx
 from ..jsrequires import package_main, requires_of
 from ..pyimports import Import, imports_of
-from .base import FetchPolicy, PolicyHost
+from .base import FetchPolicy, PolicyHost, SharedWorker
 from .includes import IncludeFinder
 from .libraries import lookup_in_layers, resolve_in_layers
 from .requires import RequireFinder
@@ -190,22 +190,21 @@ class ModuleFinder:
 
     def _find_step(self, directory: str, name: str, tag: str) -> tuple[tuple[Any, TocEntry] | None, str | None]:
         path = f"{directory}/{name}" if directory else name
-        for candidate in (f"{path}/__pycache__/__init__.{tag}.pyc" if tag else "", f"{path}/__init__.py"):
-            if not candidate:
-                continue
-            hit = resolve_in_layers(self.layers, candidate)
-            if hit is not None:
-                return hit, path
-        for candidate in (f"{directory}/__pycache__/{name}.{tag}.pyc" if tag else "", f"{path}.py"):
-            if not candidate:
-                continue
-            hit = resolve_in_layers(self.layers, candidate)
-            if hit is not None:
-                return hit, None
+        hit = self._first_file(f"{path}/__pycache__/__init__.{tag}.pyc" if tag else "", f"{path}/__init__.py")
+        if hit is not None:  # a package
+            return hit, path
+        hit = self._first_file(f"{directory}/__pycache__/{name}.{tag}.pyc" if tag else "", f"{path}.py")
+        if hit is not None:  # a module
+            return hit, None
         found = lookup_in_layers(self.layers, path.strip("/"))
         if found is not None and found[1].type == DIR:  # a namespace package
             return None, path
         return None, None
+
+    def _first_file(self, *candidates: str) -> tuple[Any, TocEntry] | None:
+        """The first of `candidates` ('' skipped) that is a regular file in the layers: the
+        bytecode, then the source."""
+        return next((hit for c in candidates if c and (hit := resolve_in_layers(self.layers, c)) is not None), None)
 
     def _top_directory(self, where: ModuleFile, tag: str) -> str:
         """The directory on `sys.path` the importing file was found in: the first above its
@@ -403,17 +402,7 @@ def module_kind(name: str) -> str | None:
     return None
 
 
-_shared: ImportReadahead | None = None
-_shared_lock = threading.Lock()
-
-
-def shared_import_worker() -> ImportReadahead:
-    """The process's import readahead worker, started on first use (one thread for all layers)."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = ImportReadahead()
-        return _shared
+shared_import_worker = SharedWorker(ImportReadahead)  # the process's import readahead worker
 
 
 class ImportReadaheadPolicy(FetchPolicy):
@@ -421,7 +410,7 @@ class ImportReadaheadPolicy(FetchPolicy):
 
     def __init__(self, layer: PolicyHost) -> None:
         self.layer = layer
-        self.worker: ImportReadahead = getattr(layer, "import_worker", None) or shared_import_worker()
+        self.worker: ImportReadahead = layer.import_worker or shared_import_worker()
 
     def on_data(self, entry: TocEntry, offset: int, data: bytes) -> None:
         if offset != 0 or module_kind(entry.name) in (None, "package"):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ...formats.toc import DIR, REG, SYMLINK, TocEntry
 from ..elf import ELF_MAGIC, DynamicInfo, dynamic_info, library_dirs
-from .base import FetchPolicy, PolicyHost
+from .base import FetchPolicy, PolicyHost, SharedWorker
 
 log = logging.getLogger(__name__)
 
@@ -143,17 +143,7 @@ def fetch_libraries(image_layers: Callable[[], Sequence[Any]], layer: Any, entry
     return started
 
 
-_shared: LibraryReadahead | None = None
-_shared_lock = threading.Lock()
-
-
-def shared_worker() -> LibraryReadahead:
-    """The process's library readahead worker, started on first use (one thread for all layers)."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = LibraryReadahead()
-        return _shared
+shared_worker = SharedWorker(LibraryReadahead)  # the process's library readahead worker
 
 
 class LibraryReadaheadPolicy(FetchPolicy):
