@@ -14,8 +14,9 @@ The fetch policies (layer/policies/) and the knob that switches each:
 | small_layer          | `small_layer_fetch_size` > 0             | a whole small layer at its first miss      |
 | sequential_readahead | `readahead_size` > 0                     | a sequentially read file's next chunks     |
 | library_readahead    | `library_readahead`                      | the libraries an ELF program loads         |
-| import_readahead     | `import_readahead`                       | the modules a Python module imports, and   |
-|                      |                                          | theirs                                     |
+| import_readahead     | `import_readahead`                       | what a Python module, JavaScript file or   |
+|                      |                                          | C/C++ file imports, and theirs (not for an |
+|                      |                                          | optimized image)                           |
 | reads_hold_background| `background_waits_for_reads`             | nothing: reads served from the cache hold  |
 |                      |                                          | background fetch back, as fetches do       |
 | prefetch             | not `no_prefetch`                        | the prioritized region, at open            |
@@ -85,8 +86,8 @@ class LayerConfig:
                                             # the file's next chunks (0: off; the kernel's readahead does it)
     library_readahead: bool = True          # the first read of an ELF program fetches the libraries it loads
     library_fetch_limit: int = 64 << 20     # ... each at most this many compressed bytes
-    import_readahead: bool = True           # the first read of a Python module fetches the modules it imports at its
-                                            # top level, and theirs in turn (policies/imports.py)
+    import_readahead: bool = True           # the first read of a Python module, JavaScript or C/C++ file fetches what
+                                            # it imports at its top level, and theirs in turn (policies/imports.py)
     background_waits_for_reads: bool = True  # every read, cached or not, restarts background fetch's quiet
                                             # period (the Go store: only reads that fetch; the baseline)
     prefetch_timeout: float = 10.0          # seconds a layer open waits for its prefetch, with prefetch_wait
