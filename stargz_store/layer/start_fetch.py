@@ -412,10 +412,11 @@ def start_image(layers: Sequence[Any], config_raw: bytes, *, name: str = "") -> 
         except Exception as e:  # a guess: never let it take anything down
             log.debug("%s: start fetch failed: %s", name, e)
             return
-        log.info("%s: start fetch of %d program(s), %d file(s) and %d Python module(s), %.1f MB, in %.2f s%s", name,
-                 len(report.programs), len(report.files), report.modules, report.started_bytes / 1e6,
-                 time.monotonic() - began,
-                 f" ({len(report.skipped)} over the limits)" if report.skipped else "")
+        log.info("%s: start fetch of %d program(s) and %d file(s), %.1f MB, in %.2f s%s%s", name,
+                 len(report.programs), len(report.files), report.started_bytes / 1e6, time.monotonic() - began,
+                 f" ({len(report.skipped)} over the limits)" if report.skipped else "",
+                 f"; {report.modules} Python module(s) the command imports handed to import readahead"
+                 if report.modules else "")
         log.debug("%s: start fetch programs %s; files %s", name, report.programs, report.files)
 
     thread = threading.Thread(target=run, name="start-fetch", daemon=True)
