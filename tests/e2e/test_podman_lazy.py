@@ -163,7 +163,10 @@ def test_two_containers_at_once_fetch_no_chunk_twice(lazy_podman, e2e_images):
         ranges = store_ranges(during_runs, layer["digest"], layer["size"])
         fetched_any = fetched_any or bool(ranges)
         assert overlapping_pairs(ranges) == [], f"bytes of {layer['digest']} fetched twice: {sorted(ranges)}"
-    assert fetched_any, "the containers read files, so the store must have fetched some chunks"
+    if not fetched_any:  # the start fetch, during the pull, may have brought all the app reads first
+        started = [line for line in lazy_podman.store.log_tail(200000).splitlines() if "start fetch of" in line]
+        assert started and " 0 program(s) and 0 file(s)" not in started[-1], (
+            "the containers read files, so the store must have fetched some chunks, during the runs or before")
 
 
 def test_pulled_image_still_runs_after_the_store_restarts(lazy_podman, e2e_images):
