@@ -19,6 +19,7 @@ use of it), so this package does not depend on `layer.py`.
 """
 from __future__ import annotations
 
+import queue
 import threading
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Mapping, Protocol, Sequence, TypeVar
 
@@ -52,6 +53,34 @@ class PolicyHost(Protocol):
 
 
 PolicyFactory = Callable[[PolicyHost], "FetchPolicy"]
+Hint = tuple[Callable[[], Sequence[Any]], Any, TocEntry]  # (the image's layers, a layer, a file of it)
+
+
+class HintWorker:
+    """One daemon thread fed a bounded queue of hints (`Hint`s), for a readahead that parses
+    files the read path hands over: `_put` never blocks the read path (a hint dropped under load
+    costs only the round trips it would have saved), `close` ends the thread after what is
+    queued. A subclass sets its own state, then calls `__init__`, and implements `_run`."""
+
+    def __init__(self, name: str, max_queued: int) -> None:
+        self._queue: queue.Queue[Hint | None] = queue.Queue(max_queued)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> None:
+        try:
+            self._queue.put_nowait((image_layers, layer, entry))
+        except queue.Full:
+            pass
+
+    def close(self) -> None:
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def _run(self) -> None:
+        raise NotImplementedError
 _Worker = TypeVar("_Worker")
 
 

@@ -52,7 +52,7 @@ from ..blob_index import stored_size
 from ..cincludes import includes_of, is_c_source, is_cxx
 from ..jsrequires import package_main, requires_of
 from ..pyimports import Import, imports_of
-from .base import FetchPolicy, PolicyHost, SharedWorker
+from .base import FetchPolicy, HintWorker, PolicyHost, SharedWorker
 from .includes import IncludeFinder
 from .libraries import lookup_in_layers, resolve_in_layers
 from .requires import RequireFinder
@@ -237,21 +237,19 @@ class ModuleFinder:
         return ""
 
 
-class ImportReadahead:
+class ImportReadahead(HintWorker):
     """One worker thread for every layer's import lookups; `module_read` only queues (it is
     called on the read path). `modules` counts the files looked at, `started` the module files
     it started fetching."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Callable[[], Sequence[Any]], Any, TocEntry] | None] = queue.Queue(_MAX_QUEUED)
         self._seen: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
         self._memos: dict[tuple[int, ...], dict[tuple[str, ...], Any]] = {}  # per image (its layers' ids)
         self._cxx: dict[tuple[int, int], bool] = {}  # headers queued: whether what included them is C++
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="import-readahead", daemon=True)
-        self._thread.start()
         self.modules = 0
         self.started = 0
+        super().__init__("import-readahead", _MAX_QUEUED)
 
     def module_read(self, image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> bool:
         """Look at module file `entry` of `layer`, once per file (True: this time)."""
@@ -260,12 +258,6 @@ class ImportReadahead:
         self._put(image_layers, layer, entry)
         return True
 
-    def close(self) -> None:
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
-
     def _first_time(self, layer: Any, entry: TocEntry) -> bool:
         with self._lock:
             seen = self._seen.setdefault(layer, set())
@@ -273,12 +265,6 @@ class ImportReadahead:
                 return False
             seen.add(entry.ino)
             return True
-
-    def _put(self, image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> None:
-        try:
-            self._queue.put_nowait((image_layers, layer, entry))
-        except queue.Full:
-            pass  # a hint dropped under load costs nothing but the round trips it would have saved
 
     def _run(self) -> None:
         """Look at the queued files a wave at a time: what waits in the queue when the worker

@@ -14,13 +14,12 @@ resolves paths in itself only.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from typing import Any, Callable, Sequence
 
 from ...formats.toc import DIR, REG, SYMLINK, TocEntry
 from ..elf import ELF_MAGIC, DynamicInfo, dynamic_info, library_dirs
-from .base import FetchPolicy, PolicyHost, SharedWorker
+from .base import FetchPolicy, HintWorker, PolicyHost, SharedWorker
 
 log = logging.getLogger(__name__)
 
@@ -88,28 +87,17 @@ def lookup_in_layers(layers: Sequence[Any], name: str) -> tuple[Any, TocEntry] |
     return None
 
 
-class LibraryReadahead:
+class LibraryReadahead(HintWorker):
     """One worker thread for every layer's library lookups; `program_read` only queues (it is
     called on the read path). `programs`/`libraries` count what it looked at and started."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Callable[[], Sequence[Any]], Any, TocEntry] | None] = queue.Queue(_MAX_QUEUED)
-        self._thread = threading.Thread(target=self._run, name="library-readahead", daemon=True)
-        self._thread.start()
         self.programs = 0
         self.libraries = 0
+        super().__init__("library-readahead", _MAX_QUEUED)
 
     def program_read(self, image_layers: Callable[[], Sequence[Any]], layer: Any, entry: TocEntry) -> None:
-        try:
-            self._queue.put_nowait((image_layers, layer, entry))
-        except queue.Full:
-            pass  # a hint dropped under load costs nothing but the round trips it would have saved
-
-    def close(self) -> None:
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        self._put(image_layers, layer, entry)
 
     def _run(self) -> None:
         while True:
