@@ -58,7 +58,7 @@ _TABLES: dict[str, tuple[set[str], dict[str, Any]]] = {
          "sequential_readahead_kb", "wait_for_prefetch", "prefetch_piece_kb", "neighbour_fetch_kb",
          "executable_fetch_limit_mb", "library_readahead", "import_readahead", "start_fetch_mb", "fuse_no_open", "small_layer_fetch_kb",
          "background_waits_for_reads", "fetch_policy", "idle_layers", "max_images", "max_use_counts", "cache_max_size_gb", "spare_server",
-         "passthrough", "passthrough_min_kb", "passthrough_keep_files"},
+         "passthrough", "passthrough_min_kb", "passthrough_keep_files", "passthrough_copy_wait_sec"},
         {},
     ),
     "record": ({"images", "max_entries"}, {}),
@@ -191,6 +191,9 @@ def _build(doc: ConfigTable) -> StoreConfig:
         debug=_bool(doc, "debug", False),
     )
     cfg.passthrough_min_bytes = _int_or_off(store, "passthrough_min_kb", cfg.passthrough_min_bytes >> 10) << 10
+    copy_wait = store.number("passthrough_copy_wait_sec", minimum=0, maximum=3600)  # 0 = copy at once
+    if copy_wait is not None:
+        cfg.layer.backing_copy_wait = float(copy_wait)
     cfg.log_file_access = _bool(doc, "log_file_access", False)
     cfg.memory_cache_bytes = _int_or_off(store, "memory_cache_size_mb", cfg.memory_cache_bytes >> 20) << 20
     cfg.metrics_address = _metrics_address(doc)

@@ -8,6 +8,12 @@ Nothing is fetched for it: a partly cached file stays served by the store, chunk
 
 Files smaller than `min_size` are not offered (`[store] passthrough_min_kb`). The queue is
 bounded: offers beyond it are dropped (the file is offered again at its next open).
+
+A copy waits until the layers' fetches have gone quiet (`defer_to`: no foreground fetch in flight
+and none for the scheduler's quiet period), at most `wait` seconds: a starting container's files
+are released as it reads them, and copying them then (reading, hashing and writing each file
+again) takes a share of the cores from the start itself; a file the container opens again before
+its copy exists is served by the store, as before.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import Iterator
 from ..cache.backing_files import BackingFile, BackingFileError, BackingFileStore
 from ..cache.chunk_cache import ChunkCache
 from ..formats.toc import REG, TocEntry
+from .scheduler import FetchScheduler
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +44,16 @@ class BackingFiles:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        self._stats = dict.fromkeys(("offered", "incomplete", "failed"), 0)
+        self._stats = dict.fromkeys(("offered", "incomplete", "failed", "deferred"), 0)
+        self._scheduler: FetchScheduler | None = None
+        self._wait = 0.0
+        self._never = threading.Event()  # (the worker is a daemon thread: nothing stops its waits early)
+
+    def defer_to(self, scheduler: FetchScheduler, wait: float) -> None:
+        """Copies wait, at most `wait` seconds each (0: not at all), until `scheduler`'s fetches
+        have gone quiet (the resolver's, shared by every layer)."""
+        self._scheduler = scheduler
+        self._wait = max(0.0, wait)
 
     def key(self, entry: TocEntry) -> str:
         return self.store.key_for(entry.digest, (c.digest for c in entry.chunks), entry.size)
@@ -90,6 +106,7 @@ class BackingFiles:
     def _run(self) -> None:
         while (entry := self._queue.get()) is not None:
             key = self.key(entry)
+            self._wait_for_quiet()
             try:
                 self._make(key, entry)
             except Exception as e:  # noqa: BLE001 - one file must not stop the worker
@@ -100,6 +117,14 @@ class BackingFiles:
                     self._pending.discard(key)
                     if not self._pending:
                         self._idle.notify_all()
+
+    def _wait_for_quiet(self) -> None:
+        scheduler = self._scheduler
+        if scheduler is None or self._wait <= 0:
+            return
+        if scheduler.foreground_busy():
+            self._count("deferred")
+            scheduler.pause_for_foreground(self._never, self._wait)
 
     def _make(self, key: str, entry: TocEntry) -> None:
         if self.store.get(key) is not None:  # made meanwhile (here, or by the process before a restart)

@@ -120,6 +120,9 @@ class LayerConfig:
                                             # opens) have been quiet this long (Go: ~1.5 s; 1.5 measured no gain here)
     background_idle_wait: float = 0.05      # how long background fetch sleeps while reads are in flight
     background_slots: int = 2               # background batches running at once, over all layers
+    backing_copy_wait: float = 5.0          # a passthrough copy of a fully cached file waits at most this long for
+                                            # the fetches to go quiet, so a starting container keeps the cores
+                                            # (0: copied at once; layer/backing.py)
     blob_block_size: int = 1 << 20          # granularity of the raw-blob cache (ALS `blob` file)
     blob_readahead: int = 8 << 20           # a `blob` miss also fetches this far ahead (sequential copy)
 

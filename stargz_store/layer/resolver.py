@@ -196,6 +196,8 @@ class LayerResolver:
             background_slots=self.config.background_slots,
             quiet_period=self.config.background_quiet_period,
         )
+        if backing is not None:  # its copies wait for these layers' fetches to go quiet
+            backing.defer_to(self.scheduler, self.config.backing_copy_wait)
 
     def open_layer(
         self, ref: Reference, descriptor: Mapping, *, key_digest: str | None = None, early_tail: EarlyTail | None = None

@@ -95,6 +95,11 @@ class FetchScheduler:
                 self._cond.wait(min(poll, remaining))
         return not stop.is_set()
 
+    def foreground_busy(self) -> bool:
+        """A foreground fetch is in flight, or one ended less than the quiet period ago."""
+        with self._cond:
+            return self._foreground_busy()
+
     def _foreground_busy(self) -> bool:
         return self._foreground > 0 or time.monotonic() - self._last_foreground_end < self.quiet_period
 

@@ -1,0 +1,86 @@
+"""Passthrough copies of fully cached files wait until the layers' fetches have gone quiet (at most
+`backing_copy_wait` seconds), so a starting container keeps the cores (layer/backing.py)."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from stargz_store.cache.backing_files import BackingFileStore
+from stargz_store.layer.backing import BackingFiles
+from stargz_store.layer.resolver import LayerResolver
+
+from .conftest import lazy_config
+from .helpers import build_layer, wait_until
+
+
+@pytest.fixture
+def served(tmp_path, cache):
+    """A layer opened by a resolver whose backing files defer to its scheduler (quiet period
+    0.2 s, copies wait at most `wait`), one file of it read whole (every chunk cached)."""
+    opened = []
+
+    def _open(wait: float):
+        files = {"bin/app": random.Random(2).randbytes(300_000)}
+        built = build_layer(tmp_path / "layer.blob", files)
+        backing = BackingFiles(BackingFileStore(tmp_path / "files"), cache)
+        resolver = LayerResolver(None, cache, lazy_config(background_quiet_period=0.2, backing_copy_wait=wait),
+                                 backing=backing)
+        layer = resolver.open_layer_from_source(built.source(), built.descriptor)
+        opened.append(layer)
+        entry = layer.toc.lookup("bin/app")
+        assert layer.read(entry, 0, entry.size) == files["bin/app"]
+        assert layer.drain(10)
+        return resolver, backing, entry
+
+    yield _open
+    for layer in opened:
+        layer.close()
+
+
+def _busy(resolver: LayerResolver, seconds: float) -> threading.Thread:
+    """A foreground fetch in flight for `seconds` (what a starting container's reads are)."""
+    entered = threading.Event()
+
+    def hold():
+        with resolver.scheduler.foreground():
+            entered.set()
+            time.sleep(seconds)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert entered.wait(5)
+    return t
+
+
+def test_a_copy_waits_for_the_fetches_to_go_quiet(served):
+    resolver, backing, entry = served(wait=30.0)
+    fetching = _busy(resolver, 1.0)
+    backing.offer(entry)
+    time.sleep(0.6)
+    assert backing.lookup(entry) is None  # not while a fetch is in flight
+    assert backing.stats()["deferred"] == 1
+    fetching.join(5)
+    assert backing.wait_idle(10)
+    assert backing.lookup(entry) is not None  # made once they were quiet
+
+
+def test_a_copy_waits_no_longer_than_told(served):
+    resolver, backing, entry = served(wait=0.5)
+    _busy(resolver, 30.0)  # never quiet
+    began = time.monotonic()
+    backing.offer(entry)
+    wait_until(lambda: backing.lookup(entry) is not None, timeout=10)
+    assert 0.4 <= time.monotonic() - began < 10
+    assert backing.stats()["deferred"] == 1
+
+
+def test_with_no_wait_a_copy_is_made_at_once(served):
+    resolver, backing, entry = served(wait=0.0)
+    _busy(resolver, 30.0)
+    backing.offer(entry)
+    assert backing.wait_idle(10)
+    assert backing.lookup(entry) is not None
+    assert backing.stats()["deferred"] == 0
