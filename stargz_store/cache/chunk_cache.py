@@ -241,7 +241,7 @@ class ChunkCache:
             self.memory.put(digest, bytes(data))
         if os.path.exists(path):
             return
-        atomic_write(self.path_for(digest), data, fsync=self.fsync)
+        atomic_write(Path(path), data, fsync=self.fsync)
         self._count("puts")
         self._written(len(data))
 

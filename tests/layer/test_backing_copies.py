@@ -40,46 +40,54 @@ def served(tmp_path, cache):
         layer.close()
 
 
-def _busy(resolver: LayerResolver, seconds: float) -> threading.Thread:
-    """A foreground fetch in flight for `seconds` (what a starting container's reads are)."""
-    entered = threading.Event()
+@pytest.fixture
+def busy():
+    """busy(resolver): a foreground fetch in flight (what a starting container's reads are)
+    until the returned event is set (at the latest when the test ends)."""
+    done: list[threading.Event] = []
 
-    def hold():
-        with resolver.scheduler.foreground():
-            entered.set()
-            time.sleep(seconds)
+    def _busy(resolver: LayerResolver) -> threading.Event:
+        entered, release = threading.Event(), threading.Event()
 
-    t = threading.Thread(target=hold, daemon=True)
-    t.start()
-    assert entered.wait(5)
-    return t
+        def hold():
+            with resolver.scheduler.foreground():
+                entered.set()
+                release.wait(60)
+
+        threading.Thread(target=hold, daemon=True).start()
+        assert entered.wait(5)
+        done.append(release)
+        return release
+
+    yield _busy
+    for release in done:
+        release.set()
 
 
-def test_a_copy_waits_for_the_fetches_to_go_quiet(served):
-    resolver, backing, entry = served(wait=30.0)
-    fetching = _busy(resolver, 1.0)
+def test_a_copy_waits_for_the_fetches_to_go_quiet(served, busy):
+    resolver, backing, entry = served(wait=60.0)
+    fetching = busy(resolver)
     backing.offer(entry)
-    time.sleep(0.6)
+    wait_until(lambda: backing.stats()["deferred"] == 1)  # the worker got to it, and waits
     assert backing.lookup(entry) is None  # not while a fetch is in flight
-    assert backing.stats()["deferred"] == 1
-    fetching.join(5)
-    assert backing.wait_idle(10)
+    fetching.set()
+    assert backing.wait_idle(30)
     assert backing.lookup(entry) is not None  # made once they were quiet
 
 
-def test_a_copy_waits_no_longer_than_told(served):
+def test_a_copy_waits_no_longer_than_told(served, busy):
     resolver, backing, entry = served(wait=0.5)
-    _busy(resolver, 30.0)  # never quiet
+    busy(resolver)  # never quiet
     began = time.monotonic()
     backing.offer(entry)
     wait_until(lambda: backing.lookup(entry) is not None, timeout=10)
-    assert 0.4 <= time.monotonic() - began < 10
+    assert 0.5 <= time.monotonic() - began < 10  # it waited as long as told, then copied anyway
     assert backing.stats()["deferred"] == 1
 
 
-def test_with_no_wait_a_copy_is_made_at_once(served):
+def test_with_no_wait_a_copy_is_made_at_once(served, busy):
     resolver, backing, entry = served(wait=0.0)
-    _busy(resolver, 30.0)
+    busy(resolver)
     backing.offer(entry)
     assert backing.wait_idle(10)
     assert backing.lookup(entry) is not None
