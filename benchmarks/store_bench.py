@@ -160,33 +160,43 @@ def read_whole(path: Path) -> int:
             total += n
 
 
+def _walk(top: Path, read_file: Callable[[str], int]) -> tuple[int, int]:
+    """(files, bytes) of every file under `top`, each read whole by `read_file(path)`."""
+    files = total = 0
+    for dirpath, _, names in os.walk(top):
+        for name in names:
+            total += read_file(os.path.join(dirpath, name))
+            files += 1
+    return files, total
+
+
+def _read_with_open(path: str) -> int:
+    with open(path, "rb") as f:
+        return len(f.read())
+
+
+def _read_plain(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        total = 0
+        while chunk := os.read(fd, READ_SIZE):
+            total += len(chunk)
+        return total
+    finally:
+        os.close(fd)
+
+
 def walk_and_read(top: Path) -> tuple[int, int]:
     """Every file under `top` opened and read whole with Python's `open()`, as the issue's
     figures were taken: that `open()` also asks each file `isatty()`, one more FUSE round trip
     (an IOCTL) per file of the store (see `walk_and_read_plain`)."""
-    files = total = 0
-    for dirpath, _, names in os.walk(top):
-        for name in names:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                total += len(f.read())
-            files += 1
-    return files, total
+    return _walk(top, _read_with_open)
 
 
 def walk_and_read_plain(top: Path) -> tuple[int, int]:
     """The same walk with `os.open`/`os.read`/`os.close`, as `cat`, `tar` or an `exec` read a
     file: no `isatty()` (no IOCTL), so the store answers one OPEN and one RELEASE per file."""
-    files = total = 0
-    for dirpath, _, names in os.walk(top):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                while chunk := os.read(fd, READ_SIZE):
-                    total += len(chunk)
-            finally:
-                os.close(fd)
-            files += 1
-    return files, total
+    return _walk(top, _read_plain)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:

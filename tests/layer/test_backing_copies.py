@@ -17,27 +17,38 @@ from .helpers import build_layer, wait_until
 
 
 @pytest.fixture
-def served(tmp_path, cache):
-    """A layer opened by a resolver whose backing files defer to its scheduler (quiet period
-    0.2 s, copies wait at most `wait`), one file of it read whole (every chunk cached)."""
-    opened = []
+def opened(tmp_path, cache):
+    """opened(files, wait): a layer of `files` opened by a resolver whose backing files defer to
+    its scheduler (quiet period 0.2 s, copies wait at most `wait`); (resolver, backing, layer)."""
+    layers = []
 
-    def _open(wait: float):
-        files = {"bin/app": random.Random(2).randbytes(300_000)}
+    def _open(files: dict[str, bytes], wait: float):
         built = build_layer(tmp_path / "layer.blob", files)
         backing = BackingFiles(BackingFileStore(tmp_path / "files"), cache)
         resolver = LayerResolver(None, cache, lazy_config(background_quiet_period=0.2, backing_copy_wait=wait),
                                  backing=backing)
         layer = resolver.open_layer_from_source(built.source(), built.descriptor)
-        opened.append(layer)
+        layers.append(layer)
+        return resolver, backing, layer
+
+    yield _open
+    for layer in layers:
+        layer.close()
+
+
+@pytest.fixture
+def served(opened):
+    """A layer opened as `opened` does, one file of it read whole (every chunk cached)."""
+
+    def _open(wait: float):
+        files = {"bin/app": random.Random(2).randbytes(300_000)}
+        resolver, backing, layer = opened(files, wait)
         entry = layer.toc.lookup("bin/app")
         assert layer.read(entry, 0, entry.size) == files["bin/app"]
         assert layer.drain(10)
         return resolver, backing, entry
 
-    yield _open
-    for layer in opened:
-        layer.close()
+    return _open
 
 
 @pytest.fixture
@@ -94,23 +105,16 @@ def test_with_no_wait_a_copy_is_made_at_once(served, busy):
     assert backing.stats()["deferred"] == 0
 
 
-def test_a_walk_of_many_files_keeps_every_copy_while_they_wait(tmp_path, cache, busy):
+def test_a_walk_of_many_files_keeps_every_copy_while_they_wait(opened, busy):
     """A walk releases files faster than waiting copies are made: none is dropped (at a bound of
     4,096 a 20,000-file walk kept 4,101 and the next walk was served READ by READ)."""
     files = {f"d{i % 50}/f{i}": f"{i}\n".encode() for i in range(5000)}
-    built = build_layer(tmp_path / "layer.blob", files)
-    backing = BackingFiles(BackingFileStore(tmp_path / "files"), cache)
-    resolver = LayerResolver(None, cache, lazy_config(background_quiet_period=0.2, backing_copy_wait=60.0),
-                             backing=backing)
-    layer = resolver.open_layer_from_source(built.source(), built.descriptor)
-    try:
-        fetching = busy(resolver)
-        entries = [layer.toc.lookup(name) for name in files]
-        for entry in entries:
-            assert layer.read(entry, 0, entry.size) == files[entry.name]
-            backing.offer(entry)  # what the release of a walked file does
-        fetching.set()
-        assert backing.wait_idle(120)
-        assert sum(backing.lookup(entry) is not None for entry in entries) == len(files)
-    finally:
-        layer.close()
+    resolver, backing, layer = opened(files, wait=60.0)
+    fetching = busy(resolver)
+    entries = [layer.toc.lookup(name) for name in files]
+    for entry in entries:
+        assert layer.read(entry, 0, entry.size) == files[entry.name]
+        backing.offer(entry)  # what the release of a walked file does
+    fetching.set()
+    assert backing.wait_idle(120)
+    assert sum(backing.lookup(entry) is not None for entry in entries) == len(files)
