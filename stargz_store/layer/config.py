@@ -98,7 +98,8 @@ class LayerConfig:
     prefetch_piece_size: int = 4 << 20      # a prioritized region is claimed a piece of this many compressed bytes
                                             # at a time, one piece ahead of the request on the wire, so a read of a
                                             # chunk further on fetches it at once instead of waiting for the stream
-                                            # (0: the whole region claimed at open, as the Go store; prefetch.py)
+                                            # (0: the whole region claimed at open, as the Go store; prefetch.py);
+                                            # the start fetch's named files go in such pieces too (pieces.py)
     no_prefetch: bool = False
     no_background_fetch: bool = False
     start_fetch_limit: int = 64 << 20       # once every layer of an image is open, fetch the program its config

@@ -23,7 +23,12 @@ the merged view of the image's layers (whiteouts honoured, symlinks followed):
 3. for a Python interpreter run with `-c CODE` or `-m MODULE`, hands the modules that code
    imports to import readahead (policies/imports.py), which fetches them and what they import
    in turn, when that policy is on;
-4. starts the programs and their libraries first, waits for them (bounded), then the other files.
+4. starts the programs, then at once the files the command line names, in the order named and
+   one piece after another (`Layer.fetch_files_in_turn`: they are read in that order, the first
+   as soon as the program is exec'd; several requests at once would share the link and bring
+   every file late), then what the programs load, found by reading their headers (which waits
+   for their first chunk: the files' requests do not). The files named in a script come last,
+   once the programs and libraries are in (bounded wait).
 
 An optimized image (a layer with a `.prefetch.landmark`) gets none: its prioritized files are the
 record of its start and are prefetched already.
@@ -135,7 +140,7 @@ class StartFetch:
         self.wait_programs = wait_programs
         self.report = StartPlanReport()
         self._seen: set[tuple[int, str]] = set()
-        self._started: list[tuple[Any, TocEntry]] = []
+        self._started: list[tuple[Any, TocEntry]] = []  # programs, libraries, scripts: waited for
         self._exec_scripts: list[tuple[Any, TocEntry]] = []  # programs that turned out to be `#!` scripts
 
     # ---- the plan ------------------------------------------------------------------------------
@@ -176,7 +181,12 @@ class StartFetch:
                     operand = False
                 else:
                     data.append((layer, entry))
-        self._start_programs(programs)
+        # The programs first, then at once the files the command line names, in the order named
+        # (one piece after another: they are read in that order, by a command that is exec'd as
+        # soon as its program is in); then what the programs load, found by reading them.
+        taken = [(layer, entry) for layer, entry in programs if self._start(layer, entry, self.report.programs)]
+        self._start_in_turn(data)
+        self._start_programs(taken, started=True)
         if _PYTHON.match(posixpath.basename(argv[0])):
             self._python_imports(argv[0], words)
         found: list[tuple[Any, TocEntry]] = []
@@ -192,12 +202,12 @@ class StartFetch:
                 self._scan_script(layer, entry, is_shell, found, data)
         self._start_programs(found)
         self._wait_for(list(self._started))
-        for layer, entry in data:
-            self._start(layer, entry, self.report.files)
+        self._start_in_turn(data)  # (the files the scripts name)
         return self.report
 
-    def _start(self, layer: Any, entry: TocEntry, names: list[str]) -> bool:
-        """Fetch `entry` of `layer` whole, once, within the limits; True if this call took it."""
+    def _take(self, layer: Any, entry: TocEntry, names: list[str], *, waited_for: bool = True) -> bool:
+        """Count `entry` of `layer` as started, once, within the limits; True if this call took it.
+        `waited_for`: the files named in scripts start only once it is in."""
         key = (id(layer), entry.name)
         if key in self._seen:
             return False
@@ -211,9 +221,26 @@ class StartFetch:
         self._seen.add(key)
         self.report.started_bytes += size
         names.append("/" + entry.name)
-        layer.fetch_ahead(entry, counter="start_chunks")
-        self._started.append((layer, entry))
+        if waited_for:
+            self._started.append((layer, entry))
         return True
+
+    def _start(self, layer: Any, entry: TocEntry, names: list[str]) -> bool:
+        """Fetch `entry` of `layer` whole, once, within the limits; True if this call took it."""
+        if not self._take(layer, entry, names):
+            return False
+        layer.fetch_ahead(entry, counter="start_chunks")
+        return True
+
+    def _start_in_turn(self, files: list[tuple[Any, TocEntry]]) -> None:
+        """Fetch `files` whole, once, within the limits, in the order given, one piece after
+        another in each layer (`Layer.fetch_files_in_turn`)."""
+        by_layer: dict[int, tuple[Any, list[TocEntry]]] = {}
+        for layer, entry in files:
+            if self._take(layer, entry, self.report.files, waited_for=False):
+                by_layer.setdefault(id(layer), (layer, []))[1].append(entry)
+        for layer, entries in by_layer.values():
+            layer.fetch_files_in_turn(entries, "start_chunks")
 
     def _wait_for(self, hits: list[tuple[Any, TocEntry]]) -> None:
         """Wait (bounded) until the last byte of each file is in: the others start after them."""
@@ -268,13 +295,15 @@ class StartFetch:
             path = posixpath.join(self.command.workdir, path)
         return resolve_in_layers(self.layers, path)
 
-    def _start_programs(self, programs: list[tuple[Any, TocEntry]]) -> None:
+    def _start_programs(self, programs: list[tuple[Any, TocEntry]], *, started: bool = False) -> None:
         """Start each program, then what it needs in turn (breadth first): for an ELF file its
-        interpreter (PT_INTERP) and DT_NEEDED libraries, for a script its `#!` interpreter."""
+        interpreter (PT_INTERP) and DT_NEEDED libraries, for a script its `#!` interpreter.
+        `started`: `programs` were started already (what they need was not)."""
         queue = [(layer, entry, 0) for layer, entry in programs]
         while queue:
             layer, entry, depth = queue.pop(0)
-            if not self._start(layer, entry, self.report.programs) or depth >= _MAX_LIBRARY_DEPTH:
+            took = (started and depth == 0) or self._start(layer, entry, self.report.programs)
+            if not took or depth >= _MAX_LIBRARY_DEPTH:
                 continue
             for hit in self._needs(layer, entry):
                 queue.append((*hit, depth + 1))

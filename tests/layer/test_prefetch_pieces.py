@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from stargz_store.layer import LayerReadError
-from stargz_store.layer.policies.prefetch import split_into_pieces
+from stargz_store.layer.pieces import split_into_pieces
 from stargz_store.layer.sources import FileBlobSource
 
 from .conftest import lazy_config

@@ -6,20 +6,23 @@ libraries are the ones its ELF headers name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
-from stargz_store.layer import LayerConfig
+from stargz_store.layer import LayerConfig, pieces
 from stargz_store.layer.elf import MULTIARCH, dynamic_info
+from stargz_store.layer.sources import FileBlobSource
 from stargz_store.layer.start_fetch import StartCommand, StartFetch, start_image
 
 from .conftest import lazy_config
-from .helpers import build_layer, layer_of, tar_member
+from .helpers import BuiltLayer, build_layer, layer_of, tar_member, wait_until
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
 PROGRAM_BYTES = PROGRAM.read_bytes()
@@ -41,9 +44,9 @@ def _config(argv: list[str], **extra) -> bytes:
                        "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], **extra, "Cmd": argv}}).encode()
 
 
-@pytest.fixture
-def image(tmp_path, open_layer):
-    """Two layers: the libraries and data below, the programs and a script on top (merged /usr)."""
+def _image_layers(tmp_path) -> tuple[BuiltLayer, BuiltLayer]:
+    """Two layers (upper, lower): the libraries and data below, the programs and a script on
+    top (merged /usr)."""
     assert INFO is not None and INFO.interpreter and "libc.so.6" in INFO.needed
     loader = INFO.interpreter.lstrip("/")
     lower_files = {f"{LIBDIR}/libc.so.6": LIBC, loader: LOADER, "data/model.bin": MODEL, "data/unread.bin": UNREAD,
@@ -59,6 +62,13 @@ def image(tmp_path, open_layer):
         tar_member("usr/bin", tarfile.DIRTYPE, mode=0o755), tar_member("app", tarfile.DIRTYPE, mode=0o755),
         *(tar_member(n, size=len(b), mode=0o755) for n, b in upper_files.items()),
     ], upper_files)
+    return upper, lower
+
+
+@pytest.fixture
+def image(tmp_path, open_layer):
+    """The two layers open, topmost first, with their sources."""
+    upper, lower = _image_layers(tmp_path)
     config = lazy_config()  # every layer policy off: only what the start fetch asks for is fetched
     bottom, bottom_src = open_layer(lower, config=config)
     top, top_src = open_layer(upper, config=config)
@@ -99,6 +109,96 @@ def test_a_shell_command_line_brings_its_programs_their_libraries_and_the_files_
     model = bottom.toc.lookup("data/model.bin")
     assert bottom.read(model, 0, model.size) == MODEL
     assert sum(s.calls for s in sources) == calls
+
+
+class RecordingSource(FileBlobSource):
+    """Notes each request's first offset as it is asked for, before it is served; while `gate` is
+    clear, every request waits for it (bounded, so a broken test fails instead of hanging)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.asked: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    @contextlib.contextmanager
+    def _asked(self, offset: int):
+        with self._lock:
+            self.asked.append(offset)
+        self.gate.wait(30)
+        yield
+
+    def stream_range(self, offset, length, sink):
+        with self._asked(offset):
+            super().stream_range(offset, length, sink)
+
+    def read_ranges(self, ranges):
+        with self._asked(ranges[0][0]):
+            return super().read_ranges(ranges)
+
+
+def _file_at(layer, offset: int, names: tuple[str, ...]) -> str | None:
+    """Which of the files `names` of `layer` has a chunk stored at blob `offset`."""
+    for name in names:
+        if any(c.blob_offset <= offset < c.blob_end for c in layer.toc.lookup(name).chunks):
+            return name
+    return None
+
+
+def test_the_files_a_command_line_names_are_asked_for_before_its_programs_are_in(tmp_path, open_layer):
+    """A program is read for the libraries it loads, which waits for its first chunk; the files
+    the command names do not wait for that (on a real link the program's bytes take a round trip
+    and more to come, and the link would be idle for the files meanwhile)."""
+    upper, lower = _image_layers(tmp_path)
+    config = lazy_config(prefetch_piece_size=64 << 10)
+    top_src, bottom_src = RecordingSource(upper.path), RecordingSource(lower.path)
+    top, _ = open_layer(upper, source=top_src, config=config)
+    bottom, _ = open_layer(lower, source=bottom_src, config=config)
+    top_src.gate.clear()  # the programs' layer answers nothing yet
+    plan = StartFetch([top, bottom], StartCommand.from_config(_config(["/bin/sh", "-c", "prog /data/model.bin"])),
+                      limit=64 << 20, file_limit=64 << 20)
+    runner = threading.Thread(target=plan.run)
+    runner.start()
+    try:
+        wait_until(lambda: any(_file_at(bottom, o, ("data/model.bin",)) for o in list(bottom_src.asked)), timeout=8)
+        assert top_src.asked and not _cached(top, "usr/bin/prog")  # asked for, not in
+    finally:
+        top_src.gate.set()
+    runner.join(30)
+    assert not runner.is_alive()
+    for layer in (top, bottom):
+        assert layer.drain(30)
+    # what the programs load was still found and fetched, once they were in
+    assert f"/{LIBDIR}/libc.so.6" in plan.report.programs and _cached(bottom, f"{LIBDIR}/libc.so.6")
+    assert plan.report.files == ["/data/model.bin"] and _cached(bottom, "data/model.bin")
+
+
+def test_the_files_a_command_line_names_come_in_the_order_named_one_piece_after_another(tmp_path, open_layer,
+                                                                                        monkeypatch):
+    """`cat b a` reads b first: b's chunks are asked for first, a piece (here 64 KiB) at a time,
+    whatever the order the files are stored in."""
+    monkeypatch.setattr(pieces, "HAND_OFF", 0)  # the next piece only once the last is in: an exact order
+    upper, lower = _image_layers(tmp_path)
+    config = lazy_config(prefetch_piece_size=64 << 10)
+    bottom_src = RecordingSource(lower.path)
+    top, _ = open_layer(upper, config=config)
+    bottom, _ = open_layer(lower, source=bottom_src, config=config)
+    stored = sorted(("data/model.bin", "data/unread.bin", "etc/app.conf"),
+                    key=lambda n: bottom.toc.lookup(n).chunks[0].blob_offset)
+    named = (stored[2], stored[0], stored[1])  # not the order they are stored in
+    bottom_src.asked.clear()
+    bottom_src.reset_counters()
+    plan = _run([top, bottom], ["/bin/sh", "-c", "cat " + " ".join("/" + n for n in named)])
+    assert plan.report.files == ["/" + n for n in named]
+    order = [_file_at(bottom, o, named) for o in bottom_src.asked]
+    order = [n for n in order if n is not None]  # (the libraries the program loads come beside them)
+    assert [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n] == list(named)
+    assert order.count(named[1]) > 1  # 300 kB, 64 KiB pieces: several requests, one after another
+    sizes = [length for offset, length in bottom_src.log if _file_at(bottom, offset, named)]
+    assert max(sizes) <= 2 * (64 << 10)  # a piece (and a chunk that straddles its end)
+    for n in named:
+        assert _cached(bottom, n)
+    assert bottom.stats()["start_chunks"] >= sum(len(bottom.toc.lookup(n).chunks) for n in named)
 
 
 def test_a_script_is_read_for_its_commands_and_paths_one_level_deep(image):

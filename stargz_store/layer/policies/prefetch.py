@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, NamedTuple
 
 from ...formats.toc import Chunk
 from ..errors import LayerReadError
 from ..flight import Flight
+from ..pieces import fetch_pieces_in_turn, split_into_pieces
 from ..ranges import Extent, Request
 from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
-
-# The next piece of a prefetch is asked for when the current one has this many bytes to go:
-# about one round trip of data at 100 Mbit/s and 40 ms, so its first bytes come as the last of
-# the current one do.
-_HAND_OFF = 512 << 10
 
 
 class Prefetch(FetchPolicy):
@@ -123,100 +118,12 @@ class Prefetch(FetchPolicy):
         return requests
 
     def fetch_in_pieces(self, pieces: list[list[Chunk]], *, whole: bool) -> None:
-        """Fetch `pieces` in order, one request after another. A piece is claimed when the one
-        before it goes out, so the prefetch holds the piece on the wire and the next: a reader
-        going through the region in order (with the kernel's readahead ahead of it) waits for
-        them instead of asking for the same bytes beside the stream and halving its speed; a read
-        further on is fetched at once, and what a read claimed or cached is skipped (fetched
-        around, never twice). The next piece is asked for once the current one has at most
-        `_HAND_OFF` bytes to go, so the link is not idle for a round trip between them. `whole`:
-        nothing of the region was cached or in flight at open, so the first request starts at 0
-        and brings the tar headers before the first file along. A piece that fails (an error,
-        bytes that do not verify) ends the prefetch once what it had claimed is sent: a stalled
-        or broken registry gets no more of it than one request did, and reads fetch the rest."""
-        reader = self.reader
-        fetcher = reader.fetcher
-        size = self.config.prefetch_piece_size
-        end = pieces[-1][-1].blob_end
-        reader.reserved = (pieces[0][0].blob_offset, end)
-        log.debug("layer %s: prefetching %d piece(s) in turn", reader.blob_digest, len(pieces))
-        stopped = False
-
-        def claim_from(index: int) -> _Claimed | None:
-            """The first piece from `index` on with something left to fetch, claimed; the rest of
-            the region stays reserved to the prefetch (guesses leave it alone)."""
-            while index < len(pieces) and not reader.closed.is_set() and not stopped:
-                chunks = pieces[index]
-                reader.reserved = (pieces[index + 1][0].blob_offset, end) if index + 1 < len(pieces) else (0, 0)
-                missing = {c.digest: c for c in chunks if not reader.cache.contains(c.digest)}
-                mine, _ = fetcher.claim(missing)
-                if mine:
-                    return _Claimed(index, len(chunks), missing, mine)
-                index += 1
-            reader.reserved = (0, 0)
-            return None
-
-        def send(piece: _Claimed, following: _Claimed | None) -> None:
-            self.counters.add("prefetch_pieces")
-            flights = dict(piece.mine)
-            requests = self._plan(self._extents(piece.missing, piece.mine), flights, size,
-                                  from_zero=piece.index == 0 and whole and len(piece.mine) == piece.size)
-            length = left = sum(r.length for r in requests)
-            handed = False
-
-            def hand_off() -> None:  # (only ever on this piece's worker thread)
-                nonlocal handed
-                if following is not None and not handed:
-                    handed = True
-                    send(following, claim_from(following.index + 1))
-
-            def received(n: int) -> None:
-                nonlocal left
-                left -= n
-                if left <= _HAND_OFF:
-                    hand_off()
-
-            def run() -> None:
-                nonlocal stopped
-                try:
-                    if length <= _HAND_OFF:
-                        hand_off()
-                    for req in requests:
-                        fetcher.run_batch([req], flights, True, "prefetch", received)
-                    if any(f.error is not None for f in flights.values()):  # (landed ones are gone)
-                        stopped = True
-                        reader.reserved = (0, 0)
-                        log.warning("layer %s: prefetch stopped after a failed piece; the rest is fetched as read",
-                                    reader.blob_digest)
-                finally:
-                    hand_off()
-
-            fetcher.submit_work(run, requests, flights)
-
-        first = claim_from(0)
-        if first is not None:
-            send(first, claim_from(first.index + 1))
-
-
-class _Claimed(NamedTuple):
-    """A piece of the region whose missing chunks the prefetch has claimed."""
-
-    index: int
-    size: int  # chunks in the piece
-    missing: dict[str, Chunk]
-    mine: dict[str, Flight]
-
-
-def split_into_pieces(chunks: Iterable[Chunk], size: int) -> list[list[Chunk]]:
-    """`chunks` in blob order, cut into runs spanning at most `size` compressed bytes each (a
-    larger chunk is a piece of its own)."""
-    pieces: list[list[Chunk]] = []
-    run: list[Chunk] = []
-    for c in sorted(chunks, key=lambda c: c.blob_offset):
-        if run and c.blob_end - run[0].blob_offset > size:
-            pieces.append(run)
-            run = []
-        run.append(c)
-    if run:
-        pieces.append(run)
-    return pieces
+        """Fetch `pieces` (the region, in blob order) in turn (pieces.py): a reader going through
+        the region in order (with the kernel's readahead ahead of it) waits for them instead of
+        asking for the same bytes beside the stream and halving its speed; a read further on is
+        fetched at once. The rest of the region stays reserved to the prefetch (guesses leave it
+        alone). `whole`: nothing of the region was cached or in flight at open, so the first
+        request starts at 0 and brings the tar headers before the first file along."""
+        log.debug("layer %s: prefetching %d piece(s) in turn", self.reader.blob_digest, len(pieces))
+        fetch_pieces_in_turn(self.reader, self.counters, pieces, size=self.config.prefetch_piece_size,
+                             kind="prefetch", count_as="prefetch", from_zero=whole, reserve=True)
