@@ -205,7 +205,7 @@ class Layer:
         if chunks:
             self.counters.add(counter, len(chunks))
             fetch_pieces_in_turn(self.reader, self.counters, split_into_pieces(chunks, size, keep_order=True),
-                                 size=size, kind="on_demand")
+                                 size=size, kind="on_demand", what=f"{len(started)} file(s) fetched in turn")
         return started
 
     def _chunk_span(self, entry: TocEntry, offset: int, size: int) -> tuple[int, int]:

@@ -61,10 +61,11 @@ def split_into_pieces(chunks: Iterable[Chunk], size: int, *, keep_order: bool = 
 
 
 def fetch_pieces_in_turn(reader: ChunkReader, counters: Counters, pieces: list[list[Chunk]], *, size: int,
-                         kind: str, count_as: str | None = None, from_zero: bool = False,
+                         kind: str, what: str, count_as: str | None = None, from_zero: bool = False,
                          reserve: bool = False) -> None:
     """Fetch `pieces` in order, one request after another, as the module says (requests of at
-    most `size` bytes; `kind` is what the metrics count them as, `count_as` names the counters
+    most `size` bytes; `kind` is what the metrics count them as, `what` the logs call the chain,
+    `count_as` names the counters
     of pieces and bytes sent, `<count_as>_pieces` and `<count_as>_bytes`). `from_zero`: the first
     request starts at 0 and brings the tar headers before the first file along (a prefetch of a
     region nothing of which was cached). `reserve`: the rest of the chain's span is left to it
@@ -127,8 +128,8 @@ def fetch_pieces_in_turn(reader: ChunkReader, counters: Counters, pieces: list[l
                     stopped = True
                     if reserve:
                         reader.reserved = (0, 0)
-                    log.warning("layer %s: fetch in pieces stopped after a failed piece; the rest is fetched as read",
-                                reader.blob_digest)
+                    log.warning("layer %s: %s stopped after a failed piece; the rest is fetched as read",
+                                reader.blob_digest, what)
             finally:
                 hand_off()
 
@@ -136,7 +137,7 @@ def fetch_pieces_in_turn(reader: ChunkReader, counters: Counters, pieces: list[l
 
     if reserve and pieces:
         reader.reserved = (pieces[0][0].blob_offset, end)
-    log.debug("layer %s: fetching %d piece(s) in turn", reader.blob_digest, len(pieces))
+    log.debug("layer %s: %s: %d piece(s) in turn", reader.blob_digest, what, len(pieces))
     first = claim_from(0)
     if first is not None:
         send(first, claim_from(first.index + 1))

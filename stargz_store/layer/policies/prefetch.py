@@ -124,6 +124,5 @@ class Prefetch(FetchPolicy):
         fetched at once. The rest of the region stays reserved to the prefetch (guesses leave it
         alone). `whole`: nothing of the region was cached or in flight at open, so the first
         request starts at 0 and brings the tar headers before the first file along."""
-        log.debug("layer %s: prefetching %d piece(s) in turn", self.reader.blob_digest, len(pieces))
         fetch_pieces_in_turn(self.reader, self.counters, pieces, size=self.config.prefetch_piece_size,
-                             kind="prefetch", count_as="prefetch", from_zero=whole, reserve=True)
+                             kind="prefetch", what="prefetch", count_as="prefetch", from_zero=whole, reserve=True)
