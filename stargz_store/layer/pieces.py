@@ -64,14 +64,13 @@ def fetch_pieces_in_turn(reader: ChunkReader, counters: Counters, pieces: list[l
                          kind: str, what: str, count_as: str | None = None, from_zero: bool = False,
                          reserve: bool = False) -> None:
     """Fetch `pieces` in order, one request after another, as the module says (requests of at
-    most `size` bytes; `kind` is what the metrics count them as, `what` the logs call the chain,
-    `count_as` names the counters
-    of pieces and bytes sent, `<count_as>_pieces` and `<count_as>_bytes`). `from_zero`: the first
-    request starts at 0 and brings the tar headers before the first file along (a prefetch of a
-    region nothing of which was cached). `reserve`: the rest of the chain's span is left to it
-    (`ChunkReader.reserved`: guesses stay out of it, only reads overtake); without it, the chain
-    itself leaves a reserved span alone. Returns at once; the requests run on the fetcher's
-    workers."""
+    most `size` bytes; `kind` is what the metrics count them as, `what` what the logs call the
+    chain, `count_as` names the counters of pieces and bytes sent, `<count_as>_pieces` and
+    `<count_as>_bytes`). `from_zero`: the first request starts at 0 and brings the tar headers
+    before the first file along (a prefetch of a region nothing of which was cached). `reserve`:
+    the rest of the chain's span is left to it (`ChunkReader.reserved`: guesses stay out of it,
+    only reads overtake); without it, the chain itself leaves a reserved span alone. Returns at
+    once; the requests run on the fetcher's workers."""
     fetcher = reader.fetcher
     end = pieces[-1][-1].blob_end if pieces else 0
     stopped = False
