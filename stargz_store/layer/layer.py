@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 from ..cache.backing_files import BackingFile
 from ..cache.chunk_cache import ChunkCache
 from ..formats.layer_toc import ParsedToc
-from ..formats.toc import REG, TocEntry
+from ..formats.toc import REG, Chunk, TocEntry
 from .backing import BackingFiles
 from .blob_file import BlobFile
 from .blob_index import stored_size
@@ -175,13 +175,18 @@ class Layer:
         `read_ranges` calls (default `max_concurrency`). The files anything was started for."""
         if self.reader.closed.is_set():
             return []
-        limit = max(self.config.library_fetch_limit, 0)
         plan = FetchPlan(self.reader)
-        started = [e for e in entries if e.type == REG and e.chunks and stored_size(e) <= limit
-                   and plan.add(self.reader.uncached(e.chunks), counter)]
+        started = [e for e in entries if plan.add(self._chunks_ahead(e), counter)]
         if started:
             self.reader.dispatch(plan, gap=gap, batches=batches)
         return started
+
+    def _chunks_ahead(self, entry: TocEntry) -> list[Chunk]:
+        """What fetching `entry` ahead brings: the uncached chunks of a regular file of at most
+        `library_fetch_limit` compressed bytes, else none."""
+        if entry.type != REG or stored_size(entry) > max(self.config.library_fetch_limit, 0):
+            return []
+        return self.reader.uncached(entry.chunks)
 
     def fetch_files_in_turn(self, entries: Sequence[TocEntry], counter: str) -> list[TocEntry]:
         """Start fetching the uncached chunks of `entries` (each at most `library_fetch_limit`
@@ -195,10 +200,9 @@ class Layer:
             return self.fetch_files_ahead(entries, counter)
         if self.reader.closed.is_set():
             return []
-        limit = max(self.config.library_fetch_limit, 0)
         started, chunks = [], []
         for e in entries:
-            missing = self.reader.uncached(e.chunks) if e.type == REG and stored_size(e) <= limit else []
+            missing = self._chunks_ahead(e)
             if missing:
                 started.append(e)
                 chunks += missing

@@ -20,11 +20,12 @@ link and every file arrives late. So the chunks are cut into pieces (`split_into
 from __future__ import annotations
 
 import logging
-from typing import Iterable, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
 from ..formats.toc import Chunk
 from .fetcher import Counters
 from .flight import Flight
+from .ranges import Extent, Request
 from .reader import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,23 @@ def split_into_pieces(chunks: Iterable[Chunk], size: int, *, keep_order: bool = 
     if run:
         pieces.append(run)
     return pieces
+
+
+def claimed_extents(reader: ChunkReader, missing: Mapping[str, Chunk], mine: Iterable[str]) -> list[Extent]:
+    """The extents of the claimed chunks `mine` (of `missing`), on the direct path (to disk, not
+    the memory LRU)."""
+    return [reader.chunk_extent(missing[k], keep_in_memory=False) for k in mine]
+
+
+def plan_claimed(reader: ChunkReader, extents: list[Extent], flights: dict[str, Flight], size: int, *,
+                 from_zero: bool) -> list[Request]:
+    """Requests of at most `size` bytes for claimed `extents`, around what is cached or in flight
+    elsewhere (chunks the planner adds between them join `flights`). `from_zero`: the first
+    starts at 0, bringing the tar headers before the first file along."""
+    requests = reader.plan_requests(extents, flights, gap=size, max_size=size)
+    if from_zero:
+        requests[0].start = 0
+    return requests
 
 
 def fetch_pieces_in_turn(reader: ChunkReader, counters: Counters, pieces: list[list[Chunk]], *, size: int,
@@ -94,10 +112,8 @@ def fetch_pieces_in_turn(reader: ChunkReader, counters: Counters, pieces: list[l
 
     def send(piece: _Claimed, following: _Claimed | None) -> None:
         flights = dict(piece.mine)
-        extents = [reader.chunk_extent(piece.missing[k], keep_in_memory=False) for k in piece.mine]
-        requests = reader.plan_requests(extents, flights, gap=size, max_size=size)
-        if from_zero and piece.index == 0 and len(piece.mine) == piece.size:
-            requests[0].start = 0
+        requests = plan_claimed(reader, claimed_extents(reader, piece.missing, piece.mine), flights, size,
+                                from_zero=from_zero and piece.index == 0 and len(piece.mine) == piece.size)
         length = left = sum(r.length for r in requests)
         if count_as:
             counters.add(f"{count_as}_pieces")

@@ -22,9 +22,8 @@ import time
 
 from ...formats.toc import Chunk
 from ..errors import LayerReadError
-from ..flight import Flight
-from ..pieces import fetch_pieces_in_turn, split_into_pieces
-from ..ranges import Extent, Request
+from ..pieces import claimed_extents, fetch_pieces_in_turn, plan_claimed, split_into_pieces
+from ..ranges import Request
 from .base import FetchPolicy, PolicyHost
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class Prefetch(FetchPolicy):
         fetcher = self.reader.fetcher
         mine, theirs = fetcher.claim(missing)
         if mine:
-            extents = self._extents(missing, mine)
+            extents = claimed_extents(self.reader, missing, mine)
             flights = dict(mine)  # chunks the planner adds between extents join these
             piece = self.config.prefetch_request_size
             whole = len(mine) == len(chunks)  # nothing of the region cached or in flight elsewhere
@@ -85,7 +84,8 @@ class Prefetch(FetchPolicy):
                 requests = [Request(0, end, extents)]
                 self.counters.add("prefetch_bytes", end)
             else:  # around what is cached or in flight elsewhere; a huge region one piece at a time
-                requests = self._plan(extents, flights, piece, from_zero=whole)
+                requests = plan_claimed(self.reader, extents, flights, piece, from_zero=whole)
+                self.counters.add("prefetch_bytes", sum(r.length for r in requests))
             log.debug("layer %s: prefetching %d request(s) up to %d", self.reader.blob_digest, len(requests), limit)
             if len(requests) == 1:
                 fetcher.submit(requests, flights, "prefetch")
@@ -101,21 +101,6 @@ class Prefetch(FetchPolicy):
         else:
             log.debug("layer %s: prefetch of %d chunk(s) ready in %.3f s", self.reader.blob_digest, len(missing),
                       time.monotonic() - began)
-
-    def _extents(self, missing: dict[str, Chunk], mine: dict[str, Flight]) -> list[Extent]:
-        """The claimed chunks' extents, on the direct path (to disk, not the memory LRU)."""
-        return [self.reader.chunk_extent(missing[k], keep_in_memory=False) for k in mine]
-
-    def _plan(self, extents: list[Extent], flights: dict[str, Flight], size: int, *, from_zero: bool) -> list[Request]:
-        """Requests of at most `size` bytes for claimed `extents`, around what is cached or in
-        flight elsewhere (chunks the planner adds between them join `flights`), counted as
-        prefetch bytes. `from_zero`: the first starts at 0, bringing the tar headers before the
-        first file along."""
-        requests = self.reader.plan_requests(extents, flights, gap=size, max_size=size)
-        if from_zero:
-            requests[0].start = 0
-        self.counters.add("prefetch_bytes", sum(r.length for r in requests))
-        return requests
 
     def fetch_in_pieces(self, pieces: list[list[Chunk]], *, whole: bool) -> None:
         """Fetch `pieces` (the region, in blob order) in turn (pieces.py): a reader going through
