@@ -6,7 +6,6 @@ libraries are the ones its ELF headers name.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
@@ -18,11 +17,10 @@ import pytest
 
 from stargz_store.layer import LayerConfig, pieces
 from stargz_store.layer.elf import MULTIARCH, dynamic_info
-from stargz_store.layer.sources import FileBlobSource
 from stargz_store.layer.start_fetch import StartCommand, StartFetch, start_image
 
 from .conftest import lazy_config
-from .helpers import BuiltLayer, build_layer, layer_of, tar_member, wait_until
+from .helpers import BuiltLayer, FaultySource, build_layer, layer_of, tar_member, wait_until
 
 PROGRAM = Path(shutil.which("ls") or "/bin/ls").resolve()  # any dynamically linked system program
 PROGRAM_BYTES = PROGRAM.read_bytes()
@@ -111,32 +109,6 @@ def test_a_shell_command_line_brings_its_programs_their_libraries_and_the_files_
     assert sum(s.calls for s in sources) == calls
 
 
-class RecordingSource(FileBlobSource):
-    """Notes each request's first offset as it is asked for, before it is served; while `gate` is
-    clear, every request waits for it (bounded, so a broken test fails instead of hanging)."""
-
-    def __init__(self, path) -> None:
-        super().__init__(path)
-        self.asked: list[int] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    @contextlib.contextmanager
-    def _asked(self, offset: int):
-        with self._lock:
-            self.asked.append(offset)
-        self.gate.wait(30)
-        yield
-
-    def stream_range(self, offset, length, sink):
-        with self._asked(offset):
-            super().stream_range(offset, length, sink)
-
-    def read_ranges(self, ranges):
-        with self._asked(ranges[0][0]):
-            return super().read_ranges(ranges)
-
-
 def _file_at(layer, offset: int, names: tuple[str, ...]) -> str | None:
     """Which of the files `names` of `layer` has a chunk stored at blob `offset`."""
     for name in names:
@@ -151,19 +123,19 @@ def test_the_files_a_command_line_names_are_asked_for_before_its_programs_are_in
     and more to come, and the link would be idle for the files meanwhile)."""
     upper, lower = _image_layers(tmp_path)
     config = lazy_config(prefetch_piece_size=64 << 10)
-    top_src, bottom_src = RecordingSource(upper.path), RecordingSource(lower.path)
+    top_src = FaultySource(upper.path)
     top, _ = open_layer(upper, source=top_src, config=config)
-    bottom, _ = open_layer(lower, source=bottom_src, config=config)
-    top_src.gate.clear()  # the programs' layer answers nothing yet
+    bottom, bottom_src = open_layer(lower, config=config)
+    top_src.stall = True  # the programs' layer answers nothing yet
     plan = StartFetch([top, bottom], StartCommand.from_config(_config(["/bin/sh", "-c", "prog /data/model.bin"])),
                       limit=64 << 20, file_limit=64 << 20)
     runner = threading.Thread(target=plan.run)
     runner.start()
     try:
-        wait_until(lambda: any(_file_at(bottom, o, ("data/model.bin",)) for o in list(bottom_src.asked)), timeout=8)
-        assert top_src.asked and not _cached(top, "usr/bin/prog")  # asked for, not in
+        wait_until(lambda: any(_file_at(bottom, o, ("data/model.bin",)) for o, _ in list(bottom_src.log)), timeout=8)
+        assert top_src.entered.is_set() and not _cached(top, "usr/bin/prog")  # asked for, not in
     finally:
-        top_src.gate.set()
+        top_src.release.set()
     runner.join(30)
     assert not runner.is_alive()
     for layer in (top, bottom):
@@ -180,17 +152,15 @@ def test_the_files_a_command_line_names_come_in_the_order_named_one_piece_after_
     monkeypatch.setattr(pieces, "HAND_OFF", 0)  # the next piece only once the last is in: an exact order
     upper, lower = _image_layers(tmp_path)
     config = lazy_config(prefetch_piece_size=64 << 10)
-    bottom_src = RecordingSource(lower.path)
     top, _ = open_layer(upper, config=config)
-    bottom, _ = open_layer(lower, source=bottom_src, config=config)
+    bottom, bottom_src = open_layer(lower, config=config)
     stored = sorted(("data/model.bin", "data/unread.bin", "etc/app.conf"),
                     key=lambda n: bottom.toc.lookup(n).chunks[0].blob_offset)
     named = (stored[2], stored[0], stored[1])  # not the order they are stored in
-    bottom_src.asked.clear()
     bottom_src.reset_counters()
     plan = _run([top, bottom], ["/bin/sh", "-c", "cat " + " ".join("/" + n for n in named)])
     assert plan.report.files == ["/" + n for n in named]
-    order = [_file_at(bottom, o, named) for o in bottom_src.asked]
+    order = [_file_at(bottom, o, named) for o, _ in bottom_src.log]  # (logged as asked, before it is read)
     order = [n for n in order if n is not None]  # (the libraries the program loads come beside them)
     assert [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n] == list(named)
     assert order.count(named[1]) > 1  # 300 kB, 64 KiB pieces: several requests, one after another
