@@ -6,12 +6,12 @@ request, behind the wanted chunk, so the rest arrives at link speed without dela
 by `executable_fetch_limit` compressed bytes: a huge binary is left to on-demand reads.
 
 Which files: executables (any x bit), and shared objects by name (`*.so`, `*.so.N...`), whatever
-their mode: distributions ship libraries 0644, and the ones a program `dlopen`s (a JVM's
-`libjvm.so`, a Python extension module, a plugin) are not in any `DT_NEEDED` list, so library
-readahead never takes them. Their faults otherwise come two or three at once as the loader and
-the program touch them, each a request of a whole chunk sharing the link with the others: on the
-java image that lost packets at the link's queue and left the registry's congestion window small
-for seconds (startup benchmark README, rounds 13-14).
+their mode: Debian ships most libraries 0644 (libstdc++, libz, libcrypto; libc is 0755), and the
+ones a program `dlopen`s (a JVM's `libjvm.so`, a Python extension module, a plugin) are not in
+any `DT_NEEDED` list, so library readahead never takes them. Their faults otherwise come two or
+three at once as the loader and the program touch them, each a request of a whole chunk sharing
+the link with the others: on the java image that lost packets at the link's queue and left the
+registry's congestion window small for seconds (startup benchmark README, rounds 13-14).
 """
 from __future__ import annotations
 
