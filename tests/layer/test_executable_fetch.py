@@ -35,7 +35,7 @@ def test_a_program_comes_whole_after_its_first_miss(tmp_path, open_layer):
 
 
 def test_a_shared_object_comes_whole_after_its_first_miss_whatever_its_mode(tmp_path, open_layer):
-    """Libraries are shipped 0644, and those a program `dlopen`s are in no DT_NEEDED list:
+    """Most libraries are shipped 0644, and those a program `dlopen`s are in no DT_NEEDED list:
     their name says what they are."""
     built = _layer(tmp_path)
     for name in ("usr/lib/jvm/lib/server/libjvm.so", "usr/lib/libfoo.so.1.2.13"):
