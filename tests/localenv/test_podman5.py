@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -70,7 +71,10 @@ def test_podman_env_in_a_chroot_names_its_paths_as_the_chroot_sees_them(tmp_path
         podman_env(pod_dir, additional_layer_store=tmp_path / "outside" / "mnt", chroot=root)
 
     host_env = podman_env(tmp_path / "host-pod")
-    assert CHROOT_VAR not in host_env and podman_command(host_env, "info") == ["podman", "info"]
+    try:
+        assert CHROOT_VAR not in host_env and podman_command(host_env, "info") == ["podman", "info"]
+    finally:  # a host runroot is made under /tmp, outside tmp_path
+        shutil.rmtree(host_env["STARGZ_LOCALENV_PODMAN_RUNROOT"], ignore_errors=True)
 
 
 def _mounts_under(path: Path) -> dict[str, str]:
